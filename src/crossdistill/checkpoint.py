@@ -1,0 +1,73 @@
+"""Reading and writing checkpoint files safely.
+
+A checkpoint file is untrusted input: ``.pth``/``.pt`` files are read with
+``torch.load(weights_only=True)`` (no code runs while unpickling) and
+``.safetensors`` files with safetensors. Writes are atomic: a temporary file in
+the same directory, flushed and fsynced, then renamed over the target, so a
+crash leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CrossDistillError
+
+
+def load_weights_file(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint or state-dict file without executing code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CrossDistillError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise CrossDistillError(f"{path}: not a readable safetensors file ({err})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise CrossDistillError(f"{path}: not a readable checkpoint (corrupt or not a torch file): {err}") from None
+        raise CrossDistillError(
+            f"{path}: refused to load: the file holds Python objects other than tensors and plain "
+            f"containers, which could execute code ({str(err).splitlines()[0]}). "
+            "Re-save it as a plain state dict or as .safetensors."
+        ) from None
+    except Exception as err:  # torch.load raises many types on foreign or truncated files
+        raise CrossDistillError(f"{path}: not a readable checkpoint (truncated or not a torch file?): {err}") from None
+    if not isinstance(obj, dict):
+        raise CrossDistillError(f"{path}: expected a dict of weights, found {type(obj).__name__}")
+    return obj
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass

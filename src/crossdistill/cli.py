@@ -1,0 +1,142 @@
+"""Command line: ``crossdistill {train,eval,params,demo}`` (also ``python -m crossdistill``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from .errors import CrossDistillError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import train
+
+    config = args.config
+    resume = args.resume is not None
+    if config is None:
+        if not isinstance(args.resume, str):
+            raise CrossDistillError("train needs --config FILE.yaml (or --resume RUN_DIR to continue a run)")
+        config = Path(args.resume) / "config.yaml"
+        run_dir = Path(args.resume)
+        args.overrides = [f"train.output_dir={run_dir.parent}", f"train.run_name={run_dir.name}", *args.overrides]
+    cfg = load_config(config, args.overrides)
+    summary = train(cfg, resume=resume, overwrite=args.overwrite)
+    if args.json and os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in summary.__dict__.items() if k != "history"}, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, model=args.model, config=args.config, overrides=args.overrides, dataset=args.data,
+        root=args.data_root, img_size=args.img_size, use_ema=args.ema, batch_size=args.batch_size, device=args.device,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['model']} on {result['dataset']} ({result['samples']} images): "
+              f"top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f}")
+    return 0
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from .params import count_method_parameters
+
+    result = count_method_parameters(
+        args.method, args.teacher, args.student, args.num_classes, method_args=args.set,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"method {result['method']}: {result['teacher']} -> {result['student']} ({result['num_classes']} classes)")
+        print(f"  student parameters       {result['student_parameters'] / 1e6:9.3f}M")
+        print(f"  extra trainable params   {result['extra_trainable_parameters'] / 1e6:9.3f}M"
+              f"  ({result['extra_over_student']:.2f}x the student)")
+        for name, count in result["extra_by_module"].items():
+            print(f"    {name:<22} {count / 1e6:9.3f}M")
+        if result.get("teacher_parameters") is not None:
+            print(f"  teacher parameters       {result['teacher_parameters'] / 1e6:9.3f}M (frozen)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(output_dir=args.output_dir, epochs=args.epochs, overwrite=not args.keep)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossdistill",
+        description="Cross-architecture knowledge distillation (RSD and baselines) for any timm teacher and student.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run from a YAML config",
+                       description="Train one run. Overrides use dotted keys: train.epochs=3 method_args.kappa=0.02")
+    p.add_argument("--config", "-c", help="run config (YAML)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=64")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="continue the run from its last checkpoint (RUN_DIR alone re-uses its saved config)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON at the end")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset")
+    p.add_argument("--checkpoint", required=True, help="a run's best.pt/last.pt, or any timm-format weights file")
+    p.add_argument("--model", help="timm model name (default: the student of the run that wrote the checkpoint)")
+    p.add_argument("--config", help="take data settings from this run config")
+    p.add_argument("--data", help="dataset: digits, cifar10, cifar100, folder")
+    p.add_argument("--data-root", help="dataset directory or archive")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in a run checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the data config, e.g. data.eval_split=val")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("params", help="student size and extra trainable parameters of a method")
+    p.add_argument("--method", default="rsd")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method argument, e.g. gamma=4")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("demo", help="teacher, scratch student and RSD student on scikit-learn's digits (CPU, ~2 min)")
+    p.add_argument("--output-dir", default="demo_runs")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's)")
+    p.add_argument("--keep", action="store_true", help="refuse to replace earlier demo runs instead of replacing them")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CrossDistillError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"crossdistill: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("crossdistill: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Typed run configuration: one YAML file = one run.
+
+A run is described by :class:`RunConfig` (student, teacher, method, data,
+optimisation, training). YAML files are read with ``yaml.safe_load``; a file
+may extend another with ``base: other.yaml`` (paths relative to the file).
+Command-line overrides use dotted keys (``train.epochs=3``); their values are
+parsed as YAML scalars. Unknown keys and wrong types are errors naming the key.
+
+Method hyper-parameters live in ``method_args`` and are checked against the
+typed config of the chosen method (see :mod:`crossdistill.distillers`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from .errors import ConfigError, suggest
+
+
+@dataclass
+class ModelConfig:
+    """A timm model (or one of crossdistill's own registered models)."""
+
+    name: str = ""
+    pretrained: bool = False
+    """Load timm / Hugging Face pretrained weights (needs internet or a local HF cache)."""
+    checkpoint: str | None = None
+    """Local weights: a crossdistill run checkpoint, a timm-format state dict, or a .safetensors file."""
+    checkpoint_ema: bool = False
+    """Take the EMA weights (``state_dict_ema`` / ``model_ema``) from the checkpoint."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for ``timm.create_model`` (e.g. img_size, embed_dim, depth)."""
+    mean: tuple[float, float, float] | None = None
+    """Input mean the model expects; for a teacher, inputs are re-normalised when it differs from the data's."""
+    std: tuple[float, float, float] | None = None
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    """digits | cifar10 | cifar100 | folder (an ImageFolder directory or a .tar.gz of one)."""
+    root: str | None = None
+    """Dataset directory (or .tar.gz archive for ``folder``); the download directory for CIFAR."""
+    download: bool = False
+    """Allow torchvision to download CIFAR-10/100 into ``root``."""
+    train_split: str = "train"
+    eval_split: str = "test"
+    img_size: int = 32
+    """Square input size of the student (CIFAR: 224 to upsample as the paper does, or 32 native)."""
+    mean: tuple[float, float, float] | None = None
+    """Normalisation mean; default: the dataset's own (CIFAR, digits), else the student's timm config."""
+    std: tuple[float, float, float] | None = None
+    crop_pct: float | None = None
+    """Eval centre-crop fraction; default: the student's timm config."""
+    interpolation: str | None = None
+    """Eval interpolation; default: the student's timm config."""
+    train_interpolation: str = "random"
+    scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop scale range."""
+    ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip: float = 0.5
+    color_jitter: float | None = None
+    auto_augment: str | None = None
+    """timm auto-augment policy, e.g. ``rand-m9-mstd0.5-inc1``."""
+    re_prob: float = 0.0
+    """Random-erasing probability."""
+    train_subset: int | None = None
+    """Use only this many training images (a fixed, class-balanced random subset)."""
+    eval_subset: int | None = None
+    num_workers: int = 2
+    cache_dir: str | None = None
+    """Where decoded archives are cached (default ``~/.cache/crossdistill``)."""
+
+
+@dataclass
+class OptimConfig:
+    opt: str = "sgd"
+    """Any optimiser name timm's ``create_optimizer_v2`` knows (sgd, adamw, lamb, ...)."""
+    lr: float = 0.05
+    weight_decay: float = 2e-3
+    momentum: float = 0.9
+    sched: str = "cosine"
+    """Any scheduler timm's ``create_scheduler_v2`` knows (cosine, step, multistep, plateau, ...), or none."""
+    min_lr: float = 1e-5
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-4
+    decay_epochs: float = 30.0
+    """Step schedule: decay the lr every this many epochs."""
+    decay_rate: float = 0.1
+    clip_grad: float | None = None
+    """Clip the gradient norm of the trainable parameters to this value."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    """Per-process batch size (per GPU under torchrun)."""
+    eval_batch_size: int | None = None
+    seed: int = 42
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    amp: str = "auto"
+    """none | bf16 | fp16 | auto (bf16 on GPUs that have it, else fp16; none on CPU)."""
+    channels_last: bool = False
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    ema_decay: float | None = None
+    """Keep an EMA of the student's weights with this decay (evaluated and saved alongside)."""
+    eval_every: int = 1
+    output_dir: str = "runs"
+    run_name: str | None = None
+    """Default: ``<method>-<teacher>-<student>``."""
+    tensorboard: bool = True
+    """Write TensorBoard curves when tensorboard is installed."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class RunConfig:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig | None = None
+    method: str = "rsd"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    """Hyper-parameters of the method, checked against its typed config."""
+    num_classes: int | None = None
+    """Default: the dataset's class count; if set, it must agree with the data."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else _type_error(key, tp, value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise _type_error(key, tp, value)
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(key, tp, value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(key, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(key, tp, value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, tp, value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, tp, value)
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _type_error(key, tp, value)
+        return dict(value)
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(
+        f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    )
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{full}'." + suggest(str(key), names))
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- YAML + overrides
+
+
+def _deep_merge(base: dict, update: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, resolving ``base:`` (a path or list of paths) recursively."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise ConfigError(f"config files extend each other in a cycle: {' -> '.join(map(str, _seen + (resolved,)))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level of a config must be a mapping")
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        merged = _deep_merge(merged, read_yaml(path.parent / base, _seen + (resolved,)))
+    return _deep_merge(merged, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a raw config dict."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def build_config(data: Mapping[str, Any]) -> RunConfig:
+    """Validate a raw dict into a :class:`RunConfig` (types, keys, ranges, method args)."""
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    data = read_yaml(path) if path is not None else {}
+    return build_config(apply_overrides(data, overrides))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate(cfg: RunConfig) -> None:
+    _check(bool(cfg.student.name), "student.name", "a student model name is required (e.g. resnet18)")
+    if cfg.teacher is not None:
+        _check(bool(cfg.teacher.name), "teacher.name", "a teacher model name is required (or set teacher: null)")
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    _check(t.amp in ("auto", "none", "bf16", "fp16"), "train.amp", f"must be auto, none, bf16 or fp16, got {t.amp!r}")
+    _check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    _check(t.mixup >= 0 and t.cutmix >= 0, "train.mixup", "mixup and cutmix alphas must be >= 0")
+    _check(t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")
+    _check(t.eval_every >= 1, "train.eval_every", "must be >= 1")
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(o.min_lr >= 0, "optim.min_lr", "must be >= 0")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "must be > 0 (or null)")
+    _check(d.img_size >= 8, "data.img_size", f"must be >= 8, got {d.img_size}")
+    _check(0 < d.scale[0] <= d.scale[1] <= 1, "data.scale", f"must satisfy 0 < min <= max <= 1, got {d.scale}")
+    _check(0 <= d.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
+    _check(0 <= d.re_prob <= 1, "data.re_prob", "must be a probability in [0, 1]")
+    _check(d.train_subset is None or d.train_subset >= 1, "data.train_subset", "must be >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.num_classes is None or cfg.num_classes >= 2, "num_classes", "must be >= 2")
+
+    from .distillers import method_config  # late import: distillers depend on config types
+
+    method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)

@@ -1,0 +1,9 @@
+"""Datasets and transforms: ``build_data(cfg.data, student_data_config) -> DataBundle``.
+
+Datasets are registered in :data:`DATASETS` (digits, cifar10, cifar100, folder).
+"""
+
+from .datasets import DATASETS, DataBundle, balanced_subset, build_data
+from .transforms import build_transforms
+
+__all__ = ["DATASETS", "DataBundle", "balanced_subset", "build_data", "build_transforms"]

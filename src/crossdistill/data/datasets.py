@@ -1,0 +1,341 @@
+"""Datasets (digits, CIFAR-10/100, ImageFolder directories and archives) and :func:`build_data`.
+
+Every dataset item is ``(transform(PIL RGB image), int label)``; with ``transform=None``
+the PIL image itself. Datasets expose ``classes`` (names) and ``targets`` (labels, in item
+order) and :meth:`select` (a subset of the same type).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..config import DataConfig
+from ..errors import CrossDistillError
+from ..registry import Registry
+from .archive import IMG_EXTENSIONS, Images, default_cache_root, is_image_name, open_archive
+from .transforms import build_transforms
+
+logger = logging.getLogger("crossdistill.data")
+
+Stats = tuple[float, float, float]
+
+# Per-channel mean/std of the digits train split (80 % stratified, random_state=0, 1437 images)
+# after scaling the 0..16 grey values to uint8 (round(v * 255 / 16)) and then to [0, 1]:
+# the mean/std over all pixels of those images (channels are identical).
+# Checked against a fresh computation in tests/data/test_datasets.py.
+DIGITS_MEAN: Stats = (0.3054, 0.3054, 0.3054)
+DIGITS_STD: Stats = (0.3760, 0.3760, 0.3760)
+CIFAR10_MEAN: Stats = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: Stats = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN: Stats = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD: Stats = (0.2673, 0.2564, 0.2762)
+
+FOLDER_LAYOUT = "<root>/<split>/<class>/<image>"
+
+
+# ---------------------------------------------------------------- dataset types
+
+
+class ArrayImageDataset(torch.utils.data.Dataset):
+    """Images held in memory as uint8 RGB arrays ([N, H, W, 3], or a list when sizes differ)."""
+
+    def __init__(self, images: Images, targets: Sequence[int], classes: Sequence[str], transform: Callable | None = None):
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.classes = list(classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(np.ascontiguousarray(self.images[index]))
+        return (self.transform(img) if self.transform is not None else img), self.targets[index]
+
+    def select(self, indices: Sequence[int]) -> "ArrayImageDataset":
+        indices = list(indices)
+        if isinstance(self.images, np.ndarray):
+            images: Images = self.images[np.asarray(indices, dtype=np.int64)]
+        else:
+            images = [self.images[i] for i in indices]
+        return ArrayImageDataset(images, [self.targets[i] for i in indices], self.classes, self.transform)
+
+
+class FolderImageDataset(torch.utils.data.Dataset):
+    """ImageFolder-style dataset read lazily from disk: ``samples`` is a list of (path, label)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Callable | None = None):
+        self.samples = list(samples)
+        self.targets = [label for _, label in self.samples]
+        self.classes = list(classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            raise CrossDistillError(f"cannot decode image file '{path}': {err}") from None
+        return (self.transform(img) if self.transform is not None else img), label
+
+    def select(self, indices: Sequence[int]) -> "FolderImageDataset":
+        return FolderImageDataset([self.samples[i] for i in indices], self.classes, self.transform)
+
+
+@dataclass
+class SplitData:
+    """What a dataset builder returns: untransformed splits, class names, default normalisation."""
+
+    train: ArrayImageDataset | FolderImageDataset
+    eval: ArrayImageDataset | FolderImageDataset
+    classes: list[str]
+    mean: Stats | None = None  # None: use the student's timm config
+    std: Stats | None = None
+
+
+DATASETS: Registry[Callable[[DataConfig], SplitData]] = Registry("dataset")
+
+
+# ---------------------------------------------------------------- digits
+
+
+def _check_splits(cfg: DataConfig, name: str, allowed: tuple[str, ...] = ("train", "test")) -> None:
+    for key in ("train_split", "eval_split"):
+        value = getattr(cfg, key)
+        if value not in allowed:
+            raise CrossDistillError(
+                f"data.{key}={value!r} is not a split of dataset '{name}'; choose one of {', '.join(allowed)}"
+            )
+
+
+def digits_arrays() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """scikit-learn's digits as uint8 RGB [N, 8, 8, 3] arrays and labels, split 80/20 (stratified, random_state=0)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    grey = np.round(digits.images.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    target = digits.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(target)), test_size=0.2, stratify=target, random_state=0
+    )
+    images, labels = {}, {}
+    for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
+        images[split], labels[split] = rgb[idx], target[idx]
+    return images, labels
+
+
+@DATASETS.register("digits")
+def build_digits(cfg: DataConfig) -> SplitData:
+    _check_splits(cfg, "digits")
+    images, labels = digits_arrays()
+    classes = [str(i) for i in range(10)]
+    train = ArrayImageDataset(images[cfg.train_split], labels[cfg.train_split], classes)
+    eval_ = ArrayImageDataset(images[cfg.eval_split], labels[cfg.eval_split], classes)
+    return SplitData(train, eval_, classes, DIGITS_MEAN, DIGITS_STD)
+
+
+# ---------------------------------------------------------------- CIFAR
+
+
+def _build_cifar(cfg: DataConfig, name: str, folder: str, mean: Stats, std: Stats) -> SplitData:
+    import torchvision
+
+    _check_splits(cfg, name)
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    root = Path(cfg.root).expanduser() if cfg.root else default_cache_root() / "datasets"
+    splits = {}
+    for split in {cfg.train_split, cfg.eval_split}:
+        if not (root / folder).is_dir() and not cfg.download:
+            raise _cifar_missing(label, root, folder)
+        try:
+            # torchvision may print download messages: keep stdout clean
+            with contextlib.redirect_stdout(sys.stderr):
+                ds = cls(str(root), train=(split == "train"), download=cfg.download)
+        except RuntimeError as err:
+            raise _cifar_missing(label, root, folder, str(err)) from None
+        except OSError as err:  # includes urllib's URLError (no network) and permission errors
+            raise CrossDistillError(f"could not download {label} into '{root}': {err}") from None
+        splits[split] = ArrayImageDataset(ds.data, ds.targets, ds.classes)
+    train, eval_ = splits[cfg.train_split], splits[cfg.eval_split]
+    return SplitData(train, eval_, list(train.classes), mean, std)
+
+
+def _cifar_missing(label: str, root: Path, folder: str, detail: str = "") -> CrossDistillError:
+    return CrossDistillError(
+        f"{label} not found: looked for '{root / folder}'"
+        + (f" ({detail})" if detail else "")
+        + ". Pass data.download=true to download it there, or set data.root to the directory that "
+        f"contains '{folder}'."
+    )
+
+
+@DATASETS.register("cifar10")
+def build_cifar10(cfg: DataConfig) -> SplitData:
+    return _build_cifar(cfg, "cifar10", "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD)
+
+
+@DATASETS.register("cifar100")
+def build_cifar100(cfg: DataConfig) -> SplitData:
+    return _build_cifar(cfg, "cifar100", "cifar-100-python", CIFAR100_MEAN, CIFAR100_STD)
+
+
+# ---------------------------------------------------------------- folder / archive
+
+
+def _layout_hint() -> str:
+    return (
+        f"expected an ImageFolder directory {FOLDER_LAYOUT} or a .tar/.tar.gz/.tgz archive with that layout "
+        f"inside (image extensions: {', '.join(IMG_EXTENSIONS)})"
+    )
+
+
+def _scan_split(root: Path, split: str) -> tuple[list[tuple[str, int]], list[str]]:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise CrossDistillError(
+            f"'{root}' has no '{split}' directory (found: {', '.join(found) or 'none'}); {_layout_hint()}"
+        )
+    by_class: dict[str, list[str]] = {}
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(class_dir).parts
+            files += [(rel + (f,), os.path.join(dirpath, f)) for f in filenames if not f.startswith(".") and is_image_name(f)]
+        if files:
+            by_class[class_dir.name] = [path for _, path in sorted(files)]
+    if not by_class:
+        raise CrossDistillError(f"no images found under '{split_dir}'; {_layout_hint()}")
+    classes = sorted(by_class)
+    samples = [(path, label) for label, c in enumerate(classes) for path in by_class[c]]
+    return samples, classes
+
+
+def _check_classes(where: str, train: list[str], eval_: list[str], cfg: DataConfig) -> None:
+    if train != eval_:
+        only_train = sorted(set(train) - set(eval_))
+        only_eval = sorted(set(eval_) - set(train))
+        raise CrossDistillError(
+            f"the '{cfg.train_split}' and '{cfg.eval_split}' splits of '{where}' have different class "
+            f"directories (only in {cfg.train_split}: {only_train or 'none'}; only in {cfg.eval_split}: "
+            f"{only_eval or 'none'}); both splits need the same <class> sub-directories"
+        )
+
+
+@DATASETS.register("folder")
+def build_folder(cfg: DataConfig) -> SplitData:
+    if not cfg.root:
+        raise CrossDistillError(f"dataset 'folder' needs data.root: {_layout_hint()}")
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise CrossDistillError(f"data.root '{root}' does not exist; {_layout_hint()}")
+    if root.is_dir():
+        (train_samples, train_classes), (eval_samples, eval_classes) = (
+            _scan_split(root, cfg.train_split),
+            _scan_split(root, cfg.eval_split),
+        )
+        _check_classes(str(root), train_classes, eval_classes, cfg)
+        return SplitData(
+            FolderImageDataset(train_samples, train_classes),
+            FolderImageDataset(eval_samples, eval_classes),
+            train_classes,
+        )
+
+    archive = open_archive(root, cfg.cache_dir)
+    datasets = {}
+    for split in (cfg.train_split, cfg.eval_split):
+        if split not in archive.splits:
+            raise CrossDistillError(
+                f"archive '{root}' has no '{split}' split (found: {', '.join(archive.splits)}); "
+                f"expected <split>/<class>/<image> inside, optionally under one top-level directory"
+            )
+        data = archive.load(split)
+        datasets[split] = ArrayImageDataset(data.images, data.labels, data.classes)
+    train, eval_ = datasets[cfg.train_split], datasets[cfg.eval_split]
+    _check_classes(str(root), train.classes, eval_.classes, cfg)
+    return SplitData(train, eval_, list(train.classes))
+
+
+# ---------------------------------------------------------------- subsets and build_data
+
+
+def balanced_subset(targets: Sequence[int], n: int, seed: int = 0, what: str = "subset") -> list[int]:
+    """Indices of a fixed random subset of ``n`` items, as class-balanced as the class sizes allow.
+
+    Classes are taken round-robin (each class's items in a seeded random order, classes in a
+    seeded random order), so class counts differ by at most one unless a class runs out.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    if n < 1 or n > len(targets):
+        raise CrossDistillError(f"{what}={n} must be between 1 and the split size {len(targets)}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(targets)
+    class_pos = np.empty(int(classes.max()) + 1, dtype=np.int64)
+    class_pos[classes] = rng.permutation(len(classes))
+    rank = np.empty(len(targets), dtype=np.int64)
+    for c in classes:
+        idx = np.flatnonzero(targets == c)
+        rank[rng.permutation(idx)] = np.arange(len(idx))
+    order = np.argsort(rank * len(classes) + class_pos[targets], kind="stable")
+    return sorted(order[:n].tolist())
+
+
+@dataclass
+class DataBundle:
+    train: torch.utils.data.Dataset
+    eval: torch.utils.data.Dataset
+    num_classes: int
+    classes: list[str]
+    mean: Stats
+    std: Stats
+
+
+def _stats(value: Sequence[float]) -> Stats:
+    out = tuple(float(v) for v in value)
+    if len(out) != 3:
+        raise CrossDistillError(f"normalisation mean/std must have 3 values (RGB), got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def build_data(cfg: DataConfig, student_data_config: Mapping[str, Any]) -> DataBundle:
+    """Build the train and eval datasets of ``cfg`` with timm transforms.
+
+    ``student_data_config`` (``timm.data.resolve_data_config({}, model=student)``) supplies the
+    defaults for mean/std (when the dataset has none of its own), eval interpolation and crop_pct.
+    """
+    data = DATASETS.get(cfg.dataset)(cfg)
+    train, eval_ = data.train, data.eval
+    if cfg.train_subset is not None:
+        train = train.select(balanced_subset(train.targets, cfg.train_subset, what="data.train_subset"))
+    if cfg.eval_subset is not None:
+        eval_ = eval_.select(balanced_subset(eval_.targets, cfg.eval_subset, what="data.eval_subset"))
+
+    mean = _stats(cfg.mean or data.mean or student_data_config.get("mean") or IMAGENET_DEFAULT_MEAN)
+    std = _stats(cfg.std or data.std or student_data_config.get("std") or IMAGENET_DEFAULT_STD)
+    train.transform, eval_.transform = build_transforms(cfg, student_data_config, mean, std)
+    logger.info(
+        "data %s: %d train / %d eval images, %d classes, mean %s std %s",
+        cfg.dataset, len(train), len(eval_), len(data.classes), mean, std,
+    )
+    return DataBundle(train=train, eval=eval_, num_classes=len(data.classes), classes=list(data.classes), mean=mean, std=std)

@@ -1,0 +1,44 @@
+"""Distillation methods: one module per method, registered by name."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .base import DistillOutput, Distiller, MethodConfig
+
+METHODS: Registry[type[Distiller]] = Registry("method")
+register_method = METHODS.register
+
+
+def method_config(name: str, args: Mapping[str, Any] | None = None, teacher: Any = "unchecked") -> MethodConfig:
+    """The typed, validated config of method ``name`` from ``args`` (unknown keys are errors)."""
+    from ..config import from_dict
+
+    cls = METHODS.get(name)
+    cfg = from_dict(cls.config_cls, dict(args or {}), prefix="method_args")
+    cfg.validate()
+    if teacher is None and cls.needs_teacher:
+        raise ConfigError(f"method {name!r} needs a teacher: set teacher.name (and its weights)")
+    return cfg
+
+
+def build_distiller(
+    name: str,
+    student: nn.Module,
+    teacher=None,
+    args: Mapping[str, Any] | MethodConfig | None = None,
+    criterion: nn.Module | None = None,
+) -> Distiller:
+    cls = METHODS.get(name)
+    cfg = args if isinstance(args, MethodConfig) else method_config(name, args)
+    return cls(student, teacher, cfg, criterion)
+
+
+# Importing the method modules registers them.
+from . import rsd, vanilla  # noqa: E402,F401
+
+__all__ = ["DistillOutput", "Distiller", "METHODS", "MethodConfig", "build_distiller", "method_config", "register_method"]

@@ -1,0 +1,25 @@
+"""Vanilla: the student alone with its classification loss (from-scratch baseline, teacher fine-tuning)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import register_method
+from .base import DistillOutput, Distiller, MethodConfig
+
+
+@dataclass
+class VanillaConfig(MethodConfig):
+    pass
+
+
+@register_method("vanilla")
+class Vanilla(Distiller):
+    config_cls = VanillaConfig
+    needs_teacher = False
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
+        logits = self.student(x)
+        return DistillOutput(logits=logits, losses={"ce": self.criterion(logits, target)})

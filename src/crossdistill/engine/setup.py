@@ -1,0 +1,121 @@
+"""Build everything a run needs from its config: data, models, distiller."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from torch import nn
+
+from ..config import ModelConfig, RunConfig
+from ..data import DataBundle, build_data
+from ..distillers import METHODS, Distiller, build_distiller, method_config
+from ..errors import CrossDistillError
+from ..checkpoint import load_weights_file
+from ..models import Teacher, check_model_name, create_model
+from ..models.factory import load_model_weights
+
+
+def student_data_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The student's timm data config (input size, mean/std, crop_pct, interpolation) without building it."""
+    check_model_name(cfg.name)
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
+    return resolve_data_config({}, pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
+
+
+def resolve_num_classes(cfg: RunConfig, data: DataBundle) -> int:
+    if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
+        raise CrossDistillError(
+            f"num_classes is {cfg.num_classes} but the dataset {cfg.data.dataset!r} has {data.num_classes} classes"
+        )
+    return data.num_classes
+
+
+def create_teacher(cfg: ModelConfig, num_classes: int, data_mean, data_std) -> Teacher:
+    """Build and load the teacher, and work out which input normalisation it expects.
+
+    Precedence: ``teacher.mean/std`` from the config; the normalisation recorded in a
+    crossdistill checkpoint; timm's pretrained config when ``pretrained: true``;
+    otherwise the data's own (what the official code feeds its teachers).
+    """
+    model = create_model(dataclasses.replace(cfg, checkpoint=None), num_classes)
+    mean, std = data_mean, data_std
+    if cfg.checkpoint:
+        loaded = load_weights_file(cfg.checkpoint)
+        load_model_weights(model, cfg.checkpoint, use_ema=cfg.checkpoint_ema, num_classes=num_classes, loaded=loaded)
+        recorded = loaded.get("normalization")
+        if isinstance(recorded, dict) and "mean" in recorded:
+            mean, std = tuple(recorded["mean"]), tuple(recorded["std"])
+    elif cfg.pretrained:
+        mean, std = model.pretrained_cfg.get("mean", mean), model.pretrained_cfg.get("std", std)
+    if cfg.mean is not None:
+        mean = cfg.mean
+    if cfg.std is not None:
+        std = cfg.std
+    return Teacher(model, data_mean=data_mean, data_std=data_std, model_mean=mean, model_std=std)
+
+
+def make_criterion(cfg: RunConfig) -> nn.Module:
+    if cfg.train.mixup > 0 or cfg.train.cutmix > 0:
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+
+
+@dataclass
+class Built:
+    data: DataBundle
+    num_classes: int
+    distiller: Distiller
+
+
+def build_run(cfg: RunConfig, world_size: int = 1) -> Built:
+    """Data, student, teacher and distiller for ``cfg`` (on CPU), with the input checks a run needs."""
+    method_cls = METHODS.get(cfg.method)
+    method_args = method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)
+    if cfg.train.batch_size < method_cls.min_batch_size:
+        raise CrossDistillError(
+            f"method {cfg.method!r} needs at least {method_cls.min_batch_size} samples per batch and process "
+            f"(its loss uses batch statistics); train.batch_size is {cfg.train.batch_size}"
+        )
+    if (cfg.train.mixup > 0 or cfg.train.cutmix > 0) and cfg.train.batch_size % 2:
+        raise CrossDistillError("mixup/cutmix need an even train.batch_size")
+    check_model_name(cfg.student.name)
+    if cfg.teacher is not None:
+        check_model_name(cfg.teacher.name)
+    data = build_data(cfg.data, student_data_config(cfg.student))
+    num_classes = resolve_num_classes(cfg, data)
+    global_batch = cfg.train.batch_size * world_size
+    if len(data.train) < global_batch:
+        raise CrossDistillError(
+            f"the training set has {len(data.train)} images, fewer than one batch "
+            f"({cfg.train.batch_size} x {world_size} processes = {global_batch}); lower train.batch_size"
+        )
+    student = create_model(cfg.student, num_classes)
+    teacher = None
+    if cfg.teacher is not None and method_cls.needs_teacher:
+        teacher = create_teacher(cfg.teacher, num_classes, data.mean, data.std)
+    distiller = build_distiller(cfg.method, student, teacher, method_args, criterion=make_criterion(cfg))
+    return Built(data=data, num_classes=num_classes, distiller=distiller)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.amp on ``device`` (None: full precision)."""
+    if amp == "none":
+        return None
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise CrossDistillError("train.amp=fp16 needs a CUDA GPU; use bf16 or none on CPU")
+    return torch.bfloat16 if amp == "bf16" else torch.float16

@@ -1,0 +1,478 @@
+"""The training loop: one process or DDP under torchrun, AMP, EMA, evaluation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from .. import __version__
+from ..checkpoint import load_weights_file, save_atomic
+from ..config import RunConfig, save_config
+from ..errors import CrossDistillError
+from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from .metrics import MetricsLog, topk_correct
+from .setup import autocast_dtype, build_run, count_parameters
+
+CHECKPOINT = "last.pt"
+BEST = "best.pt"
+CHECKPOINT_FORMAT = "crossdistill-run/1"
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    epochs: int
+    last_top1: float
+    best_top1: float
+    best_epoch: int
+    last_top5: float
+    ema_last_top1: float | None = None
+    ema_best_top1: float | None = None
+    wall_time_s: float = 0.0
+    extra_parameters: int = 0
+    student_parameters: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation indices ``rank::world`` (every sample exactly once across ranks, no padding)."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A distinct, reproducible seed per (run seed, epoch, rank): resuming at an epoch boundary is exact."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**31)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    teacher = cfg.teacher.name if cfg.teacher is not None else "none"
+    return f"{cfg.method}-{teacher}-{cfg.student.name}"
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, env: DistEnv | None = None,
+                 out=None):
+        self.cfg = cfg
+        self.env = env or init_distributed(cfg.train.device)
+        self.out = out if out is not None else sys.stdout
+        self.run_dir = run_dir_of(cfg)
+        self._prepare_run_dir(resume, overwrite)
+        self.resume = resume
+
+        seed_everything(cfg.train.seed + self.env.rank)
+        built = build_run(cfg, self.env.world_size)
+        self.data, self.num_classes = built.data, built.num_classes
+        self.device = self.env.device
+        self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
+        self.distiller = built.distiller.to(self.device)
+        if cfg.train.channels_last:
+            self.distiller.to(memory_format=torch.channels_last)
+        self.student = self.distiller.student
+        self.model: nn.Module = self.distiller
+        if self.env.distributed:
+            self.model = DistributedDataParallel(
+                self.distiller, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self._build_loaders()
+        self._build_optimisation()
+        self.ema = None
+        if cfg.train.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.student, decay=cfg.train.ema_decay, device=self.device)
+        self.start_epoch = 0
+        self.best = {"top1": -1.0, "epoch": -1, "ema_top1": -1.0}
+        self.history: list[dict[str, Any]] = []
+        if resume:
+            self._load_checkpoint()
+        self.log_file = MetricsLog(self.run_dir, cfg.train.tensorboard) if self.env.is_main else None
+        if self.log_file is not None and resume:
+            self.log_file.truncate_after(self.start_epoch)
+
+    # ------------------------------------------------------------ setup
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        has_run = (self.run_dir / "config.yaml").exists() or (self.run_dir / CHECKPOINT).exists()
+        if resume:
+            if not (self.run_dir / CHECKPOINT).exists():
+                raise CrossDistillError(f"nothing to resume: {self.run_dir / CHECKPOINT} does not exist")
+            return
+        if has_run:
+            if not overwrite:
+                raise CrossDistillError(
+                    f"run directory {self.run_dir} already holds a run; pass --resume to continue it, "
+                    "--overwrite to replace it, or choose another train.run_name / train.output_dir"
+                )
+            barrier(self.env)
+            if self.env.is_main:
+                shutil.rmtree(self.run_dir)
+        barrier(self.env)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        barrier(self.env)
+
+    def _build_loaders(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.train_sampler = DistributedSampler(
+            self.data.train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.train.seed,
+            drop_last=True,
+        )
+        self.loader_generator = torch.Generator()
+        pin = self.device.type == "cuda"
+        workers = cfg.data.num_workers
+        self.train_loader = DataLoader(
+            self.data.train, batch_size=cfg.train.batch_size, sampler=self.train_sampler, num_workers=workers,
+            drop_last=True, pin_memory=pin, generator=self.loader_generator,
+        )
+        self.eval_loader = DataLoader(
+            self.data.eval, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+            sampler=ShardSampler(len(self.data.eval), env.rank, env.world_size), num_workers=workers,
+            pin_memory=pin,
+        )
+        self.steps_per_epoch = len(self.train_loader)
+
+    def _build_optimisation(self) -> None:
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+
+        o, t = self.cfg.optim, self.cfg.train
+        kwargs = {"momentum": o.momentum} if o.opt.lower() in ("sgd", "momentum", "nesterov", "rmsprop") else {}
+        try:
+            self.optimizer = create_optimizer_v2(self.distiller, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, **kwargs)
+        except (ValueError, AssertionError) as err:
+            raise CrossDistillError(f"optim.opt={o.opt!r}: {err}") from None
+        self.scheduler = None
+        if o.sched != "none":
+            try:
+                self.scheduler, _ = create_scheduler_v2(
+                    self.optimizer, sched=o.sched, num_epochs=t.epochs, decay_epochs=o.decay_epochs,
+                    decay_rate=o.decay_rate, min_lr=o.min_lr, warmup_lr=o.warmup_lr, warmup_epochs=o.warmup_epochs,
+                    cooldown_epochs=0, updates_per_epoch=self.steps_per_epoch,
+                )
+            except (ValueError, AssertionError) as err:
+                raise CrossDistillError(f"optim.sched={o.sched!r}: {err}") from None
+            if self.scheduler is None:
+                raise CrossDistillError(f"optim.sched={o.sched!r} is not a timm scheduler (cosine, step, ...)")
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.trainable = [p for p in self.distiller.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------ checkpoints
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "crossdistill_version": __version__,
+            "epoch": epoch,
+            "student": self.student.state_dict(),
+            "extras": {name: m.state_dict() for name, m in self.distiller.extra_modules().items()},
+            "student_ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_state(),
+            "best": dict(self.best),
+            "history": self.history,
+            "config": self.cfg.to_dict(),
+            "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
+            "classes": list(self.data.classes),
+            "num_classes": self.num_classes,
+            "world_size": self.env.world_size,
+        }
+
+    def _save(self, epoch: int, improved: bool) -> None:
+        if not self.env.is_main:
+            return
+        state = self._state(epoch)
+        save_atomic(state, self.run_dir / CHECKPOINT)
+        if improved:
+            best = {k: state[k] for k in ("format", "epoch", "student", "config", "normalization", "classes", "num_classes")}
+            save_atomic(best, self.run_dir / BEST)
+
+    def _load_checkpoint(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        state = load_weights_file(path)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CrossDistillError(f"{path} is not a crossdistill run checkpoint (format {state.get('format')!r})")
+        self.student.load_state_dict(state["student"])
+        extras = self.distiller.extra_modules()
+        if set(extras) != set(state["extras"]):
+            raise CrossDistillError(
+                f"{path} holds modules {sorted(state['extras'])} but method {self.cfg.method!r} has {sorted(extras)}: "
+                "the config changed since the checkpoint was written"
+            )
+        for name, module in extras.items():
+            module.load_state_dict(state["extras"][name])
+        if self.ema is not None and state.get("student_ema") is not None:
+            self.ema.module.load_state_dict(state["student_ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.best = dict(state["best"])
+        self.history = list(state.get("history", []))
+        self.start_epoch = int(state["epoch"])
+
+    # ------------------------------------------------------------ loop
+    def print(self, *args) -> None:
+        if self.env.is_main:
+            print(*args, file=self.out, flush=True)
+
+    def describe(self) -> None:
+        cfg, env = self.cfg, self.env
+        teacher = self.distiller.teacher
+        self.print(f"run directory: {self.run_dir}")
+        self.print(
+            f"method {cfg.method}: teacher {cfg.teacher.name if teacher is not None else '-'} -> student {cfg.student.name}"
+            f" | {self.num_classes} classes | {len(self.data.train)} train / {len(self.data.eval)} eval images"
+        )
+        self.print(
+            f"student {count_parameters(self.student) / 1e6:.2f}M parameters, "
+            f"extra trainable {self.distiller.extra_parameter_count() / 1e6:.3f}M"
+            + (f", teacher inputs re-normalised to its own mean/std" if teacher is not None and teacher.renormalizes else "")
+        )
+        if teacher is not None and self.cfg.teacher is not None and not (self.cfg.teacher.checkpoint or self.cfg.teacher.pretrained):
+            self.print("warning: the teacher has neither checkpoint nor pretrained weights: it is randomly initialised")
+        amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        self.print(
+            f"device {self.device} x {env.world_size} process(es) | per-process batch {cfg.train.batch_size} | "
+            f"effective batch {cfg.train.batch_size * env.world_size} | lr {cfg.optim.lr:g} ({cfg.optim.opt}, "
+            f"{cfg.optim.sched}) | amp {amp} | {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
+        )
+
+    def fit(self, stop_after: int | None = None) -> RunSummary:
+        """Train to ``train.epochs`` (or only up to epoch ``stop_after``, leaving a resumable checkpoint)."""
+        cfg = self.cfg
+        self.describe()
+        if self.start_epoch:
+            self.print(f"resuming after epoch {self.start_epoch}")
+        started = time.time()
+        mixup = self._mixup()
+        try:
+            end = cfg.train.epochs if stop_after is None else min(stop_after, cfg.train.epochs)
+            for epoch in range(self.start_epoch, end):
+                train_stats = self.train_one_epoch(epoch, mixup)
+                epoch_time = train_stats.pop("_time")
+                row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
+                improved = False
+                if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                    evaluation = evaluate(self.student, self.eval_loader, self.device, self.env, self.amp_dtype)
+                    row.update({"eval_top1": evaluation["top1"], "eval_top5": evaluation["top5"]})
+                    if evaluation["top1"] > self.best["top1"]:
+                        self.best.update(top1=evaluation["top1"], epoch=epoch + 1)
+                        improved = True
+                    if self.ema is not None:
+                        ema_eval = evaluate(self.ema.module, self.eval_loader, self.device, self.env, self.amp_dtype)
+                        row.update({"ema_top1": ema_eval["top1"], "ema_top5": ema_eval["top5"]})
+                        self.best["ema_top1"] = max(self.best["ema_top1"], ema_eval["top1"])
+                if self.scheduler is not None:
+                    self.scheduler.step(epoch + 1, row.get("eval_top1"))
+                row["epoch_time_s"] = round(epoch_time, 2)
+                self.history.append(row)
+                self._save(epoch + 1, improved)
+                if self.log_file is not None:
+                    self.log_file.write(row)
+                self.print(self._format_row(row))
+        finally:
+            if self.log_file is not None:
+                self.log_file.close()
+        return self._summary(time.time() - started)
+
+    def _mixup(self):
+        t = self.cfg.train
+        if t.mixup <= 0 and t.cutmix <= 0:
+            return None
+        from timm.data import Mixup
+
+        return Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob, switch_prob=t.mixup_switch_prob,
+                     label_smoothing=t.label_smoothing, num_classes=self.num_classes)
+
+    def train_one_epoch(self, epoch: int, mixup=None) -> dict[str, float]:
+        cfg, device = self.cfg, self.device
+        seed = epoch_seed(cfg.train.seed, epoch, self.env.rank)
+        seed_everything(seed)
+        self.loader_generator.manual_seed(seed)
+        self.train_sampler.set_epoch(epoch)
+        self.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        start = time.time()
+        progress = self._progress(epoch)
+        autocast = (torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext())
+        for step, (images, target) in enumerate(self.train_loader):
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            if cfg.train.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if mixup is not None:
+                images, target = mixup(images, target)
+            with autocast:
+                output = self.model(images, target)
+            loss = output.loss
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                if cfg.optim.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.trainable, cfg.optim.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                if cfg.optim.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(self.trainable, cfg.optim.clip_grad)
+                self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.student, step=epoch * self.steps_per_epoch + step)
+            if self.scheduler is not None:
+                self.scheduler.step_update(epoch * self.steps_per_epoch + step + 1)
+            for name, value in output.losses.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
+            sums["loss"] = sums.get("loss", 0) + loss.detach().float()
+            steps += 1
+            if progress is not None:
+                progress.update(1)
+                if step % 20 == 0 or step + 1 == self.steps_per_epoch:
+                    progress.set_postfix({k: f"{v.item() / steps:.4g}" for k, v in sums.items()})
+        if progress is not None:
+            progress.close()
+        names = sorted(sums)
+        totals = torch.stack([sums[n] for n in names]) if names else torch.zeros(0, device=device)
+        all_reduce_sum(totals, self.env)
+        means = (totals / (steps * self.env.world_size)).tolist() if steps else [math.nan] * len(names)
+        stats = {f"train_{n}": v for n, v in zip(names, means)}
+        bad = {n: v for n, v in zip(names, means) if not math.isfinite(v)}
+        if bad:
+            raise CrossDistillError(
+                f"non-finite training loss in epoch {epoch + 1}: {bad}. Lower optim.lr, enable optim.clip_grad, "
+                f"or check the data; the last good checkpoint is {self.run_dir / CHECKPOINT}"
+            )
+        stats["_time"] = time.time() - start
+        return stats
+
+    def _progress(self, epoch: int):
+        if not (self.env.is_main and self.cfg.train.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False,
+                    dynamic_ncols=True, file=sys.stderr)
+
+    @staticmethod
+    def _format_row(row: dict[str, Any]) -> str:
+        parts = [f"epoch {row['epoch']}"]
+        for key, value in row.items():
+            if key == "epoch":
+                continue
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        return " | ".join(parts)
+
+    def _summary(self, wall: float) -> RunSummary:
+        evaluated = [r for r in self.history if "eval_top1" in r]
+        last = evaluated[-1] if evaluated else {}
+        summary = RunSummary(
+            run_dir=str(self.run_dir),
+            epochs=self.cfg.train.epochs,
+            last_top1=last.get("eval_top1", math.nan),
+            last_top5=last.get("eval_top5", math.nan),
+            best_top1=self.best["top1"],
+            best_epoch=self.best["epoch"],
+            ema_last_top1=last.get("ema_top1"),
+            ema_best_top1=self.best["ema_top1"] if self.ema is not None else None,
+            wall_time_s=round(wall, 2),
+            extra_parameters=self.distiller.extra_parameter_count(),
+            student_parameters=count_parameters(self.student),
+            history=self.history,
+        )
+        if self.env.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+            self.print(
+                f"done: last top-1 {summary.last_top1:.2f} | best top-1 {summary.best_top1:.2f} "
+                f"(epoch {summary.best_epoch}) | {wall:.1f}s | {self.run_dir}"
+            )
+        return summary
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, env: DistEnv | None = None,
+             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) of ``model`` on ``loader`` (sharded across ranks under DDP)."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, device=device, dtype=torch.float64)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    for images, target in loader:
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        top1, top5 = topk_correct(logits.float(), target)
+        counts += torch.stack([top1, top5, torch.tensor(target.shape[0], device=device)]).double()
+    if env is not None:
+        all_reduce_sum(counts, env)
+    model.train(was_training)
+    total = max(counts[2].item(), 1.0)
+    return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total,
+            "samples": int(counts[2].item())}
+
+
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, out=None) -> RunSummary:
+    """Train one run described by ``cfg``; returns its summary. Works under torchrun as well."""
+    env = init_distributed(cfg.train.device)
+    try:
+        return Trainer(cfg, resume=resume, overwrite=overwrite, env=env, out=out).fit()
+    finally:
+        shutdown(env)

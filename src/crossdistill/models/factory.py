@@ -1,0 +1,128 @@
+"""Create students and teachers from a :class:`~crossdistill.config.ModelConfig`, and load their weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import timm
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import CrossDistillError, suggest
+from ..checkpoint import load_weights_file
+from . import custom  # noqa: F401  (registers swin_pico / swin_nano with timm)
+
+_WRAPPER_KEYS = ("state_dict", "model", "student")
+_EMA_KEYS = ("state_dict_ema", "model_ema", "student_ema")
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        raise CrossDistillError(
+            f"unknown model {name!r}: not a timm model name (timm {timm.__version__})."
+            + suggest(name, timm.list_models())
+        )
+
+
+def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """Build the model described by ``cfg`` with a ``num_classes`` head and load its weights."""
+    check_model_name(cfg.name)
+    if cfg.pretrained and cfg.checkpoint:
+        raise CrossDistillError(f"model {cfg.name}: set either pretrained or checkpoint, not both")
+    kwargs = dict(cfg.kwargs)
+    try:
+        if cfg.pretrained:
+            model = timm.create_model(cfg.name, pretrained=True, num_classes=num_classes, **kwargs)
+        else:
+            model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise CrossDistillError(f"model {cfg.name}: bad kwargs {kwargs}: {err}") from None
+    except (OSError, RuntimeError) as err:
+        if cfg.pretrained:
+            raise CrossDistillError(
+                f"could not load pretrained weights for {cfg.name} ({err}). Without internet access, "
+                "point checkpoint: at a local weights file instead."
+            ) from None
+        raise
+    if cfg.checkpoint:
+        load_model_weights(model, cfg.checkpoint, use_ema=cfg.checkpoint_ema, num_classes=num_classes)
+    return model
+
+
+def extract_state_dict(obj: Mapping[str, Any], use_ema: bool = False, path: str = "") -> dict[str, torch.Tensor]:
+    """Find the model weights in a checkpoint dict (timm, crossdistill or DDP formats)."""
+    keys = _EMA_KEYS if use_ema else _WRAPPER_KEYS
+    for key in keys:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    else:
+        if use_ema:
+            raise CrossDistillError(f"{path}: no EMA weights (looked for {', '.join(_EMA_KEYS)})")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise CrossDistillError(f"{path}: entry {key!r} is not a tensor; not a model state dict")
+        state[key[len("module."):] if key.startswith("module.") else key] = value
+    return state
+
+
+def _filter_fn(model: nn.Module):
+    module = sys.modules.get(type(model).__module__)
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def cfg_name(model: nn.Module) -> str:
+    return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+
+
+def classifier_weight_key(model: nn.Module) -> str | None:
+    name = getattr(model, "pretrained_cfg", {}).get("classifier")
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    return f"{name}.weight" if name else None
+
+
+def load_model_weights(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    use_ema: bool = False,
+    num_classes: int | None = None,
+    loaded: Mapping[str, Any] | None = None,
+) -> None:
+    """Load weights into ``model`` strictly; converts older timm formats through timm's ``checkpoint_filter_fn``.
+
+    A classifier whose class count differs from ``num_classes`` is an error: a trained
+    teacher's head is never silently re-initialised. ``loaded`` is the file's content when
+    the caller has already read it.
+    """
+    if loaded is None:
+        loaded = load_weights_file(path)
+    state = extract_state_dict(loaded, use_ema=use_ema, path=str(path))
+    filter_fn = _filter_fn(model)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception:  # a filter that cannot handle this format: try the raw keys below
+            pass
+    head_key = classifier_weight_key(model)
+    if num_classes is not None and head_key in state and state[head_key].shape[0] != num_classes:
+        raise CrossDistillError(
+            f"{path}: the checkpoint's classifier ({head_key}) has {state[head_key].shape[0]} classes, "
+            f"but the run needs {num_classes}. Fine-tune the teacher on this dataset first "
+            "(method: vanilla) or fix num_classes / the dataset."
+        )
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # size mismatches
+        raise CrossDistillError(f"{path} does not fit {cfg_name(model)}: {err}") from None
+    if missing or unexpected:
+        shown = lambda keys: ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")  # noqa: E731
+        raise CrossDistillError(
+            f"{path} does not fit {cfg_name(model)}: missing keys [{shown(missing)}], "
+            f"unexpected keys [{shown(unexpected)}]. Is it a checkpoint of this model (and these kwargs)?"
+        )

@@ -1,0 +1,37 @@
+"""Shared helpers: tiny, fast run configs on scikit-learn's digits (no download, CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+TINY_TEACHER = {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}}
+TINY_STUDENT = {"name": "test_resnet"}
+
+
+def tiny_run(tmp_path, method: str = "rsd", **sections) -> dict:
+    """A raw run config that trains in about a second per epoch on 2 cores."""
+    cfg = {
+        "student": copy.deepcopy(TINY_STUDENT),
+        "teacher": copy.deepcopy(TINY_TEACHER) if method != "vanilla" else None,
+        "method": method,
+        "data": {"dataset": "digits", "img_size": 32, "train_subset": 256, "eval_subset": 100, "num_workers": 0,
+                 "hflip": 0.0, "scale": [0.7, 1.0]},
+        "optim": {"opt": "adamw", "lr": 2e-3, "weight_decay": 0.01, "sched": "cosine", "min_lr": 1e-5},
+        "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "output_dir": str(tmp_path / "runs"),
+                  "run_name": "run", "tensorboard": False, "progress": False, "seed": 7},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+    yield

@@ -1,0 +1,175 @@
+"""End-to-end training on CPU: loss falls, resume is exact, DDP ranks agree, run directories are safe."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from crossdistill.config import build_config
+from crossdistill.engine import Trainer, train
+from crossdistill.errors import CrossDistillError
+
+from conftest import tiny_run
+
+
+def test_rsd_training_loss_falls(tmp_path):
+    cfg = build_config(tiny_run(tmp_path, train={"epochs": 4}))
+    summary = train(cfg)
+    first, last = summary.history[0], summary.history[-1]
+    assert last["train_rsd"] < 0.8 * first["train_rsd"]
+    assert last["train_loss"] < first["train_loss"]
+    assert summary.extra_parameters > 0
+    run_dir = tmp_path / "runs" / "run"
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.csv", "summary.json"):
+        assert (run_dir / name).exists(), name
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["best_top1"] == summary.best_top1
+    assert len((run_dir / "metrics.csv").read_text().strip().splitlines()) == 1 + 4
+
+
+def _weights(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    sections = dict(train={"epochs": 3, "ema_decay": 0.9}, optim={"warmup_epochs": 1, "clip_grad": 1.0})
+    full = Trainer(build_config(tiny_run(tmp_path / "a", **sections)))
+    full.fit()
+
+    first = Trainer(build_config(tiny_run(tmp_path / "b", **sections)))
+    first.fit(stop_after=1)
+    del first
+    resumed = Trainer(build_config(tiny_run(tmp_path / "b", **sections)), resume=True)
+    assert resumed.start_epoch == 1
+    resumed.fit()
+
+    for part in ("student", "distiller"):
+        a = _weights(getattr(full, part))
+        b = _weights(getattr(resumed, part))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{part}.{key} differs after resume"
+    a_ema, b_ema = _weights(full.ema.module), _weights(resumed.ema.module)
+    assert all(torch.equal(a_ema[k], b_ema[k]) for k in a_ema)
+    assert [r["eval_top1"] for r in full.history] == [r["eval_top1"] for r in resumed.history]
+    metrics = (tmp_path / "b" / "runs" / "run" / "metrics.csv").read_text().strip().splitlines()
+    assert len(metrics) == 1 + 3
+
+
+def test_existing_run_directory_is_not_overwritten_silently(tmp_path):
+    cfg = build_config(tiny_run(tmp_path, method="vanilla", train={"epochs": 1}))
+    train(cfg)
+    checkpoint = tmp_path / "runs" / "run" / "last.pt"
+    before = checkpoint.stat().st_mtime_ns
+    with pytest.raises(CrossDistillError, match="already holds a run.*--resume.*--overwrite"):
+        train(cfg)
+    assert checkpoint.stat().st_mtime_ns == before
+    train(cfg, overwrite=True)
+    with pytest.raises(CrossDistillError, match="nothing to resume"):
+        train(build_config(tiny_run(tmp_path, method="vanilla", train={"run_name": "other"})), resume=True)
+
+
+def test_batch_size_one_for_rsd_is_a_clear_error(tmp_path):
+    with pytest.raises(CrossDistillError, match="at least 2 samples per batch"):
+        train(build_config(tiny_run(tmp_path, train={"batch_size": 1})))
+
+
+def test_batch_larger_than_the_dataset(tmp_path):
+    with pytest.raises(CrossDistillError, match="fewer than one batch"):
+        train(build_config(tiny_run(tmp_path, train={"batch_size": 512})))
+
+
+def test_unknown_model_name(tmp_path):
+    raw = tiny_run(tmp_path)
+    raw["student"]["name"] = "resnet181"
+    with pytest.raises(CrossDistillError, match="unknown model 'resnet181'.*resnet18"):
+        train(build_config(raw))
+
+
+def test_missing_dataset_path(tmp_path):
+    raw = tiny_run(tmp_path, data={"dataset": "folder", "root": str(tmp_path / "no-such-dir"), "train_subset": None,
+                                   "eval_subset": None})
+    with pytest.raises(CrossDistillError, match="no-such-dir"):
+        train(build_config(raw))
+
+
+def test_teacher_checkpoint_from_an_earlier_run(tmp_path):
+    """A vanilla run trains a teacher; its best.pt is a teacher checkpoint for RSD, normalisation included."""
+    teacher_raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1, "run_name": "teacher"})
+    teacher_raw["student"] = tiny_run(tmp_path)["teacher"]
+    train(build_config(teacher_raw))
+    raw = tiny_run(tmp_path, train={"epochs": 1})
+    raw["teacher"]["checkpoint"] = str(tmp_path / "runs" / "teacher" / "best.pt")
+    trainer = Trainer(build_config(raw))
+    saved = torch.load(raw["teacher"]["checkpoint"], weights_only=True)["student"]
+    for key, value in trainer.distiller.teacher.model.state_dict().items():
+        assert torch.equal(value, saved[key])
+    assert not trainer.distiller.teacher.renormalizes
+    raw["num_classes"] = 12
+    with pytest.raises(CrossDistillError, match="num_classes is 12"):
+        Trainer(build_config({**raw, "train": {**raw["train"], "run_name": "x"}}))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, raw: dict, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from crossdistill.engine.distributed import init_distributed, shutdown
+
+    env = init_distributed("cpu")
+    try:
+        trainer = Trainer(build_config(raw), env=env)
+        summary = trainer.fit()
+        params = {k: v.detach().clone() for k, v in trainer.distiller.named_parameters()}
+        torch.save({"params": params, "top1": summary.last_top1, "steps": trainer.steps_per_epoch},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        shutdown(env)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_end_with_identical_weights(tmp_path):
+    raw = tiny_run(tmp_path, train={"epochs": 1, "batch_size": 16})
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), raw, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["steps"] == r1["steps"] == 256 // (16 * 2)
+    assert r0["params"].keys() == r1["params"].keys()
+    assert any(k.startswith("aad.") for k in r0["params"])
+    for key in r0["params"]:
+        assert torch.equal(r0["params"][key], r1["params"][key]), key
+    assert r0["top1"] == r1["top1"]  # evaluation is sharded and all-reduced
+    assert (tmp_path / "runs" / "run" / "last.pt").exists()
+
+
+def test_training_options_bf16_channels_last_mixup_ema_clip(tmp_path):
+    raw = tiny_run(
+        tmp_path,
+        train={"epochs": 2, "amp": "bf16", "channels_last": True, "mixup": 0.8, "cutmix": 1.0, "ema_decay": 0.9,
+               "tensorboard": True},
+        optim={"opt": "sgd", "lr": 0.05, "momentum": 0.9, "sched": "step", "decay_epochs": 1, "warmup_epochs": 1,
+               "clip_grad": 5.0},
+    )
+    summary = train(build_config(raw))
+    for row in summary.history:
+        assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if k.startswith("train_"))
+        assert "ema_top1" in row and "eval_top5" in row
+    assert summary.ema_best_top1 is not None
+    assert list((tmp_path / "runs" / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_scheduler_warmup_then_decay(tmp_path):
+    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 4},
+                   optim={"lr": 0.01, "warmup_epochs": 2, "warmup_lr": 1e-4, "sched": "cosine", "min_lr": 1e-5})
+    lrs = [row["lr"] for row in train(build_config(raw)).history]
+    assert lrs[0] < lrs[1] <= 0.01 and lrs[3] < lrs[2]

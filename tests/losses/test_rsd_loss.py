@@ -1,0 +1,92 @@
+"""rsd_loss against an independent float64 implementation of the official formula."""
+
+import numpy as np
+import pytest
+import torch
+
+from crossdistill import rsd_loss
+
+
+def reference_rsd(z_s: np.ndarray, z_t: np.ndarray, kappa: float) -> float:
+    """The official code's formula, written out in numpy float64."""
+    def standardise(x):
+        return (x - x.mean(axis=0)) / (x.std(axis=0, ddof=0) + 1e-5)
+
+    batch = z_s.shape[0]
+    c = standardise(z_t).T @ standardise(z_s) / batch
+    total = 0.0
+    for i in range(c.shape[0]):
+        for j in range(c.shape[1]):
+            total += (c[i, j] - 1.0) ** 2 if i == j else kappa * c[i, j] ** 2
+    return total
+
+
+@pytest.mark.parametrize("batch,dim", [(2, 3), (8, 16), (32, 64), (128, 24), (5, 200)])
+@pytest.mark.parametrize("kappa", [0.0, 0.01, 0.5])
+def test_matches_float64_reference(batch, dim, kappa):
+    gen = np.random.default_rng(batch * 1000 + dim)
+    z_s = gen.normal(size=(batch, dim)) * gen.uniform(0.1, 3.0, size=dim) + gen.normal(size=dim)
+    z_t = gen.normal(size=(batch, dim)) * 2.0 + 0.5 * z_s
+    expected = reference_rsd(z_s, z_t, kappa)
+    got = rsd_loss(torch.tensor(z_s, dtype=torch.float32), torch.tensor(z_t, dtype=torch.float32), kappa=kappa)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - expected) / abs(expected) < 1e-5
+    got64 = rsd_loss(torch.tensor(z_s), torch.tensor(z_t), kappa=kappa)
+    assert abs(got64.item() - expected) / abs(expected) < 1e-10
+
+
+def test_is_a_sum_not_a_mean():
+    # Identical, perfectly standardisable embeddings: C = I (up to eps), so the loss is ~0;
+    # independent embeddings: the diagonal alone contributes about D.
+    torch.manual_seed(0)
+    z = torch.randn(4096, 32, dtype=torch.float64)
+    assert rsd_loss(z, z, kappa=0.0).item() < 1e-6
+    independent = rsd_loss(torch.randn(4096, 32, dtype=torch.float64), z, kappa=0.0).item()
+    assert 30 < independent < 34
+
+
+def test_bf16_autocast_inputs_are_computed_in_fp32():
+    torch.manual_seed(1)
+    z_s32, z_t32 = torch.randn(64, 48), torch.randn(64, 48)
+    z_s, z_t = z_s32.bfloat16().requires_grad_(), z_t32.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = rsd_loss(z_s, z_t)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    expected = reference_rsd(z_s.detach().double().numpy(), z_t.double().numpy(), 0.01)
+    assert abs(loss.item() - expected) / expected < 1e-5
+    loss.backward()
+    assert torch.isfinite(z_s.grad.float()).all()
+
+
+def test_batch_of_one_is_a_clear_error():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        rsd_loss(torch.randn(1, 8), torch.randn(1, 8))
+
+
+def test_zero_variance_feature_gives_finite_loss_and_gradients():
+    torch.manual_seed(2)
+    z_s = torch.randn(16, 8)
+    z_s[:, 3] = 1.5  # a dead unit: constant across the batch
+    z_s.requires_grad_()
+    z_t = torch.randn(16, 8)
+    z_t[:, 5] = -2.0
+    loss = rsd_loss(z_s, z_t)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(z_s.grad).all()
+    # the constant column standardises to zeros: the formula's value with those columns zeroed
+    expected = reference_rsd(z_s.detach().double().numpy(), z_t.double().numpy(), 0.01)
+    assert abs(loss.item() - expected) / expected < 1e-5
+
+
+def test_identical_samples_do_not_produce_nan():
+    z = torch.ones(4, 6, requires_grad=True)
+    loss = rsd_loss(z, torch.ones(4, 6))
+    loss.backward()
+    assert loss.item() == pytest.approx(6.0)  # C = 0: only the diagonal terms (0 - 1)^2
+    assert torch.isfinite(z.grad).all()
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="AADProjector"):
+        rsd_loss(torch.randn(4, 8), torch.randn(4, 16))
