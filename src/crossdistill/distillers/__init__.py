@@ -38,7 +38,16 @@ def build_distiller(
     return cls(student, teacher, cfg, criterion)
 
 
-# Importing the method modules registers them.
-from . import rsd, vanilla  # noqa: E402,F401
+def _import_methods() -> None:
+    """Import every module of this package: each registers its method with ``@register_method``."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_methods()
 
 __all__ = ["DistillOutput", "Distiller", "METHODS", "MethodConfig", "build_distiller", "method_config", "register_method"]

@@ -68,6 +68,9 @@ class Distiller(nn.Module):
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
         raise NotImplementedError
 
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        """Called by the engine before each epoch (0-based); for schedules inside a method (e.g. DKD warm-up)."""
+
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         if self.teacher is not None:

@@ -2,6 +2,15 @@
 
 Loss = CE(student logits, y) + weight * rsd_loss(AAD(student embedding), teacher embedding, kappa).
 Only the pre-logits embeddings are used; no teacher logits, no KD term.
+
+Variants the paper reports, as options or sibling methods:
+
+* ``kappa: 0``: the "correlation only" ablation (no decorrelation term);
+* ``projector: linear``: the "without AAD" ablation (a bias-free linear adaptor when the
+  widths differ, the identity when they are equal);
+* ``global_batch: true``: the correlation over the batch of all DDP ranks (default off,
+  as the official code uses per-GPU statistics);
+* ``rsd_logits``: the same loss on student vs teacher logits, with no projector.
 """
 
 from __future__ import annotations
@@ -9,30 +18,60 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from ..collectives import all_gather_no_grad, all_gather_with_grad
 from ..errors import ConfigError
 from ..losses import rsd_loss
 from ..models import AADProjector, embedding_dim
 from . import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 
+PROJECTORS = ("aad", "linear")
+
+
+def _check_common(cfg) -> None:
+    if cfg.weight < 0:
+        raise ConfigError(f"config key 'method_args.weight': must be >= 0, got {cfg.weight}")
+    if cfg.kappa < 0:
+        raise ConfigError(f"config key 'method_args.kappa': must be >= 0, got {cfg.kappa}")
+
+
+def global_rsd_loss(z_s: torch.Tensor, z_t: torch.Tensor, kappa: float, global_batch: bool) -> torch.Tensor:
+    """``rsd_loss`` on this process's batch, or on the batch of all ranks when ``global_batch``."""
+    if global_batch:
+        z_s, z_t = all_gather_with_grad(z_s), all_gather_no_grad(z_t)
+    return rsd_loss(z_s, z_t, kappa=kappa)
+
 
 @dataclass
 class RSDConfig(MethodConfig):
     weight: float = 0.1
-    """lambda: multiplies the summed RSD loss."""
+    """lambda: multiplies the summed RSD loss (official --rsd-loss-weight)."""
     kappa: float = 0.01
-    """Weight of the off-diagonal (decorrelation) terms."""
+    """Weight of the off-diagonal (decorrelation) terms (official --rsd-kappa); 0 = correlation only."""
     gamma: int = 2
-    """AAD hidden width = gamma * student embedding width."""
+    """AAD hidden width = gamma * student embedding width (official --rsd-gamma)."""
+    projector: str = "aad"
+    """aad (the paper's AAD) | linear (the "without AAD" ablation)."""
+    global_batch: bool = False
+    """Correlate over the batch of all DDP ranks instead of each rank's own batch."""
 
     def validate(self) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"config key 'method_args.weight': must be >= 0, got {self.weight}")
-        if self.kappa < 0:
-            raise ConfigError(f"config key 'method_args.kappa': must be >= 0, got {self.kappa}")
+        _check_common(self)
         if self.gamma < 1:
             raise ConfigError(f"config key 'method_args.gamma': must be >= 1, got {self.gamma}")
+        if self.projector not in PROJECTORS:
+            raise ConfigError(f"config key 'method_args.projector': must be one of {PROJECTORS}, got {self.projector!r}")
+
+
+def linear_adaptor(student_dim: int, teacher_dim: int) -> nn.Module:
+    """The "without AAD" adaptor: a bias-free linear map when widths differ, else the identity."""
+    if student_dim == teacher_dim:
+        return nn.Identity()
+    layer = nn.Linear(student_dim, teacher_dim, bias=False)
+    nn.init.trunc_normal_(layer.weight, std=0.02)
+    return layer
 
 
 @register_method("rsd")
@@ -42,18 +81,58 @@ class RSD(Distiller):
 
     def __init__(self, student, teacher, cfg: RSDConfig, criterion=None):
         super().__init__(student, teacher, cfg, criterion)
-        self.aad = AADProjector(embedding_dim(student), teacher.dim, cfg.gamma)
+        student_dim = embedding_dim(student)
+        if cfg.projector == "aad":
+            self.aad = AADProjector(student_dim, teacher.dim, cfg.gamma)
+        else:
+            self.adaptor = linear_adaptor(student_dim, teacher.dim)
+
+    def project(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.aad(embedding) if self.cfg.projector == "aad" else self.adaptor(embedding)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
         if x.shape[0] < 2:
             raise ValueError(f"RSD needs at least 2 samples per batch (per process), got {x.shape[0]}")
         z_t = self.teacher(x).embedding
         out = self.student_forward(x)
-        z_s = self.aad(out.embedding)
+        z_s = self.project(out.embedding)
         return DistillOutput(
             logits=out.logits,
             losses={
                 "ce": self.criterion(out.logits, target),
-                "rsd": self.cfg.weight * rsd_loss(z_s, z_t, kappa=self.cfg.kappa),
+                "rsd": self.cfg.weight * global_rsd_loss(z_s, z_t, self.cfg.kappa, self.cfg.global_batch),
+            },
+        )
+
+
+@dataclass
+class RSDLogitsConfig(MethodConfig):
+    weight: float = 0.02
+    """Weight of the summed loss on logits; 0.02 as in the RSD authors' development code (BarlowKD)."""
+    kappa: float = 0.01
+    global_batch: bool = False
+
+    def validate(self) -> None:
+        _check_common(self)
+
+
+@register_method("rsd_logits")
+class RSDLogits(Distiller):
+    """RSD as a logit distiller: the redundancy-suppression loss between student and teacher logits."""
+
+    config_cls = RSDLogitsConfig
+    min_batch_size = 2
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
+        if x.shape[0] < 2:
+            raise ValueError(f"RSD needs at least 2 samples per batch (per process), got {x.shape[0]}")
+        teacher_logits = self.teacher(x, logits=True).logits
+        out = self.student_forward(x)
+        return DistillOutput(
+            logits=out.logits,
+            losses={
+                "ce": self.criterion(out.logits, target),
+                "rsd": self.cfg.weight
+                * global_rsd_loss(out.logits, teacher_logits, self.cfg.kappa, self.cfg.global_batch),
             },
         )

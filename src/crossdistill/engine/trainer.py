@@ -347,6 +347,7 @@ class Trainer:
         seed_everything(seed)
         self.loader_generator.manual_seed(seed)
         self.train_sampler.set_epoch(epoch)
+        self.distiller.on_epoch_start(epoch, cfg.train.epochs)
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         steps = 0
