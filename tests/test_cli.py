@@ -50,7 +50,7 @@ def test_resume_by_run_directory(tmp_path, capsys):
     assert run_cli(capsys, "train", "--config", str(config))[0] == 0
     run_dir = tmp_path / "runs" / "run"
     code, out, _ = run_cli(capsys, "train", "--resume", str(run_dir), "train.epochs=2")
-    assert code == 0 and "resuming after epoch 1" in out
+    assert code == 0 and "(epoch 1 done)" in out
     assert "epoch 2 |" in out
 
 

@@ -9,6 +9,7 @@ crash leaves either the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -60,6 +61,14 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CrossDistillError(
+                f"no space left on the device while writing {path}; the previous version of this file is intact. "
+                "Free some space (or move train.output_dir) and resume with --resume."
+            ) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

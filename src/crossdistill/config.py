@@ -119,6 +119,14 @@ class TrainConfig:
     ema_decay: float | None = None
     """Keep an EMA of the student's weights with this decay (evaluated and saved alongside)."""
     eval_every: int = 1
+    checkpoint_every_steps: int | None = None
+    """Also checkpoint every this many optimiser steps (for long epochs); last.pt is always written per epoch."""
+    keep_step_checkpoints: int = 2
+    """How many step checkpoints to keep (the newest)."""
+    check_finite: bool = True
+    """Skip (and count) steps whose loss or gradient norm is not finite; costs one host sync per step."""
+    max_nonfinite_steps: int = 20
+    """Stop the run after this many skipped non-finite steps."""
     output_dir: str = "runs"
     run_name: str | None = None
     """Default: ``<method>-<teacher>-<student>``."""
@@ -340,6 +348,10 @@ def validate(cfg: RunConfig) -> None:
     _check(t.mixup >= 0 and t.cutmix >= 0, "train.mixup", "mixup and cutmix alphas must be >= 0")
     _check(t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")
     _check(t.eval_every >= 1, "train.eval_every", "must be >= 1")
+    _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps",
+           "must be >= 1 (or null)")
+    _check(t.keep_step_checkpoints >= 1, "train.keep_step_checkpoints", "must be >= 1")
+    _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(o.min_lr >= 0, "optim.min_lr", "must be >= 0")

@@ -78,6 +78,8 @@ def build_run(cfg: RunConfig, world_size: int = 1) -> Built:
     """Data, student, teacher and distiller for ``cfg`` (on CPU), with the input checks a run needs."""
     method_cls = METHODS.get(cfg.method)
     method_args = method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)
+    if getattr(method_args, "img_size", "absent") is None:  # methods that probe feature shapes
+        method_args = dataclasses.replace(method_args, img_size=cfg.data.img_size)
     if cfg.train.batch_size < method_cls.min_batch_size:
         raise CrossDistillError(
             f"method {cfg.method!r} needs at least {method_cls.min_batch_size} samples per batch and process "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from .. import __version__
 from ..checkpoint import load_weights_file, save_atomic
@@ -25,11 +25,16 @@ from ..config import RunConfig, save_config
 from ..errors import CrossDistillError
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from .metrics import MetricsLog, topk_correct
+from .preemption import EXIT_PREEMPTED, Preempted, StopSignal
+from .sampling import ResumableSampler, SampleSeededDataset
 from .setup import autocast_dtype, build_run, count_parameters
 
 CHECKPOINT = "last.pt"
 BEST = "best.pt"
+LATEST = "latest.json"
+STEP_DIR = "checkpoints"
 CHECKPOINT_FORMAT = "crossdistill-run/1"
+__all__ = ["EXIT_PREEMPTED", "Preempted", "RunSummary", "Trainer", "evaluate", "train"]
 
 
 @dataclass
@@ -134,7 +139,10 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.student, decay=cfg.train.ema_decay, device=self.device)
-        self.start_epoch = 0
+        self.start_epoch, self.start_step = 0, 0
+        self.resume_partial: dict[str, Any] = {}
+        self.resumed_from: Path | None = None
+        self.nonfinite_steps = 0
         self.best = {"top1": -1.0, "epoch": -1, "ema_top1": -1.0}
         self.history: list[dict[str, Any]] = []
         if resume:
@@ -145,10 +153,11 @@ class Trainer:
 
     # ------------------------------------------------------------ setup
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
-        has_run = (self.run_dir / "config.yaml").exists() or (self.run_dir / CHECKPOINT).exists()
+        has_checkpoint = (self.run_dir / CHECKPOINT).exists() or any((self.run_dir / STEP_DIR).glob("step-*.pt"))
+        has_run = (self.run_dir / "config.yaml").exists() or has_checkpoint
         if resume:
-            if not (self.run_dir / CHECKPOINT).exists():
-                raise CrossDistillError(f"nothing to resume: {self.run_dir / CHECKPOINT} does not exist")
+            if not has_checkpoint:
+                raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
             return
         if has_run:
             if not overwrite:
@@ -167,15 +176,16 @@ class Trainer:
 
     def _build_loaders(self) -> None:
         cfg, env = self.cfg, self.env
-        self.train_sampler = DistributedSampler(
-            self.data.train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.train.seed,
+        self.train_set = SampleSeededDataset(self.data.train, cfg.train.seed)
+        self.train_sampler = ResumableSampler(
+            self.train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.train.seed,
             drop_last=True,
         )
         self.loader_generator = torch.Generator()
         pin = self.device.type == "cuda"
         workers = cfg.data.num_workers
         self.train_loader = DataLoader(
-            self.data.train, batch_size=cfg.train.batch_size, sampler=self.train_sampler, num_workers=workers,
+            self.train_set, batch_size=cfg.train.batch_size, sampler=self.train_sampler, num_workers=workers,
             drop_last=True, pin_memory=pin, generator=self.loader_generator,
         )
         self.eval_loader = DataLoader(
@@ -211,11 +221,15 @@ class Trainer:
         self.trainable = [p for p in self.distiller.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------ checkpoints
-    def _state(self, epoch: int) -> dict[str, Any]:
+    def _state(self, epoch: int, step: int = 0, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything needed to continue exactly: ``epoch`` epochs done, plus ``step`` steps of the next."""
         return {
             "format": CHECKPOINT_FORMAT,
             "crossdistill_version": __version__,
             "epoch": epoch,
+            "step": step,
+            "global_step": epoch * self.steps_per_epoch + step,
+            "partial_epoch": partial or {},
             "student": self.student.state_dict(),
             "extras": {name: m.state_dict() for name, m in self.distiller.extra_modules().items()},
             "student_ema": self.ema.module.state_dict() if self.ema is not None else None,
@@ -232,17 +246,54 @@ class Trainer:
             "world_size": self.env.world_size,
         }
 
+    def _write_latest(self, path: Path, epoch: int, step: int) -> None:
+        pointer = {"file": str(path.relative_to(self.run_dir)), "epoch": epoch, "step": step,
+                   "global_step": epoch * self.steps_per_epoch + step}
+        tmp = self.run_dir / f".{LATEST}.tmp"
+        tmp.write_text(json.dumps(pointer))
+        tmp.replace(self.run_dir / LATEST)
+
     def _save(self, epoch: int, improved: bool) -> None:
-        if not self.env.is_main:
-            return
-        state = self._state(epoch)
-        save_atomic(state, self.run_dir / CHECKPOINT)
-        if improved:
-            best = {k: state[k] for k in ("format", "epoch", "student", "config", "normalization", "classes", "num_classes")}
-            save_atomic(best, self.run_dir / BEST)
+        """End-of-epoch checkpoint (last.pt, and best.pt when the top-1 improved)."""
+        if self.env.is_main:
+            state = self._state(epoch)
+            save_atomic(state, self.run_dir / CHECKPOINT)
+            self._write_latest(self.run_dir / CHECKPOINT, epoch, 0)
+            if improved:
+                keys = ("format", "epoch", "student", "config", "normalization", "classes", "num_classes")
+                save_atomic({k: state[k] for k in keys}, self.run_dir / BEST)
+        barrier(self.env)
+
+    def _save_step(self, epoch: int, step: int, partial: dict[str, Any]) -> Path:
+        """Mid-epoch checkpoint under checkpoints/, keeping the newest ``train.keep_step_checkpoints``."""
+        folder = self.run_dir / STEP_DIR
+        path = folder / f"step-{epoch * self.steps_per_epoch + step:09d}.pt"
+        if self.env.is_main:
+            save_atomic(self._state(epoch, step, partial), path)
+            self._write_latest(path, epoch, step)
+            for old in sorted(folder.glob("step-*.pt"))[: -self.cfg.train.keep_step_checkpoints]:
+                old.unlink(missing_ok=True)
+        barrier(self.env)
+        return path
+
+    def latest_checkpoint(self) -> Path:
+        """The newest complete checkpoint of the run (epoch or step)."""
+        candidates = []
+        pointer = self.run_dir / LATEST
+        if pointer.exists():
+            try:
+                candidates.append(self.run_dir / json.loads(pointer.read_text())["file"])
+            except (ValueError, KeyError):
+                pass
+        candidates += sorted((self.run_dir / STEP_DIR).glob("step-*.pt"), reverse=True)
+        candidates.append(self.run_dir / CHECKPOINT)
+        for path in candidates:
+            if path.exists():
+                return path
+        raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
 
     def _load_checkpoint(self) -> None:
-        path = self.run_dir / CHECKPOINT
+        path = self.latest_checkpoint()
         state = load_weights_file(path)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CrossDistillError(f"{path} is not a crossdistill run checkpoint (format {state.get('format')!r})")
@@ -266,6 +317,9 @@ class Trainer:
         self.best = dict(state["best"])
         self.history = list(state.get("history", []))
         self.start_epoch = int(state["epoch"])
+        self.start_step = int(state.get("step", 0))
+        self.resume_partial = dict(state.get("partial_epoch") or {})
+        self.resumed_from = path
 
     # ------------------------------------------------------------ loop
     def print(self, *args) -> None:
@@ -295,42 +349,55 @@ class Trainer:
         )
 
     def fit(self, stop_after: int | None = None) -> RunSummary:
-        """Train to ``train.epochs`` (or only up to epoch ``stop_after``, leaving a resumable checkpoint)."""
+        """Train to ``train.epochs`` (or only up to epoch ``stop_after``, leaving a resumable checkpoint).
+
+        On SIGTERM/SIGUSR1 it saves a checkpoint at the next step boundary and raises :class:`Preempted`.
+        """
         cfg = self.cfg
         self.describe()
-        if self.start_epoch:
-            self.print(f"resuming after epoch {self.start_epoch}")
+        if self.resumed_from is not None:
+            self.print(f"resuming from {self.resumed_from} (epoch {self.start_epoch} done"
+                       + (f", {self.start_step} steps into epoch {self.start_epoch + 1})" if self.start_step else ")"))
         started = time.time()
         mixup = self._mixup()
         try:
-            end = cfg.train.epochs if stop_after is None else min(stop_after, cfg.train.epochs)
-            for epoch in range(self.start_epoch, end):
-                train_stats = self.train_one_epoch(epoch, mixup)
-                epoch_time = train_stats.pop("_time")
-                row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
-                improved = False
-                if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                    evaluation = evaluate(self.student, self.eval_loader, self.device, self.env, self.amp_dtype)
-                    row.update({"eval_top1": evaluation["top1"], "eval_top5": evaluation["top5"]})
-                    if evaluation["top1"] > self.best["top1"]:
-                        self.best.update(top1=evaluation["top1"], epoch=epoch + 1)
-                        improved = True
-                    if self.ema is not None:
-                        ema_eval = evaluate(self.ema.module, self.eval_loader, self.device, self.env, self.amp_dtype)
-                        row.update({"ema_top1": ema_eval["top1"], "ema_top5": ema_eval["top5"]})
-                        self.best["ema_top1"] = max(self.best["ema_top1"], ema_eval["top1"])
-                if self.scheduler is not None:
-                    self.scheduler.step(epoch + 1, row.get("eval_top1"))
-                row["epoch_time_s"] = round(epoch_time, 2)
-                self.history.append(row)
-                self._save(epoch + 1, improved)
-                if self.log_file is not None:
-                    self.log_file.write(row)
-                self.print(self._format_row(row))
+            with StopSignal() as stop:
+                end = cfg.train.epochs if stop_after is None else min(stop_after, cfg.train.epochs)
+                for epoch in range(self.start_epoch, end):
+                    self._run_epoch(epoch, mixup, stop)
+                    if epoch + 1 < end and self._stop_requested(stop):
+                        raise Preempted(
+                            f"stop signal received: saved {self.run_dir / CHECKPOINT} after epoch {epoch + 1}; "
+                            f"continue with: crossdistill train --resume {self.run_dir}", str(self.run_dir / CHECKPOINT))
         finally:
             if self.log_file is not None:
                 self.log_file.close()
         return self._summary(time.time() - started)
+
+    def _run_epoch(self, epoch: int, mixup, stop: StopSignal) -> None:
+        cfg = self.cfg
+        train_stats = self.train_one_epoch(epoch, mixup, stop)
+        epoch_time = train_stats.pop("_time")
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
+        improved = False
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            evaluation = evaluate(self.student, self.eval_loader, self.device, self.env, self.amp_dtype)
+            row.update({"eval_top1": evaluation["top1"], "eval_top5": evaluation["top5"]})
+            if evaluation["top1"] > self.best["top1"]:
+                self.best.update(top1=evaluation["top1"], epoch=epoch + 1)
+                improved = True
+            if self.ema is not None:
+                ema_eval = evaluate(self.ema.module, self.eval_loader, self.device, self.env, self.amp_dtype)
+                row.update({"ema_top1": ema_eval["top1"], "ema_top5": ema_eval["top5"]})
+                self.best["ema_top1"] = max(self.best["ema_top1"], ema_eval["top1"])
+        if self.scheduler is not None:
+            self.scheduler.step(epoch + 1, row.get("eval_top1"))
+        row["epoch_time_s"] = round(epoch_time, 2)
+        self.history.append(row)
+        self._save(epoch + 1, improved)
+        if self.log_file is not None:
+            self.log_file.write(row)
+        self.print(self._format_row(row))
 
     def _mixup(self):
         t = self.cfg.train
@@ -341,20 +408,31 @@ class Trainer:
         return Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob, switch_prob=t.mixup_switch_prob,
                      label_smoothing=t.label_smoothing, num_classes=self.num_classes)
 
-    def train_one_epoch(self, epoch: int, mixup=None) -> dict[str, float]:
+    def train_one_epoch(self, epoch: int, mixup=None, stop: StopSignal | None = None) -> dict[str, float]:
         cfg, device = self.cfg, self.device
-        seed = epoch_seed(cfg.train.seed, epoch, self.env.rank)
-        seed_everything(seed)
-        self.loader_generator.manual_seed(seed)
+        first_step = 0
+        if epoch == self.start_epoch and self.start_step:
+            first_step = self.start_step  # RNG state was restored from the mid-epoch checkpoint
+        else:
+            seed_everything(epoch_seed(cfg.train.seed, epoch, self.env.rank))
+        self.loader_generator.manual_seed(epoch_seed(cfg.train.seed, epoch, self.env.rank))
         self.train_sampler.set_epoch(epoch)
+        self.train_sampler.skip = first_step * cfg.train.batch_size
+        self.train_set.set_epoch(epoch)
         self.distiller.on_epoch_start(epoch, cfg.train.epochs)
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         steps = 0
+        if first_step:
+            sums = {k: torch.tensor(v, device=device) for k, v in self.resume_partial.get("sums", {}).items()}
+            steps = int(self.resume_partial.get("steps", 0))
+        skipped = torch.zeros((), device=device)
         start = time.time()
-        progress = self._progress(epoch)
+        progress = self._progress(epoch, first_step)
         autocast = (torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext())
-        for step, (images, target) in enumerate(self.train_loader):
+        every = cfg.train.checkpoint_every_steps
+        for step, (images, target) in enumerate(self.train_loader, start=first_step):
+            global_step = epoch * self.steps_per_epoch + step
             images = images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             if cfg.train.channels_last:
@@ -367,51 +445,114 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
-                if cfg.optim.clip_grad:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.trainable, cfg.optim.clip_grad)
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = self._clip_or_norm()
+                scale = self.scaler.get_scale()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if self.scaler.get_scale() < scale:
+                    skipped += 1  # the scaler found inf/NaN gradients and skipped this step
             else:
                 loss.backward()
-                if cfg.optim.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(self.trainable, cfg.optim.clip_grad)
+                grad_norm = self._clip_or_norm()
+                if cfg.train.check_finite and not self._finite(loss, grad_norm):
+                    self._on_nonfinite(epoch, step, output)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
                 self.optimizer.step()
             if self.ema is not None:
-                self.ema.update(self.student, step=epoch * self.steps_per_epoch + step)
+                self.ema.update(self.student, step=global_step)
             if self.scheduler is not None:
-                self.scheduler.step_update(epoch * self.steps_per_epoch + step + 1)
+                self.scheduler.step_update(global_step + 1)
             for name, value in output.losses.items():
                 sums[name] = sums.get(name, 0) + value.detach().float()
             sums["loss"] = sums.get("loss", 0) + loss.detach().float()
+            if grad_norm is not None:
+                sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach().float()
             steps += 1
             if progress is not None:
                 progress.update(1)
                 if step % 20 == 0 or step + 1 == self.steps_per_epoch:
-                    progress.set_postfix({k: f"{v.item() / steps:.4g}" for k, v in sums.items()})
+                    progress.set_postfix({k: f"{v.item() / steps:.4g}" for k, v in sums.items() if k != "grad_norm"})
+            last_step = step + 1 == self.steps_per_epoch
+            if every and (global_step + 1) % every == 0 and not last_step:
+                self._save_step(epoch, step + 1, self._partial(sums, steps))
+            if (stop is not None and not last_step and (not self.env.distributed or (global_step + 1) % 10 == 0)
+                    and self._stop_requested(stop)):
+                path = self._save_step(epoch, step + 1, self._partial(sums, steps))
+                if progress is not None:
+                    progress.close()
+                raise Preempted(
+                    f"stop signal received: saved {path} at epoch {epoch + 1}, step {step + 1}/{self.steps_per_epoch}; "
+                    f"continue with: crossdistill train --resume {self.run_dir}", str(path))
         if progress is not None:
             progress.close()
+        self.train_sampler.skip = 0
+        self.start_step = 0
         names = sorted(sums)
-        totals = torch.stack([sums[n] for n in names]) if names else torch.zeros(0, device=device)
+        totals = torch.stack([torch.as_tensor(sums[n], device=device) for n in names] + [skipped])
         all_reduce_sum(totals, self.env)
-        means = (totals / (steps * self.env.world_size)).tolist() if steps else [math.nan] * len(names)
+        counted = max(steps, 1) * self.env.world_size
+        means = (totals[:-1] / counted).tolist()
         stats = {f"train_{n}": v for n, v in zip(names, means)}
-        bad = {n: v for n, v in zip(names, means) if not math.isfinite(v)}
-        if bad:
-            raise CrossDistillError(
-                f"non-finite training loss in epoch {epoch + 1}: {bad}. Lower optim.lr, enable optim.clip_grad, "
-                f"or check the data; the last good checkpoint is {self.run_dir / CHECKPOINT}"
-            )
+        stats["skipped_steps"] = int(totals[-1].item())
         stats["_time"] = time.time() - start
         return stats
 
-    def _progress(self, epoch: int):
+    @staticmethod
+    def _partial(sums: dict[str, torch.Tensor], steps: int) -> dict[str, Any]:
+        return {"sums": {k: float(v) for k, v in sums.items()}, "steps": steps}
+
+    def _clip_or_norm(self) -> torch.Tensor | None:
+        """Clip to optim.clip_grad, or just measure the total gradient norm when finiteness is checked."""
+        clip = self.cfg.optim.clip_grad
+        if clip:
+            return torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        if self.cfg.train.check_finite:
+            grads = [p.grad for p in self.trainable if p.grad is not None]
+            if not grads:
+                return None
+            if hasattr(torch.nn.utils, "get_total_norm"):
+                return torch.nn.utils.get_total_norm(grads)
+            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        return None
+
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        flag = torch.isfinite(loss.detach()).float()
+        if grad_norm is not None:
+            flag = flag * torch.isfinite(grad_norm).float()
+        if self.env.distributed:  # all ranks must agree to skip
+            flag = flag.clone()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _on_nonfinite(self, epoch: int, step: int, output) -> None:
+        self.nonfinite_steps += 1
+        terms = {name: float(value.detach().float()) for name, value in output.losses.items()}
+        self.print(f"warning: non-finite loss or gradient at epoch {epoch + 1}, step {step + 1}: {terms}; step skipped "
+                   f"({self.nonfinite_steps}/{self.cfg.train.max_nonfinite_steps} allowed)")
+        if self.nonfinite_steps > self.cfg.train.max_nonfinite_steps:
+            raise CrossDistillError(
+                f"stopping: {self.nonfinite_steps} non-finite steps (last at epoch {epoch + 1}, step {step + 1}, "
+                f"loss terms {terms}). Lower optim.lr, set optim.clip_grad, or check the data; the last good "
+                f"checkpoint is kept in {self.run_dir}"
+            )
+
+    def _stop_requested(self, stop: StopSignal) -> bool:
+        if not self.env.distributed:
+            return stop.requested
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _progress(self, epoch: int, first_step: int = 0):
         if not (self.env.is_main and self.cfg.train.progress):
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False,
-                    dynamic_ncols=True, file=sys.stderr)
+        return tqdm(total=self.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+                    leave=False, dynamic_ncols=True, file=sys.stderr)
 
     @staticmethod
     def _format_row(row: dict[str, Any]) -> str:

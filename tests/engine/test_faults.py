@@ -1,0 +1,165 @@
+"""Faults: kills, pre-emption signals, non-finite losses, a full disk. Nothing is lost, resume is exact."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from crossdistill.checkpoint import load_weights_file, save_atomic
+from crossdistill.config import build_config
+from crossdistill.engine import Trainer
+from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted, StopSignal
+from crossdistill.errors import CrossDistillError
+
+from conftest import tiny_run
+
+SECTIONS = dict(train={"epochs": 3, "checkpoint_every_steps": 3, "keep_step_checkpoints": 2, "ema_decay": 0.9},
+                optim={"warmup_epochs": 1})
+
+
+def final_weights(trainer):
+    state = {f"distiller.{k}": v for k, v in trainer.distiller.state_dict().items()}
+    state.update({f"ema.{k}": v for k, v in trainer.ema.module.state_dict().items()})
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every interrupted one must reproduce."""
+    trainer = Trainer(build_config(tiny_run(tmp_path_factory.mktemp("ref"), **SECTIONS)))
+    trainer.fit()
+    return final_weights(trainer), [r["eval_top1"] for r in trainer.history]
+
+
+def test_mid_epoch_stop_and_resume_is_exact(tmp_path, monkeypatch, reference):
+    calls = {"n": 0}
+
+    def stop_at_fifth_check(self, stop):
+        calls["n"] += 1
+        return calls["n"] == 5  # epoch 1, step 5 of 8: between two step checkpoints
+
+    monkeypatch.setattr(Trainer, "_stop_requested", stop_at_fifth_check)
+    with pytest.raises(Preempted, match="epoch 1, step 5/8") as stopped:
+        Trainer(build_config(tiny_run(tmp_path, **SECTIONS))).fit()
+    assert os.path.exists(stopped.value.checkpoint)
+    monkeypatch.undo()
+    resumed = Trainer(build_config(tiny_run(tmp_path, **SECTIONS)), resume=True)
+    assert (resumed.start_epoch, resumed.start_step) == (0, 5)
+    resumed.fit()
+    assert_same(final_weights(resumed), reference[0])
+    assert [r["eval_top1"] for r in resumed.history] == reference[1]
+    steps = sorted(p.name for p in (tmp_path / "runs" / "run" / "checkpoints").glob("step-*.pt"))
+    assert len(steps) == 2  # only the newest keep_step_checkpoints are kept
+
+
+def test_stop_signal_records_sigterm_and_sigusr1():
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        with StopSignal() as stop:
+            assert not stop.requested
+            signal.raise_signal(sig)
+            assert stop.received == sig
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def _start(tmp_path, extra=()):
+    cfg = tiny_run(tmp_path, **SECTIONS)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    # the same thread count as the in-process runs (conftest), so float reductions run in the same order
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen([sys.executable, "-m", "crossdistill", "train", "--config", str(path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"condition not reached; rc={proc.poll()}, stderr={proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_75_and_resume_matches(tmp_path, reference):
+    proc = _start(tmp_path)
+    run_dir = tmp_path / "runs" / "run"
+    _wait_for(lambda: any((run_dir / "checkpoints").glob("step-*.pt")), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "stop signal received" in err and "--resume" in err
+    resumed = Trainer(build_config(tiny_run(tmp_path, **SECTIONS)), resume=True)
+    resumed.fit()
+    assert_same(final_weights(resumed), reference[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.35, 0.8])
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_exact_resume(tmp_path, reference, delay):
+    proc = _start(tmp_path)
+    run_dir = tmp_path / "runs" / "run"
+    _wait_for(lambda: (run_dir / "latest.json").exists(), proc)  # a first complete checkpoint
+    time.sleep(delay)  # then kill at some moment: while writing, between writes, after several checkpoints
+    proc.kill()
+    proc.wait()
+    trainer = Trainer(build_config(tiny_run(tmp_path, **SECTIONS)), resume=True)
+    load_weights_file(trainer.resumed_from)  # the newest complete checkpoint loads
+    trainer.fit()
+    assert_same(final_weights(trainer), reference[0])
+
+
+def test_nonfinite_steps_are_skipped_counted_then_stop(tmp_path, monkeypatch):
+    from crossdistill.distillers.rsd import RSD
+
+    original = RSD.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, x, target):
+        out = original(self, x, target)
+        calls["n"] += 1
+        if calls["n"] in (3, 4):
+            out.losses["rsd"] = out.losses["rsd"] * float("nan")
+        return out
+
+    monkeypatch.setattr(RSD, "forward", sometimes_nan)
+    trainer = Trainer(build_config(tiny_run(tmp_path, train={"epochs": 1})))
+    before = {k: v.clone() for k, v in trainer.distiller.state_dict().items()}
+    summary = trainer.fit()
+    assert summary.history[0]["skipped_steps"] == 2
+    assert all(torch.isfinite(v.float()).all() for v in trainer.distiller.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.distiller.state_dict().items())
+
+    calls["n"] = 0
+    raw = tiny_run(tmp_path, train={"epochs": 2, "run_name": "strict", "max_nonfinite_steps": 1})
+    with pytest.raises(CrossDistillError, match=r"2 non-finite steps .*epoch 1, step 4.*'rsd': nan"):
+        Trainer(build_config(raw)).fit()
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_atomic({"w": torch.ones(3)}, path)
+
+    def full_disk(obj, handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CrossDistillError, match="no space left.*previous version of this file is intact"):
+        save_atomic({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_weights_file(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
