@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
+from .engine.preemption import EXIT_PREEMPTED, Preempted
 from .errors import CrossDistillError
 
 
@@ -120,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's)")
     p.add_argument("--keep", action="store_true", help="refuse to replace earlier demo runs instead of replacing them")
     p.set_defaults(func=_cmd_demo)
+
+    from . import export, plots, report
+    from .analysis import cli as analysis_cli
+
+    for module in (export, analysis_cli, plots, report):
+        module.add_parser(sub)
     return parser
 
 
@@ -133,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"crossdistill: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"crossdistill: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("crossdistill: interrupted", file=sys.stderr)
         return 130

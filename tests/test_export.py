@@ -1,0 +1,224 @@
+"""crossdistill export: the student alone, loadable by plain timm / onnxruntime, with the checkpoint's logits."""
+
+import builtins
+import io
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from crossdistill.checkpoint import load_weights_file
+from crossdistill.cli import main
+from crossdistill.config import build_config
+from crossdistill.engine import train
+from crossdistill.errors import CrossDistillError
+from crossdistill.export import export_run
+
+from conftest import TINY_STUDENT, TINY_TEACHER, tiny_run
+
+SMALL_DATA = {"train_subset": 64, "eval_subset": 40}
+
+
+def _train(tmp, **sections):
+    data = {**SMALL_DATA, **sections.pop("data", {})}
+    cfg = tiny_run(tmp, train={"epochs": 1, **sections.pop("train", {})}, data=data, **sections)
+    summary = train(build_config(cfg), out=io.StringIO())
+    return tmp / "runs" / "run", summary
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory):
+    """test_vit teacher -> test_resnet student, RSD (AAD extras in last.pt), with an EMA of the student.
+
+    4 steps: timm's ModelEmaV3 copies the weights on its first two updates and averages after that.
+    """
+    run_dir, _ = _train(tmp_path_factory.mktemp("cnn"), train={"ema_decay": 0.5}, data={"train_subset": 128})
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    """test_resnet teacher -> test_vit student (img_size 32, patch 8), RSD, no EMA."""
+    run_dir, _ = _train(tmp_path_factory.mktemp("vit"), student=dict(TINY_TEACHER),
+                        teacher={**TINY_STUDENT, "kwargs": {}})
+    return run_dir
+
+
+def _images(n=5, size=32, seed=3):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference_logits(name, kwargs, state, num_classes, x):
+    model = timm.create_model(name, num_classes=num_classes, **kwargs)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _check_round_trip(run_dir, out_dir, state_key, exporter):
+    ckpt = load_weights_file(run_dir / ("last.pt" if state_key == "student_ema" else "best.pt"))
+    name, kwargs = ckpt["config"]["student"]["name"], ckpt["config"]["student"]["kwargs"]
+    n = ckpt["num_classes"]
+    x = _images()
+    reference = _reference_logits(name, kwargs, ckpt[state_key], n, x)
+
+    # safetensors: exactly the student's state-dict keys, no AAD/projector, loads with plain timm
+    st_path = out_dir / "model.safetensors"
+    tensors = load_file(str(st_path))
+    assert set(tensors) == set(timm.create_model(name, num_classes=n, **kwargs).state_dict())
+    assert set(tensors) == set(ckpt[state_key])
+    extras = load_weights_file(run_dir / "last.pt")["extras"]
+    assert "aad" in extras  # RSD trained an AAD projector ...
+    prefixes = tuple(f"{name}." for name in extras)
+    assert not any(k.startswith(prefixes) or "aad" in k for k in tensors)  # ... which is not exported
+    for key, value in ckpt[state_key].items():
+        assert torch.equal(tensors[key], value), key
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(st_path), num_classes=n),
+                              num_classes=n, **kwargs)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), reference, atol=1e-6, rtol=0)
+
+    # timm state dict (.pth): load_state_dict into a fresh model
+    fresh = timm.create_model(name, num_classes=n, **kwargs)
+    fresh.load_state_dict(torch.load(out_dir / "model.pth", weights_only=True))
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(x), reference, atol=1e-6, rtol=0)
+
+    # ONNX through onnxruntime, at batch sizes the export never saw (dynamic batch axis)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == "input"
+    for batch in (x, x[:1]):
+        logits = session.run(None, {"input": batch.numpy()})[0]
+        np.testing.assert_allclose(logits, reference[: len(batch)].numpy(), atol=1e-4, rtol=0)
+
+    # the sidecar: timm's config.json layout + what crossdistill adds
+    sidecar = json.loads((out_dir / "config.json").read_text())
+    assert sidecar["architecture"] == name and sidecar["num_classes"] == n
+    assert sidecar["label_names"] == ckpt["classes"]
+    assert sidecar.get("model_args", {}) == kwargs
+    pre = sidecar["pretrained_cfg"]
+    assert pre["input_size"] == [3, 32, 32] and pre["mean"] == pytest.approx(ckpt["normalization"]["mean"])
+    assert pre["std"] == pytest.approx(ckpt["normalization"]["std"])
+    assert pre["interpolation"] and pre["crop_pct"] > 0
+    assert sidecar["crossdistill"]["onnx"]["exporter"] == exporter
+    # ... which makes the directory itself a timm model
+    local = timm.create_model(f"local-dir:{out_dir}", pretrained=True)
+    with torch.no_grad():
+        assert torch.allclose(local.eval()(x), reference, atol=1e-6, rtol=0)
+    return tensors
+
+
+def test_cnn_student_round_trip_with_ema(cnn_run, tmp_path):
+    out = io.StringIO()
+    result = export_run(cnn_run, formats=["safetensors", "timm", "onnx"], out=tmp_path / "ema",
+                        onnx_exporter="torchscript", stream=out)
+    assert result.weights == "ema" and result.checkpoint.name == "last.pt"  # default: EMA when the run kept one
+    assert result.dropped == ["aad"]
+    assert result.onnx_exporter == "torchscript"
+    assert result.max_abs_diff["safetensors"] <= 1e-6 and result.max_abs_diff["onnx"] <= 1e-4
+    log = out.getvalue()
+    assert "EMA weights" in log and "dropped (training only): aad" in log
+    assert log.count("logits equal the checkpoint's: max abs diff") == 3
+    assert "eval images of digits" in log
+    ema_tensors = _check_round_trip(cnn_run, tmp_path / "ema", "student_ema", "torchscript")
+
+    # --weights best exports best.pt's student, which differs from the EMA
+    result = export_run(cnn_run, formats="safetensors,timm,onnx", weights="best", out=tmp_path / "best",
+                        onnx_exporter="torchscript", stream=io.StringIO())
+    assert result.weights == "best"
+    best_tensors = _check_round_trip(cnn_run, tmp_path / "best", "student", "torchscript")
+    floats = [k for k in ema_tensors if ema_tensors[k].is_floating_point()]
+    assert any(not torch.equal(ema_tensors[k], best_tensors[k]) for k in floats)
+
+
+def test_token_student_round_trip_dynamo_onnx(vit_run, tmp_path):
+    out = io.StringIO()
+    result = export_run(vit_run, formats=["safetensors", "timm", "onnx"], out=tmp_path / "exp", stream=out)
+    assert result.weights == "best"  # no EMA in this run
+    assert result.onnx_exporter == "dynamo"  # torch's default exporter works offline
+    assert "dynamo exporter, dynamic batch axis" in out.getvalue()
+    _check_round_trip(vit_run, tmp_path / "exp", "student", "dynamo")
+
+
+def test_cli_default_formats_and_json(cnn_run, tmp_path, capsys):
+    code = main(["export", str(cnn_run), "--weights", "last", "--out", str(tmp_path / "e"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["weights"] == "last" and sorted(result["files"]) == ["safetensors", "timm"]
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["config.json", "model.pth", "model.safetensors"]
+    last = load_weights_file(cnn_run / "last.pt")["student"]
+    exported = load_file(str(tmp_path / "e" / "model.safetensors"))
+    assert all(torch.equal(exported[k], last[k]) for k in last)
+    assert "max abs diff" in captured.err
+
+
+def test_default_output_directory_is_run_export(cnn_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(cnn_run, run)
+    export_run(run, formats=["timm"], stream=io.StringIO())
+    assert (run / "export" / "model.pth").is_file() and (run / "export" / "config.json").is_file()
+    # a second export to the same directory leaves no file of the first behind
+    export_run(run, formats=["safetensors"], weights="best", stream=io.StringIO())
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "setup,kwargs,message",
+    [
+        ("not_a_run", {}, "not a crossdistill run directory"),
+        ("missing", {}, "does not exist"),
+        ("no_best", {}, "has no best.pt; pass --weights last"),
+        ("run", {"formats": ["safetensors", "onxx"]}, "unknown export format 'onxx'"),
+        ("run", {"weights": "emma"}, "unknown --weights 'emma'"),
+        ("vit", {"weights": "ema"}, "has no EMA weights"),
+    ],
+)
+def test_errors_say_what_to_do(cnn_run, vit_run, tmp_path, setup, kwargs, message):
+    if setup == "not_a_run":
+        target = tmp_path / "empty"
+        target.mkdir()
+    elif setup == "missing":
+        target = tmp_path / "nothing-here"
+    elif setup == "no_best":
+        target = tmp_path / "partial"
+        target.mkdir()
+        shutil.copy(cnn_run / "config.yaml", target / "config.yaml")
+        shutil.copy(cnn_run / "last.pt", target / "last.pt")
+        config = (target / "config.yaml").read_text()
+        (target / "config.yaml").write_text(config.replace("ema_decay: 0.5", "ema_decay: null"))
+    elif setup == "vit":
+        target = vit_run
+    else:
+        target = cnn_run
+    with pytest.raises(CrossDistillError, match=re.escape(message)):
+        export_run(target, out=tmp_path / "out", stream=io.StringIO(), **kwargs)
+
+
+def test_missing_onnx_is_an_install_hint(cnn_run, tmp_path, monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.split(".")[0] == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    code = main(["export", str(cnn_run), "--format", "onnx", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'crossdistill[onnx]'" in err and "onnxruntime" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o" / "model.onnx").exists()
+
+
+def test_cli_format_typo_is_one_line(cnn_run, capsys):
+    code = main(["export", str(cnn_run), "--format", "safetensor"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Did you mean: safetensors?" in err and "Traceback" not in err
