@@ -89,3 +89,16 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 def test_rsd_defaults_are_the_official_ones():
     assert RSDConfig() == RSDConfig(weight=0.1, kappa=0.01, gamma=2)
+
+
+def test_input_paths_become_absolute(tmp_path, monkeypatch):
+    from crossdistill.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_run(tmp_path)
+    raw["teacher"]["checkpoint"] = "teachers/t.pt"
+    raw["data"].update(dataset="folder", root="data/cifar.tar.gz")
+    cfg = with_absolute_paths(build_config(raw))
+    assert cfg.teacher.checkpoint == str(tmp_path / "teachers" / "t.pt")
+    assert cfg.data.root == str(tmp_path / "data" / "cifar.tar.gz")
+    assert cfg.data.cache_dir is None and cfg.student.checkpoint is None

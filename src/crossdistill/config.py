@@ -85,6 +85,9 @@ class OptimConfig:
     opt: str = "sgd"
     """Any optimiser name timm's ``create_optimizer_v2`` knows (sgd, adamw, lamb, ...)."""
     lr: float = 0.05
+    """Learning rate at the reference effective batch (see train.reference_batch and scale_lr)."""
+    scale_lr: str = "none"
+    """none | linear: multiply lr (and warmup_lr, min_lr) by effective batch / train.reference_batch."""
     weight_decay: float = 2e-3
     momentum: float = 0.9
     sched: str = "cosine"
@@ -104,6 +107,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     """Per-process batch size (per GPU under torchrun)."""
+    reference_batch: int | None = None
+    """The effective batch (per-GPU batch x GPUs) of the run this recipe reproduces; a different
+    effective batch gives a warning unless optim.scale_lr rescales the learning rate."""
     eval_batch_size: int | None = None
     seed: int = 42
     device: str = "auto"
@@ -323,6 +329,22 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return build_config(apply_overrides(data, overrides))
 
 
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy whose input paths (weights, data, cache) are absolute, so a saved run config and a
+    resumed run do not depend on the directory they are started from."""
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    models = {}
+    for role in ("student", "teacher"):
+        model = getattr(cfg, role)
+        if model is not None and model.checkpoint:
+            models[role] = dataclasses.replace(model, checkpoint=absolute(model.checkpoint))
+    data = dataclasses.replace(cfg.data, root=absolute(cfg.data.root), cache_dir=absolute(cfg.data.cache_dir))
+    return dataclasses.replace(cfg, data=data, **models)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -353,6 +375,10 @@ def validate(cfg: RunConfig) -> None:
     _check(t.keep_step_checkpoints >= 1, "train.keep_step_checkpoints", "must be >= 1")
     _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(o.scale_lr in ("none", "linear"), "optim.scale_lr", f"must be none or linear, got {o.scale_lr!r}")
+    _check(t.reference_batch is None or t.reference_batch >= 1, "train.reference_batch", "must be >= 1")
+    _check(o.scale_lr == "none" or t.reference_batch is not None, "optim.scale_lr",
+           "linear scaling needs train.reference_batch (the effective batch the lr was tuned for)")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(o.min_lr >= 0, "optim.min_lr", "must be >= 0")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")

@@ -163,7 +163,7 @@ def test_layers_are_named_and_deduplicated():
     import timm
 
     vit = timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8)
-    stages, names = model_layers(vit)  # default_stages gives [1, 3, 3, 5] for this 6-block ViT
+    stages, names = model_layers(vit, stages=[1, 3, 3, 5])
     assert stages == [1, 3, 5] and names == ["blocks.1", "blocks.3", "blocks.5", "pre-logits"]
     resnet = timm.create_model("test_resnet", num_classes=10)
     assert model_layers(resnet)[1] == ["layer1", "layer2", "layer3", "layer4", "pre-logits"]
@@ -196,9 +196,9 @@ def test_analyze_cka_on_a_run_directory_with_compare(runs, tmp_path, capsys):
     png, table = out / "cka.png", out / "cka.csv"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     rows = _read_csv(table)
-    # teacher test_vit: blocks.1, blocks.3, blocks.5, pre-logits; student test_resnet: layer1-4, pre-logits
-    assert len(rows) == 4 * 5
-    assert {r["teacher_layer"] for r in rows} == {"blocks.1", "blocks.3", "blocks.5", "pre-logits"}
+    # teacher test_vit (6 blocks): blocks.2-5, pre-logits; student test_resnet: layer1-4, pre-logits
+    assert len(rows) == 5 * 5
+    assert {r["teacher_layer"] for r in rows} == {"blocks.2", "blocks.3", "blocks.4", "blocks.5", "pre-logits"}
     assert set(rows[0]) == {"teacher_layer", "student_layer", "cka_rsd", "cka_vanilla", "diff_rsd_minus_vanilla"}
     for r in rows:
         a, b = float(r["cka_rsd"]), float(r["cka_vanilla"])
@@ -219,7 +219,7 @@ def test_analyze_cka_with_explicit_checkpoints_and_minibatch(runs, tmp_path, cap
 
     result = json.loads(captured.out)
     assert result["estimator"] == "minibatch" and result["samples"] == 40
-    assert np.array(result["cka"]["rsd"]).shape == (4, 5)
+    assert np.array(result["cka"]["rsd"]).shape == (5, 5)
     assert (out / "cka.png").is_file() and (out / "cka.csv").is_file()
 
 

@@ -163,3 +163,12 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(load_weights_file(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_checkpoints_get_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        save_atomic({"w": torch.ones(1)}, tmp_path / "c.pt")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644

@@ -165,6 +165,8 @@ def test_training_options_bf16_channels_last_mixup_ema_clip(tmp_path):
         assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if k.startswith("train_"))
         assert "ema_top1" in row and "eval_top5" in row
     assert summary.ema_best_top1 is not None
+    best = torch.load(tmp_path / "runs" / "run" / "best.pt", weights_only=True)
+    assert best["student_ema"] is not None and best["student_ema"].keys() == best["student"].keys()
     assert list((tmp_path / "runs" / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -173,3 +175,25 @@ def test_scheduler_warmup_then_decay(tmp_path):
                    optim={"lr": 0.01, "warmup_epochs": 2, "warmup_lr": 1e-4, "sched": "cosine", "min_lr": 1e-5})
     lrs = [row["lr"] for row in train(build_config(raw)).history]
     assert lrs[0] < lrs[1] <= 0.01 and lrs[3] < lrs[2]
+
+
+def test_effective_batch_warning_and_linear_lr_scaling(tmp_path):
+    import io
+
+    out = io.StringIO()
+    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1, "reference_batch": 256},
+                   optim={"lr": 0.1, "sched": "none"})
+    trainer = Trainer(build_config(raw), out=out)
+    trainer.describe()
+    text = out.getvalue()
+    assert "effective batch 32" in text
+    assert "differs from the recipe's reference 256" in text and "optim.scale_lr=linear" in text
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+    out = io.StringIO()
+    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1, "reference_batch": 256, "run_name": "scaled"},
+                   optim={"lr": 0.1, "sched": "none", "scale_lr": "linear"})
+    trainer = Trainer(build_config(raw), out=out)
+    trainer.describe()
+    assert "lr 0.0125 = 0.1 x 32/256" in out.getvalue() and "differs from" not in out.getvalue()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0125)

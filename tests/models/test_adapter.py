@@ -239,15 +239,14 @@ def test_mixed_sign_indices_and_subsets(name, kwargs, size):
                 torch.testing.assert_close(tensor, everything[index % depth])
 
 
-# Aliases: resnet18's feature_info has 5 entries, so 3 and -2 are one stage; a 6-block ViT's
-# default_stages() is [1, 3, 3, 5].
+# Aliases: resnet18's feature_info has 5 entries, so 3 and -2 are one stage.
 @pytest.mark.parametrize(
     "name,kwargs,size,request_",
     [
         ("resnet18", {}, 64, [-1, -1]),
         ("resnet18", {}, 64, [3, -2]),
         ("resnet18", {}, 64, [-2, 3, -1]),
-        ("test_vit", {"img_size": 32}, 32, None),  # 6 blocks: default_stages gives [1, 3, 3, 5]
+        ("test_vit", {"img_size": 32}, 32, [1, 3, 3, 5]),
     ],
 )
 def test_repeated_stage_requests(name, kwargs, size, request_):
@@ -269,3 +268,12 @@ def test_out_of_range_stage(request_):
     model = timm.create_model("resnet18", pretrained=False).eval()  # 5 feature_info entries
     with pytest.raises(IndexError, match="out of range"):
         forward_model(model, torch.randn(B, 3, 64, 64), stages=request_)
+
+
+def test_default_stages_are_distinct_for_shallow_token_models():
+    from crossdistill.models import default_stages
+
+    assert default_stages(timm.create_model("test_vit", img_size=32)) == [2, 3, 4, 5]  # 6 blocks
+    assert default_stages(timm.create_model("vit_tiny_patch16_224", depth=4, img_size=32)) == [0, 1, 2, 3]
+    assert default_stages(timm.create_model("vit_tiny_patch16_224", depth=7, img_size=32)) == [1, 3, 4, 6]
+    assert default_stages(timm.create_model("deit_tiny_patch16_224", img_size=32)) == [1, 3, 9, 11]

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .. import __version__
 from ..checkpoint import load_weights_file, save_atomic
-from ..config import RunConfig, save_config
+from ..config import RunConfig, save_config, with_absolute_paths
 from ..errors import CrossDistillError
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from .metrics import MetricsLog, topk_correct
@@ -111,7 +111,7 @@ def run_dir_of(cfg: RunConfig) -> Path:
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, env: DistEnv | None = None,
                  out=None):
-        self.cfg = cfg
+        self.cfg = cfg = with_absolute_paths(cfg)
         self.env = env or init_distributed(cfg.train.device)
         self.out = out if out is not None else sys.stdout
         self.run_dir = run_dir_of(cfg)
@@ -200,9 +200,14 @@ class Trainer:
         from timm.scheduler import create_scheduler_v2
 
         o, t = self.cfg.optim, self.cfg.train
+        self.effective_batch = t.batch_size * self.env.world_size
+        self.lr_factor = 1.0
+        if o.scale_lr == "linear":
+            self.lr_factor = self.effective_batch / t.reference_batch
+        lr, min_lr, warmup_lr = o.lr * self.lr_factor, o.min_lr * self.lr_factor, o.warmup_lr * self.lr_factor
         kwargs = {"momentum": o.momentum} if o.opt.lower() in ("sgd", "momentum", "nesterov", "rmsprop") else {}
         try:
-            self.optimizer = create_optimizer_v2(self.distiller, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, **kwargs)
+            self.optimizer = create_optimizer_v2(self.distiller, opt=o.opt, lr=lr, weight_decay=o.weight_decay, **kwargs)
         except (ValueError, AssertionError) as err:
             raise CrossDistillError(f"optim.opt={o.opt!r}: {err}") from None
         self.scheduler = None
@@ -210,7 +215,7 @@ class Trainer:
             try:
                 self.scheduler, _ = create_scheduler_v2(
                     self.optimizer, sched=o.sched, num_epochs=t.epochs, decay_epochs=o.decay_epochs,
-                    decay_rate=o.decay_rate, min_lr=o.min_lr, warmup_lr=o.warmup_lr, warmup_epochs=o.warmup_epochs,
+                    decay_rate=o.decay_rate, min_lr=min_lr, warmup_lr=warmup_lr, warmup_epochs=o.warmup_epochs,
                     cooldown_epochs=0, updates_per_epoch=self.steps_per_epoch,
                 )
             except (ValueError, AssertionError) as err:
@@ -260,7 +265,7 @@ class Trainer:
             save_atomic(state, self.run_dir / CHECKPOINT)
             self._write_latest(self.run_dir / CHECKPOINT, epoch, 0)
             if improved:
-                keys = ("format", "epoch", "student", "config", "normalization", "classes", "num_classes")
+                keys = ("format", "epoch", "student", "student_ema", "config", "normalization", "classes", "num_classes")
                 save_atomic({k: state[k] for k in keys}, self.run_dir / BEST)
         barrier(self.env)
 
@@ -342,11 +347,21 @@ class Trainer:
         if teacher is not None and self.cfg.teacher is not None and not (self.cfg.teacher.checkpoint or self.cfg.teacher.pretrained):
             self.print("warning: the teacher has neither checkpoint nor pretrained weights: it is randomly initialised")
         amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        lr = cfg.optim.lr * self.lr_factor
+        scaled = f" = {cfg.optim.lr:g} x {self.effective_batch}/{cfg.train.reference_batch}" if self.lr_factor != 1 else ""
         self.print(
             f"device {self.device} x {env.world_size} process(es) | per-process batch {cfg.train.batch_size} | "
-            f"effective batch {cfg.train.batch_size * env.world_size} | lr {cfg.optim.lr:g} ({cfg.optim.opt}, "
+            f"effective batch {self.effective_batch} | lr {lr:g}{scaled} ({cfg.optim.opt}, "
             f"{cfg.optim.sched}) | amp {amp} | {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
         )
+        reference = cfg.train.reference_batch
+        if reference is not None and reference != self.effective_batch and cfg.optim.scale_lr == "none":
+            self.print(
+                f"warning: effective batch {self.effective_batch} differs from the recipe's reference {reference} "
+                f"({cfg.train.batch_size} per process x {env.world_size}); the learning rate is not rescaled. "
+                f"Run on {reference // cfg.train.batch_size} processes to match it, or pass optim.scale_lr=linear "
+                f"(lr {cfg.optim.lr:g} -> {cfg.optim.lr * self.effective_batch / reference:g})."
+            )
 
     def fit(self, stop_after: int | None = None) -> RunSummary:
         """Train to ``train.epochs`` (or only up to epoch ``stop_after``, leaving a resumable checkpoint).

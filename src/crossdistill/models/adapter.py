@@ -59,14 +59,15 @@ def default_stages(model: nn.Module) -> list[StageIndex]:
     """Four stages as the OFA/RSD papers pick them.
 
     Hierarchical models: the last four feature_info entries. Isotropic models: blocks
-    [1, 3, depth-3, depth-1] (Swin's 2-2-6-2 layout). Models with a ``conv_head`` after
+    [1, 3, depth-3, depth-1] (Swin's 2-2-6-2 layout), or the last four blocks when the model
+    is too shallow (< 7 blocks) for those to be distinct. Models with a ``conv_head`` after
     the last block (MobileNet/EfficientNet) use the final features as the fourth stage.
     """
     depth = len(getattr(model, "feature_info", []) or [])
     if depth < 4:
         raise TypeError(f"{type(model).__name__} has only {depth} feature_info entries; pass stage indices explicitly")
     if is_token_model(model):
-        return [1, 3, depth - 3, depth - 1]
+        return [1, 3, depth - 3, depth - 1] if depth >= 7 else list(range(depth - 4, depth))
     if hasattr(model, "conv_head"):
         return [-4, -3, -2, FINAL]
     return [-4, -3, -2, -1]
