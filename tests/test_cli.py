@@ -121,3 +121,18 @@ def test_torchrun_two_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x 2 process(es)" in done.stdout and "effective batch 32" in done.stdout
     assert (tmp_path / "runs" / "run" / "last.pt").exists()
+
+
+def test_dry_run_checks_a_recipe_without_data_or_weights(tmp_path, capsys):
+    raw = tiny_run(tmp_path, num_classes=10, train={"reference_batch": 256})
+    raw["teacher"]["checkpoint"] = str(tmp_path / "not-downloaded-yet.pth")
+    raw["data"] = {"dataset": "folder", "root": str(tmp_path / "no-data-here"), "img_size": 32}
+    config = write_config(tmp_path, raw)
+    code, out, err = run_cli(capsys, "train", "--config", str(config), "--dry-run")
+    assert code == 0, err
+    assert "# resolved config" in out and "effective batch 32 (recipe reference 256)" in out
+    assert "warning: the effective batch differs" in out
+    assert "one step on random data" in out and "rsd" in out and "extra trainable 0.031M" in out
+    assert not (tmp_path / "runs").exists()
+    code, _, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "num_classes=null")
+    assert code == 2 and "set num_classes" in err

@@ -27,6 +27,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         args.overrides = [f"train.output_dir={run_dir.parent}", f"train.run_name={run_dir.name}", *args.overrides]
     cfg = load_config(config, args.overrides)
+    if args.dry_run:
+        from .engine.dryrun import dry_run
+
+        dry_run(cfg)
+        return 0
     summary = train(cfg, resume=resume, overwrite=args.overwrite)
     if args.json and os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in summary.__dict__.items() if k != "history"}, indent=2))
@@ -90,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue the run from its last checkpoint (RUN_DIR alone re-uses its saved config)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config: print it resolved, the effective batch, parameter counts and one step's "
+                        "losses on random data (random weights; no data, no run directory)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON at the end")
     p.set_defaults(func=_cmd_train)
 

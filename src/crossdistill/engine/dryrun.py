@@ -1,0 +1,80 @@
+"""``crossdistill train --dry-run``: check a recipe before launching it (no data, no weights, no run directory)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import yaml
+
+from ..config import RunConfig
+from ..distillers import METHODS, build_distiller, method_config
+from ..errors import CrossDistillError
+from ..models import Teacher, create_model
+from .setup import count_parameters, make_criterion
+
+
+def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, out=None) -> dict[str, Any]:
+    """Print the resolved config, the effective batch, parameter counts and one step's losses on random data.
+
+    Models are built with random weights (``pretrained``/``checkpoint`` are not loaded) and the
+    dataset is not opened, so ``num_classes`` must be set in the config.
+    """
+    out = out if out is not None else sys.stdout
+    say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
+    if cfg.num_classes is None:
+        raise CrossDistillError("--dry-run does not open the dataset: set num_classes in the config (e.g. num_classes=100)")
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    say("# resolved config")
+    say(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    method_cls = METHODS.get(cfg.method)
+    args = method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)
+    if getattr(args, "img_size", "absent") is None:
+        args = dataclasses.replace(args, img_size=cfg.data.img_size)
+    unloaded = lambda m: dataclasses.replace(m, pretrained=False, checkpoint=None)  # noqa: E731
+    student = create_model(unloaded(cfg.student), cfg.num_classes)
+    teacher = None
+    if cfg.teacher is not None and method_cls.needs_teacher:
+        teacher = Teacher(create_model(unloaded(cfg.teacher), cfg.num_classes))
+    distiller = build_distiller(cfg.method, student, teacher, args, criterion=make_criterion(cfg))
+
+    effective = cfg.train.batch_size * world
+    say("\n# run")
+    say(f"method {cfg.method}: {cfg.teacher.name if teacher else '-'} -> {cfg.student.name}, {cfg.num_classes} classes, "
+        f"{cfg.data.img_size} px")
+    say(f"per-process batch {cfg.train.batch_size} x {world} process(es) = effective batch {effective}"
+        + (f" (recipe reference {cfg.train.reference_batch})" if cfg.train.reference_batch else ""))
+    if cfg.train.reference_batch and cfg.train.reference_batch != effective and cfg.optim.scale_lr == "none":
+        say(f"warning: the effective batch differs from the reference {cfg.train.reference_batch}; run on "
+            f"{cfg.train.reference_batch // cfg.train.batch_size} processes or pass optim.scale_lr=linear")
+    counts = {
+        "student_parameters": count_parameters(student),
+        "extra_trainable_parameters": distiller.extra_parameter_count(),
+        "teacher_parameters": count_parameters(teacher.model) if teacher is not None else 0,
+    }
+    say(f"student {counts['student_parameters'] / 1e6:.2f}M | extra trainable {counts['extra_trainable_parameters'] / 1e6:.3f}M"
+        f" | teacher {counts['teacher_parameters'] / 1e6:.2f}M (frozen)")
+
+    batch = max(batch, method_cls.min_batch_size)
+    if (cfg.train.mixup > 0 or cfg.train.cutmix > 0) and batch % 2:
+        batch += 1
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, cfg.data.img_size, cfg.data.img_size, generator=gen)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=gen)
+    if cfg.train.mixup > 0 or cfg.train.cutmix > 0:
+        y = torch.nn.functional.one_hot(y, cfg.num_classes).float()
+    distiller.train()
+    started = time.time()
+    output = distiller(x, y)
+    output.loss.backward()
+    elapsed = time.time() - started
+    losses = {name: float(value.detach()) for name, value in output.losses.items()}
+    if not all(map(lambda v: v == v and abs(v) != float("inf"), losses.values())):
+        raise CrossDistillError(f"the dry-run step gave a non-finite loss: {losses}")
+    say(f"one step on random data (batch {batch}, CPU, {elapsed:.2f}s): "
+        + ", ".join(f"{k} {v:.4g}" for k, v in losses.items()) + f" | total {float(output.loss.detach()):.4g}")
+    return {**counts, "effective_batch": effective, "losses": losses, "batch": batch}
