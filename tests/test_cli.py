@@ -136,3 +136,10 @@ def test_dry_run_checks_a_recipe_without_data_or_weights(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
     code, _, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "num_classes=null")
     assert code == 2 and "set num_classes" in err
+
+
+def test_eval_of_a_plain_weights_file_needs_the_model_name(tmp_path, capsys):
+    plain = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(10, 96)}, plain)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(plain))
+    assert code == 2 and "pass --model NAME" in err

@@ -44,7 +44,9 @@ def load_weights_file(path: str | Path) -> dict[str, Any]:
             "Re-save it as a plain state dict or as .safetensors."
         ) from None
     except Exception as err:  # torch.load raises many types on foreign or truncated files
-        raise CrossDistillError(f"{path}: not a readable checkpoint (truncated or not a torch file?): {err}") from None
+        raise CrossDistillError(
+            f"{path}: not a readable checkpoint (truncated or not a torch file?): {type(err).__name__}: {err}"
+        ) from None
     if not isinstance(obj, dict):
         raise CrossDistillError(f"{path}: expected a dict of weights, found {type(obj).__name__}")
     return obj

@@ -44,7 +44,12 @@ def evaluate_checkpoint(
     elif isinstance(loaded.get("config"), dict):
         run_cfg = build_config(apply_overrides(loaded["config"], overrides))
     else:
-        run_cfg = build_config(apply_overrides({"student": {"name": model or "resnet18"}, "method": "vanilla"}, overrides))
+        if model is None:
+            raise CrossDistillError(
+                f"{path} is a plain weights file, not a crossdistill run checkpoint: pass --model NAME "
+                "(and --data/--data-root/--img-size for the dataset)"
+            )
+        run_cfg = build_config(apply_overrides({"student": {"name": model}, "method": "vanilla"}, overrides))
     name = model or run_cfg.student.name
     kwargs = run_cfg.student.kwargs if name == run_cfg.student.name else {}
     data_cfg = run_cfg.data

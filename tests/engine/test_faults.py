@@ -172,3 +172,52 @@ def test_checkpoints_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
+
+
+BIG = dict(train={"epochs": 2, "checkpoint_every_steps": 2, "keep_step_checkpoints": 1, "batch_size": 64},
+           optim={"warmup_epochs": 0})
+
+
+def _big_run(tmp_path):
+    raw = tiny_run(tmp_path, **BIG)
+    raw["student"] = {"name": "resnet18"}  # 11M parameters: each checkpoint write takes a while
+    return raw
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write(tmp_path):
+    reference = Trainer(build_config(_big_run(tmp_path / "ref")))
+    reference.fit()
+    expected = {k: v.detach().clone() for k, v in reference.distiller.state_dict().items()}
+
+    work = tmp_path / "killed"
+    work.mkdir()
+    path = work / "run.yaml"
+    path.write_text(yaml.safe_dump(_big_run(work)))
+    proc = subprocess.Popen([sys.executable, "-m", "crossdistill", "train", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    run_dir = work / "runs" / "run"
+    writes_seen = 0
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        temps = list(run_dir.glob(".*.pt.*.tmp")) + list((run_dir / "checkpoints").glob(".*.pt.*.tmp"))
+        if temps:
+            writes_seen += 1
+            if writes_seen == 2:  # the second checkpoint write: a good one exists already
+                proc.kill()
+                break
+            while any(p.exists() for p in temps) and proc.poll() is None:
+                time.sleep(0.001)
+        time.sleep(0.001)
+    proc.wait()
+    if writes_seen < 2:
+        pytest.skip("never caught the process while it was writing a checkpoint")
+    assert proc.returncode == -signal.SIGKILL
+    torn = list(run_dir.glob("**/.*.pt.*.tmp"))
+    assert torn, "the kill should have left the half-written temporary file behind"
+    resumed = Trainer(build_config(_big_run(work)), resume=True)
+    assert resumed.resumed_from.suffix == ".pt" and not resumed.resumed_from.name.startswith(".")
+    resumed.fit()
+    for key, value in resumed.distiller.state_dict().items():
+        assert torch.equal(value, expected[key]), key

@@ -197,3 +197,11 @@ def test_effective_batch_warning_and_linear_lr_scaling(tmp_path):
     trainer.describe()
     assert "lr 0.0125 = 0.1 x 32/256" in out.getvalue() and "differs from" not in out.getvalue()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0125)
+
+
+def test_a_run_that_fails_on_bad_input_leaves_no_run_directory(tmp_path):
+    raw = tiny_run(tmp_path, data={"dataset": "folder", "root": str(tmp_path / "missing")})
+    with pytest.raises(CrossDistillError):
+        train(build_config(raw))
+    assert not (tmp_path / "runs" / "run").exists()
+    train(build_config(tiny_run(tmp_path, train={"epochs": 1})))  # fixing the input just works

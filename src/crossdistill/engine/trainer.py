@@ -115,7 +115,7 @@ class Trainer:
         self.env = env or init_distributed(cfg.train.device)
         self.out = out if out is not None else sys.stdout
         self.run_dir = run_dir_of(cfg)
-        self._prepare_run_dir(resume, overwrite)
+        self._check_run_dir(resume, overwrite)
         self.resume = resume
 
         seed_everything(cfg.train.seed + self.env.rank)
@@ -147,29 +147,33 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         if resume:
             self._load_checkpoint()
+        self._create_run_dir(resume)
         self.log_file = MetricsLog(self.run_dir, cfg.train.tensorboard) if self.env.is_main else None
         if self.log_file is not None and resume:
             self.log_file.truncate_after(self.start_epoch)
 
     # ------------------------------------------------------------ setup
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to clobber an existing run (before anything is built or written)."""
         has_checkpoint = (self.run_dir / CHECKPOINT).exists() or any((self.run_dir / STEP_DIR).glob("step-*.pt"))
-        has_run = (self.run_dir / "config.yaml").exists() or has_checkpoint
         if resume:
             if not has_checkpoint:
                 raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
             return
-        if has_run:
-            if not overwrite:
-                raise CrossDistillError(
-                    f"run directory {self.run_dir} already holds a run; pass --resume to continue it, "
-                    "--overwrite to replace it, or choose another train.run_name / train.output_dir"
-                )
-            barrier(self.env)
-            if self.env.is_main:
-                shutil.rmtree(self.run_dir)
+        if ((self.run_dir / "config.yaml").exists() or has_checkpoint) and not overwrite:
+            raise CrossDistillError(
+                f"run directory {self.run_dir} already holds a run; pass --resume to continue it, "
+                "--overwrite to replace it, or choose another train.run_name / train.output_dir"
+            )
+
+    def _create_run_dir(self, resume: bool) -> None:
+        """Called once everything is built: a run that fails on bad input leaves no directory behind."""
+        if resume:
+            return
         barrier(self.env)
         if self.env.is_main:
+            if self.run_dir.exists():
+                shutil.rmtree(self.run_dir)  # only reached with --overwrite (checked in _check_run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
         barrier(self.env)
