@@ -9,9 +9,12 @@ crash leaves either the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,24 @@ from typing import Any
 import torch
 
 from .errors import CrossDistillError
+
+
+# Plain attribute containers that timm's CheckpointSaver stores beside the weights (the run's
+# argparse arguments): the official OFA/RSD teacher files hold one. Rebuilding them runs no code.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def _allowed_globals():
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(list(SAFE_GLOBALS))
+    torch.serialization.add_safe_globals(list(SAFE_GLOBALS))  # torch 2.4: no context manager
+    return contextlib.nullcontext()
+
+
+def _refusal_reason(err: Exception) -> str:
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    named = [line for line in lines if "Unsupported global" in line or "GLOBAL" in line]
+    return (named or [line for line in lines if line] or ["unsupported object"])[0]
 
 
 def load_weights_file(path: str | Path) -> dict[str, Any]:
@@ -34,13 +55,14 @@ def load_weights_file(path: str | Path) -> dict[str, Any]:
         except Exception as err:
             raise CrossDistillError(f"{path}: not a readable safetensors file ({err})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with _allowed_globals():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only" not in str(err).lower():
             raise CrossDistillError(f"{path}: not a readable checkpoint (corrupt or not a torch file): {err}") from None
         raise CrossDistillError(
             f"{path}: refused to load: the file holds Python objects other than tensors and plain "
-            f"containers, which could execute code ({str(err).splitlines()[0]}). "
+            f"containers, which could execute code ({_refusal_reason(err)}). "
             "Re-save it as a plain state dict or as .safetensors."
         ) from None
     except Exception as err:  # torch.load raises many types on foreign or truncated files
