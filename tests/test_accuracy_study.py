@@ -1,0 +1,111 @@
+"""The accuracy study's runner (benchmarks/accuracy/run_study.py) end to end on its tiny protocol.
+
+A few hundred real CIFAR-10 images (taken from the shared JPEG tarball into a small archive, so the
+test does not decode all 60,000), one epoch, one seed, one pair, three methods and a 2 x 2 RSD grid:
+it must write the results page with its table and both PNGs, mark it as a smoke test, skip finished
+runs when invoked again, and list the cpu and gpu plans (whose configs must validate).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "benchmarks" / "accuracy" / "run_study.py"
+CIFAR_TARBALL = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_jpg.tar.gz"
+
+needs_cifar = pytest.mark.skipif(not CIFAR_TARBALL.is_file(), reason=f"CIFAR-10 JPEG tarball absent ({CIFAR_TARBALL})")
+
+PER_CLASS = {"train": 40, "test": 20}  # 400 training and 200 test images
+
+
+def small_cifar(path: Path) -> Path:
+    """An ImageFolder .tar.gz with the first PER_CLASS[split] images of every class of the shared tarball."""
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(CIFAR_TARBALL, "r|gz") as src, tarfile.open(path, "w:gz") as dst:
+        for member in src:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) < 3:
+                continue
+            split, cls = parts[-3], parts[-2]
+            if split not in PER_CLASS or counts.get((split, cls), 0) >= PER_CLASS[split]:
+                continue
+            counts[(split, cls)] = counts.get((split, cls), 0) + 1
+            data = src.extractfile(member).read()
+            info = tarfile.TarInfo(f"{split}/{cls}/{parts[-1]}")
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    assert len(counts) == 20 and all(counts[k] == PER_CLASS[k[0]] for k in counts), counts
+    return path
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run([sys.executable, str(RUNNER), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.mark.slow
+@needs_cifar
+def test_tiny_protocol_end_to_end(tmp_path):
+    data = small_cifar(tmp_path / "cifar10_small.tar.gz")
+    out, docs, cache = tmp_path / "runs", tmp_path / "docs", tmp_path / "cache"
+    common = ["--protocol", "tiny", "--out", str(out), "--docs-dir", str(docs), "--data-root", str(data),
+              "--cache-dir", str(cache)]
+
+    listed = run(*common, "--dry-list").stdout
+    assert "teacher-resnet_t" in listed and "todo" in listed and "estimated" in listed
+
+    first = run(*common).stdout
+    lines = [line for line in first.splitlines() if line.startswith("[")]
+    # teacher, scratch, kd, rsd (= the grid's default cell) and 3 more grid cells
+    assert len(lines) == 7, first
+    assert all("top-1 last" in line and "ETA" in line for line in lines), first
+
+    md = (docs / "RESULTS_TINY.md").read_text()
+    assert "SMOKE TEST OUTPUT, NOT RESULTS" in md
+    assert "| ResNet → ResMLP |" in md  # the pairs x methods table
+    assert "| pair (teacher → student) | teacher | Scratch | KD | RSD |" in md
+    assert "lambda \\ kappa" in md and "python benchmarks/accuracy/run_study.py --protocol tiny" in md
+    for png in ("results_tiny_accuracy.png", "results_tiny_sensitivity.png"):
+        blob = (docs / png).read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 10_000, png
+    summary = json.loads((out / "resnet-resmlp-rsd-s0" / "summary.json").read_text())
+    assert summary["epochs"] == 1 and 0.0 <= summary["last_top1"] <= 100.0
+    assert (out / "configs" / "resnet-resmlp-rsd-s0.yaml").is_file()
+
+    again = run(*common).stdout  # resumable: everything is skipped
+    assert "7 of 7 selected runs already finished" in again and "top-1 last" not in again
+
+
+def _runner_module():
+    sys.path.insert(0, str(RUNNER.parent))
+    try:
+        import run_study
+    finally:
+        sys.path.remove(str(RUNNER.parent))
+    return run_study
+
+
+def test_cpu_and_gpu_plans_validate(tmp_path, capsys):
+    """Both real protocols: 73 runs whose configs validate, planned within their time limits."""
+    runner = _runner_module()
+    for protocol, limit in (("cpu", 90), ("gpu", 9)):
+        assert runner.main(["--protocol", protocol, "--out", str(tmp_path / protocol), "--dry-list"]) == 0
+        text = capsys.readouterr().out
+        assert "73 runs listed, 0 done" in text, text
+        assert f"(limit {limit} min: fits)" in text, text
+    runner.main(["--protocol", "cpu", "--out", str(tmp_path / "cpu"), "--dry-list", "--only", "pair=vit-resnet"])
+    only = capsys.readouterr().out
+    assert "teacher-vit_t" in only and "resnet-vit-kd-s0" not in only and "vit-resnet-rsd-s2" in only
+    assert "scratch-resnet_s-s0" in only and "teacher-resnet_t" not in only
