@@ -159,6 +159,7 @@ class Protocol:
     jobs: int = 1                  # runs at a time (worker processes)
     threads: int | None = None     # torch threads per run (None: torch's default)
     teacher_cache: bool = True     # cache teacher outputs between runs (train.teacher_cache) where supported
+    device_augment: bool = False   # data.device_augment: crop/flip/normalise on the GPU, workers ship uint8
     scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale at 32 px
     budget_min: float | None = None  # the protocol's time limit (the plan is checked against it)
     docs_suffix: str = ""          # RESULTS{suffix}.md, results{suffix}_accuracy.png, ...
@@ -190,6 +191,7 @@ PROTOCOLS: dict[str, Protocol] = {
         seeds=(0, 1, 2), pairs=("resnet-vit", "vit-resnet", "resnet-resmlp"), methods=STUDY_METHODS,
         grid_weights=(0.02, 0.1, 0.5), grid_kappas=(0.002, 0.01, 0.05), sens_pair="resnet-resmlp",
         device="cuda", amp="bf16", num_workers=1, teacher_num_workers=6, jobs=12, threads=1, teacher_cache=False,
+        device_augment=True,
         budget_min=9.0,
         docs_suffix="_gpu", speed="gpu",
     ),
@@ -358,6 +360,8 @@ def run_config(s: Settings, name: str, student: str, teacher: str | None, method
         "num_workers": p.teacher_num_workers if is_teacher_run and p.teacher_num_workers is not None
         else p.num_workers,
     }
+    if p.device_augment:
+        data["device_augment"] = True
     if s.cache_dir:
         data["cache_dir"] = s.cache_dir
     train = {

@@ -130,10 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="refuse to replace earlier demo runs instead of replacing them")
     p.set_defaults(func=_cmd_demo)
 
-    from . import export, plots, report
+    from . import bench, export, plots, report
     from .analysis import cli as analysis_cli
 
-    for module in (export, analysis_cli, plots, report):
+    for module in (export, analysis_cli, plots, report, bench):
         module.add_parser(sub)
     return parser
 

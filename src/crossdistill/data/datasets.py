@@ -62,6 +62,8 @@ class ArrayImageDataset(torch.utils.data.Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int):
+        if getattr(self.transform, "takes_array", False):
+            return self.transform(self.images[index]), self.targets[index]
         img = Image.fromarray(np.ascontiguousarray(self.images[index]))
         return (self.transform(img) if self.transform is not None else img), self.targets[index]
 
@@ -318,6 +320,15 @@ def _stats(value: Sequence[float]) -> Stats:
     return out  # type: ignore[return-value]
 
 
+def _check_device_augment(cfg: DataConfig, train: torch.utils.data.Dataset) -> None:
+    images = getattr(train, "images", None)
+    if not (isinstance(images, np.ndarray) and images.ndim in (3, 4)):
+        raise CrossDistillError(
+            f"data.device_augment needs the training images in memory and all of one size (digits, cifar10, "
+            f"cifar100, or a folder archive of equally sized images); dataset {cfg.dataset!r} at "
+            f"{cfg.root!r} is not: set data.device_augment: false")
+
+
 def build_data(cfg: DataConfig, student_data_config: Mapping[str, Any]) -> DataBundle:
     """Build the train and eval datasets of ``cfg`` with timm transforms.
 
@@ -333,6 +344,8 @@ def build_data(cfg: DataConfig, student_data_config: Mapping[str, Any]) -> DataB
 
     mean = _stats(cfg.mean or data.mean or student_data_config.get("mean") or IMAGENET_DEFAULT_MEAN)
     std = _stats(cfg.std or data.std or student_data_config.get("std") or IMAGENET_DEFAULT_STD)
+    if cfg.device_augment:
+        _check_device_augment(cfg, train)
     train.transform, eval_.transform = build_transforms(cfg, student_data_config, mean, std)
     logger.info(
         "data %s: %d train / %d eval images, %d classes, mean %s std %s",

@@ -21,10 +21,31 @@ def build_transforms(
 ) -> tuple[Callable, Callable]:
     """Return ``(train_transform, eval_transform)``; both take a PIL image and normalise with mean/std.
 
+    With ``cfg.device_augment`` the train transform is :class:`~crossdistill.data.device_augment.CropParams`
+    (uint8 image and crop parameters; the engine augments on the device).
     Eval: Resize(floor(img_size / crop_pct)) + CenterCrop(img_size), with interpolation and
     crop_pct from ``cfg`` or else the student's timm data config (its crop_mode is followed too).
     """
     size = (3, cfg.img_size, cfg.img_size)
+    if cfg.device_augment:
+        from .device_augment import CropParams
+
+        train = CropParams(cfg.scale, cfg.ratio, cfg.hflip)
+    else:
+        train = _cpu_train_transform(cfg, size, mean, std)
+    eval_ = create_transform(
+        input_size=size,
+        is_training=False,
+        interpolation=cfg.interpolation or student_data_config.get("interpolation") or DEFAULT_EVAL_INTERPOLATION,
+        crop_pct=cfg.crop_pct or student_data_config.get("crop_pct") or DEFAULT_CROP_PCT,
+        crop_mode=student_data_config.get("crop_mode"),
+        mean=mean,
+        std=std,
+    )
+    return train, eval_
+
+
+def _cpu_train_transform(cfg: DataConfig, size: tuple[int, int, int], mean, std) -> Callable:
     train = create_transform(
         input_size=size,
         is_training=True,
@@ -43,16 +64,7 @@ def build_transforms(
         re_count=1,
     )
     _guard_posterize(train)
-    eval_ = create_transform(
-        input_size=size,
-        is_training=False,
-        interpolation=cfg.interpolation or student_data_config.get("interpolation") or DEFAULT_EVAL_INTERPOLATION,
-        crop_pct=cfg.crop_pct or student_data_config.get("crop_pct") or DEFAULT_CROP_PCT,
-        crop_mode=student_data_config.get("crop_mode"),
-        mean=mean,
-        std=std,
-    )
-    return train, eval_
+    return train
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:

@@ -1,0 +1,488 @@
+"""Teacher outputs computed by the engine, and the teacher-output cache.
+
+**Teacher feed.** For methods whose teacher outputs are known (:data:`TEACHER_OUTPUTS`: RSD needs
+the embedding; KD, DKD, DIST, OFA and RSD-on-logits the logits), the engine runs the frozen
+teacher itself, under ``torch.inference_mode()`` (cheaper than ``no_grad``: no version counters,
+no view tracking), and hands the outputs to the method through a :class:`TeacherFeed`, which
+stands in for the teacher inside the distiller. The outputs are cloned out of inference mode
+(inference tensors cannot be saved for backward), a copy of a [B, D] tensor. Methods that need
+something else from the teacher (FitNet: stage features) call the teacher themselves, as before.
+
+**Cache.** With ``train.teacher_cache: DIR``, the teacher's outputs for each (epoch, sample) are
+stored once, memory-mapped on disk, and read back by every later run with the same key instead
+of running the teacher. Our per-sample seeding (:mod:`.sampling`) makes sample ``i`` of epoch ``e``
+the same image in every run with the same seed, data and augmentation settings, whatever the
+batch size, worker count, process count or data order, so the key of one stored row is
+``(cache key, epoch, index)``.
+
+* **Key** (:func:`cache_key`): the teacher (name, kwargs, SHA-256 of its state dict including
+  buffers, input re-normalisation), the data (dataset, root and, for a file, its size and mtime,
+  split, subset, training-set length), the augmentation (every training-transform field of
+  ``data``: img_size, scale, ratio, hflip, color_jitter, auto_augment, re_prob,
+  train_interpolation, and the resolved normalisation), the run seed, and how the teacher is
+  computed (device type, autocast dtype, channels_last, storage dtype, torch and timm versions).
+  The student, the method and its hyper-parameters, the optimiser, batch size and epoch count are
+  not in the key: a sweep over them pays the teacher once.
+* **Storage**: ``DIR/<teacher>-<key hash>/key.json`` (the full key, for people) and per epoch
+  ``epoch-XXXX/<output>.npy`` ([N, D], fp16 by default or fp32: ``train.teacher_cache_dtype``)
+  with ``<output>.check.npy`` ([N] int64: -1 = not computed yet, else the CRC-32 of the row).
+  Each output (embedding, logits) fills independently: an RSD sweep and a KD sweep share the
+  directory. Disk: N x D x 2 bytes per output and epoch (CIFAR-100 with a 768-d teacher
+  embedding: 77 MB per epoch).
+* **Invalidation**: a different key is a different directory (nothing is ever overwritten with
+  another teacher's outputs). A row whose checksum does not match is recomputed; a file that
+  cannot be opened, is truncated or has the wrong shape is rebuilt with a warning; a
+  ``key.json`` that disagrees with its directory name is refused.
+* **Filling**: a batch with any row missing runs the teacher on the whole batch, stores the
+  missing rows, and uses the values read back from the cache: a run sees the same teacher values
+  whether it filled the cache or read it. In fp32 on CPU with the same batches they are bitwise
+  the values the uncached run computes.
+
+**When the cache cannot apply** (the run goes on without it, with a message): mixup/cutmix (the
+teacher sees a mix of two samples drawn per batch, not a stored sample); methods that need
+teacher stage features (FitNet) or that do not declare their teacher outputs; methods without a
+teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CrossDistillError
+from ..models import ModelOutput, Teacher, forward_model
+
+CACHE_FORMAT = "crossdistill-teacher-cache/1"
+OUTPUTS = ("embedding", "logits")
+
+TEACHER_OUTPUTS: dict[str, tuple[str, ...] | None] = {
+    "rsd": ("embedding",),
+    "rsd_logits": ("logits",),
+    "kd": ("logits",),
+    "dkd": ("logits",),
+    "dist": ("logits",),
+    "ofa": ("logits",),  # OFA's branches read student stages; from the teacher only its logits
+    "fitnet": None,  # teacher stage features: not fed, not cached (v1)
+    "vanilla": (),
+}
+"""What each method reads from the teacher. A method class can declare it itself with a class
+attribute ``teacher_outputs = ("embedding",)`` (or ``None``: it calls the teacher itself)."""
+
+
+def teacher_outputs_of(method: str, distiller: nn.Module) -> tuple[str, ...] | None:
+    """The teacher outputs ``distiller`` reads (a subset of :data:`OUTPUTS`), or None when the
+    method calls the teacher itself for something else (or does not say)."""
+    declared = getattr(type(distiller), "teacher_outputs", "undeclared")
+    needs = TEACHER_OUTPUTS.get(method) if declared == "undeclared" else declared
+    if needs is None:
+        return None
+    needs = tuple(needs)
+    if any(name not in OUTPUTS for name in needs):
+        return None
+    return needs
+
+
+# ---------------------------------------------------------------- feed
+
+
+class TeacherFeed:
+    """Stands in for the :class:`~crossdistill.models.Teacher` inside a distiller.
+
+    The engine computes (or reads) the teacher's outputs for the batch, :meth:`provide` s them,
+    and the method's ``self.teacher(x, logits=...)`` returns them. Everything else (``dim``,
+    ``model``, ``renormalizes``, device moves) is the wrapped teacher's.
+    """
+
+    def __init__(self, teacher: Teacher, outputs: Sequence[str]):
+        self.teacher = teacher
+        self.outputs = tuple(outputs)
+        self._provided: ModelOutput | None = None
+        self._forward: Callable[[torch.Tensor], ModelOutput] = self._eager_forward
+
+    # the wrapped teacher's attributes (dim, model, renormalizes, normalize, to, apply)
+    def __getattr__(self, name: str):
+        if name == "teacher":
+            raise AttributeError(name)
+        return getattr(self.teacher, name)
+
+    def apply(self, fn) -> "TeacherFeed":
+        self.teacher.apply(fn)
+        return self
+
+    def _eager_forward(self, x: torch.Tensor) -> ModelOutput:
+        model = self.teacher.model
+        return forward_model(model, self.teacher.normalize(x), logits="logits" in self.outputs)
+
+    def compile(self, **kwargs: Any) -> None:
+        """``torch.compile`` the teacher forward."""
+        self._forward = torch.compile(self._eager_forward, **kwargs)
+
+    def compute(self, x: torch.Tensor) -> ModelOutput:
+        """The teacher's outputs on ``x``: eval mode, inference mode, returned as ordinary tensors."""
+        if self.teacher.model.training:
+            self.teacher.model.eval()
+        with torch.inference_mode():
+            out = self._forward(x)
+        # inference tensors cannot be saved for backward: clone (outside inference mode) what is used
+        return ModelOutput(
+            embedding=out.embedding.clone() if "embedding" in self.outputs else None,
+            logits=out.logits.clone() if "logits" in self.outputs else None,
+        )
+
+    def provide(self, outputs: ModelOutput) -> None:
+        self._provided = outputs
+
+    def __call__(self, x: torch.Tensor, *, logits: bool = False, stages=None) -> ModelOutput:
+        out = self._provided
+        if out is None:
+            raise RuntimeError("TeacherFeed: the engine provided no teacher outputs for this batch")
+        if stages:
+            raise CrossDistillError(
+                "this method asked the teacher for stage features, which the engine does not feed; declare "
+                "teacher_outputs = None on the method class so that it calls the teacher itself"
+            )
+        wanted = "logits" if logits else "embedding"
+        if getattr(out, wanted) is None:
+            raise CrossDistillError(
+                f"this method asked the teacher for its {wanted}, but the engine feeds it {self.outputs} "
+                "(crossdistill.engine.teacher_cache.TEACHER_OUTPUTS); fix that declaration"
+            )
+        reference = out.embedding if out.embedding is not None else out.logits
+        if reference.shape[0] != x.shape[0]:
+            raise RuntimeError(f"TeacherFeed: outputs for {reference.shape[0]} samples, batch of {x.shape[0]}")
+        return out
+
+
+# ---------------------------------------------------------------- key
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes of parameters and buffers)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _file_identity(path: str | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_file():
+        stat = p.stat()
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return None
+
+
+DATA_KEY_FIELDS = ("dataset", "root", "train_split", "train_subset", "img_size", "scale", "ratio", "hflip",
+                   "color_jitter", "auto_augment", "re_prob", "train_interpolation", "mean", "std", "device_augment")
+"""The DataConfig fields that decide which image training sample i of epoch e is."""
+
+
+def cache_key(cfg, teacher: Teacher, *, num_train: int, data_mean: Sequence[float], data_std: Sequence[float],
+              device_type: str, amp_dtype: torch.dtype | None, channels_last: bool, store_dtype: str) -> dict[str, Any]:
+    """Everything that determines the teacher's output for training sample (epoch, index); see the module doc."""
+    import timm
+
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    renorm = None
+    if teacher.renormalizes:
+        renorm = {"scale": teacher._scale.flatten().tolist(), "shift": teacher._shift.flatten().tolist()}
+    data = {name: plain(getattr(cfg.data, name)) for name in DATA_KEY_FIELDS}
+    return {
+        "format": CACHE_FORMAT,
+        "teacher": {"name": cfg.teacher.name, "kwargs": cfg.teacher.kwargs, "sha256": state_dict_sha256(teacher.model),
+                    "renormalization": renorm},
+        "data": {**data, "root_file": _file_identity(cfg.data.root), "num_train": int(num_train),
+                 "resolved_mean": [float(v) for v in data_mean], "resolved_std": [float(v) for v in data_std]},
+        "seed": cfg.train.seed,
+        "compute": {"device": device_type, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
+                    "channels_last": bool(channels_last), "store": store_dtype, "torch": torch.__version__,
+                    "timm": timm.__version__},
+    }
+
+
+def key_digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- storage
+
+
+def _row_crc(rows: np.ndarray) -> np.ndarray:
+    flat = np.ascontiguousarray(rows).reshape(rows.shape[0], -1).view(np.uint8)
+    return np.fromiter((zlib.crc32(row) for row in flat), dtype=np.int64, count=rows.shape[0])
+
+
+class _Store:
+    """One output of one epoch: ``<name>.npy`` [N, D] plus ``<name>.check.npy`` [N] (-1 or the row's CRC-32)."""
+
+    def __init__(self, folder: Path, name: str, rows: int, width: int, dtype: np.dtype, warn: Callable[[str], None]):
+        self.data_path = folder / f"{name}.npy"
+        self.check_path = folder / f"{name}.check.npy"
+        self.rows, self.width, self.dtype, self.warn = rows, width, np.dtype(dtype), warn
+        self.data: np.memmap | None = None
+        self.check: np.memmap | None = None
+
+    def prepare(self) -> None:
+        """Create the files, or validate existing ones (rebuilding damaged ones). Rank 0 only under DDP."""
+        problem = self._validate()
+        if problem is None:
+            return
+        if problem != "missing":
+            self.warn(f"teacher cache file {self.data_path.parent / self.data_path.name} is damaged ({problem}); "
+                      "rebuilding it")
+            for path in (self.data_path, self.check_path):
+                path.unlink(missing_ok=True)
+        self._create(self.data_path, (self.rows, self.width), self.dtype, fill=None)
+        self._create(self.check_path, (self.rows,), np.dtype(np.int64), fill=-1)
+
+    def _validate(self) -> str | None:
+        if not self.data_path.exists() and not self.check_path.exists():
+            return "missing"
+        try:
+            data = np.load(self.data_path, mmap_mode="r")
+            check = np.load(self.check_path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as err:
+            return f"{type(err).__name__}: {err}"
+        if data.shape != (self.rows, self.width) or data.dtype != self.dtype:
+            return f"holds {data.dtype} {data.shape}, expected {self.dtype} {(self.rows, self.width)}"
+        if check.shape != (self.rows,) or check.dtype != np.int64:
+            return f"check file holds {check.dtype} {check.shape}, expected int64 {(self.rows,)}"
+        return None
+
+    @staticmethod
+    def _create(path: Path, shape: tuple[int, ...], dtype: np.dtype, fill) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        if fill is not None:
+            array[:] = fill
+        array.flush()
+        del array
+        try:
+            os.link(tmp, path)  # atomic, and never replaces a file another run created meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def open(self) -> None:
+        try:
+            self.data = np.load(self.data_path, mmap_mode="r+")
+            self.check = np.load(self.check_path, mmap_mode="r+")
+        except (OSError, ValueError, EOFError) as err:
+            raise CrossDistillError(f"cannot open teacher cache file {self.data_path}: {err}") from None
+
+    def read(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, ok): the stored rows and whether each is present with a matching checksum."""
+        rows = np.asarray(self.data[index])
+        stored = np.asarray(self.check[index])
+        ok = stored >= 0
+        if ok.any():
+            crc = _row_crc(rows)
+            bad = ok & (crc != stored)
+            if bad.any():
+                self.warn(f"teacher cache {self.data_path}: {int(bad.sum())} row(s) fail their checksum; recomputing them")
+                ok &= ~bad
+        return rows, ok
+
+    def write(self, index: np.ndarray, rows: np.ndarray) -> None:
+        rows = rows.astype(self.dtype, copy=False)
+        self.data[index] = rows
+        self.check[index] = _row_crc(rows)
+
+    def close(self) -> None:
+        for array in (self.data, self.check):
+            if array is not None:
+                array.flush()
+        self.data = self.check = None
+
+
+class TeacherCache:
+    """Teacher outputs per (epoch, training-sample index), memory-mapped on disk; see the module doc.
+
+    ``begin_epoch(e)`` (every rank), then ``lookup(indices, images, compute)`` per batch.
+    """
+
+    def __init__(self, root: str | Path, key: dict[str, Any], outputs: Sequence[str], widths: dict[str, int],
+                 num_rows: int, *, store_dtype: str = "fp16", is_main: bool = True,
+                 barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = print):
+        self.key = key
+        self.outputs = tuple(outputs)
+        self.widths = dict(widths)
+        self.num_rows = int(num_rows)
+        self.np_dtype = np.float16 if store_dtype == "fp16" else np.float32
+        self.is_main, self.barrier, self.log = is_main, barrier, log
+        digest = key_digest(key)
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(key["teacher"]["name"]))
+        self.dir = Path(root).expanduser() / f"{name}-{digest[:16]}"
+        self.epoch: int | None = None
+        self.stores: dict[str, _Store] = {}
+        self.hits = self.misses = 0
+        self._warned: set[str] = set()
+        if is_main:
+            self._init_dir(digest)
+        barrier()
+
+    def _init_dir(self, digest: str) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CrossDistillError(f"cannot create the teacher cache directory {self.dir}: {err}") from None
+        key_file = self.dir / "key.json"
+        record = {"digest": digest, "key": self.key}
+        if key_file.exists():
+            try:
+                existing = json.loads(key_file.read_text())
+            except ValueError:
+                existing = None
+            if existing is not None and existing.get("digest") != digest:
+                raise CrossDistillError(
+                    f"teacher cache directory {self.dir} holds outputs for another key (digest "
+                    f"{existing.get('digest')!r}); remove that directory or choose another train.teacher_cache"
+                )
+            if existing is not None:
+                return
+            self.warn(f"teacher cache {key_file} is unreadable; rewriting it")
+        tmp = self.dir / f".key.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        tmp.replace(key_file)
+
+    def warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self.log(f"warning: {message}")
+
+    def describe(self) -> str:
+        per_epoch = sum(self.num_rows * self.widths[o] * np.dtype(self.np_dtype).itemsize for o in self.outputs)
+        return (f"teacher cache {self.dir} ({', '.join(self.outputs)}; {self.num_rows} samples, "
+                f"{np.dtype(self.np_dtype).name}, {per_epoch / 2**20:.1f} MiB per epoch)")
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.close()
+        folder = self.dir / f"epoch-{epoch:04d}"
+        stores = {o: _Store(folder, o, self.num_rows, self.widths[o], self.np_dtype, self.warn) for o in self.outputs}
+        if self.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            for store in stores.values():
+                store.prepare()
+        self.barrier()
+        for store in stores.values():
+            store.open()
+        self.stores, self.epoch = stores, epoch
+
+    def epoch_complete(self, epoch: int) -> bool:
+        """Whether every row of every output of ``epoch`` is stored (for reports; reads the check files)."""
+        folder = self.dir / f"epoch-{epoch:04d}"
+        try:
+            return all(bool((np.load(folder / f"{o}.check.npy", mmap_mode="r") >= 0).all()) for o in self.outputs)
+        except (OSError, ValueError, EOFError):
+            return False
+
+    def read_rows(self, index: int) -> tuple[dict[str, np.ndarray], bool]:
+        """One sample's stored rows of the current epoch and whether all are present and intact
+        (called by the data loader's workers, so that reading the cache is off the step's path)."""
+        rows, ok = {}, True
+        where = np.asarray([index], dtype=np.int64)
+        for name, store in self.stores.items():
+            values, present = store.read(where)
+            rows[name] = values[0]
+            ok = ok and bool(present[0])
+        return rows, ok
+
+    def lookup(self, indices: torch.Tensor | Sequence[int], images: torch.Tensor,
+               compute: Callable[[torch.Tensor], ModelOutput]) -> ModelOutput:
+        """The teacher outputs for the samples ``indices`` (the rows of ``images``) of the current epoch.
+
+        Rows not stored yet (or failing their checksum) are computed with ``compute(images)`` on the
+        whole batch and stored; the values returned are always the stored ones, as float32 on
+        ``images.device``.
+        """
+        if self.epoch is None:
+            raise RuntimeError("TeacherCache.lookup before begin_epoch")
+        index = np.asarray(torch.as_tensor(indices).cpu().numpy(), dtype=np.int64)
+        if index.ndim != 1 or index.shape[0] != images.shape[0]:
+            raise RuntimeError(f"teacher cache: {index.shape} indices for a batch of {images.shape[0]}")
+        if index.size and (index.min() < 0 or index.max() >= self.num_rows):
+            raise RuntimeError(f"teacher cache: sample index out of range [0, {self.num_rows})")
+        found = {name: store.read(index) for name, store in self.stores.items()}
+        missing = np.zeros(index.shape[0], dtype=bool)
+        for _, ok in found.values():
+            missing |= ~ok
+        if missing.any():
+            self.misses += int(missing.sum())
+            computed = compute(images)
+            for name, store in self.stores.items():
+                value = getattr(computed, name)
+                if value is None or tuple(value.shape) != (index.shape[0], self.widths[name]):
+                    raise CrossDistillError(
+                        f"teacher cache: the teacher's {name} has shape "
+                        f"{None if value is None else tuple(value.shape)}, expected ({index.shape[0]}, {self.widths[name]})"
+                    )
+                rows = value.detach().float().cpu().numpy().astype(self.np_dtype)
+                store.write(index[missing], rows[missing])
+                stored, ok = found[name]
+                stored = stored.copy()
+                stored[missing] = rows[missing]
+                found[name] = (stored, ok | missing)
+        self.hits += int((~missing).sum())
+        device = images.device
+        values = {name: torch.from_numpy(np.ascontiguousarray(rows)).to(device, non_blocking=True).float()
+                  for name, (rows, _) in found.items()}
+        return ModelOutput(embedding=values.get("embedding"), logits=values.get("logits"))
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+        self.stores, self.epoch = {}, None
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """A dataset whose items also carry their index and, with a cache, the sample's stored teacher
+    outputs: ``(image, target, index)`` or ``(image, target, index, rows, ok)``.
+
+    Reading the rows here puts the cache read in the loader's workers, and the rows travel with
+    the batch through pinned memory: the step copies them to the GPU asynchronously (a copy from
+    ordinary host memory would wait for the GPU to finish its queue first).
+    """
+
+    def __init__(self, dataset, cache: "TeacherCache | None" = None):
+        self.dataset = dataset
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[index]
+        if self.cache is None or not self.cache.stores:
+            return image, target, index
+        rows, ok = self.cache.read_rows(index)
+        return image, target, index, {k: torch.from_numpy(np.array(v)) for k, v in rows.items()}, ok
+
+
+def prefetched_outputs(rows: dict[str, torch.Tensor], device: torch.device) -> ModelOutput:
+    """Rows a loader batch carries (:class:`WithIndex`), as float32 teacher outputs on ``device``."""
+    values = {k: v.to(device, non_blocking=True).float() for k, v in rows.items()}
+    return ModelOutput(embedding=values.get("embedding"), logits=values.get("logits"))
+
+
+def cache_widths(outputs: Sequence[str], teacher: Teacher, num_classes: int) -> dict[str, int]:
+    widths = {"embedding": teacher.dim, "logits": num_classes}
+    return {o: widths[o] for o in outputs}
+
+
+__all__ = ["OUTPUTS", "TEACHER_OUTPUTS", "TeacherCache", "TeacherFeed", "WithIndex", "cache_key", "cache_widths",
+           "prefetched_outputs", "state_dict_sha256", "teacher_outputs_of"]

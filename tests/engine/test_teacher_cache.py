@@ -1,0 +1,231 @@
+"""Teacher-output cache: bitwise-equal runs in fp32, no teacher forward once filled, key, damage handling."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from crossdistill.config import build_config
+from crossdistill.engine import Trainer
+from crossdistill.engine.teacher_cache import TeacherCache, TeacherFeed, cache_key, key_digest, teacher_outputs_of
+from crossdistill.errors import CrossDistillError
+from crossdistill.models import ModelOutput, Teacher
+
+from conftest import tiny_run
+
+
+class CountingForward:
+    """Counts forward passes of the teacher model (test_vit; the student is a ResNet)."""
+
+    def __init__(self, monkeypatch):
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.calls = 0
+        original = VisionTransformer.forward_features
+
+        def counted(model, x):
+            self.calls += 1
+            return original(model, x)
+
+        monkeypatch.setattr(VisionTransformer, "forward_features", counted)
+
+
+SMALL = {"train_subset": 128, "eval_subset": 50}  # 4 steps per epoch
+
+
+def _run(tmp_path, name, out=None, **train):
+    raw = tiny_run(tmp_path, train={"epochs": 2, "run_name": name, **train}, data=SMALL)
+    trainer = Trainer(build_config(raw), out=out if out is not None else io.StringIO())
+    summary = trainer.fit()
+    losses = [{k: v for k, v in row.items() if k.startswith("train_")} for row in summary.history]
+    weights = {k: v.detach().clone() for k, v in trainer.distiller.state_dict().items()}
+    return trainer, losses, weights
+
+
+def _assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def uncached(tmp_path_factory):
+    """The reference: the same run without a cache."""
+    _, losses, weights = _run(tmp_path_factory.mktemp("plain"), "plain")
+    return losses, weights
+
+
+def test_cached_runs_are_bitwise_equal_and_the_second_does_not_run_the_teacher(tmp_path, monkeypatch, uncached):
+    cache = str(tmp_path / "cache")
+    counter = CountingForward(monkeypatch)
+    out = io.StringIO()
+    _, losses, weights = _run(tmp_path, "fill", out, teacher_cache=cache, teacher_cache_dtype="fp32")
+    assert counter.calls > 0
+    assert losses == uncached[0]  # the filling run: same floats
+    _assert_bitwise(weights, uncached[1])
+    assert "teacher cache, epoch 1: 0 samples read, 128 computed" in out.getvalue()
+
+    counter.calls = 0
+    out = io.StringIO()
+    _, losses, weights = _run(tmp_path, "read", out, teacher_cache=cache, teacher_cache_dtype="fp32")
+    assert counter.calls == 0  # every teacher output came from the cache
+    assert losses == uncached[0]
+    _assert_bitwise(weights, uncached[1])
+    assert "teacher cache, epoch 2: 128 samples read, 0 computed" in out.getvalue()
+
+    # another student and method hyper-parameter, and another batch size: the same cache, no teacher
+    raw = tiny_run(tmp_path, train={"epochs": 1, "run_name": "sweep", "teacher_cache": cache,
+                                    "teacher_cache_dtype": "fp32", "batch_size": 64},
+                   method_args={"kappa": 0.02}, data=SMALL)
+    Trainer(build_config(raw), out=io.StringIO()).fit()
+    assert counter.calls == 0
+
+
+def test_fp16_cache_reads_back_what_the_filling_run_used(tmp_path):
+    cache = str(tmp_path / "cache")
+    _, fill_losses, fill_weights = _run(tmp_path, "a", teacher_cache=cache, epochs=1)
+    _, read_losses, read_weights = _run(tmp_path, "b", teacher_cache=cache, epochs=1)
+    assert fill_losses == read_losses
+    _assert_bitwise(fill_weights, read_weights)
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert np.load(folder / "epoch-0000" / "embedding.npy", mmap_mode="r").dtype == np.float16
+    assert json.loads((folder / "key.json").read_text())["key"]["compute"]["store"] == "fp16"
+
+
+def _key(cfg, teacher, **changes):
+    kwargs = dict(num_train=128, data_mean=(0.3,) * 3, data_std=(0.4,) * 3, device_type="cpu", amp_dtype=None,
+                  channels_last=False, store_dtype="fp16")
+    kwargs.update(changes)
+    return key_digest(cache_key(cfg, teacher, **kwargs))
+
+
+def test_the_key_changes_with_teacher_seed_augmentation_and_data(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8)
+    teacher = Teacher(model)
+    cfg = build_config(tiny_run(tmp_path))
+    base = _key(cfg, teacher)
+    assert _key(cfg, teacher) == base  # deterministic
+    assert _key(cfg, Teacher(model)) == base
+
+    param = next(model.parameters())
+    saved = param.detach().clone()
+    with torch.no_grad():
+        param.add_(1e-3)
+    assert _key(cfg, teacher) != base  # other teacher weights
+    with torch.no_grad():
+        param.copy_(saved)
+    assert _key(cfg, teacher) == base
+
+    for section, change in [("train", {"seed": 8}), ("data", {"hflip": 0.5}), ("data", {"scale": [0.5, 1.0]}),
+                            ("data", {"img_size": 48}), ("data", {"train_subset": 128}),
+                            ("data", {"auto_augment": "rand-m9-mstd0.5"})]:
+        changed = build_config(tiny_run(tmp_path, **{section: change}))
+        assert _key(changed, teacher) != base, change
+    assert _key(cfg, teacher, amp_dtype=torch.bfloat16) != base
+    assert _key(cfg, teacher, store_dtype="fp32") != base
+    assert _key(cfg, Teacher(model, (0.3,) * 3, (0.4,) * 3, (0.5,) * 3, (0.5,) * 3)) != base  # re-normalised input
+    # what does not decide the teacher's output is not in the key
+    for section, change in [("train", {"batch_size": 64, "epochs": 5}), ("optim", {"lr": 0.1}),
+                            ("student", {"name": "resnet18"}), ("method_args", {"kappa": 0.5}),
+                            ("data", {"num_workers": 2, "eval_subset": 50})]:
+        assert _key(build_config(tiny_run(tmp_path, **{section: change})), teacher) == base, change
+
+
+def _filled_cache(tmp_path):
+    cache = tmp_path / "cache"
+    _run(tmp_path, "fill", teacher_cache=str(cache), teacher_cache_dtype="fp32", epochs=1)
+    (folder,) = cache.iterdir()
+    return cache, folder
+
+
+def test_damaged_rows_and_files_are_detected_and_rebuilt(tmp_path, monkeypatch):
+    cache, folder = _filled_cache(tmp_path)
+    _, reference, ref_weights = _run(tmp_path, "ref", teacher_cache=str(cache), teacher_cache_dtype="fp32", epochs=1)
+    data = np.load(folder / "epoch-0000" / "embedding.npy", mmap_mode="r+")
+    check = np.load(folder / "epoch-0000" / "embedding.check.npy", mmap_mode="r")
+    row = int(np.flatnonzero(check >= 0)[0])
+    data[row, :3] += 1.0  # silent corruption of one stored row
+    data.flush()
+    del data
+    counter = CountingForward(monkeypatch)
+    out = io.StringIO()
+    _, losses, weights = _run(tmp_path, "rows", out, teacher_cache=str(cache), teacher_cache_dtype="fp32", epochs=1)
+    assert "1 row(s) fail their checksum; recomputing them" in out.getvalue()
+    assert counter.calls == 1  # only the batch holding the damaged row
+    assert losses == reference
+    _assert_bitwise(weights, ref_weights)
+
+    path = folder / "epoch-0000" / "embedding.npy"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a truncated file (disk full, killed copy)
+    out = io.StringIO()
+    _, losses, _ = _run(tmp_path, "truncated", out, teacher_cache=str(cache), teacher_cache_dtype="fp32", epochs=1)
+    assert "is damaged" in out.getvalue() and "rebuilding it" in out.getvalue()
+    assert losses == reference
+    assert np.load(path, mmap_mode="r").shape == (128, 64)
+
+
+def test_a_directory_holding_another_key_is_refused(tmp_path):
+    cache, folder = _filled_cache(tmp_path)
+    record = json.loads((folder / "key.json").read_text())
+    record["digest"] = "0" * 64
+    (folder / "key.json").write_text(json.dumps(record))
+    with pytest.raises(CrossDistillError, match="holds outputs for another key"):
+        _run(tmp_path, "other", teacher_cache=str(cache), teacher_cache_dtype="fp32", epochs=1)
+
+
+def test_the_cache_is_bypassed_with_a_message_where_it_cannot_apply(tmp_path):
+    out = io.StringIO()
+    raw = tiny_run(tmp_path, train={"epochs": 1, "teacher_cache": str(tmp_path / "c"), "mixup": 0.8})
+    trainer = Trainer(build_config(raw), out=out)
+    assert trainer.teacher_cache is None and "with mixup/cutmix the teacher sees batches mixed" in out.getvalue()
+
+    out = io.StringIO()
+    raw = tiny_run(tmp_path, method="fitnet", method_args={"img_size": 32},
+                   train={"epochs": 1, "teacher_cache": str(tmp_path / "c"), "run_name": "fitnet"})
+    trainer = Trainer(build_config(raw), out=out)
+    assert trainer.teacher_cache is None and "reads teacher stage features" in out.getvalue()
+    assert isinstance(trainer.distiller.teacher, Teacher)  # FitNet calls its teacher itself
+    assert not (tmp_path / "c").exists()
+
+
+def test_methods_declare_their_teacher_outputs():
+    class Declared(torch.nn.Module):
+        teacher_outputs = ("logits",)
+
+    assert teacher_outputs_of("rsd", torch.nn.Module()) == ("embedding",)
+    assert teacher_outputs_of("kd", torch.nn.Module()) == ("logits",)
+    assert teacher_outputs_of("fitnet", torch.nn.Module()) is None
+    assert teacher_outputs_of("someone_elses_method", torch.nn.Module()) is None
+    assert teacher_outputs_of("someone_elses_method", Declared()) == ("logits",)
+
+
+def test_feed_refuses_outputs_it_was_not_given():
+    import timm
+
+    feed = TeacherFeed(Teacher(timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8)), ("embedding",))
+    x = torch.randn(4, 3, 32, 32)
+    feed.provide(feed.compute(x))
+    assert feed(x).embedding.shape == (4, feed.dim) and not feed(x).embedding.is_inference()
+    with pytest.raises(CrossDistillError, match="asked the teacher for its logits"):
+        feed(x, logits=True)
+    with pytest.raises(CrossDistillError, match="stage features"):
+        feed(x, stages=[-1])
+
+
+def test_lookup_validates_indices(tmp_path):
+    cache = TeacherCache(tmp_path, {"teacher": {"name": "t"}}, ("embedding",), {"embedding": 4}, 10, log=lambda m: None)
+    cache.begin_epoch(0)
+    fill = lambda x: ModelOutput(embedding=torch.ones(x.shape[0], 4))  # noqa: E731
+    out = cache.lookup(torch.tensor([1, 5]), torch.zeros(2, 3, 8, 8), fill)
+    assert torch.equal(out.embedding, torch.ones(2, 4)) and out.embedding.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="out of range"):
+        cache.lookup(torch.tensor([10, 1]), torch.zeros(2, 3, 8, 8), fill)
+    with pytest.raises(RuntimeError, match="indices for a batch of 3"):
+        cache.lookup(torch.tensor([1, 2]), torch.zeros(3, 3, 8, 8), fill)
+    assert cache.epoch_complete(0) is False
+    cache.close()
