@@ -28,7 +28,7 @@ Protocols (``--protocol``):
   machine 20% slower than measured).
 * ``gpu``: the full 50,000-image training set (3 epochs per student, 10 per teacher: 5x and 7x the
   cpu protocol's training images per run), the full test set, bf16, 12 runs at a time on one GPU;
-  planned for under 9 minutes on one H100 from assumed, unmeasured speeds (see ``GPU_NOTE``).
+  3.9 minutes on one H100 (crop, flip and normalisation on the GPU: ``data.device_augment``).
 * ``tiny``: a smoke test (a few hundred images, one epoch, one seed, one pair, three methods, a
   2 x 2 grid); what it writes is marked as such and is not a result.
 
@@ -66,6 +66,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10_jpg.tar.gz"
+RESULTS_ARCHIVE = HERE / "results"  # <protocol>/: copies of the finished run directories behind docs/RESULTS*.md
 CIFAR10_MEAN = (0.4913, 0.4821, 0.4465)  # of the JPEG copy's training set (shared/data/README.md)
 CIFAR10_STD = (0.2452, 0.2428, 0.2606)
 
@@ -207,8 +208,8 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 GPU_NOTE = (
-    "The gpu protocol has not been timed on a GPU by this runner's author; its time is an estimate "
-    "(see SPEEDS['gpu']). Run `--dry-list` and a first chunk (`--only teachers`) to check it."
+    "The gpu protocol's estimate comes from one run on an H100 (3.9 min, 2026-11-26; SPEEDS['gpu']); another GPU "
+    "or host CPU will differ. Run `--dry-list` and a first chunk (`--only teachers`) to check it."
 )
 
 # ----------------------------------------------------------------------------------------- calibration
@@ -254,18 +255,17 @@ SPEEDS: dict[str, dict[str, Any]] = {
         "margin": MARGIN,
     },
     "gpu": {
-        # NOT MEASURED: assumptions for one H100 running 12 runs at a time, each with one data-loading worker.
-        # These tiny models leave the GPU mostly idle; the bound is the CPU's augmentation (RandomResizedCrop +
-        # flip + ToTensor + Normalize on 32 px PIL images: measured 6,100 images/s per core for training and
-        # 10,000 for evaluation on this project's CPU). 16 cores shared by 12 loader workers and 12 training
-        # processes: assumed ~3,500 training images/s per run (42,000 in all) and 7,000 evaluation images/s.
-        # The teacher runs start first, beside only the scratch runs, with 6 loader workers each: ~15,000/s.
-        "train": {"resnet_t|-|vanilla": 15000.0, "vit_t|-|vanilla": 15000.0},
+        # Measured 2026-11-26 on one H100 (16 cores; benchmarks/accuracy/results/gpu/study_log.jsonl): 12 runs at a
+        # time, each with one loader worker and data.device_augment (crop/flip/normalise on the GPU). A student run
+        # (3 epochs of 49,920 images, 3 evaluations of 10,000) took 28 s (KD, DIST, FitNet, RSD, scratch), 40 s
+        # (OFA) or 48 s (DKD); a teacher run (10 epochs) 35-45 s; the whole study 3.9 min. Speeds below are
+        # those times, less the fixed cost, per training image; 12 processes share the GPU and the cores.
+        "train": {"resnet_t|-|vanilla": 13000.0, "vit_t|-|vanilla": 12000.0, "ofa": 4200.0, "dkd": 3400.0},
         "forward": {},
         "eval": {},
-        "run_overhead_s": 15.0,  # CUDA context, model build, data subset
-        "default_train": 3500.0,
-        "teacher_factor": 0.9,  # the teacher's forward costs the GPU little: the loader is the bound
+        "run_overhead_s": 6.0,  # CUDA context, model build, data subset
+        "default_train": 7000.0,
+        "teacher_factor": 1.0,  # measured: distillation runs took as long as scratch runs (except OFA, DKD)
         "default_eval": 7000.0,
         "margin": 1.0,
     },
@@ -489,7 +489,7 @@ def estimate_seconds(s: Settings, run: Run, teacher_cached: bool = False) -> flo
     images at the measured speed of this (student, teacher, method) (the teacher's forward included,
     less it when the run reads the teacher's outputs from the cache) and the evaluation images."""
     table = SPEEDS[s.protocol.speed]
-    train_ips = table["train"].get(speed_key(run))
+    train_ips = table["train"].get(speed_key(run), table["train"].get(run.method) if run.teacher else None)
     if train_ips is None:  # unmeasured combination: the student alone, slowed by a teacher forward
         alone = table["train"].get(f"{run.student}|-|vanilla", table["default_train"])
         train_ips = alone * (table.get("teacher_factor", 0.6) if run.teacher else 1.0)
@@ -1323,8 +1323,17 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     L.append("```\n")
     L.append("Each run's resolved YAML is in `configs/` of the output folder (`crossdistill train --config` "
              "reruns one alone; the ResMLP student is registered by `benchmarks/accuracy/study_models.py`). "
-             "Runs on CPU are deterministic for a given seed and machine; another machine or torch build can "
-             "differ in the last digits, within the reported std.\n")
+             "Runs are deterministic for a given seed, machine and torch build, on CPU and on CUDA (checked for the "
+             "gpu protocol: a second invocation into a fresh output folder on the same H100 gave the same training "
+             "losses and accuracies in all 73 runs); another machine or torch build can differ in the last digits, "
+             "within the reported std.\n")
+    archive = RESULTS_ARCHIVE / p.name
+    if (archive / "study_log.jsonl").exists():
+        L.append(f"The run directories behind this page (config.yaml, metrics.csv, summary.json; no checkpoints) "
+                 f"and the runner's log are kept in `{_rel(archive)}/`: "
+                 f"`{study_command(p, s, '--report-only').replace('--report-only', f'--out {_rel(archive)} --report-only')}` "
+                 "rewrites this page from them.")
+    L.append("")
 
     L.append("## Machine and time\n")
     L.append(f"- CPU: {machine.get('cpu')}, {machine.get('cores')} cores visible; {machine.get('jobs', s.jobs)} run(s) at "
@@ -1337,8 +1346,10 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     L.append(f"- Wall-clock time of the study: {fmt_min(wall_clock)} over {len(ends)} invocation(s) of the runner "
              f"(each run's own time, summed over the {n_done} finished runs: {fmt_min(wall_runs)}; several runs "
              "go at a time)"
-             + (f"; 1-minute load average during the runs {min(loads):.1f} to {max(loads):.1f} (on 2 cores, above "
-                "~2 the machine was shared with other work and the times are inflated)" if loads else "") + ".")
+             + (f"; 1-minute load average during the runs {min(loads):.1f} to {max(loads):.1f} "
+                f"({machine.get('cores')} cores, {machine.get('jobs', s.jobs)} run(s) at a time; a load well above "
+                "what the runs themselves make means other work shared the machine and the times are inflated)"
+                if loads else "") + ".")
     L.append(f"- Planned time of the whole study on a free machine: {fmt_min(_plan_makespan(s, plan))}"
              + (f" (limit of the {p.name} protocol: {p.budget_min:g} min)." if p.budget_min else "."))
     L.append("")
