@@ -35,3 +35,25 @@ def tiny_run(tmp_path, method: str = "rsd", **sections) -> dict:
 def _few_threads():
     torch.set_num_threads(2)
     yield
+
+
+SYNCING_OPS = ("masked_select", "nonzero", "_local_scalar_dense", "index.Tensor")
+"""aten ops whose output size or value the host must read: on a GPU each makes the host wait for the device."""
+
+
+def ops_called(fn, *args) -> set[str]:
+    """Names (``op.overload``) of the aten ops that ``fn(*args)`` dispatches, backward included if it runs one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__ + ("." + func._overloadname if func._overloadname else ""))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as mode:
+        fn(*args)
+    return mode.names

@@ -58,6 +58,7 @@ def test_resume_by_run_directory(tmp_path, capsys):
     "override,message",
     [
         ("student.name=resnet181", "unknown model 'resnet181'"),
+        ("student.name=resnet18.no_such_tag", "unknown weights tag 'no_such_tag' for timm model 'resnet18': its tags"),
         ("train.epochz=3", "unknown config key 'train.epochz'"),
         ("data.dataset=folder", "data.root"),
         ("train.batch_size=1", "at least 2 samples per batch"),

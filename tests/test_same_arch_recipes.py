@@ -66,6 +66,8 @@ def test_recipe_uses_the_official_imagenet_setting(path):
     assert (d.crop_pct, d.interpolation, d.train_interpolation) == (0.875, "bilinear", "bilinear")
     assert d.color_jitter is None and d.auto_augment is None and d.re_prob == 0.0
     assert (o.opt, o.momentum, o.weight_decay, o.warmup_epochs) == ("sgd", 0.9, 1e-4, 0)
+    assert o.decay_bias_and_norm  # mdistiller and SDD decay every parameter
+    assert t.sync_bn == path.stem.startswith("sd_")  # SDD's ImageNet script uses SyncBatchNorm
     assert (o.sched, o.decay_epochs, o.decay_rate) == ("step", 30, 0.1)
     assert (t.epochs, t.label_smoothing, t.mixup, t.cutmix) == (100, 0.0, 0.0, 0.0)
     # lr 0.1 per 256 images; 8 GPUs x batch_size = reference_batch

@@ -80,6 +80,20 @@ def _umask() -> int:
     return mask
 
 
+TORN_PATTERN = ".*.pt.*.tmp"
+"""What :func:`save_atomic` leaves behind when the process is killed mid-write (never read)."""
+
+
+def remove_torn_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a kill interrupted, in ``folder``; returns them."""
+    removed = []
+    for path in sorted(Path(folder).glob(TORN_PATTERN)):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
     path = Path(path)

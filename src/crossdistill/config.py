@@ -94,6 +94,9 @@ class OptimConfig:
     scale_lr: str = "none"
     """none | linear: multiply lr (and warmup_lr, min_lr) by effective batch / train.reference_batch."""
     weight_decay: float = 2e-3
+    decay_bias_and_norm: bool = False
+    """false: biases and normalisation weights get no weight decay (timm's default; the OFA and RSD code);
+    true: every parameter is decayed (mdistiller's DKD and KD runs, SDD)."""
     momentum: float = 0.9
     sched: str = "cosine"
     """Any scheduler timm's ``create_scheduler_v2`` knows (cosine, step, multistep, plateau, ...), or none."""
@@ -135,6 +138,9 @@ class TrainConfig:
     seed (see docs/PERFORMANCE.md for when it cannot apply). null: run the teacher every step."""
     teacher_cache_dtype: str = "fp16"
     """fp16 (half the disk) | fp32 (the cached run is bitwise equal to the uncached run)."""
+    sync_bn: bool = False
+    """Under DDP, turn the student's (and its projectors') BatchNorm layers into SyncBatchNorm: batch
+    statistics over all GPUs (as SDD's ImageNet script does). No effect in one process."""
     label_smoothing: float = 0.1
     mixup: float = 0.0
     cutmix: float = 0.0

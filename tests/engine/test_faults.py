@@ -221,3 +221,24 @@ def test_sigkill_during_a_checkpoint_write(tmp_path):
     resumed.fit()
     for key, value in resumed.distiller.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_resume_removes_the_torn_temporary_files_of_a_killed_checkpoint_write(tmp_path):
+    import io
+
+    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1, "checkpoint_every_steps": 3},
+                   data={"train_subset": 128})
+    Trainer(build_config(raw), out=io.StringIO()).fit()
+    run_dir = tmp_path / "runs" / "run"
+    torn = [run_dir / ".last.pt.k3j2_x.tmp", run_dir / "checkpoints" / ".step-00000003.pt.q9z1.tmp"]
+    for path in torn:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half a checkpoint")
+    keep = run_dir / "notes.tmp"  # not ours: left alone
+    keep.write_text("user file")
+    out = io.StringIO()
+    raw["train"]["epochs"] = 2
+    Trainer(build_config(raw), resume=True, out=out)
+    assert not any(path.exists() for path in torn)
+    assert keep.exists() and (run_dir / "last.pt").exists()
+    assert "removed 2 unfinished checkpoint write(s)" in out.getvalue()

@@ -66,3 +66,46 @@ def test_the_check_interval_defaults_and_fallback(tmp_path):
     raw = tiny_run(tmp_path, train={"epochs": 1, "finite_check_every": 20, "run_name": "lamb"}, optim={"opt": "lamb"})
     trainer = Trainer(build_config(raw), out=io.StringIO())
     assert trainer.step_fn.finite_check_every == 1 and not trainer.step_fn.deferred  # lamb has no fused kernel
+
+
+def test_decay_bias_and_norm_switches_timms_weight_decay_exemption():
+    import torch
+    from crossdistill.config import OptimConfig
+    from crossdistill.engine.trainer import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(2))
+    model(torch.randn(2, 3, 8, 8))
+    exempt = build_optimizer(model, OptimConfig(weight_decay=0.1), 0.1, torch.device("cpu"))
+    decay = {id(p): g["weight_decay"] for g in exempt.param_groups for p in g["params"]}
+    assert decay[id(model[0].weight)] == 0.1 and decay[id(model[0].bias)] == 0.0 and decay[id(model[1].weight)] == 0.0
+    every = build_optimizer(model, OptimConfig(weight_decay=0.1, decay_bias_and_norm=True), 0.1, torch.device("cpu"))
+    assert {g["weight_decay"] for g in every.param_groups} == {0.1}
+    assert sum(len(g["params"]) for g in every.param_groups) == len(list(model.parameters()))
+
+
+def test_sync_batchnorm_converts_the_student_and_projectors_not_the_teacher(tmp_path):
+    import torch
+    from crossdistill.config import build_config
+    from crossdistill.engine.setup import build_run
+    from crossdistill.engine.trainer import use_sync_batchnorm
+
+    raw = tiny_run(tmp_path, method="rsd", teacher={"name": "test_resnet", "kwargs": {}})  # a CNN teacher: BatchNorm
+    distiller = build_run(build_config(raw)).distiller
+    batchnorm = torch.nn.modules.batchnorm._BatchNorm
+    teacher_bn = [m for m in distiller.teacher.model.modules() if isinstance(m, batchnorm)]
+    count = use_sync_batchnorm(distiller)
+    student = [m for m in distiller.student.modules() if isinstance(m, batchnorm)]
+    trainable = [m for m in distiller.modules() if isinstance(m, batchnorm)]  # student and AAD projector
+    assert count == len(trainable) > len(student) > 0 and all(isinstance(m, torch.nn.SyncBatchNorm) for m in trainable)
+    assert teacher_bn and [m for m in distiller.teacher.model.modules() if isinstance(m, batchnorm)] == teacher_bn
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in distiller.teacher.model.modules())
+
+
+def test_sync_bn_under_ddp_on_cpu_is_a_clear_error(tmp_path):
+    from crossdistill.engine.distributed import DistEnv
+
+    raw = tiny_run(tmp_path, train={"sync_bn": True})
+    with pytest.raises(CrossDistillError, match=r"train.sync_bn needs CUDA devices .* set train.sync_bn=false"):
+        Trainer(build_config(raw), env=DistEnv(rank=0, world_size=2), out=io.StringIO())
+    assert not (tmp_path / "runs").exists()

@@ -201,6 +201,25 @@ def test_dkd_input_errors():
         hard_labels(torch.rand(4, 6), 5)
 
 
+def test_dkd_losses_make_no_host_device_sync():
+    """DKD and SD-DKD select the non-target logits with computed indices, not masked_select (a GPU sync
+    per call, four per loss), and keep their class order."""
+    from crossdistill.losses.dkd import decouple_target
+    from crossdistill.losses.sdd import sdd_dkd_loss
+
+    from conftest import SYNCING_OPS, ops_called
+
+    torch.manual_seed(0)
+    zs, zt, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    rs, rt = torch.randn(8, 5, 10), torch.randn(8, 5, 10)
+    for fn, args in ((dkd_loss, (zs, zt, y)), (sdd_dkd_loss, (rs, rt, y))):
+        called = ops_called(fn, *args)
+        assert not [op for op in called if op.startswith(SYNCING_OPS)], sorted(called)
+    _, other = decouple_target(zs, y)
+    expected = torch.stack([torch.cat([zs[i, :y[i]], zs[i, y[i] + 1:]]) for i in range(8)])
+    assert torch.equal(other, expected)
+
+
 def test_dkd_warmup_factor_follows_the_original_schedule():
     # mdistiller: min(epoch / warmup, 1) with 1-based epochs == min((epoch + 1) / warmup, 1) 0-based
     assert [dkd_warmup_factor(e, 20) for e in (0, 1, 9, 18, 19, 20, 299)] == [0.05, 0.1, 0.5, 0.95, 1.0, 1.0, 1.0]

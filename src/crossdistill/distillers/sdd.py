@@ -158,17 +158,27 @@ def _check_sdd(cfg) -> None:
 
 
 @dataclass
-class SDKDConfig(MethodConfig):
-    """SD-KD hyper-parameters; defaults are what the official SDD code runs (its configs set no KD section,
-    so mdistiller's ``CFG.KD`` defaults apply: ``mdistiller/engine/cfg.py`` lines 60-64)."""
+class SDDRegionConfig(MethodConfig):
+    """The scale-decoupling settings both SDD methods share (subclasses add temperature and weights)."""
 
     scales: tuple[int, ...] = DEFAULT_SCALES
     """Pooling scales; must start with 1. Official ``--M`` default ``[1,2,4]`` (``train.py`` line 184)."""
     complementary_weight: float = COMPLEMENTARY_WEIGHT
-    """Weight of complementary regions (paper's beta; ``KD.py`` lines 89-90); consistent ones get 1."""
+    """Weight of complementary regions (paper's beta; ``KD.py`` lines 89-90, ``SDD_DKD.py`` lines 114-115);
+    consistent ones get 1."""
     pool_grid: int | None = POOL_GRID
     """Pool the map to this grid first and every scale from it, as the official SPP (4x4); null: pool
     every scale from the map directly."""
+
+    def validate(self) -> None:
+        _check_sdd(self)
+
+
+@dataclass
+class SDKDConfig(SDDRegionConfig):
+    """SD-KD hyper-parameters; defaults are what the official SDD code runs (its configs set no KD section,
+    so mdistiller's ``CFG.KD`` defaults apply: ``mdistiller/engine/cfg.py`` lines 60-64)."""
+
     temperature: float = 4.0
     """T (``CFG.KD.TEMPERATURE``, cfg.py line 61). Each region's KL is multiplied by T^2."""
     weight: float = 0.9
@@ -176,22 +186,12 @@ class SDKDConfig(MethodConfig):
     ce_weight: float = 0.1
     """Weight of the classification term (``CFG.KD.LOSS.CE_WEIGHT``, cfg.py line 63)."""
 
-    def validate(self) -> None:
-        _check_sdd(self)
-
 
 @dataclass
-class SDDKDConfig(MethodConfig):
+class SDDKDConfig(SDDRegionConfig):
     """SD-DKD hyper-parameters; defaults are mdistiller's ``CFG.DKD`` (``engine/cfg.py`` lines 162-167),
     which the official SDD configs override per pair (ImageNet R34->R18: beta 0.5, T 1; R50->MV1: beta 2, T 1)."""
 
-    scales: tuple[int, ...] = DEFAULT_SCALES
-    """Pooling scales; must start with 1. Official ``--M`` default ``[1,2,4]`` (``train.py`` line 184)."""
-    complementary_weight: float = COMPLEMENTARY_WEIGHT
-    """Weight of complementary regions (paper's beta; ``SDD_DKD.py`` lines 114-115); consistent ones get 1."""
-    pool_grid: int | None = POOL_GRID
-    """Pool the map to this grid first and every scale from it, as the official SPP (4x4); null: pool
-    every scale from the map directly."""
     alpha: float = 1.0
     """Weight of TCKD (``CFG.DKD.ALPHA``, cfg.py line 164)."""
     beta: float = 8.0

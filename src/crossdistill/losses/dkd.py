@@ -23,7 +23,7 @@ import torch
 
 from .kd import check_logit_pair, loss_dtype
 
-__all__ = ["dkd_loss", "dkd_warmup_factor", "hard_labels"]
+__all__ = ["decouple_target", "dkd_loss", "dkd_warmup_factor", "hard_labels"]
 
 
 def hard_labels(target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -44,13 +44,21 @@ def _batchmean_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
 
 
-def _decouple(logits: torch.Tensor, gt_mask: torch.Tensor):
-    """(log [p_target, p_rest] [B, 2], non-target logits [B, K-1]) of already temperature-scaled logits."""
-    batch, classes = logits.shape
-    target_logit = logits.masked_select(gt_mask).view(batch, 1)
-    other = logits.masked_select(~gt_mask).view(batch, classes - 1)
-    binary = torch.cat([target_logit, torch.logsumexp(other, dim=1, keepdim=True)], dim=1)
-    return torch.log_softmax(binary, dim=1), other
+def decouple_target(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log [p_target, p_rest] [..., 2], non-target logits [..., K-1]) of temperature-scaled logits
+    [B, ..., K] with class indices ``labels`` [B] (the same target for every row of a sample).
+
+    The non-target logits keep their class order. They are gathered with computed column indices
+    rather than ``masked_select``: a masked selection has a data-dependent size, which on a GPU makes
+    the host wait for the device on every call (four times per DKD loss).
+    """
+    classes = logits.shape[-1]
+    label = labels.to(logits.device).view(-1, *([1] * (logits.ndim - 1))).expand(*logits.shape[:-1], 1)
+    target_logit = logits.gather(-1, label)
+    columns = torch.arange(classes - 1, device=logits.device).expand(*logits.shape[:-1], classes - 1)
+    other = logits.gather(-1, columns + (columns >= label).long())  # skip the target's column
+    binary = torch.cat([target_logit, torch.logsumexp(other, dim=-1, keepdim=True)], dim=-1)
+    return torch.log_softmax(binary, dim=-1), other
 
 
 def dkd_loss(
@@ -76,9 +84,8 @@ def dkd_loss(
     labels = hard_labels(target, classes)
     dtype = loss_dtype(logits_student, logits_teacher)
     with torch.autocast(device_type=logits_student.device.type, enabled=False):
-        gt_mask = torch.zeros(batch, classes, dtype=torch.bool, device=labels.device).scatter_(1, labels[:, None], True)
-        binary_s, other_s = _decouple(logits_student.to(dtype) / temperature, gt_mask)
-        binary_t, other_t = _decouple(logits_teacher.to(dtype) / temperature, gt_mask)
+        binary_s, other_s = decouple_target(logits_student.to(dtype) / temperature, labels)
+        binary_t, other_t = decouple_target(logits_teacher.to(dtype) / temperature, labels)
         tckd = _batchmean_kl(binary_t, binary_s)
         nckd = _batchmean_kl(torch.log_softmax(other_t, dim=1), torch.log_softmax(other_s, dim=1))
         return (alpha * tckd + beta * nckd) * temperature**2

@@ -28,7 +28,10 @@ from .dkd import hard_labels
 def ofa_target_mask(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """One-hot [B, K] mask of the target class: ``target`` is class indices [B] or a soft label [B, K]
     (mixup/cutmix/label smoothing), whose argmax is taken, as in the official code."""
-    return F.one_hot(hard_labels(target, num_classes), num_classes)
+    labels = hard_labels(target, num_classes)
+    # scatter rather than F.one_hot, which checks the labels' range on the host: a GPU sync per step
+    return torch.zeros(labels.shape[0], num_classes, dtype=torch.long, device=labels.device).scatter_(
+        1, labels[:, None], 1)
 
 
 def ofa_loss(

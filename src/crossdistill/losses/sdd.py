@@ -47,7 +47,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .dkd import hard_labels
+from .dkd import decouple_target, hard_labels
 from .kd import loss_dtype
 
 __all__ = [
@@ -173,17 +173,6 @@ def sdd_kd_loss(
         return _weighted_mean(per_region, weights)
 
 
-def _decouple(logits: torch.Tensor, labels: torch.Tensor):
-    """(log [p_target, p_rest] [..., 2], non-target logits [..., K-1]) of temperature-scaled logits [..., K]."""
-    classes = logits.shape[-1]
-    index = labels.view(-1, *([1] * (logits.ndim - 1))).expand(*logits.shape[:-1], 1)
-    target_logit = logits.gather(-1, index)
-    keep = torch.ones(logits.shape, dtype=torch.bool, device=logits.device).scatter_(-1, index, False)
-    other = logits.masked_select(keep).view(*logits.shape[:-1], classes - 1)
-    binary = torch.cat([target_logit, torch.logsumexp(other, dim=-1, keepdim=True)], dim=-1)
-    return torch.log_softmax(binary, dim=-1), other
-
-
 def sdd_dkd_loss(
     region_logits_student: torch.Tensor,
     region_logits_teacher: torch.Tensor,
@@ -208,8 +197,8 @@ def sdd_dkd_loss(
     labels = hard_labels(target, classes).to(region_logits_student.device)
     dtype = loss_dtype(region_logits_student, region_logits_teacher)
     with torch.autocast(device_type=region_logits_student.device.type, enabled=False):
-        binary_s, other_s = _decouple(region_logits_student.to(dtype) / temperature, labels)
-        binary_t, other_t = _decouple(region_logits_teacher.to(dtype) / temperature, labels)
+        binary_s, other_s = decouple_target(region_logits_student.to(dtype) / temperature, labels)
+        binary_t, other_t = decouple_target(region_logits_teacher.to(dtype) / temperature, labels)
         tckd = _row_kl(binary_t, binary_s)
         nckd = _row_kl(torch.log_softmax(other_t, dim=-1), torch.log_softmax(other_s, dim=-1))
         per_region = (alpha * tckd + beta * nckd) * temperature**2

@@ -25,6 +25,15 @@ def check_model_name(name: str) -> None:
             f"unknown model {name!r}: not a timm model name (timm {timm.__version__})."
             + suggest(name, timm.list_models())
         )
+    arch, _, tag = name.partition(".")
+    if tag:
+        tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{arch}.*")]
+        if tag not in tags:
+            raise CrossDistillError(
+                f"unknown weights tag {tag!r} for timm model {arch!r}: "
+                + (f"its tags are {', '.join(tags)}" if tags else "it has no pretrained tags")
+                + f" (timm {timm.__version__}); or use {arch!r} alone for its default weights."
+            )
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
