@@ -77,6 +77,10 @@ class DataConfig:
     workers: the workers only ship uint8 images and crop parameters. For small in-memory images trained at
     a large size (CIFAR at 224 px) this keeps the loader ahead of a fast GPU step. Bilinear resizing (area
     averaged when shrinking) whatever train_interpolation says; no color_jitter, auto_augment or re_prob."""
+    skip_corrupt: bool = False
+    """Leave out images that cannot be decoded instead of stopping with an error naming the file. An archive
+    is decoded without them (a warning gives their count and names); in a directory (read lazily) such an
+    image is replaced by the next decodable one of its split, with a warning per file."""
     train_subset: int | None = None
     """Use only this many training images (a fixed, class-balanced random subset)."""
     eval_subset: int | None = None

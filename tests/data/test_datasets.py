@@ -327,13 +327,19 @@ def test_archive_unsafe_members_refused(tmp_path, cache, kind):
     assert not (tmp_path / "evil.png").exists() and not (work.parent / "evil.png").exists()
 
 
-def test_archive_corrupt_member(tmp_path, cache):
+def corrupt_archive(tmp_path: Path) -> Path:
+    """A two-class archive with one image per class and split, plus an undecodable test/dog/broken.jpg."""
     archive = tmp_path / "corrupt.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for split in ("train", "test"):
             for label, cls in enumerate(CLASSES):
                 add_bytes(tar, f"{split}/{cls}/0000.png", png_bytes(label))
         add_bytes(tar, "test/dog/broken.jpg", b"\xff\xd8\xff garbage")
+    return archive
+
+
+def test_archive_corrupt_member(tmp_path, cache):
+    archive = corrupt_archive(tmp_path)
     with pytest.raises(CrossDistillError, match=r"archive member 'test/dog/broken\.jpg'"):
         build_data(folder_cfg(archive, cache), STUDENT)
     assert not cache.exists() or not files_under(cache)
@@ -440,3 +446,30 @@ def test_auto_augment_posterize_zero_bits(policy):
     assert zero_bits and all(np.asarray(op(img)).max() == 0 for op in zero_bits)
     torch.manual_seed(0)
     assert all(b.train[i][0].shape == (3, 32, 32) for i in range(40))
+
+
+def test_folder_directory_skip_corrupt_replaces_the_image_and_warns_once(tree, caplog):
+    (tree / "test" / "dog" / "0001.png").write_bytes(b"not an image")
+    b = build_data(folder_cfg(tree, skip_corrupt=True), STUDENT)
+    paths = [p for p, _ in b.eval.samples]
+    bad = [i for i, p in enumerate(paths) if p.endswith("dog/0001.png")][0]
+    with caplog.at_level("WARNING", logger="crossdistill.data"):
+        x, y = b.eval[bad]
+        x_again, _ = b.eval[bad]
+    replacement = b.eval[(bad + 1) % len(paths)]
+    assert torch.equal(x, replacement[0]) and y == replacement[1] and torch.equal(x, x_again)
+    warnings = [r.getMessage() for r in caplog.records if "dog/0001.png" in r.getMessage()]
+    assert len(warnings) == 1 and "replaced by the next image" in warnings[0]
+
+
+def test_archive_skip_corrupt_drops_the_member_and_the_cache_remembers(tmp_path, cache, caplog):
+    archive = corrupt_archive(tmp_path)
+    with caplog.at_level("WARNING", logger="crossdistill.data"):
+        b = build_data(folder_cfg(archive, cache, skip_corrupt=True), STUDENT)
+    assert (len(b.train), len(b.eval)) == (2, 2)
+    assert any("skipped 1 image(s)" in r.getMessage() and "test/dog/broken.jpg" in r.getMessage()
+               for r in caplog.records)
+    # the decoded cache exists now; without skip_corrupt it is still an error, not a smaller dataset
+    with pytest.raises(CrossDistillError, match=r"1 image\(s\) that cannot be decoded: 'test/dog/broken\.jpg'; "
+                                                r"set data.skip_corrupt=true"):
+        build_data(folder_cfg(archive, cache), STUDENT)

@@ -91,26 +91,45 @@ class DecodedArchive:
         return ArchiveSplit(images=images, labels=labels, classes=list(info["classes"]))
 
 
-def open_archive(path: str | Path, cache_root: str | Path | None = None) -> DecodedArchive:
-    """Decode ``path`` (once; later calls read the cache) and return its splits."""
+def open_archive(path: str | Path, cache_root: str | Path | None = None, skip_corrupt: bool = False) -> DecodedArchive:
+    """Decode ``path`` (once; later calls read the cache) and return its splits.
+
+    An image that cannot be decoded is an error naming it, unless ``skip_corrupt``: then the archive is
+    decoded without it (a warning names the skipped members; the cache remembers them, so a later call
+    without ``skip_corrupt`` is the same error rather than a silently smaller dataset).
+    """
     path = Path(path).expanduser().resolve()
     cache_root = Path(cache_root).expanduser() if cache_root else default_cache_root()
     cache_dir = archive_cache_dir(path, cache_root)
     meta = _read_meta(cache_dir)
     if meta is not None:
         logger.debug("using decoded cache %s for %s", cache_dir, path)
+        _check_skipped(path, meta.get("skipped", []), skip_corrupt)
         return DecodedArchive(path, cache_dir, meta)
 
     logger.info("decoding %s once; caching the pixels in %s", path, cache_dir)
-    splits = _decode(path)
+    splits, skipped = _decode(path, skip_corrupt)
+    _check_skipped(path, skipped, skip_corrupt)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"version": CACHE_VERSION, "archive": str(path), "splits": {}}
+    meta = {"version": CACHE_VERSION, "archive": str(path), "splits": {}, "skipped": skipped}
     for i, (name, split) in enumerate(sorted(splits.items())):
         fname = f"split{i}.npz"
         _atomic_write(cache_dir / fname, lambda f, s=split: np.savez(f, **_to_arrays(s)))
         meta["splits"][name] = {"file": fname, "classes": split.classes, "count": int(len(split.labels))}
     _atomic_write(cache_dir / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return DecodedArchive(path, cache_dir, meta)
+
+
+def _check_skipped(path: Path, skipped: list[str], skip_corrupt: bool) -> None:
+    if not skipped:
+        return
+    names = ", ".join(f"'{name}'" for name in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    if not skip_corrupt:
+        raise CrossDistillError(
+            f"archive '{path}' has {len(skipped)} image(s) that cannot be decoded: {names}; set "
+            "data.skip_corrupt=true to train without them")
+    logger.warning("skipped %d image(s) of '%s' that cannot be decoded (data.skip_corrupt): %s", len(skipped), path,
+                   names)
 
 
 # ---------------------------------------------------------------- cache files
@@ -202,11 +221,13 @@ def _decode_image(data: bytes, what: str) -> np.ndarray:
         raise CrossDistillError(f"cannot decode {what} as an image: {err}") from None
 
 
-def _decode(path: Path) -> dict[str, ArchiveSplit]:
+def _decode(path: Path, skip_corrupt: bool = False) -> tuple[dict[str, ArchiveSplit], list[str]]:
+    """The splits of the archive and the names of the members skipped as undecodable (with ``skip_corrupt``)."""
     from tqdm.auto import tqdm
 
     names: list[tuple[str, ...]] = []
     arrays: list[np.ndarray] = []
+    skipped: list[str] = []
     size = path.stat().st_size
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar, tqdm(
@@ -220,12 +241,18 @@ def _decode(path: Path) -> dict[str, ArchiveSplit]:
                     continue
                 fileobj = tar.extractfile(member)
                 data = fileobj.read() if fileobj is not None else b""
-                arrays.append(_decode_image(data, f"archive member '{member.name}' of '{path}'"))
+                try:
+                    arrays.append(_decode_image(data, f"archive member '{member.name}' of '{path}'"))
+                except CrossDistillError:
+                    if not skip_corrupt:
+                        raise
+                    skipped.append(member.name)
+                    continue
                 names.append(parts)
                 bar.update(raw.tell() - bar.n)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise CrossDistillError(f"cannot read '{path}' as a tar archive (.tar, .tar.gz, .tgz): {err}") from None
-    return _group(path, names, arrays)
+    return _group(path, names, arrays), skipped
 
 
 def _group(path: Path, names: list[tuple[str, ...]], arrays: list[np.ndarray]) -> dict[str, ArchiveSplit]:

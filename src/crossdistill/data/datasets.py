@@ -79,26 +79,40 @@ class ArrayImageDataset(torch.utils.data.Dataset):
 class FolderImageDataset(torch.utils.data.Dataset):
     """ImageFolder-style dataset read lazily from disk: ``samples`` is a list of (path, label)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Callable | None = None):
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Callable | None = None,
+                 skip_corrupt: bool = False):
         self.samples = list(samples)
         self.targets = [label for _, label in self.samples]
         self.classes = list(classes)
         self.transform = transform
+        self.skip_corrupt = skip_corrupt
+        self.skipped: set[str] = set()  # files found undecodable by this process (skip_corrupt)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-            raise CrossDistillError(f"cannot decode image file '{path}': {err}") from None
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("RGB")
+                break
+            except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+                if not self.skip_corrupt:
+                    raise CrossDistillError(f"cannot decode image file '{path}': {err}"
+                                            " (data.skip_corrupt=true replaces such images)") from None
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    logger.warning("cannot decode image file '%s' (%s): replaced by the next image of the split "
+                                   "(data.skip_corrupt); %d such file(s) seen by this process", path, err,
+                                   len(self.skipped))
+        else:
+            raise CrossDistillError(f"no image of this split can be decoded (the last tried: '{path}')")
         return (self.transform(img) if self.transform is not None else img), label
 
     def select(self, indices: Sequence[int]) -> "FolderImageDataset":
-        return FolderImageDataset([self.samples[i] for i in indices], self.classes, self.transform)
+        return FolderImageDataset([self.samples[i] for i in indices], self.classes, self.transform, self.skip_corrupt)
 
 
 @dataclass
@@ -259,12 +273,12 @@ def build_folder(cfg: DataConfig) -> SplitData:
         )
         _check_classes(str(root), train_classes, eval_classes, cfg)
         return SplitData(
-            FolderImageDataset(train_samples, train_classes),
-            FolderImageDataset(eval_samples, eval_classes),
+            FolderImageDataset(train_samples, train_classes, skip_corrupt=cfg.skip_corrupt),
+            FolderImageDataset(eval_samples, eval_classes, skip_corrupt=cfg.skip_corrupt),
             train_classes,
         )
 
-    archive = open_archive(root, cfg.cache_dir)
+    archive = open_archive(root, cfg.cache_dir, skip_corrupt=cfg.skip_corrupt)
     datasets = {}
     for split in (cfg.train_split, cfg.eval_split):
         if split not in archive.splits:

@@ -185,7 +185,8 @@ def _file_identity(path: str | None) -> dict[str, Any] | None:
 
 
 DATA_KEY_FIELDS = ("dataset", "root", "train_split", "train_subset", "img_size", "scale", "ratio", "hflip",
-                   "color_jitter", "auto_augment", "re_prob", "train_interpolation", "mean", "std", "device_augment")
+                   "color_jitter", "auto_augment", "re_prob", "train_interpolation", "mean", "std", "device_augment",
+                   "skip_corrupt")
 """The DataConfig fields that decide which image training sample i of epoch e is."""
 
 
