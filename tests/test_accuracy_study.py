@@ -1,7 +1,7 @@
 """The accuracy study's runner (benchmarks/accuracy/run_study.py) end to end on its tiny protocol.
 
 A few hundred real CIFAR-10 images (taken from the shared JPEG tarball into a small archive, so the
-test does not decode all 60,000), one epoch, one seed, one pair, three methods and a 2 x 2 RSD grid:
+test does not decode all 60,000; synthetic images of the same layout where the tarball is absent), one epoch, one seed, one pair, three methods and a 2 x 2 RSD grid:
 it must write the results page with its table and both PNGs, mark it as a smoke test, skip finished
 runs when invoked again, and list the cpu and gpu plans (whose configs must validate).
 """
@@ -21,8 +21,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "benchmarks" / "accuracy" / "run_study.py"
 CIFAR_TARBALL = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_jpg.tar.gz"
-
-needs_cifar = pytest.mark.skipif(not CIFAR_TARBALL.is_file(), reason=f"CIFAR-10 JPEG tarball absent ({CIFAR_TARBALL})")
 
 PER_CLASS = {"train": 40, "test": 20}  # 400 training and 200 test images
 
@@ -47,6 +45,28 @@ def small_cifar(path: Path) -> Path:
     return path
 
 
+def synthetic_cifar(path: Path) -> Path:
+    """Where the shared tarball is absent (a checkout without ../shared): an archive of the same layout,
+    10 classes of 32x32 JPEGs with a class-dependent colour and noise, PER_CLASS[split] images each."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as dst:
+        for split, count in PER_CLASS.items():
+            for label in range(10):
+                colour = rng.integers(0, 256, 3)
+                for i in range(count):
+                    pixels = np.clip(colour + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                    buffer = io.BytesIO()
+                    Image.fromarray(pixels).save(buffer, format="JPEG")
+                    info = tarfile.TarInfo(f"{split}/class{label}/{i:04d}.jpg")
+                    info.size = buffer.tell()
+                    buffer.seek(0)
+                    dst.addfile(info, buffer)
+    return path
+
+
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run([sys.executable, str(RUNNER), *args], capture_output=True, text=True, timeout=timeout,
@@ -56,9 +76,9 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@needs_cifar
 def test_tiny_protocol_end_to_end(tmp_path):
-    data = small_cifar(tmp_path / "cifar10_small.tar.gz")
+    make = small_cifar if CIFAR_TARBALL.is_file() else synthetic_cifar
+    data = make(tmp_path / "cifar10_small.tar.gz")
     out, docs, cache = tmp_path / "runs", tmp_path / "docs", tmp_path / "cache"
     common = ["--protocol", "tiny", "--out", str(out), "--docs-dir", str(docs), "--data-root", str(data),
               "--cache-dir", str(cache)]
