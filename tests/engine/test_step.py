@@ -109,3 +109,59 @@ def test_sync_bn_under_ddp_on_cpu_is_a_clear_error(tmp_path):
     with pytest.raises(CrossDistillError, match=r"train.sync_bn needs CUDA devices .* set train.sync_bn=false"):
         Trainer(build_config(raw), env=DistEnv(rank=0, world_size=2), out=io.StringIO())
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_parameters_first_update_is_never_skipped_on_the_device():
+    """Fused optimisers create a parameter's state on its first update; skipped there (found_inf) they leave
+    it uninitialised. A parameter that gets its first gradient late must take the per-step check."""
+    from crossdistill.engine.trainer import TrainStep
+
+    early, late = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    model = torch.nn.ModuleList([early, late])
+    # one group each: torch's fused SGD cannot mix parameters with and without momentum buffers in a group
+    optimizer = torch.optim.SGD([{"params": early.parameters()}, {"params": late.parameters()}], lr=0.1,
+                                momentum=0.9, fused=True)
+    step = TrainStep(model, optimizer, device=torch.device("cpu"), finite_check_every=5)
+    early(torch.randn(2, 4)).sum().backward()
+    assert step.deferred and not step.optimizer_state_ready()  # the first update of `early`
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    assert step.optimizer_state_ready()  # `late` has no gradient: nothing would be skipped at its first update
+    (early(torch.randn(2, 4)).sum() + late(torch.randn(2, 4)).sum()).backward()
+    assert not step.optimizer_state_ready()  # `late` is about to be updated for the first time
+    optimizer.step()
+    assert step.optimizer_state_ready() and step._state_ready
+
+
+def test_resume_keeps_this_runs_fused_optimiser_over_the_checkpoints_flags(tmp_path):
+    """torch's load_state_dict copies the checkpoint's `fused` flag into the groups: a checkpoint from a
+    non-fused optimiser turned fusion off while the step still skipped on the device (a crash)."""
+    from crossdistill.checkpoint import save_atomic
+
+    raw = tiny_run(tmp_path, train={"epochs": 1, "finite_check_every": 2}, data={"train_subset": 128})
+    Trainer(build_config(raw), out=io.StringIO()).fit()
+    path = tmp_path / "runs" / "run" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None  # as a checkpoint of a non-fused optimiser has it
+    save_atomic(state, path)
+    raw["train"]["epochs"] = 2
+    resumed = Trainer(build_config(raw), resume=True, out=io.StringIO())
+    assert all(group["fused"] for group in resumed.optimizer.param_groups)
+    summary = resumed.fit()
+    assert len(summary.history) == 2 and summary.history[-1]["skipped_steps"] == 0
+
+
+def test_under_ddp_nonfinite_flags_are_collected_only_where_every_rank_does():
+    """Rank 0 alone updates the progress bar; collecting there could stop rank 0 (too many non-finite
+    steps) while the other ranks wait in the next collective."""
+    from crossdistill.engine.trainer import collect_nonfinite_now
+
+    common = dict(global_step=4, last_step=False, checkpoint_now=False, stop_requested=False, watching_stop=True)
+    assert collect_nonfinite_now(2, 20, report_now=True, distributed=False, **common)
+    assert not collect_nonfinite_now(2, 20, report_now=True, distributed=True, **common)
+    assert not collect_nonfinite_now(2, 20, report_now=False, distributed=True, **{**common, "stop_requested": True})
+    assert collect_nonfinite_now(2, 20, report_now=False, distributed=True, **{**common, "global_step": 9})
+    for key in ("last_step", "checkpoint_now"):
+        assert collect_nonfinite_now(2, 20, report_now=False, distributed=True, **{**common, key: True})
+    assert collect_nonfinite_now(20, 20, report_now=False, distributed=True, **common)

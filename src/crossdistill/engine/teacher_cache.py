@@ -193,7 +193,11 @@ DATA_KEY_FIELDS = ("dataset", "root", "train_split", "train_subset", "img_size",
 def cache_key(cfg, teacher: Teacher, *, num_train: int, data_mean: Sequence[float], data_std: Sequence[float],
               device_type: str, amp_dtype: torch.dtype | None, channels_last: bool, store_dtype: str) -> dict[str, Any]:
     """Everything that determines the teacher's output for training sample (epoch, index); see the module doc."""
+    import PIL
     import timm
+    import torchvision
+
+    from .. import __version__
 
     def plain(value):
         return list(value) if isinstance(value, tuple) else value
@@ -212,6 +216,9 @@ def cache_key(cfg, teacher: Teacher, *, num_train: int, data_mean: Sequence[floa
         "compute": {"device": device_type, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
                     "channels_last": bool(channels_last), "store": store_dtype, "torch": torch.__version__,
                     "timm": timm.__version__},
+        # the code that decides which image sample i of epoch e is (seeding, subsets, transforms, decoding)
+        "code": {"crossdistill": __version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+                 "numpy": np.__version__},
     }
 
 

@@ -189,6 +189,37 @@ def use_channels_last(distiller: nn.Module) -> bool:
     return student_cl
 
 
+def collect_nonfinite_now(pending: int, every: int, *, global_step: int, last_step: bool, checkpoint_now: bool,
+                          report_now: bool, stop_requested: bool, watching_stop: bool, distributed: bool) -> bool:
+    """Whether to read the deferred finiteness flags after this step (one host sync).
+
+    Under DDP every rank must collect at the same steps: collecting may stop the run (too many
+    non-finite steps), and a rank that stops early leaves the others waiting in a collective. So
+    only steps every rank knows are used there: every ``every`` pending steps, the epoch's last
+    step, a checkpoint, and the stop-signal check every 10 steps, not rank 0's progress-bar
+    updates or a signal only one rank received.
+    """
+    if pending >= every or last_step or checkpoint_now:
+        return True
+    if distributed:
+        return watching_stop and (global_step + 1) % 10 == 0
+    return report_now or stop_requested
+
+
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+"""Optimiser group options that choose a kernel, not the maths: this run's choice, not the checkpoint's."""
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the kernel choice of ``optimizer`` (fused or not):
+    torch copies the checkpoint's flags into the groups, so a checkpoint written with a non-fused optimiser
+    (another device, an older version) would silently turn fusion, and skipping steps on the device, off."""
+    chosen = [{k: group[k] for k in IMPLEMENTATION_FLAGS if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, chosen):
+        group.update(flags)
+
+
 def use_sync_batchnorm(distiller: nn.Module) -> int:
     """Turn the BatchNorm layers of the trainable modules of ``distiller`` (student, projectors; not the
     frozen teacher, which keeps its running statistics) into SyncBatchNorm; returns how many."""
@@ -263,6 +294,7 @@ class TrainStep:
         self.finite_check_every = finite_check_every if can_skip_on_device and scaler is None else 1
         self.pending: list[tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = []
         self.updates = 0
+        self._state_ready = False
 
     @property
     def deferred(self) -> bool:
@@ -333,7 +365,7 @@ class TrainStep:
             return StepResult(output, loss, grad_norm, scaler_skipped=(self._scale() < before).float())
         loss.backward()
         grad_norm = self.clip_or_norm()
-        if self.deferred and self.updates > 0:  # (a fused optimiser's first step must not be skipped)
+        if self.deferred and self.optimizer_state_ready():
             bad = self.nonfinite_flag(loss, grad_norm)
             optimizer.found_inf, optimizer.grad_scale = bad.float(), None
             try:
@@ -348,6 +380,28 @@ class TrainStep:
         optimizer.step()
         self.updates += 1
         return StepResult(output, loss, grad_norm)
+
+    def optimizer_state_ready(self) -> bool:
+        """Whether every parameter with a gradient already has its optimiser state (momentum, Adam moments).
+
+        A fused optimiser creates that state on a parameter's first update; told to skip that update
+        (``found_inf``) it leaves the state uninitialised, and the next step uses garbage. So a
+        parameter's first update always takes the per-step (host) check; once every trainable parameter
+        has its state, the answer is cached."""
+        if self._state_ready:
+            return True
+        state, stateless_sgd = self.optimizer.state, isinstance(self.optimizer, torch.optim.SGD)
+        missing = first_update = False
+        for group in self.optimizer.param_groups:
+            if stateless_sgd and not group.get("momentum", 0):
+                continue  # plain SGD keeps no state
+            for p in group["params"]:
+                if p in state and state[p]:
+                    continue
+                missing = True
+                first_update = first_update or p.grad is not None
+        self._state_ready = not missing
+        return not first_update
 
     def _scale(self) -> torch.Tensor:
         """The scaler's current scale as a device tensor (a copy: ``update`` changes it in place), no sync."""
@@ -645,7 +699,7 @@ class Trainer:
             module.load_state_dict(state["extras"][name])
         if self.ema is not None and state.get("student_ema") is not None:
             self.ema.module.load_state_dict(state["student_ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
@@ -811,9 +865,11 @@ class Trainer:
             last_step = step + 1 == self.steps_per_epoch
             checkpoint_now = bool(every and (global_step + 1) % every == 0 and not last_step)
             report_now = progress is not None and (step % 20 == 0 or last_step)
-            if self.step_fn.pending and (
-                    len(self.step_fn.pending) >= self.step_fn.finite_check_every or last_step or checkpoint_now
-                    or report_now or (stop is not None and (stop.requested or (self.env.distributed and (global_step + 1) % 10 == 0)))):
+            if self.step_fn.pending and collect_nonfinite_now(
+                    len(self.step_fn.pending), self.step_fn.finite_check_every, global_step=global_step,
+                    last_step=last_step, checkpoint_now=checkpoint_now, report_now=report_now,
+                    stop_requested=stop is not None and stop.requested, watching_stop=stop is not None,
+                    distributed=self.env.distributed):
                 found = self._collect_nonfinite()  # deferred check: one sync every N steps
                 steps -= found
                 skipped += found
