@@ -242,3 +242,18 @@ def test_resume_removes_the_torn_temporary_files_of_a_killed_checkpoint_write(tm
     assert not any(path.exists() for path in torn)
     assert keep.exists() and (run_dir / "last.pt").exists()
     assert "removed 2 unfinished checkpoint write(s)" in out.getvalue()
+
+
+def test_mid_epoch_resume_with_another_process_count_is_a_clear_error(tmp_path):
+    import io
+
+    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1}, data={"train_subset": 128})
+    Trainer(build_config(raw), out=io.StringIO()).fit()
+    path = tmp_path / "runs" / "run" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state.update(step=2, world_size=2)  # as a mid-epoch checkpoint of a 2-process run
+    save_atomic(state, path)
+    raw["train"]["epochs"] = 2
+    with pytest.raises(CrossDistillError, match=r"middle of an epoch by 2 process\(es\), and this run has 1.*"
+                                                r"Resume with 2 process\(es\), or delete"):
+        Trainer(build_config(raw), resume=True, out=io.StringIO())

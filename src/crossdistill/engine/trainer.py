@@ -688,6 +688,14 @@ class Trainer:
         state = load_weights_file(path)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CrossDistillError(f"{path} is not a crossdistill run checkpoint (format {state.get('format')!r})")
+        saved_world = int(state.get("world_size", self.env.world_size))
+        if int(state.get("step", 0)) and saved_world != self.env.world_size:
+            raise CrossDistillError(
+                f"{path} was written in the middle of an epoch by {saved_world} process(es), and this run has "
+                f"{self.env.world_size}: the samples already trained on are counted per process, so a mid-epoch "
+                f"resume needs the same number. Resume with {saved_world} process(es), or delete "
+                f"{self.run_dir / STEP_DIR} and {self.run_dir / LATEST} to restart from the last epoch-end "
+                f"checkpoint ({CHECKPOINT}).")
         self.student.load_state_dict(state["student"])
         extras = self.distiller.extra_modules()
         if set(extras) != set(state["extras"]):
