@@ -95,6 +95,15 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def gathered_rng_states(env: DistEnv) -> list[dict[str, Any]] | None:
+    """Every rank's RNG state, in rank order (all ranks must call it); None in one process."""
+    if not env.distributed:
+        return None
+    states: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
@@ -659,8 +668,12 @@ class Trainer:
         """Mid-epoch checkpoint under checkpoints/, keeping the newest ``train.keep_step_checkpoints``."""
         folder = self.run_dir / STEP_DIR
         path = folder / f"step-{epoch * self.steps_per_epoch + step:09d}.pt"
+        per_rank = gathered_rng_states(self.env)  # mid-epoch: each rank continues its own random streams
         if self.env.is_main:
-            save_atomic(self._state(epoch, step, partial), path)
+            state = self._state(epoch, step, partial)
+            if per_rank is not None:
+                state["rng_per_rank"] = per_rank
+            save_atomic(state, path)
             self._write_latest(path, epoch, step)
             for old in sorted(folder.glob("step-*.pt"))[: -self.cfg.train.keep_step_checkpoints]:
                 old.unlink(missing_ok=True)
@@ -712,7 +725,8 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        set_rng_state(per_rank[self.env.rank] if per_rank and len(per_rank) == self.env.world_size else state["rng"])
         self.best = dict(state["best"])
         self.history = list(state.get("history", []))
         self.start_epoch = int(state["epoch"])
