@@ -229,3 +229,27 @@ def test_lookup_validates_indices(tmp_path):
         cache.lookup(torch.tensor([1, 2]), torch.zeros(3, 3, 8, 8), fill)
     assert cache.epoch_complete(0) is False
     cache.close()
+
+
+def test_a_setup_failure_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 creates the cache files; if that fails, the other ranks must not wait for it in a barrier:
+    the flag every rank agrees on makes them all stop (here the flags of a 2-rank run are simulated)."""
+    key = {"teacher": {"name": "t"}}
+    args = (tmp_path, key, ("embedding",), {"embedding": 4}, 10)
+    TeacherCache(*args, log=lambda m: None)  # the directory, with this key's key.json
+    other_key = {"teacher": {"name": "t"}, "seed": 1}
+    clash = tmp_path / f"t-{key_digest(other_key)[:16]}"
+    clash.mkdir()
+    (clash / "key.json").write_text(json.dumps({"digest": "0" * 64, "key": {}}))
+    agreed = []
+
+    def agree(ok):  # rank 0's flag is False: the all-reduced answer every rank gets
+        agreed.append(ok)
+        return False
+
+    with pytest.raises(CrossDistillError, match="holds outputs for another key"):
+        TeacherCache(tmp_path, other_key, ("embedding",), {"embedding": 4}, 10, agree=agree, log=lambda m: None)
+    assert agreed == [False]
+    with pytest.raises(CrossDistillError, match="failed on rank 0"):  # another rank: its own work succeeded
+        TeacherCache(tmp_path, other_key, ("embedding",), {"embedding": 4}, 10, is_main=False,
+                     agree=lambda ok: False, log=lambda m: None)

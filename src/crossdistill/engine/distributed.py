@@ -59,6 +59,15 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
+def all_ranks_ok(env: DistEnv, ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (a barrier that also carries a flag)."""
+    if not env.distributed:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=env.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()

@@ -326,13 +326,13 @@ class TeacherCache:
 
     def __init__(self, root: str | Path, key: dict[str, Any], outputs: Sequence[str], widths: dict[str, int],
                  num_rows: int, *, store_dtype: str = "fp16", is_main: bool = True,
-                 barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = print):
+                 agree: Callable[[bool], bool] = lambda ok: ok, log: Callable[[str], None] = print):
         self.key = key
         self.outputs = tuple(outputs)
         self.widths = dict(widths)
         self.num_rows = int(num_rows)
         self.np_dtype = np.float16 if store_dtype == "fp16" else np.float32
-        self.is_main, self.barrier, self.log = is_main, barrier, log
+        self.is_main, self.agree, self.log = is_main, agree, log
         digest = key_digest(key)
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(key["teacher"]["name"]))
         self.dir = Path(root).expanduser() / f"{name}-{digest[:16]}"
@@ -340,9 +340,22 @@ class TeacherCache:
         self.stores: dict[str, _Store] = {}
         self.hits = self.misses = 0
         self._warned: set[str] = set()
-        if is_main:
-            self._init_dir(digest)
-        barrier()
+        self._on_main_then_agree(lambda: self._init_dir(digest))
+
+    def _on_main_then_agree(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the main rank, then let every rank learn whether it succeeded (``agree``: a
+        barrier that also all-reduces a flag): a failure there stops every rank instead of leaving the
+        others waiting."""
+        error = None
+        if self.is_main:
+            try:
+                work()
+            except (CrossDistillError, OSError) as err:
+                error = err
+        if not self.agree(error is None):
+            if error is not None:
+                raise error
+            raise CrossDistillError(f"setting up the teacher cache {self.dir} failed on rank 0 (see its message)")
 
     def _init_dir(self, digest: str) -> None:
         try:
@@ -382,11 +395,12 @@ class TeacherCache:
         self.close()
         folder = self.dir / f"epoch-{epoch:04d}"
         stores = {o: _Store(folder, o, self.num_rows, self.widths[o], self.np_dtype, self.warn) for o in self.outputs}
-        if self.is_main:
+        def prepare() -> None:
             folder.mkdir(parents=True, exist_ok=True)
             for store in stores.values():
                 store.prepare()
-        self.barrier()
+
+        self._on_main_then_agree(prepare)
         for store in stores.values():
             store.open()
         self.stores, self.epoch = stores, epoch

@@ -23,7 +23,7 @@ from .. import __version__
 from ..checkpoint import load_weights_file, remove_torn_files, save_atomic
 from ..config import RunConfig, save_config, with_absolute_paths
 from ..errors import CrossDistillError
-from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from .distributed import DistEnv, all_ranks_ok, all_reduce_sum, barrier, init_distributed, shutdown
 from .metrics import MetricsLog, topk_correct
 from .preemption import EXIT_PREEMPTED, Preempted, StopSignal
 from .sampling import ResumableSampler, SampleSeededDataset
@@ -537,7 +537,7 @@ class Trainer:
         rank = f"[rank {self.env.rank}] " if self.env.distributed else ""
         cache = TeacherCache(cache_dir, key, outputs, cache_widths(outputs, teacher, self.num_classes),
                              len(self.data.train), store_dtype=cfg.train.teacher_cache_dtype, is_main=self.env.is_main,
-                             barrier=lambda: barrier(self.env),
+                             agree=lambda ok: all_ranks_ok(self.env, ok),
                              log=lambda message: print(rank + message, file=self.out, flush=True))
         self.print(cache.describe())
         return feed, cache
