@@ -57,3 +57,22 @@ def ops_called(fn, *args) -> set[str]:
     with Record() as mode:
         fn(*args)
     return mode.names
+
+
+@pytest.fixture
+def rsd_nan_at_calls_3_and_4(monkeypatch):
+    """The RSD loss term is NaN at the 3rd and 4th forward; returns the call counter ({"n": calls so far})."""
+    from crossdistill.distillers.rsd import RSD
+
+    original = RSD.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, x, target):
+        out = original(self, x, target)
+        calls["n"] += 1
+        if calls["n"] in (3, 4):
+            out.losses["rsd"] = out.losses["rsd"] * float("nan")
+        return out
+
+    monkeypatch.setattr(RSD, "forward", sometimes_nan)
+    return calls

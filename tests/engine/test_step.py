@@ -13,22 +13,9 @@ from conftest import tiny_run
 
 
 @pytest.fixture
-def fused_nan_run(monkeypatch):
+def fused_nan_run(rsd_nan_at_calls_3_and_4):
     """NaN losses at the 3rd and 4th forward (the engine's optimisers are fused on CPU and CUDA)."""
-    from crossdistill.distillers.rsd import RSD
-
-    original = RSD.forward
-    calls = {"n": 0}
-
-    def sometimes_nan(self, x, target):
-        out = original(self, x, target)
-        calls["n"] += 1
-        if calls["n"] in (3, 4):
-            out.losses["rsd"] = out.losses["rsd"] * float("nan")
-        return out
-
-    monkeypatch.setattr(RSD, "forward", sometimes_nan)
-    return calls
+    return rsd_nan_at_calls_3_and_4
 
 
 def _train(tmp_path, name, every, calls, **train):
