@@ -18,11 +18,11 @@ all have one size and be held in memory (digits, CIFAR, an archive of equally si
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
+from torchvision.transforms import RandomResizedCrop
 
 PARAMS = 5
 """Per-sample parameters: top, left, height, width of the crop box, flip (0 or 1)."""
@@ -40,30 +40,6 @@ def unsupported_options(data_cfg) -> list[str]:
     return bad
 
 
-def crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
-    """A RandomResizedCrop box ``(top, left, h, w)`` drawn from torch's default generator, exactly as
-    ``torchvision.transforms.RandomResizedCrop.get_params`` draws it (10 tries, then a centre crop)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, size=(1,)).item())
-            left = int(torch.randint(0, width - w + 1, size=(1,)).item())
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 class CropParams:
     """The training transform of the device pipeline: an HWC uint8 image (array or PIL) to
     ``(uint8 tensor [3, H, W], float32 tensor [5] of crop box and flip)``; no pixel is touched."""
@@ -77,10 +53,10 @@ class CropParams:
         array = np.asarray(image)
         if array.ndim == 2:
             array = np.repeat(array[:, :, None], 3, axis=2)
-        height, width = array.shape[:2]
-        top, left, h, w = crop_box(height, width, self.scale, self.ratio)
-        flip = float(torch.rand(1).item() < self.hflip) if self.hflip > 0 else 0.0
         pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        # drawn from torch's default generator, which the per-sample seeding has just seeded
+        top, left, h, w = RandomResizedCrop.get_params(pixels, list(self.scale), list(self.ratio))
+        flip = float(torch.rand(1).item() < self.hflip) if self.hflip > 0 else 0.0
         return pixels, torch.tensor([top, left, h, w, flip], dtype=torch.float32)
 
     def __repr__(self) -> str:
@@ -128,4 +104,4 @@ class DeviceAugment:
         return f"DeviceAugment(size={self.size})"
 
 
-__all__ = ["CropParams", "DeviceAugment", "PARAMS", "crop_box", "unsupported_options"]
+__all__ = ["CropParams", "DeviceAugment", "PARAMS", "unsupported_options"]
