@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from torchvision import transforms as T
 
 from crossdistill.config import DataConfig
 from crossdistill.data import DATASETS, DataBundle, balanced_subset, build_data
+from crossdistill.data import archive as archive_module
 from crossdistill.data.datasets import DIGITS_MEAN, DIGITS_STD, digits_arrays
 from crossdistill.errors import CrossDistillError
 
@@ -473,3 +476,49 @@ def test_archive_skip_corrupt_drops_the_member_and_the_cache_remembers(tmp_path,
     with pytest.raises(CrossDistillError, match=r"1 image\(s\) that cannot be decoded: 'test/dog/broken\.jpg'; "
                                                 r"set data.skip_corrupt=true"):
         build_data(folder_cfg(archive, cache), STUDENT)
+
+
+# ---------------------------------------------------------------- issue 13: nothing silently altered or blown up
+
+
+def test_archive_member_over_the_size_limit_is_refused_unread(tmp_path, cache):
+    """A member whose header claims 1 GiB is refused before reading: here its data is not even there."""
+    image = png_bytes()
+    small = tarfile.TarInfo("train/cat/0000.png")
+    small.size = len(image)
+    huge = tarfile.TarInfo("train/cat/huge.png")
+    huge.size = 1024**3
+    archive = tmp_path / "huge.tar.gz"
+    with gzip.open(archive, "wb") as out:  # tar blocks written by hand: 4 kB follow the 1 GiB header
+        out.write(small.tobuf() + image.ljust(-(-len(image) // 512) * 512, b"\0") + huge.tobuf() + b"\0" * 4096)
+    with pytest.raises(CrossDistillError, match=r"archive member 'train/cat/huge\.png' of '.*huge\.tar\.gz' as an "
+                                                r"image: it is 1073741824 bytes, more than the 268435456 allowed for "
+                                                r"one image file \(crossdistill.data.archive.MAX_MEMBER_BYTES\); "
+                                                r"downscale or compress it"):
+        build_data(folder_cfg(archive, cache), STUDENT)
+
+
+def test_archive_member_over_the_size_limit_is_skipped_with_skip_corrupt(tmp_path, tree, cache, monkeypatch):
+    archive = make_tar(tree, tmp_path / "data.tar")
+    with tarfile.open(archive, "a") as tar:
+        add_bytes(tar, "train/cat/big.png", png_bytes() + b"\0" * 4000)  # still a decodable PNG
+    monkeypatch.setattr(archive_module, "MAX_MEMBER_BYTES", 4000)
+    with pytest.raises(CrossDistillError, match=r"'train/cat/big\.png'.*4[0-9]{3} bytes, more than the 4000 allowed"):
+        build_data(folder_cfg(archive, cache), STUDENT)
+    b = build_data(folder_cfg(archive, cache, skip_corrupt=True), STUDENT)
+    assert len(b.train) == 6
+
+
+def test_archive_cache_of_an_older_decoder_is_decoded_again(tmp_path, tree, cache, monkeypatch):
+    """Version-1 caches hold 16-bit images clipped to 0/255: they must not be reused."""
+    archive = make_tar(tree, tmp_path / "data.tar")
+    build_data(folder_cfg(archive, cache), STUDENT)
+    meta_file = next(cache.glob("archives/*/meta.json"))
+    meta = json.loads(meta_file.read_text())
+    meta["version"] = 1
+    meta_file.write_text(json.dumps(meta))
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **kw: opened.append(a) or real_open(*a, **kw))
+    build_data(folder_cfg(archive, cache), STUDENT)
+    assert len(opened) == 1 and json.loads(meta_file.read_text())["version"] == archive_module.CACHE_VERSION

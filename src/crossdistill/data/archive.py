@@ -6,7 +6,8 @@ Expected layout inside the archive (optionally under one top-level directory)::
 
 The archive is iterated member by member (``tarfile.open(..., "r|*")``: no random
 access, which is very slow for ``.tar.gz``) and nothing is ever extracted to disk.
-Every image is decoded once with PIL to a uint8 RGB array; the arrays are written to
+Every image is decoded once with PIL to a uint8 RGB array (:func:`.images.decode_rgb`: high bit depths
+scaled, at most ``MAX_IMAGE_PIXELS`` pixels, members of at most :data:`MAX_MEMBER_BYTES`); the arrays are written to
 ``<cache root>/archives/<name>-<key>/`` (one ``.npz`` per split plus ``meta.json``)
 where ``key`` hashes the archive's absolute path, size and modification time, so a
 changed or moved archive is decoded afresh. Files are written atomically (temporary
@@ -29,15 +30,18 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 import numpy as np
-from PIL import Image
 
 from ..errors import CrossDistillError
+from .images import ImageRejected, decode_rgb
 
 logger = logging.getLogger("crossdistill.data")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 LAYOUT = "<split>/<class>/<image> (optionally under one top-level directory)"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: high-bit-depth images scaled, not clipped (version-1 caches are decoded afresh)
+MAX_MEMBER_BYTES = 256 * 1024**2
+"""Largest image member read from an archive, checked from its header before any byte is read: 3 bytes for
+each of :data:`~crossdistill.data.images.MAX_IMAGE_PIXELS` pixels, room for any compressed image within that limit."""
 
 Images = Union[np.ndarray, list]
 """uint8 RGB pixels: one [N, H, W, 3] array when all images share a size, else a list of [H, W, 3] arrays."""
@@ -215,10 +219,19 @@ def _member_parts(member: tarfile.TarInfo, archive: Path) -> tuple[str, ...]:
 
 def _decode_image(data: bytes, what: str) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return np.asarray(decode_rgb(io.BytesIO(data)), dtype=np.uint8)
+    except ImageRejected as err:
         raise CrossDistillError(f"cannot decode {what} as an image: {err}") from None
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, what: str) -> bytes:
+    """The bytes of an image member, refused from its header when larger than :data:`MAX_MEMBER_BYTES`."""
+    if member.size > MAX_MEMBER_BYTES:
+        raise CrossDistillError(
+            f"cannot decode {what} as an image: it is {member.size} bytes, more than the {MAX_MEMBER_BYTES} allowed "
+            "for one image file (crossdistill.data.archive.MAX_MEMBER_BYTES); downscale or compress it")
+    fileobj = tar.extractfile(member)
+    return fileobj.read() if fileobj is not None else b""
 
 
 def _decode(path: Path, skip_corrupt: bool = False) -> tuple[dict[str, ArchiveSplit], list[str]]:
@@ -239,10 +252,9 @@ def _decode(path: Path, skip_corrupt: bool = False) -> tuple[dict[str, ArchiveSp
                     continue
                 if any(p.startswith(".") for p in parts):  # hidden files, e.g. macOS '._x.jpg'
                     continue
-                fileobj = tar.extractfile(member)
-                data = fileobj.read() if fileobj is not None else b""
+                what = f"archive member '{member.name}' of '{path}'"
                 try:
-                    arrays.append(_decode_image(data, f"archive member '{member.name}' of '{path}'"))
+                    arrays.append(_decode_image(_read_member(tar, member, what), what))
                 except CrossDistillError:
                     if not skip_corrupt:
                         raise

@@ -24,6 +24,7 @@ from ..config import DataConfig
 from ..errors import CrossDistillError
 from ..registry import Registry
 from .archive import IMG_EXTENSIONS, Images, default_cache_root, is_image_name, open_archive
+from .images import ImageRejected, decode_rgb
 from .transforms import build_transforms
 
 logger = logging.getLogger("crossdistill.data")
@@ -95,10 +96,9 @@ class FolderImageDataset(torch.utils.data.Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
+                img = decode_rgb(path)
                 break
-            except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            except ImageRejected as err:
                 if not self.skip_corrupt:
                     raise CrossDistillError(f"cannot decode image file '{path}': {err}"
                                             " (data.skip_corrupt=true replaces such images)") from None
