@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -507,6 +508,79 @@ def test_archive_member_over_the_size_limit_is_skipped_with_skip_corrupt(tmp_pat
         build_data(folder_cfg(archive, cache), STUDENT)
     b = build_data(folder_cfg(archive, cache, skip_corrupt=True), STUDENT)
     assert len(b.train) == 6
+
+
+@pytest.mark.parametrize("target", [".", "..", "../..", "../../.."])
+def test_folder_link_back_to_an_ancestor_is_not_followed(tree, caplog, target):
+    """A link loop in train/cat multiplied the class about 40 times (and '..' pulled in the other classes)."""
+    (tree / "train" / "cat" / "loop").symlink_to(target, target_is_directory=True)
+    with caplog.at_level("WARNING", logger="crossdistill.data"):
+        b = build_data(folder_cfg(tree), STUDENT)
+    assert (len(b.train), b.train.targets) == (6, [0, 0, 0, 1, 1, 1])
+    assert [Path(p).name for p, _ in b.train.samples] == ["0000.png", "0001.png", "0002.png"] * 2
+    assert all("/loop" not in p for p, _ in b.train.samples)
+    assert any("train/cat/loop" in r.getMessage() and "link loop" in r.getMessage() for r in caplog.records)
+
+
+def test_folder_links_count_each_real_file_once(tmp_path, tree):
+    outside = tmp_path / "outside"
+    (outside / "more").mkdir(parents=True)
+    _image(0, 7).save(outside / "more" / "0007.png")
+    _image(0, 8).save(outside / "0008.png")
+    cat = tree / "train" / "cat"
+    (cat / "a_more").symlink_to(outside / "more", target_is_directory=True)  # two links to one directory
+    (cat / "b_more").symlink_to(outside / "more", target_is_directory=True)
+    (cat / "sub").mkdir()
+    (cat / "sub" / "again").symlink_to(outside / "more", target_is_directory=True)
+    (cat / "0008.png").symlink_to(outside / "0008.png")  # a link to a file outside the tree still counts
+    (cat / "copy.png").symlink_to(cat / "0000.png")  # a second name for a file already counted
+    b = build_data(folder_cfg(tree), STUDENT)
+    names = sorted(Path(p).relative_to(cat).as_posix() for p, y in b.train.samples if y == 0)
+    assert names == ["0000.png", "0001.png", "0002.png", "0008.png", "a_more/0007.png"]
+
+
+def test_folder_link_to_an_inner_directory_keeps_the_real_path(tree):
+    cat = tree / "train" / "cat"
+    (cat / "z" / "inner").mkdir(parents=True)
+    _image(0, 5).save(cat / "z" / "inner" / "0005.png")
+    (cat / "a_link").symlink_to(cat / "z" / "inner", target_is_directory=True)
+    b = build_data(folder_cfg(tree), STUDENT)
+    assert [Path(p).relative_to(cat).as_posix() for p, y in b.train.samples if y == 0] == [
+        "0000.png", "0001.png", "0002.png", "z/inner/0005.png"]
+
+
+@pytest.mark.parametrize("kind", ["directory", "archive"])
+@pytest.mark.parametrize("empty_split", ["train", "test"])
+def test_folder_empty_class_directory_is_named_as_empty(tmp_path, cache, kind, empty_split):
+    """It was reported as a class 'only in' the other split."""
+    root = make_tree(tmp_path / "t")
+    other = "test" if empty_split == "train" else "train"
+    make_tree(root, splits=(other,), classes=["eel"])
+    (root / empty_split / "eel").mkdir()
+    if kind == "archive":  # with its directory entries, as `tar czf` writes them
+        root = make_tar(root, tmp_path / "t.tar.gz")
+    with pytest.raises(CrossDistillError, match=rf"^class directory '{empty_split}/eel' of '.*t(\.tar\.gz)?' has no "
+                                                rf"images, but the '{other}' split has images of that class; add "
+                                                r"images there or remove the class from both splits$"):
+        build_data(folder_cfg(root, cache), STUDENT)
+
+
+def test_folder_unreadable_directory_is_an_error(tree, monkeypatch):
+    """os.walk skipped a directory it could not list: its images were silently missing."""
+    unreadable = tree / "train" / "cat" / "sub"
+    unreadable.mkdir()
+    _image(0, 5).save(unreadable / "0005.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(CrossDistillError, match=r"^cannot list directory '.*train/cat/sub' of the dataset: .*"
+                                                r"Permission denied.*; make it readable or move it out of data.root$"):
+        build_data(folder_cfg(tree), STUDENT)
 
 
 def test_archive_cache_of_an_older_decoder_is_decoded_again(tmp_path, tree, cache, monkeypatch):

@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -70,6 +70,7 @@ class ArchiveSplit:
     images: Images
     labels: np.ndarray  # int64 indices into ``classes``
     classes: list[str]
+    empty_classes: list[str] = field(default_factory=list)  # class directory members without images
 
 
 class DecodedArchive:
@@ -92,7 +93,8 @@ class DecodedArchive:
                 images: Images = npz["images"]
             else:
                 images = _unflatten(npz["pixels"], npz["shapes"])
-        return ArchiveSplit(images=images, labels=labels, classes=list(info["classes"]))
+        return ArchiveSplit(images=images, labels=labels, classes=list(info["classes"]),
+                            empty_classes=list(info.get("empty_classes", [])))
 
 
 def open_archive(path: str | Path, cache_root: str | Path | None = None, skip_corrupt: bool = False) -> DecodedArchive:
@@ -119,7 +121,8 @@ def open_archive(path: str | Path, cache_root: str | Path | None = None, skip_co
     for i, (name, split) in enumerate(sorted(splits.items())):
         fname = f"split{i}.npz"
         _atomic_write(cache_dir / fname, lambda f, s=split: np.savez(f, **_to_arrays(s)))
-        meta["splits"][name] = {"file": fname, "classes": split.classes, "count": int(len(split.labels))}
+        meta["splits"][name] = {"file": fname, "classes": split.classes, "count": int(len(split.labels)),
+                                "empty_classes": split.empty_classes}
     _atomic_write(cache_dir / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return DecodedArchive(path, cache_dir, meta)
 
@@ -240,6 +243,7 @@ def _decode(path: Path, skip_corrupt: bool = False) -> tuple[dict[str, ArchiveSp
 
     names: list[tuple[str, ...]] = []
     arrays: list[np.ndarray] = []
+    dirs: list[tuple[str, ...]] = []
     skipped: list[str] = []
     size = path.stat().st_size
     try:
@@ -248,6 +252,8 @@ def _decode(path: Path, skip_corrupt: bool = False) -> tuple[dict[str, ArchiveSp
         ) as bar:
             for member in tar:
                 parts = _member_parts(member, path)
+                if member.isdir() and parts and not any(p.startswith(".") for p in parts):
+                    dirs.append(parts)
                 if not member.isfile() or not parts or not is_image_name(parts[-1]):
                     continue
                 if any(p.startswith(".") for p in parts):  # hidden files, e.g. macOS '._x.jpg'
@@ -264,10 +270,12 @@ def _decode(path: Path, skip_corrupt: bool = False) -> tuple[dict[str, ArchiveSp
                 bar.update(raw.tell() - bar.n)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise CrossDistillError(f"cannot read '{path}' as a tar archive (.tar, .tar.gz, .tgz): {err}") from None
-    return _group(path, names, arrays), skipped
+    return _group(path, names, arrays, dirs), skipped
 
 
-def _group(path: Path, names: list[tuple[str, ...]], arrays: list[np.ndarray]) -> dict[str, ArchiveSplit]:
+def _group(path: Path, names: list[tuple[str, ...]], arrays: list[np.ndarray],
+           dirs: list[tuple[str, ...]] = ()) -> dict[str, ArchiveSplit]:
+    """The images grouped by split and class; ``dirs`` (directory members) name the empty class directories."""
     keep = [i for i, p in enumerate(names) if len(p) >= 3]
     if not keep:
         raise CrossDistillError(
@@ -297,6 +305,9 @@ def _group(path: Path, names: list[tuple[str, ...]], arrays: list[np.ndarray]) -
         split, cls, *rest = names[i][prefix:]
         grouped.setdefault(split, {}).setdefault(cls, []).append((tuple(rest), i))
 
+    top = names[keep[0]][:prefix]
+    class_dirs = {p[prefix:] for p in dirs if len(p) == prefix + 2 and p[:prefix] == top}
+
     out = {}
     for split, by_class in grouped.items():
         classes = sorted(by_class)
@@ -307,5 +318,7 @@ def _group(path: Path, names: list[tuple[str, ...]], arrays: list[np.ndarray]) -
                 labels.append(label)
         ims = [arrays[i] for i in order]
         images: Images = np.stack(ims) if len({im.shape for im in ims}) == 1 else ims
-        out[split] = ArchiveSplit(images=images, labels=np.asarray(labels, dtype=np.int64), classes=classes)
+        empty = sorted(c for s, c in class_dirs if s == split and c not in by_class)
+        out[split] = ArchiveSplit(images=images, labels=np.asarray(labels, dtype=np.int64), classes=classes,
+                                  empty_classes=empty)
     return out

@@ -225,7 +225,8 @@ def _layout_hint() -> str:
     )
 
 
-def _scan_split(root: Path, split: str) -> tuple[list[tuple[str, int]], list[str]]:
+def _scan_split(root: Path, split: str) -> tuple[list[tuple[str, int]], list[str], list[str]]:
+    """Samples and class names of ``root/split``, and the names of its class directories without images."""
     split_dir = root / split
     if not split_dir.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -233,22 +234,83 @@ def _scan_split(root: Path, split: str) -> tuple[list[tuple[str, int]], list[str
             f"'{root}' has no '{split}' directory (found: {', '.join(found) or 'none'}); {_layout_hint()}"
         )
     by_class: dict[str, list[str]] = {}
+    empty: list[str] = []
     for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel = Path(dirpath).relative_to(class_dir).parts
-            files += [(rel + (f,), os.path.join(dirpath, f)) for f in filenames if not f.startswith(".") and is_image_name(f)]
+        files = _image_files(class_dir)
         if files:
-            by_class[class_dir.name] = [path for _, path in sorted(files)]
+            by_class[class_dir.name] = files
+        else:
+            empty.append(class_dir.name)
     if not by_class:
         raise CrossDistillError(f"no images found under '{split_dir}'; {_layout_hint()}")
     classes = sorted(by_class)
     samples = [(path, label) for label, c in enumerate(classes) for path in by_class[c]]
-    return samples, classes
+    return samples, classes, empty
 
 
-def _check_classes(where: str, train: list[str], eval_: list[str], cfg: DataConfig) -> None:
+def _image_files(class_dir: Path) -> list[str]:
+    """The image files under ``class_dir`` at any depth, following links, each real file once.
+
+    Hidden names are skipped. Directories reached through links are entered after the real ones
+    and at most once, so a link back to an ancestor (a loop that would otherwise repeat the same
+    files until the path grows too long) or a second link to one directory adds no file twice.
+    Paths are returned sorted by their part below ``class_dir``.
+    """
+    found: dict[str, tuple[tuple[str, ...], str]] = {}  # real path -> (parts below class_dir, path)
+    real_class_dir = os.path.realpath(class_dir)
+    visited = {real_class_dir}
+    pending = [(str(class_dir), real_class_dir, ())]  # directories to scan: (path, real path, parts)
+    linked: list[tuple[str, str, tuple[str, ...]]] = []  # directories reached through a link, scanned last
+    while pending or linked:
+        if pending:
+            dirpath, real_dir, rel = pending.pop()
+        else:
+            dirpath, real_dir, rel = linked.pop(0)
+            if real_dir in visited:
+                continue
+            visited.add(real_dir)
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            raise CrossDistillError(f"cannot list directory '{dirpath}' of the dataset: {err}; make it readable "
+                                    "or move it out of data.root") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            is_link = entry.is_symlink()
+            real = os.path.realpath(entry.path) if is_link else os.path.join(real_dir, entry.name)
+            if entry.is_dir():
+                child = (entry.path, real, rel + (entry.name,))
+                if is_link and (real == real_dir or real_dir.startswith(real.rstrip(os.sep) + os.sep)):
+                    logger.warning("not following '%s': it links to '%s', which contains it (a link loop)",
+                                   entry.path, real)
+                elif is_link:
+                    linked.append(child)
+                elif real not in visited:
+                    visited.add(real)
+                    pending.append(child)
+            elif is_image_name(entry.name):
+                item = (rel + (entry.name,), entry.path)
+                if real not in found or item < found[real]:
+                    found[real] = item
+    return [path for _, path in sorted(found.values())]
+
+
+def _check_classes(where: str, train: list[str], eval_: list[str], cfg: DataConfig,
+                   empty: Mapping[str, Sequence[str]] | None = None) -> None:
+    """Both splits must have the same classes; ``empty`` (split -> class directories without images) explains
+    a class that one split lacks only because its directory there is empty."""
+    for split, other, other_classes in ((cfg.train_split, cfg.eval_split, eval_), (cfg.eval_split, cfg.train_split, train)):
+        hollow = sorted(set((empty or {}).get(split, ())) & set(other_classes))
+        if hollow:
+            names = ", ".join(f"'{split}/{c}'" for c in hollow)
+            raise CrossDistillError(
+                f"class director{'y' if len(hollow) == 1 else 'ies'} {names} of '{where}' "
+                f"{'has' if len(hollow) == 1 else 'have'} no images, but the '{other}' split has images of "
+                f"{'that class' if len(hollow) == 1 else 'those classes'}; add images there or remove the class "
+                "from both splits"
+            )
     if train != eval_:
         only_train = sorted(set(train) - set(eval_))
         only_eval = sorted(set(eval_) - set(train))
@@ -267,11 +329,12 @@ def build_folder(cfg: DataConfig) -> SplitData:
     if not root.exists():
         raise CrossDistillError(f"data.root '{root}' does not exist; {_layout_hint()}")
     if root.is_dir():
-        (train_samples, train_classes), (eval_samples, eval_classes) = (
+        (train_samples, train_classes, train_empty), (eval_samples, eval_classes, eval_empty) = (
             _scan_split(root, cfg.train_split),
             _scan_split(root, cfg.eval_split),
         )
-        _check_classes(str(root), train_classes, eval_classes, cfg)
+        _check_classes(str(root), train_classes, eval_classes, cfg,
+                       empty={cfg.train_split: train_empty, cfg.eval_split: eval_empty})
         return SplitData(
             FolderImageDataset(train_samples, train_classes, skip_corrupt=cfg.skip_corrupt),
             FolderImageDataset(eval_samples, eval_classes, skip_corrupt=cfg.skip_corrupt),
@@ -279,7 +342,7 @@ def build_folder(cfg: DataConfig) -> SplitData:
         )
 
     archive = open_archive(root, cfg.cache_dir, skip_corrupt=cfg.skip_corrupt)
-    datasets = {}
+    datasets, empty = {}, {}
     for split in (cfg.train_split, cfg.eval_split):
         if split not in archive.splits:
             raise CrossDistillError(
@@ -288,8 +351,9 @@ def build_folder(cfg: DataConfig) -> SplitData:
             )
         data = archive.load(split)
         datasets[split] = ArrayImageDataset(data.images, data.labels, data.classes)
+        empty[split] = data.empty_classes
     train, eval_ = datasets[cfg.train_split], datasets[cfg.eval_split]
-    _check_classes(str(root), train.classes, eval_.classes, cfg)
+    _check_classes(str(root), train.classes, eval_.classes, cfg, empty=empty)
     return SplitData(train, eval_, list(train.classes))
 
 
