@@ -301,15 +301,16 @@ def _check_classes(where: str, train: list[str], eval_: list[str], cfg: DataConf
                    empty: Mapping[str, Sequence[str]] | None = None) -> None:
     """Both splits must have the same classes; ``empty`` (split -> class directories without images) explains
     a class that one split lacks only because its directory there is empty."""
-    for split, other, other_classes in ((cfg.train_split, cfg.eval_split, eval_), (cfg.eval_split, cfg.train_split, train)):
+    for split, other, other_classes in ((cfg.train_split, cfg.eval_split, eval_),
+                                        (cfg.eval_split, cfg.train_split, train)):
         hollow = sorted(set((empty or {}).get(split, ())) & set(other_classes))
         if hollow:
             names = ", ".join(f"'{split}/{c}'" for c in hollow)
             raise CrossDistillError(
                 f"class director{'y' if len(hollow) == 1 else 'ies'} {names} of '{where}' "
                 f"{'has' if len(hollow) == 1 else 'have'} no images, but the '{other}' split has images of "
-                f"{'that class' if len(hollow) == 1 else 'those classes'}; add images there or remove the class "
-                "from both splits"
+                f"{'that class' if len(hollow) == 1 else 'those classes'}; add images there or remove "
+                f"{'the class' if len(hollow) == 1 else 'them'} from both splits"
             )
     if train != eval_:
         only_train = sorted(set(train) - set(eval_))
