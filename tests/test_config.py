@@ -102,3 +102,88 @@ def test_input_paths_become_absolute(tmp_path, monkeypatch):
     assert cfg.teacher.checkpoint == str(tmp_path / "teachers" / "t.pt")
     assert cfg.data.root == str(tmp_path / "data" / "cifar.tar.gz")
     assert cfg.data.cache_dir is None and cfg.student.checkpoint is None
+
+
+# --- YAML as users write it; configs that expand to huge sizes -------------------------------------------
+
+
+def test_floats_in_exponent_notation_are_floats(tmp_path):
+    """PyYAML follows YAML 1.1, whose floats need a dot: ``1e-3`` was the string '1e-3'."""
+    raw = tiny_run(tmp_path)
+    raw["optim"]["lr"] = "LR"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("LR", "1e-3") + "method_args: {kappa: 2E-2, weight: 1e+0}\n")
+    cfg = load_config(path, ["optim.min_lr=1e-6", "optim.weight_decay=5e-4", "train.ema_decay=.999"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.min_lr == 1e-6 and cfg.optim.weight_decay == 5e-4
+    assert cfg.train.ema_decay == 0.999 and cfg.method_args == {"kappa": 0.02, "weight": 1.0}
+    # the rest of YAML's scalars are read as before
+    cfg = build_config(apply_overrides(tiny_run(tmp_path), ["train.run_name=1e", "train.epochs=3"]))
+    assert cfg.train.run_name == "1e" and cfg.train.epochs == 3
+
+
+def alias_bomb(levels: int = 10, width: int = 4) -> str:
+    """A ~1 KB YAML mapping whose aliases expand to width**levels values (a 'billion laughs')."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+    return "{" + ", ".join(lines) + "}"
+
+
+def test_yaml_alias_bomb_is_refused_while_loading(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(yaml.safe_dump(tiny_run(tmp_path)) + "student:\n  name: test_resnet\n  kwargs: "
+                    + alias_bomb() + "\n")
+    assert path.stat().st_size < 2000
+    with pytest.raises(ConfigError, match=r"bomb\.yaml expands to more than 100,000 values"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'student.kwargs' expands to more than 100,000 values"):
+        apply_overrides(tiny_run(tmp_path), ["student.kwargs=" + alias_bomb()])
+    # text: 10,000 characters repeated 200 times
+    repeated = ", ".join(["*text"] * 200)
+    path.write_text(f"text: &text {'x' * 10_000}\nstudent: {{name: test_resnet, kwargs: {{many: [{repeated}]}}}}\n")
+    with pytest.raises(ConfigError, match=r"bomb\.yaml expands to more than 1,000,000 characters of text"):
+        load_config(path)
+    # an alias inside itself is an endless structure
+    path.write_text("student: &me {name: test_resnet, kwargs: {again: *me}}\n")
+    with pytest.raises(ConfigError, match="more than"):
+        load_config(path)
+    # a config with a few aliases is fine
+    path.write_text("base: base.yaml\ndata: {scale: &range [0.5, 1.0], ratio: *range}\n"
+                    "train: {epochs: &n 3, eval_every: *n}\n")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_run(tmp_path)))
+    cfg = load_config(path)
+    assert cfg.data.ratio == cfg.data.scale == (0.5, 1.0) and cfg.train.eval_every == cfg.train.epochs == 3
+
+
+def test_text_that_is_not_a_config_gives_one_clear_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    for content, match in [
+        ("a: " + "[" * 2000 + "]" * 2000, "cannot parse .*nests"),
+        ("a: " + "[" * 60 + "]" * 60, "nests mappings or lists more than 50 levels"),
+        ("a: " + "1" * 5000, "cannot parse"),
+        ("student: [a, b\ntrain: {", r"cannot parse .*: while parsing a flow sequence \(line 1, column 10\): "
+                                     r"expected ',' or '\]', but got ':' \(line 2, column 6\)$"),
+    ]:
+        path.write_text(content)
+        with pytest.raises(ConfigError, match=match) as info:
+            load_config(path)
+        assert "\n" not in str(info.value)
+    path.write_bytes(b"\x80\x04\x95 a pickle, not YAML")
+    with pytest.raises(ConfigError, match="not a text"):
+        load_config(path)
+
+
+def test_messages_show_at_most_200_characters_of_a_value(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        build_config(apply_overrides(tiny_run(tmp_path), ["train.batch_size=" + "x" * 100_000]))
+    assert str(info.value).startswith("config key 'train.batch_size': expected int, got str 'xxx")
+    assert len(str(info.value)) < 300
+    raw = tiny_run(tmp_path)
+    raw["data"]["scale"] = list(range(10_000))
+    with pytest.raises(ConfigError, match="expected 2 values, got 10000") as info:
+        build_config(raw)
+    assert len(str(info.value)) < 300
+    raw = tiny_run(tmp_path)
+    raw["train"]["k" * 100_000] = 1
+    with pytest.raises(ConfigError, match="unknown config key") as info:
+        build_config(raw)
+    assert len(str(info.value)) < 300

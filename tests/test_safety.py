@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import tarfile
 
 import pytest
@@ -104,3 +105,35 @@ def test_archive_escapes_are_refused(tmp_path):
     with pytest.raises(CrossDistillError, match=r"\.\."):
         train(build_config(raw))
     assert not list(tmp_path.parent.glob("**/escaped.jpg"))
+
+
+def shared_reference_bomb(levels: int = 10, width: int = 4) -> list:
+    """A list that pickles to a few hundred bytes but, walked as a tree, holds width**(levels + 1) strings."""
+    value = ["lol"] * width
+    for _ in range(levels):
+        value = [value] * width
+    return value
+
+
+@pytest.mark.parametrize("bomb", ["shared references", "a cycle"])
+def test_eval_bounds_the_config_stored_in_a_checkpoint(tmp_path, capsys, bomb):
+    """eval builds its settings from the config a run checkpoint stores: a crafted one must not expand."""
+    import timm
+
+    from crossdistill.cli import main
+    from crossdistill.evaluation import evaluate_checkpoint
+
+    config = tiny_run(tmp_path, method="vanilla")
+    if bomb == "a cycle":
+        config["student"]["kwargs"] = {"again": config}
+    else:
+        config["student"]["kwargs"] = {"depth": shared_reference_bomb()}
+    path = tmp_path / "best.pt"
+    torch.save({"student": timm.create_model("test_resnet", num_classes=10).state_dict(), "config": config}, path)
+    assert path.stat().st_size < 3_000_000
+    limit = "expands to more than 100,000 values" if bomb == "shared references" else "more than 50 levels deep"
+    with pytest.raises(CrossDistillError, match=rf"the run config stored in {re.escape(str(path))} .*{limit}"):
+        evaluate_checkpoint(str(path))
+    assert main(["eval", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and len(err) < 400, err[:1000]

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import CrossDistillError
+from .errors import SHOWN_CHARS, CrossDistillError, one_line
 
 
 # Plain attribute containers that timm's CheckpointSaver stores beside the weights (the run's
@@ -42,6 +42,11 @@ def _refusal_reason(err: Exception) -> str:
     return (named or [line for line in lines if line] or ["unsupported object"])[0]
 
 
+def _reason(err: Exception) -> str:
+    """A library's error text shortened to one line (torch's and safetensors' can span several)."""
+    return one_line(err)[:SHOWN_CHARS]
+
+
 def load_weights_file(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint or state-dict file without executing code from it."""
     path = Path(path)
@@ -53,13 +58,15 @@ def load_weights_file(path: str | Path) -> dict[str, Any]:
         try:
             return load_file(str(path))
         except Exception as err:
-            raise CrossDistillError(f"{path}: not a readable safetensors file ({err})") from None
+            raise CrossDistillError(f"{path}: not a readable safetensors file ({_reason(err)})") from None
     try:
         with _allowed_globals():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only" not in str(err).lower():
-            raise CrossDistillError(f"{path}: not a readable checkpoint (corrupt or not a torch file): {err}") from None
+            raise CrossDistillError(
+                f"{path}: not a readable checkpoint (corrupt or not a torch file): {_reason(err)}"
+            ) from None
         raise CrossDistillError(
             f"{path}: refused to load: the file holds Python objects other than tensors and plain "
             f"containers, which could execute code ({_refusal_reason(err)}). "
@@ -67,7 +74,7 @@ def load_weights_file(path: str | Path) -> dict[str, Any]:
         ) from None
     except Exception as err:  # torch.load raises many types on foreign or truncated files
         raise CrossDistillError(
-            f"{path}: not a readable checkpoint (truncated or not a torch file?): {type(err).__name__}: {err}"
+            f"{path}: not a readable checkpoint (truncated or not a torch file?): {type(err).__name__}: {_reason(err)}"
         ) from None
     if not isinstance(obj, dict):
         raise CrossDistillError(f"{path}: expected a dict of weights, found {type(obj).__name__}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .engine.preemption import EXIT_PREEMPTED, Preempted
-from .errors import CrossDistillError
+from .errors import CrossDistillError, one_line
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -80,13 +80,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser whose positionals (key=value overrides, run directories) may stand before,
+    between and after its options: ``train --config x.yaml a=1 --dry-run b=2`` (argparse alone takes
+    the positionals of one run of them only, and calls the rest unrecognized)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        positionals = self._get_positional_actions()
+        intermixable = positionals and all(a.nargs not in (argparse.PARSER, argparse.REMAINDER) for a in positionals)
+        if not intermixable or getattr(self, "_intermixing", False):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls this method back for its two passes
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossdistill",
         description="Cross-architecture knowledge distillation (RSD and baselines) for any timm teacher and student.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
     p = sub.add_parser("train", help="train one run from a YAML config",
                        description="Train one run. Overrides use dotted keys: train.epochs=3 method_args.kappa=0.02")
@@ -146,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CrossDistillError as err:
         if args.debug:
             traceback.print_exc()
-        print(f"crossdistill: error: {err}", file=sys.stderr)
+        print(f"crossdistill: error: {one_line(err)}", file=sys.stderr)
         return 2
     except Preempted as stop:
         print(f"crossdistill: {stop}", file=sys.stderr)

@@ -1,10 +1,15 @@
 """Typed run configuration: one YAML file = one run.
 
 A run is described by :class:`RunConfig` (student, teacher, method, data,
-optimisation, training). YAML files are read with ``yaml.safe_load``; a file
+optimisation, training). YAML files are read safely (no tags that build objects); a file
 may extend another with ``base: other.yaml`` (paths relative to the file).
 Command-line overrides use dotted keys (``train.epochs=3``); their values are
 parsed as YAML scalars. Unknown keys and wrong types are errors naming the key.
+
+YAML is read by :func:`load_yaml`: the safe loader, with ``1e-3`` read as a float
+(YAML 1.2; PyYAML's YAML 1.1 wants ``1.0e-3``), and a bound on how big a config
+may expand to (:func:`check_config_size`: aliases, and shared references in a
+config stored in a checkpoint, repeat one part many times).
 
 Method hyper-parameters live in ``method_args`` and are checked against the
 typed config of the chosen method (see :mod:`crossdistill.distillers`).
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from .errors import ConfigError, suggest
+from .errors import SHOWN_CHARS, ConfigError, one_line, shorten, suggest
 
 
 @dataclass
@@ -260,7 +266,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)} ({value!r})")
+            raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)} ({shorten(value)})")
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -275,26 +281,132 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
     return ConfigError(
-        f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {shorten(value)}"
     )
 
 
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping, got {data!r}")
+        raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping, got {shorten(data)}")
+    if not prefix:
+        check_config_size(data, "the run config")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
-            raise ConfigError(f"unknown config key '{full}'." + suggest(str(key), names))
+            raise ConfigError(f"unknown config key {shorten(full)}." + suggest(str(key)[:100], names))
         kwargs[key] = _convert(value, hints[key], full)
     return cls(**kwargs)
 
 
 # ---------------------------------------------------------------- YAML + overrides
+
+MAX_CONFIG_VALUES = 100_000
+"""The most values (mappings, lists and scalars, counted as often as they appear) a run config may expand
+to; a real one has a few hundred. Beyond this an alias or a shared reference is repeating one part."""
+MAX_CONFIG_CHARS = 1_000_000
+"""The most characters of text (strings, counted as often as they appear) a run config may expand to."""
+MAX_CONFIG_DEPTH = 50
+"""The deepest nesting of mappings and lists a run config may have (a real one: about 4)."""
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3``, ``1e3`` and ``-2E+5`` as floats (YAML 1.2's float syntax;
+    PyYAML follows YAML 1.1, whose floats need a dot, so these were strings)."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def check_config_size(data: Any, source: str) -> None:
+    """Refuse ``data`` if, walked as a tree, it exceeds :data:`MAX_CONFIG_VALUES` values,
+    :data:`MAX_CONFIG_CHARS` characters or :data:`MAX_CONFIG_DEPTH` levels.
+
+    YAML aliases (``&a`` / ``*a``) and shared references in a pickled dict cost nothing to load
+    but repeat their part every time the config is walked (merged, printed, converted, saved):
+    a kilobyte can expand to gigabytes, or, with a cycle, forever. The walk stops at the bound.
+    """
+    values = chars = 0
+    pending: list[tuple[Any, int]] = [(data, 0)]
+    while pending:
+        value, depth = pending.pop()
+        values += 1
+        if values > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{source} expands to more than {MAX_CONFIG_VALUES:,} values, where a run config holds a few "
+                "hundred: aliases (*name) or shared references repeat a part of it; write the values out plainly"
+            )
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source} nests mappings or lists more than {MAX_CONFIG_DEPTH} levels deep "
+                              "(a run config needs about 4); is it a run config?")
+        if isinstance(value, Mapping):
+            pending.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            pending.extend((item, depth + 1) for item in value)
+        elif isinstance(value, (str, bytes)):
+            chars += len(value)
+            if chars > MAX_CONFIG_CHARS:
+                raise ConfigError(
+                    f"{source} expands to more than {MAX_CONFIG_CHARS:,} characters of text, where a run config "
+                    "holds a few thousand: aliases (*name) or shared references repeat a part of it; write the "
+                    "values out plainly"
+                )
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return " ".join(str(err).split())
+    parts = []
+    for text, mark in ((err.context, err.context_mark), (err.problem, err.problem_mark)):
+        if text:
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            parts.append(f"{text}{where}")
+    return ": ".join(parts) or " ".join(str(err).split())
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML ``text`` with :class:`ConfigLoader` and check its size; ``source`` names it in errors."""
+    try:
+        data = yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (ConfigLoader is a SafeLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse {source}: {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"cannot parse {source}: it nests mappings or lists too deeply") from None
+    except ValueError as err:  # e.g. an integer with more digits than Python converts
+        raise ConfigError(f"cannot parse {source}: {one_line(err)[:SHOWN_CHARS]}") from None
+    check_config_size(data, source)
+    return data
+
+
+def parse_value(raw: str, source: str) -> Any:
+    """The value of a ``key=value`` argument: YAML (``3``, ``1e-3``, ``[0.5, 1.0]``, ``null``), else the text."""
+    if not raw.strip():
+        return None
+    try:
+        value = yaml.load(raw, Loader=ConfigLoader)  # noqa: S506 (ConfigLoader is a SafeLoader)
+    except (yaml.YAMLError, RecursionError, ValueError):
+        return raw  # not YAML: the text itself (then type-checked like any value)
+    check_config_size(value, source)
+    return value
 
 
 def _deep_merge(base: dict, update: Mapping) -> dict:
@@ -316,9 +428,10 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if resolved in _seen:
         raise ConfigError(f"config files extend each other in a cycle: {' -> '.join(map(str, _seen + (resolved,)))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse {path}: {err}") from None
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot parse {path}: not a text (UTF-8) file; a run config is YAML") from None
+    data = load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level of a config must be a mapping")
     bases = data.pop("base", None)
@@ -332,16 +445,14 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides (values parsed as YAML) to a raw config dict."""
+    check_config_size(data, "the run config")
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
+            raise ConfigError(f"override {shorten(item)} is not of the form key=value (e.g. train.epochs=3)")
         key, raw = item.split("=", 1)
         key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        value = parse_value(raw, f"the value of override {shorten(key)}")
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -401,7 +512,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
-    _check(t.amp in ("auto", "none", "bf16", "fp16"), "train.amp", f"must be auto, none, bf16 or fp16, got {t.amp!r}")
+    _check(t.amp in ("auto", "none", "bf16", "fp16"), "train.amp",
+           f"must be auto, none, bf16 or fp16, got {shorten(t.amp)}")
     _check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
     _check(t.mixup >= 0 and t.cutmix >= 0, "train.mixup", "mixup and cutmix alphas must be >= 0")
     _check(t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")
@@ -413,11 +525,11 @@ def validate(cfg: RunConfig) -> None:
     _check(t.finite_check_every is None or t.finite_check_every >= 1, "train.finite_check_every",
            "must be >= 1 (or null)")
     _check(t.teacher_cache_dtype in ("fp16", "fp32"), "train.teacher_cache_dtype",
-           f"must be fp16 or fp32, got {t.teacher_cache_dtype!r}")
+           f"must be fp16 or fp32, got {shorten(t.teacher_cache_dtype)}")
     _check(t.teacher_cache is None or bool(t.teacher_cache.strip()), "train.teacher_cache",
            "must be a directory path (or null)")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _check(o.scale_lr in ("none", "linear"), "optim.scale_lr", f"must be none or linear, got {o.scale_lr!r}")
+    _check(o.scale_lr in ("none", "linear"), "optim.scale_lr", f"must be none or linear, got {shorten(o.scale_lr)}")
     _check(t.reference_batch is None or t.reference_batch >= 1, "train.reference_batch", "must be >= 1")
     _check(o.scale_lr == "none" or t.reference_batch is not None, "optim.scale_lr",
            "linear scaling needs train.reference_batch (the effective batch the lr was tuned for)")

@@ -8,7 +8,11 @@ traceback, unless ``--debug`` is given.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import reprlib
+from typing import Any, Iterable
+
+SHOWN_CHARS = 200
+"""The most characters of a user's value that a message repeats."""
 
 
 class CrossDistillError(Exception):
@@ -27,3 +31,21 @@ def suggest(name: str, choices: Iterable[str], n: int = 5) -> str:
         lowered = name.lower()
         close = [c for c in choices if lowered and lowered in c.lower()][:n]
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def shorten(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, without first building the repr of a huge value."""
+    short = reprlib.Repr()
+    short.maxlevel = 3
+    short.maxdict = short.maxlist = short.maxtuple = short.maxset = short.maxfrozenset = short.maxdeque = 8
+    short.maxstring = short.maxother = short.maxlong = limit
+    try:
+        text = short.repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        text = f"<a {type(value).__name__} too long to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(text: object) -> str:
+    """``text`` with its line breaks (and the indentation after them) collapsed to single spaces."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_weights_file
-from .config import ModelConfig, RunConfig, apply_overrides, build_config, load_config
+from .config import ModelConfig, RunConfig, apply_overrides, build_config, check_config_size, load_config
 from .data import build_data
 from .engine.distributed import resolve_device
 from .engine.setup import student_data_config
@@ -42,6 +42,8 @@ def evaluate_checkpoint(
     if config is not None:
         run_cfg = load_config(config, overrides)
     elif isinstance(loaded.get("config"), dict):
+        # a pickled dict can share references like YAML aliases: bound it before anything walks it
+        check_config_size(loaded["config"], f"the run config stored in {path}")
         run_cfg = build_config(apply_overrides(loaded["config"], overrides))
     else:
         if model is None:

@@ -43,7 +43,7 @@ from torch import nn
 
 from .checkpoint import load_weights_file
 from .config import ModelConfig
-from .errors import CrossDistillError, suggest
+from .errors import SHOWN_CHARS, CrossDistillError, one_line, shorten, suggest
 from .models import create_model
 
 FORMATS = {"safetensors": "model.safetensors", "timm": "model.pth", "onnx": "model.onnx"}
@@ -439,7 +439,8 @@ def export_run(
     try:
         model.load_state_dict(student_state, strict=True)
     except RuntimeError as err:
-        raise CrossDistillError(f"{ckpt_path}: the student weights do not fit {name} {kwargs}: {err}") from None
+        raise CrossDistillError(f"{ckpt_path}: the student weights do not fit {name} {shorten(kwargs)}: "
+                                f"{one_line(err)[:2 * SHOWN_CHARS]}") from None
     model.eval()
     preprocessing = eval_preprocessing(cfg, state.get("normalization"))
     dropped = sorted((state.get("extras") or {}).keys())

@@ -6,10 +6,10 @@ from typing import Any, Mapping, Sequence
 
 import timm
 import torch
-import yaml
 
+from .config import parse_value
 from .distillers import METHODS, build_distiller, method_config
-from .errors import CrossDistillError
+from .errors import CrossDistillError, shorten
 from .models import Teacher, check_model_name
 
 
@@ -19,9 +19,9 @@ def _parse_args(items: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
     args = {}
     for item in items:
         if "=" not in item:
-            raise CrossDistillError(f"method argument {item!r} is not KEY=VALUE")
+            raise CrossDistillError(f"method argument {shorten(item)} is not KEY=VALUE")
         key, value = item.split("=", 1)
-        args[key.strip()] = yaml.safe_load(value)
+        args[key.strip()] = parse_value(value, f"the value of method argument {shorten(key.strip())}")
     return args
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
-from .errors import CrossDistillError, suggest
+from .errors import CrossDistillError, shorten, suggest
 
 T = TypeVar("T")
 
@@ -28,8 +28,8 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             raise CrossDistillError(
-                f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self._items))}."
-                + suggest(name, self._items)
+                f"unknown {self.kind} {shorten(name)}; available: {', '.join(sorted(self._items))}."
+                + suggest(str(name)[:100], self._items)
             ) from None
 
     def names(self) -> list[str]:

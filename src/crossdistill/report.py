@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import CrossDistillError
+from .errors import CrossDistillError, one_line
 
 IGNORED_KEYS = frozenset({
     "train.seed", "train.run_name", "train.output_dir", "train.device", "train.progress", "train.tensorboard",
@@ -89,7 +89,7 @@ def read_run(path: str | Path) -> Run:
         config = yaml.safe_load(config_path.read_text()) or {}
         summary = json.loads(summary_path.read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise CrossDistillError(f"{path}: cannot read config.yaml / summary.json: {err}") from None
+        raise CrossDistillError(f"{path}: cannot read config.yaml / summary.json: {one_line(err)}") from None
     if not isinstance(config, dict) or not isinstance(summary, dict):
         raise CrossDistillError(f"{path}: config.yaml and summary.json must both hold mappings")
     return Run(path=path, config=config, summary=summary)

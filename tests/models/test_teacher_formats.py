@@ -325,3 +325,47 @@ def test_wrong_class_count_is_a_clear_error(tmp_path):
         for part in (str(path), head, f"{IMAGENET} classes", f"needs {CIFAR}", "Fine-tune the teacher"):
             assert part in message, f"{name}: {part!r} not in {message!r}"
         load(name, path, num_classes=IMAGENET)  # the right class count loads it
+
+
+# --- weights that load but cannot be a trained teacher ---------------------------------------------
+
+
+def _floats_as(state: dict[str, torch.Tensor], fn) -> dict[str, torch.Tensor]:
+    return {k: fn(v) if v.is_floating_point() else v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.bool])
+def test_integer_or_boolean_weights_are_refused(tmp_path, dtype):
+    """``load_state_dict`` casts them into the float parameters without a word (a quantized or corrupted
+    file: the teacher would be 0/1 or integer-valued and still 'train')."""
+    path = tmp_path / "teacher_int.pth"
+    torch.save({"state_dict": _floats_as(source_model("resnet50").state_dict(), lambda v: v.to(dtype))}, path)
+    with pytest.raises(CrossDistillError, match=rf"stored as {dtype} where resnet50 has floating-point weights"):
+        create_teacher(ModelConfig(name="resnet50", kwargs=dict(SMALL["resnet50"][0]), checkpoint=str(path)),
+                       CIFAR, CIFAR_MEAN, CIFAR_STD)
+
+
+@pytest.mark.parametrize("broken", ["all NaN", "all inf", "one tensor NaN"])
+def test_non_finite_weights_are_refused(tmp_path, broken):
+    state = source_model("resnet50").state_dict()
+    if broken == "one tensor NaN":
+        state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"].clone().index_fill_(0, torch.tensor([0]),
+                                                                                           float("nan"))
+    else:
+        state = _floats_as(state, lambda v: torch.full_like(v, float("nan" if broken == "all NaN" else "inf")))
+    path = tmp_path / "teacher_nan.pth"
+    torch.save(state, path)
+    with pytest.raises(CrossDistillError, match=r"parameter tensors hold NaN or infinite values") as info:
+        load("resnet50", path)
+    assert ("layer1.0.conv1.weight" if broken == "one tensor NaN" else "conv1.weight") in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_load(tmp_path, dtype):
+    source = source_model("resnet50")
+    path = tmp_path / "teacher_half.pth"
+    torch.save(_floats_as(source.state_dict(), lambda v: v.to(dtype)), path)
+    model = load("resnet50", path)
+    expected = _floats_as(source.state_dict(), lambda v: v.to(dtype).float())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key

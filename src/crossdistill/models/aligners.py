@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import SHOWN_CHARS, ConfigError, one_line
 from .adapter import StageIndex, forward_model, num_prefix_tokens
 from .teacher import Teacher
 
@@ -282,7 +282,7 @@ def probe_layouts(
         except Exception as err:  # noqa: BLE001 - re-raised with the fix
             raise ConfigError(
                 f"FitNet could not probe the {role} ({type(model).__name__}) stage shapes at "
-                f"{hw[0]}x{hw[1]} inputs: {type(err).__name__}: {err}. Build the aligners at the training input "
+                f"{hw[0]}x{hw[1]} inputs: {type(err).__name__}: {one_line(err)[:SHOWN_CHARS]}. Build the aligners at the training input "
                 "size (FitNet method_args.img_size = data.img_size)."
             ) from err
         layouts.append([layout_of(f, num_prefix_tokens(model), hw) for f in feats])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import CrossDistillError, suggest
+from ..errors import SHOWN_CHARS, CrossDistillError, one_line, shorten, suggest
 from ..checkpoint import load_weights_file
 from . import custom  # noqa: F401  (registers swin_pico / swin_nano with timm)
 
@@ -22,18 +22,23 @@ _EMA_KEYS = ("state_dict_ema", "model_ema", "student_ema")
 def check_model_name(name: str) -> None:
     if not timm.is_model(name):
         raise CrossDistillError(
-            f"unknown model {name!r}: not a timm model name (timm {timm.__version__})."
-            + suggest(name, timm.list_models())
+            f"unknown model {shorten(name)}: not a timm model name (timm {timm.__version__})."
+            + suggest(name[:100], timm.list_models())
         )
     arch, _, tag = name.partition(".")
     if tag:
         tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{arch}.*")]
         if tag not in tags:
             raise CrossDistillError(
-                f"unknown weights tag {tag!r} for timm model {arch!r}: "
+                f"unknown weights tag {shorten(tag)} for timm model {arch!r}: "
                 + (f"its tags are {', '.join(tags)}" if tags else "it has no pretrained tags")
                 + f" (timm {timm.__version__}); or use {arch!r} alone for its default weights."
             )
+
+
+def _reason(err: Exception) -> str:
+    """A library's error text shortened to one line (timm's and torch's can span many)."""
+    return one_line(err)[:SHOWN_CHARS]
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -48,11 +53,11 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         else:
             model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as err:
-        raise CrossDistillError(f"model {cfg.name}: bad kwargs {kwargs}: {err}") from None
+        raise CrossDistillError(f"model {cfg.name}: bad kwargs {shorten(kwargs)}: {_reason(err)}") from None
     except (OSError, RuntimeError) as err:
         if cfg.pretrained:
             raise CrossDistillError(
-                f"could not load pretrained weights for {cfg.name} ({err}). Without internet access, "
+                f"could not load pretrained weights for {cfg.name} ({_reason(err)}). Without internet access, "
                 "point checkpoint: at a local weights file instead."
             ) from None
         raise
@@ -74,7 +79,7 @@ def extract_state_dict(obj: Mapping[str, Any], use_ema: bool = False, path: str 
     state = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
-            raise CrossDistillError(f"{path}: entry {key!r} is not a tensor; not a model state dict")
+            raise CrossDistillError(f"{path}: entry {shorten(key)} is not a tensor; not a model state dict")
         state[key[len("module."):] if key.startswith("module.") else key] = value
     return state
 
@@ -125,13 +130,49 @@ def load_model_weights(
             f"but the run needs {num_classes}. Fine-tune the teacher on this dataset first "
             "(method: vanilla) or fix num_classes / the dataset."
         )
+    _check_weights(model, state, path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # size mismatches
-        raise CrossDistillError(f"{path} does not fit {cfg_name(model)}: {err}") from None
+        raise CrossDistillError(f"{path} does not fit {cfg_name(model)}: {_reason(err)}") from None
     if missing or unexpected:
         shown = lambda keys: ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")  # noqa: E731
         raise CrossDistillError(
             f"{path} does not fit {cfg_name(model)}: missing keys [{shown(missing)}], "
             f"unexpected keys [{shown(unexpected)}]. Is it a checkpoint of this model (and these kwargs)?"
+        )
+
+
+def _listed(keys: list[str], shown: int = 3) -> str:
+    return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
+
+
+def _check_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse weights that ``load_state_dict`` would not load, or would copy in without a word although they
+    cannot be trained weights: integer or boolean values where the model has floating-point ones (a
+    quantized or corrupted file; copying casts them), and parameters holding NaN or infinite values."""
+    own = model.state_dict()
+    common = [key for key in state if key in own]
+    shapes = [key for key in common if state[key].shape != own[key].shape]
+    if shapes:
+        raise CrossDistillError(
+            f"{path} does not fit {cfg_name(model)}: {len(shapes)} weight(s) have other shapes, e.g. {shapes[0]} "
+            f"{list(state[shapes[0]].shape)} in the file, {list(own[shapes[0]].shape)} in the model "
+            f"[{_listed(shapes)}]. Is it a checkpoint of this model (and these kwargs)?"
+        )
+    not_float = [key for key in common if own[key].is_floating_point() and not state[key].is_floating_point()]
+    if not_float:
+        raise CrossDistillError(
+            f"{path}: {len(not_float)} weight(s) are stored as {state[not_float[0]].dtype} where {cfg_name(model)} "
+            f"has floating-point weights [{_listed(not_float)}]: a quantized or corrupted file? Load the model's "
+            "floating-point weights (fp32, fp16 or bf16)"
+        )
+    parameters = {name for name, _ in model.named_parameters()}
+    broken = [key for key in common
+              if key in parameters and state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all())]
+    if broken:
+        raise CrossDistillError(
+            f"{path}: {len(broken)} of the model's {len(parameters)} parameter tensors hold NaN or infinite values "
+            f"[{_listed(broken)}], so its outputs would be NaN. Use weights saved before the training that wrote "
+            "them diverged"
         )
