@@ -3,7 +3,8 @@
 A few hundred real CIFAR-10 images (taken from the shared JPEG tarball into a small archive, so the
 test does not decode all 60,000; synthetic images of the same layout where the tarball is absent), one epoch, one seed, one pair, three methods and a 2 x 2 RSD grid:
 it must write the results page with its table and both PNGs, mark it as a smoke test, skip finished
-runs when invoked again, and list the cpu and gpu plans (whose configs must validate).
+runs when invoked again, and list the cpu and gpu plans (whose configs must validate). The plan takes
+method defaults and teacher needs from the package, not from copies.
 """
 
 from __future__ import annotations
@@ -117,6 +118,14 @@ def _runner_module():
     return run_study
 
 
+def _study_module(name: str):
+    """One of the runner's modules (``study_plan``, ...); importing the runner puts their folder on the path."""
+    import importlib
+
+    _runner_module()
+    return importlib.import_module(name)
+
+
 def test_cpu_and_gpu_plans_validate(tmp_path, capsys):
     """Both real protocols: 73 runs whose configs validate, planned within their time limits."""
     runner = _runner_module()
@@ -129,3 +138,31 @@ def test_cpu_and_gpu_plans_validate(tmp_path, capsys):
     only = capsys.readouterr().out
     assert "teacher-vit_t" in only and "resnet-vit-kd-s0" not in only and "vit-resnet-rsd-s2" in only
     assert "scratch-resnet_s-s0" in only and "teacher-resnet_t" not in only
+
+
+def test_method_defaults_and_teacher_needs_come_from_the_package(tmp_path, monkeypatch):
+    """The study copies no method facts: a changed method default or teacher declaration changes its plan."""
+    import dataclasses
+
+    from crossdistill.distillers import METHODS
+    from crossdistill.distillers.kd import KDConfig
+    from crossdistill.engine import teacher_cache
+
+    plan_module, protocols = _study_module("study_plan"), _study_module("study_protocols")
+
+    @dataclasses.dataclass
+    class HotterKD(KDConfig):
+        temperature: float = 4.0
+
+    monkeypatch.setattr(METHODS.get("kd"), "config_cls", HotterKD)
+    monkeypatch.setitem(teacher_cache.TEACHER_OUTPUTS, "kd", None)  # as if KD read teacher stage features
+    settings = plan_module.Settings(protocol=protocols.PROTOCOLS["tiny"], out=tmp_path, data_root=str(tmp_path),
+                                    dataset="folder", cache_dir=None, teacher_cache=True, device="cpu",
+                                    methods=("vanilla", "kd", "rsd"), jobs=2)
+    runs = {run.name: run for run in plan_module.build_plan(settings)}
+    kd, rsd = runs["resnet-resmlp-kd-s0"], runs["resnet-resmlp-rsd-s0"]
+    assert kd.config["method_args"] == {"temperature": 4.0, "weight": 1.0, "ce_weight": 1.0}
+    assert plan_module.cache_group(settings, kd) is None  # nothing of KD's is cached any more
+    assert plan_module.cache_group(settings, rsd) == ("resnet_t", 0)
+    assert rsd.config["method_args"] == {"weight": 0.1, "kappa": 0.01, "gamma": 2}
+    assert plan_module.method_args_for("ofa", "resnet_s")["w_ofa"] == 0.1  # the study's stated override

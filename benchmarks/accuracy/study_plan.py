@@ -1,0 +1,421 @@
+"""The accuracy study's plan: every run (teachers, the pairs x methods x seeds cells, the RSD grid) with its
+crossdistill config, which runs the command line selects, and how long they should take (from the speeds of
+``study_protocols.SPEEDS``, with the scheduler's rules: runs at a time, teachers first, cache groups)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from study_protocols import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    GPU_NOTE,
+    MODELS,
+    OFA_CNN_STUDENT,
+    OPTIM,
+    PAIRS,
+    SPEEDS,
+    Protocol,
+    method_defaults,
+    rsd_default,
+)
+
+# ------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Run:
+    name: str
+    part: str                   # teachers | cells | sensitivity
+    method: str
+    seed: int
+    student: str                # MODELS key
+    teacher: str | None         # MODELS key
+    pairs: tuple[str, ...]      # pairs this run belongs to (a scratch run: every pair with its student)
+    config: dict[str, Any]
+    needs: tuple[str, ...] = ()  # run names that must have finished first
+    grid: tuple[float, float] | None = None  # (lambda, kappa) of an RSD run
+    est_s: float = 0.0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["train"]["output_dir"]) / self.name
+
+
+@dataclass
+class Settings:
+    protocol: Protocol
+    out: Path
+    data_root: str
+    dataset: str
+    cache_dir: str | None
+    teacher_cache: bool
+    device: str
+    methods: tuple[str, ...]
+    jobs: int
+    threads: int | None = None
+    overrides: tuple[str, ...] = ()  # --set KEY=VALUE on every run (not the protocol: marked in the report)
+
+
+def is_done(run: Run) -> bool:
+    return (run.run_dir / "summary.json").is_file()
+
+
+def is_done_name(s: Settings, name: str) -> bool:
+    return (s.out / name / "summary.json").is_file()
+
+
+def available_methods(wanted: Sequence[str]) -> tuple[str, ...]:
+    from crossdistill import METHODS
+
+    names = set(METHODS.names())
+    return tuple(m for m in wanted if m in names)
+
+
+def detect_dataset(root: str) -> str:
+    path = Path(root)
+    if path.is_file() or path.suffix in (".gz", ".tgz", ".tar", ".zip"):
+        return "folder"
+    if (path / "cifar-10-batches-py").is_dir():
+        return "cifar10"
+    if (path / "cifar-100-python").is_dir():
+        return "cifar100"
+    return "folder"
+
+
+def teacher_run_name(key: str) -> str:
+    return f"teacher-{key}"
+
+
+def scratch_run_name(student: str, seed: int) -> str:
+    return f"scratch-{student}-s{seed}"
+
+
+def cell_run_name(pair: str, method: str, seed: int) -> str:
+    return scratch_run_name(PAIRS[pair][1], seed) if method == "vanilla" else f"{pair}-{method}-s{seed}"
+
+
+def grid_run_name(pair: str, weight: float, kappa: float, seed: int) -> str:
+    if (weight, kappa) == rsd_default():
+        return cell_run_name(pair, "rsd", seed)
+    return f"sens-{pair}-w{weight:g}-k{kappa:g}-s{seed}"
+
+
+def run_config(s: Settings, name: str, student: str, teacher: str | None, method: str,
+               method_args: dict[str, Any], seed: int) -> dict[str, Any]:
+    p = s.protocol
+    spec = MODELS[student]
+    is_teacher_run = name.startswith("teacher-")
+    mean_std = {} if s.dataset == "cifar100" else {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
+    data = {
+        "dataset": s.dataset, "root": s.data_root, "img_size": 32,
+        "train_subset": p.teacher_train_subset if is_teacher_run else p.train_subset,
+        "eval_subset": p.eval_subset,
+        "scale": list(p.scale), "hflip": 0.5, "train_interpolation": "bilinear",
+        "interpolation": "bilinear", "crop_pct": 1.0, **mean_std,
+        "num_workers": p.teacher_num_workers if is_teacher_run and p.teacher_num_workers is not None
+        else p.num_workers,
+    }
+    if p.device_augment:
+        data["device_augment"] = True
+    if s.cache_dir:
+        data["cache_dir"] = s.cache_dir
+    train = {
+        "epochs": p.teacher_epochs if is_teacher_run else p.epochs,
+        "batch_size": p.batch_size, "seed": seed, "device": s.device, "amp": p.amp,
+        "label_smoothing": 0.1, "output_dir": str(s.out), "run_name": name,
+        "tensorboard": False, "progress": False, "eval_every": 1,
+    }
+    # channels_last: 1.5-2.5x faster ResNet training under oneDNN on 2 CPU cores (calibration below), and the
+    # layout GPUs prefer for convolutions; set whenever a CNN is involved (student or teacher).
+    cnn_teacher = teacher is not None and method != "vanilla" and MODELS[teacher].family == "cnn"
+    if spec.family == "cnn" or cnn_teacher:
+        train["channels_last"] = True
+    if s.teacher_cache and teacher is not None and method != "vanilla":
+        train["teacher_cache"] = str(s.out / "teacher_cache")
+    cfg: dict[str, Any] = {
+        "student": {"name": spec.name, "kwargs": copy.deepcopy(spec.kwargs)},
+        "teacher": None,
+        "method": method,
+        "method_args": copy.deepcopy(method_args),
+        "data": data,
+        "optim": copy.deepcopy(OPTIM[spec.family]),
+        "train": train,
+    }
+    if train["epochs"] < 3:  # a smoke-test schedule: no warm-up epoch (it would be the whole run)
+        cfg["optim"]["warmup_epochs"] = 0
+    if teacher is not None and method != "vanilla":
+        t = MODELS[teacher]
+        cfg["teacher"] = {"name": t.name, "kwargs": copy.deepcopy(t.kwargs),
+                          "checkpoint": str(s.out / teacher_run_name(teacher) / "last.pt")}
+    return cfg
+
+
+def method_args_for(method: str, student: str) -> dict[str, Any]:
+    args = method_defaults(method)
+    if method == "ofa" and MODELS[student].family == "cnn":
+        args.update(OFA_CNN_STUDENT)
+    return args
+
+
+def build_plan(s: Settings) -> list[Run]:
+    p = s.protocol
+    runs: dict[str, Run] = {}
+    teachers = []
+    for pair in p.pairs:
+        t = PAIRS[pair][0]
+        if t not in teachers:
+            teachers.append(t)
+    for t in teachers:
+        name = teacher_run_name(t)
+        runs[name] = Run(name, "teachers", "vanilla", 0, t, None,
+                         tuple(pp for pp in p.pairs if PAIRS[pp][0] == t),
+                         run_config(s, name, t, None, "vanilla", {}, 0))
+    for pair in p.pairs:
+        teacher, student = PAIRS[pair]
+        for seed in p.seeds:
+            for method in s.methods:
+                name = cell_run_name(pair, method, seed)
+                if name in runs:
+                    runs[name].pairs += (pair,)
+                    continue
+                args = method_args_for(method, student)
+                t = None if method == "vanilla" else teacher
+                runs[name] = Run(name, "cells", method, seed, student, t, (pair,),
+                                 run_config(s, name, student, t, method, args, seed),
+                                 needs=(teacher_run_name(teacher),) if t else (),
+                                 grid=rsd_default() if method == "rsd" else None)
+    if "rsd" in s.methods and p.grid_weights and p.grid_kappas:
+        teacher, student = PAIRS[p.sens_pair]
+        for weight in p.grid_weights:
+            for kappa in p.grid_kappas:
+                name = grid_run_name(p.sens_pair, weight, kappa, p.sens_seed)
+                if name in runs:
+                    continue
+                args = dict(method_args_for("rsd", student), weight=weight, kappa=kappa)
+                runs[name] = Run(name, "sensitivity", "rsd", p.sens_seed, student, teacher, (p.sens_pair,),
+                                 run_config(s, name, student, teacher, "rsd", args, p.sens_seed),
+                                 needs=(teacher_run_name(teacher),), grid=(weight, kappa))
+    plan = list(runs.values())
+    if s.overrides:
+        from crossdistill.config import apply_overrides
+
+        for run in plan:
+            run.config = apply_overrides(run.config, s.overrides)
+    estimate_plan(s, plan)
+    return plan
+
+
+def grid_runs(plan: Sequence[Run], protocol: Protocol) -> dict[tuple[float, float], Run]:
+    """The runs of the sensitivity grid, by (lambda, kappa) (the default cell's run included)."""
+    out = {}
+    for run in plan:
+        if (run.method == "rsd" and run.grid is not None and protocol.sens_pair in run.pairs
+                and run.seed == protocol.sens_seed):
+            out[run.grid] = run
+    return {k: v for k, v in out.items() if k[0] in protocol.grid_weights and k[1] in protocol.grid_kappas}
+
+
+# ------------------------------------------------------------------------------------------ estimates
+
+
+def _train_images(run: Run) -> int:
+    n = run.config["data"]["train_subset"]
+    if n is None:
+        n = 50_000
+    bs = run.config["train"]["batch_size"]
+    return (n // bs) * bs  # drop_last
+
+
+def _eval_images(run: Run) -> int:
+    n = run.config["data"]["eval_subset"]
+    return 10_000 if n is None else n
+
+
+def speed_key(run: Run) -> str:
+    return f"{run.student}|{run.teacher or '-'}|{run.method}"
+
+
+def teacher_outputs(method: str) -> tuple[str, ...]:
+    """What the teacher cache stores for ``method``, as the engine decides it (empty: nothing; FitNet reads
+    teacher stage features, which are never cached). The study's one reader of the methods' teacher needs."""
+    from crossdistill.distillers import METHODS
+    from crossdistill.engine.teacher_cache import teacher_outputs_of
+
+    method_cls = METHODS.get(method)
+    # teacher_outputs_of reads only the distiller's class: an instance that was never initialised stands in
+    return teacher_outputs_of(method, method_cls.__new__(method_cls)) or ()
+
+
+def estimate_seconds(s: Settings, run: Run, teacher_cached: bool = False) -> float:
+    """Seconds of one run on the protocol's reference machine: a fixed cost, then per epoch the training
+    images at the measured speed of this (student, teacher, method) (the teacher's forward included,
+    less it when the run reads the teacher's outputs from the cache) and the evaluation images."""
+    table = SPEEDS[s.protocol.speed]
+    train_ips = table["train"].get(speed_key(run), table["train"].get(run.method) if run.teacher else None)
+    if train_ips is None:  # unmeasured combination: the student alone, slowed by a teacher forward
+        alone = table["train"].get(f"{run.student}|-|vanilla", table["default_train"])
+        train_ips = alone * (table.get("teacher_factor", 0.6) if run.teacher else 1.0)
+    per_image = 1.0 / train_ips
+    if teacher_cached and run.teacher in table["forward"]:
+        per_image = max(0.5 * per_image, per_image - 1.0 / table["forward"][run.teacher])
+    per_image /= table.get("margin", 1.0)
+    eval_ips = table["eval"].get(run.student, table["default_eval"]) * table.get("margin", 1.0)
+    epochs = run.config["train"]["epochs"]
+    per_epoch = _train_images(run) * per_image + _eval_images(run) / eval_ips
+    return table["run_overhead_s"] + epochs * per_epoch
+
+
+def estimate_plan(s: Settings, plan: Sequence[Run]) -> None:
+    """Set ``est_s`` of every run, in plan order: with the teacher cache on, the first run of a (teacher,
+    seed, output) computes the teacher's outputs and the later ones read them."""
+    filled: set[tuple] = set()
+    for run in plan:
+        cached = False
+        output = teacher_outputs(run.method)
+        if s.teacher_cache and run.teacher is not None and output:
+            key = (run.teacher, run.seed, output, run.config["train"]["epochs"], run.config["data"]["train_subset"])
+            cached = key in filled
+            filled.add(key)
+        run.est_s = estimate_seconds(s, run, cached)
+
+
+def cache_group(s: Settings, run: Run) -> tuple | None:
+    """Runs that share teacher-cache files (same teacher and seed) never run at the same time."""
+    if s.teacher_cache and run.teacher is not None and teacher_outputs(run.method):
+        return (run.teacher, run.seed)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+
+def parse_only(items: Sequence[str]) -> dict[str, set[str]]:
+    """``--only`` filters: parts (teachers, cells, sensitivity) and key=value (pair, method, seed, run)."""
+    filters: dict[str, set[str]] = {}
+    for item in items:
+        for token in filter(None, (t.strip() for t in item.split(","))):
+            if "=" in token:
+                key, value = token.split("=", 1)
+                key = key.strip()
+                if key not in ("pair", "method", "seed", "run", "part"):
+                    raise SystemExit(f"--only {token!r}: keys are pair, method, seed, run, part")
+                filters.setdefault(key, set()).add(value.strip())
+            elif token in ("teachers", "cells", "sensitivity", "table"):
+                filters.setdefault("part", set()).add("cells" if token == "table" else token)
+            else:
+                raise SystemExit(f"--only {token!r}: use teachers, cells, sensitivity or pair=/method=/seed=/run=")
+    return filters
+
+
+def select(plan: Sequence[Run], filters: dict[str, set[str]]) -> list[Run]:
+    def keep(run: Run) -> bool:
+        if "part" in filters and run.part not in filters["part"]:
+            return False
+        if "pair" in filters and not (set(run.pairs) & filters["pair"]):
+            return False
+        if "method" in filters and run.method not in filters["method"]:
+            return False
+        if "seed" in filters and str(run.seed) not in filters["seed"]:
+            return False
+        if "run" in filters and run.name not in filters["run"]:
+            return False
+        return True
+
+    chosen = [r for r in plan if keep(r)]
+    names = {r.name for r in chosen}
+    by_name = {r.name: r for r in plan}
+    extra = [by_name[n] for r in chosen for n in r.needs if n not in names and not is_done(by_name[n])]
+    for run in extra:  # teachers the selection needs and that are not trained yet
+        if run.name not in names:
+            names.add(run.name)
+    return [r for r in plan if r.name in names]
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def plan_makespan(s: Settings, plan: Sequence[Run]) -> float:
+    """Estimated wall time of the whole plan from scratch (finished runs counted too)."""
+    return simulate_makespan(s, plan, count_done=True)
+
+
+def simulate_makespan(s: Settings, plan: Sequence[Run], count_done: bool = False) -> float:
+    """Estimated wall time of ``plan`` with the scheduler's rules (jobs, teacher dependencies, cache groups)."""
+    done_at: dict[str, float] = {} if count_done else {r.name: 0.0 for r in plan if is_done(r)}
+    names = {r.name for r in plan}
+    pending = [r for r in plan if r.name not in done_at]
+    for run in pending:  # needs outside the plan (already trained): available at once
+        for need in run.needs:
+            if need not in names:
+                done_at.setdefault(need, 0.0)
+    lanes = [0.0] * max(1, s.jobs)
+    busy: list[tuple[float, tuple | None]] = []  # (end time, group) of scheduled runs
+    while pending:
+        lane = min(range(len(lanes)), key=lanes.__getitem__)
+        now = lanes[lane]
+        choice = None
+        for run in pending:
+            need_time = max((done_at.get(n, math.inf) for n in run.needs), default=0.0)
+            group = cache_group(s, run)
+            clash = max((end for end, g in busy if g is not None and g == group and end > now), default=0.0)
+            start = max(now, need_time, clash)
+            if math.isfinite(start) and (choice is None or start < choice[1]):
+                choice = (run, start)
+                if start == now:
+                    break
+        if choice is None:
+            break
+        run, start = choice
+        end = start + run.est_s
+        pending.remove(run)
+        done_at[run.name] = end
+        busy.append((end, cache_group(s, run)))
+        lanes[lane] = end
+    return max(lanes)
+
+
+# ------------------------------------------------------------------------------------------ dry list
+
+
+def fmt_min(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def dry_list(s: Settings, plan: Sequence[Run], selected: Sequence[Run]) -> None:
+    from crossdistill.config import build_config
+
+    p = s.protocol
+    for run in plan:  # every planned config must validate (keys, types, method arguments)
+        build_config(copy.deepcopy(run.config))
+    print(f"protocol {p.name}: {p.summary}")
+    print(f"output {s.out}; data {s.data_root} ({s.dataset}); device {s.device}; {s.jobs} run(s) at a time")
+    print(f"methods: {', '.join(s.methods)}" + (
+        f" (not in this installation: {', '.join(m for m in p.methods if m not in s.methods)})"
+        if set(p.methods) - set(s.methods) else ""))
+    print(f"{'status':7s} {'run':36s} {'part':11s} {'epochs':>6s} {'images':>7s} {'est':>8s}")
+    todo_s = 0.0
+    for run in selected:
+        status = "done" if is_done(run) else ("partial" if run.run_dir.exists() else "todo")
+        if status != "done":
+            todo_s += run.est_s
+        print(f"{status:7s} {run.name:36s} {run.part:11s} {run.config['train']['epochs']:6d} "
+              f"{_train_images(run):7d} {fmt_min(run.est_s):>8s}")
+    left = simulate_makespan(s, selected)
+    total_work = sum(r.est_s for r in plan)
+    makespan = plan_makespan(s, plan)
+    parts = {}
+    for run in plan:
+        parts[run.part] = parts.get(run.part, 0.0) + run.est_s
+    print(f"\n{len(selected)} runs listed, {sum(is_done(r) for r in selected)} done; "
+          f"estimated wall time of what is left: {fmt_min(left)}")
+    print(f"whole study (estimate, free machine): work {', '.join(f'{k} {fmt_min(v)}' for k, v in parts.items())} "
+          f"= {fmt_min(total_work)} of run time; {s.jobs} at a time: total {fmt_min(makespan)}"
+          + (f" (limit {p.budget_min:g} min: {'fits' if makespan <= p.budget_min * 60 else 'OVER'})"
+             if p.budget_min else ""))
+    if p.speed == "gpu":
+        print(GPU_NOTE)
