@@ -176,8 +176,9 @@ def plot_sensitivity(path: Path, protocol: Protocol, grid: dict[tuple[float, flo
 
 def study_command(protocol: Protocol, s: Settings, extra: str = "") -> str:
     parts = ["python benchmarks/accuracy/run_study.py", f"--protocol {protocol.name}"]
-    default_out = REPO / "runs" / f"accuracy-{protocol.name}"
-    if s.out.resolve() != default_out.resolve():
+    # the archived copy of a finished study is where its page is rewritten from, not where it is run
+    usual_outs = {(REPO / "runs" / f"accuracy-{protocol.name}").resolve(), (RESULTS_ARCHIVE / protocol.name).resolve()}
+    if s.out.resolve() not in usual_outs:
         parts.append(f"--out {shlex.quote(_rel(s.out))}")
     if Path(s.data_root).resolve() != DEFAULT_DATA.resolve():
         parts.append(f"--data-root {shlex.quote(_rel(Path(s.data_root)))}")
