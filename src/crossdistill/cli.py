@@ -23,8 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if config is None:
         if not isinstance(args.resume, str):
             raise CrossDistillError("train needs --config FILE.yaml (or --resume RUN_DIR to continue a run)")
-        config = Path(args.resume) / "config.yaml"
-        run_dir = Path(args.resume)
+        run_dir = Path(os.path.abspath(args.resume))  # "." or "runs/r/..": its real name, not an empty one
+        config = run_dir / "config.yaml"
         args.overrides = [f"train.output_dir={run_dir.parent}", f"train.run_name={run_dir.name}", *args.overrides]
     cfg = load_config(config, args.overrides)
     if args.dry_run:
