@@ -492,7 +492,8 @@ class Trainer:
                                     "set train.sync_bn=false")
         self.run_dir = run_dir_of(cfg)
         self.run_lock = RunDirLock(self.run_dir) if self.env.is_main else None
-        self.resume, self.restart = self._check_run_dir(resume, overwrite)
+        self.started_over_run = False  # the folder of an earlier run: removed again if this one fails at once
+        self.resume = self._check_run_dir(resume, overwrite)
         try:
             self._set_up()
         except BaseException:
@@ -575,45 +576,46 @@ class Trainer:
         self.print(cache.describe())
         return feed, cache
 
-    def _check_run_dir(self, resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> bool:
         """Lock the run directory (rank 0) and decide what to do with what it holds, before anything is built
-        or written. Returns (resume from a checkpoint, start again over an earlier run's files)."""
+        or written. Returns whether to resume from a checkpoint (else the run starts from the beginning: what
+        an earlier run wrote there is replaced once this one is set up, see :meth:`_create_run_dir`)."""
         decision: dict[str, Any] = {}
         if self.env.is_main:
             try:
-                decision = dict(zip(("resume", "restart"), self._claim_run_dir(resume, overwrite)))
+                decision = {"resume": self._claim_run_dir(resume, overwrite)}
             except CrossDistillError as err:
                 decision = {"error": str(err)}
         decision = broadcast_from_main(self.env, decision)
         if "error" in decision:
             raise CrossDistillError(decision["error"])
-        return decision["resume"], decision["restart"]
+        return decision["resume"]
 
-    def _claim_run_dir(self, resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    def _claim_run_dir(self, resume: bool, overwrite: bool) -> bool:
         found = inspect_run_dir(self.run_dir)
         if found.exists and not found.is_run and not found.empty:
             raise CrossDistillError(
                 f"{self.run_dir} is not a crossdistill run directory (it holds {found.describe_foreign()}) and is "
                 "left as it is; choose another train.run_name / train.output_dir (an empty or new directory)")
         self.run_lock.acquire()
-        self.started_over_run = found.is_run  # the folder of an earlier run: removed again if this one fails at once
+        self.started_over_run = found.is_run
         try:
             contents = inspect_run_dir(self.run_dir, own_lock=True)
             if contents.has_checkpoint:
                 if resume:
-                    return True, False
+                    return True
                 if overwrite:
-                    return False, True
+                    return False
                 raise CrossDistillError(
                     f"run directory {self.run_dir} already holds a run; pass --resume to continue it, "
                     "--overwrite to replace it, or choose another train.run_name / train.output_dir")
             if found.is_run or contents.is_run:
                 self.print(f"{self.run_dir} holds no checkpoint (an earlier attempt stopped before its first one): "
                            "starting the run from the beginning")
-                return False, True
+                return False
             if resume:
                 raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
-            return False, False
+            return False
         except CrossDistillError:
             self._release_run_dir(failed=True)
             raise
@@ -625,17 +627,19 @@ class Trainer:
         lock = self.run_lock
         if lock is None or not lock.held:
             return
-        remove_empty = []
+        remove_run_dir = False
         if failed:
-            contents = inspect_run_dir(self.run_dir)
-            if not contents.has_checkpoint:
-                remove_run_files(contents)
-                if getattr(self, "started_over_run", False):
-                    remove_empty.append(self.run_dir)
-        lock.release(remove_created=failed)
-        for folder in remove_empty:
             try:
-                folder.rmdir()
+                contents = inspect_run_dir(self.run_dir)
+                if not contents.has_checkpoint:
+                    remove_run_files(contents)
+                    remove_run_dir = self.started_over_run
+            except (OSError, CrossDistillError):
+                pass  # the failure being raised is the one to report
+        lock.release(remove_created=failed)
+        if remove_run_dir:
+            try:
+                self.run_dir.rmdir()
             except OSError:
                 pass  # it holds files a run does not write: they stay
 
