@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +285,169 @@ def test_params_reads_method_arguments_in_exponent_notation(capsys):
                              "--set", "kappa=1e-2", "--set", "weight=1e-1", "--json")
     assert code == 0, err
     assert json.loads(out)["method"] == "rsd"
+
+
+# ---------------------------------------------------------------- run directories: nothing lost
+
+
+def quick_config(tmp_path, data=None, **train):
+    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1, **train},
+                   data={"train_subset": 64, "eval_subset": 32, **(data or {})})
+    return write_config(tmp_path, raw)
+
+
+def one_error_line(code, err):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("crossdistill: error:"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "../elsewhere"])
+def test_run_name_is_one_plain_folder_name(tmp_path, capsys, name):
+    config = quick_config(tmp_path)
+    finished = tmp_path / "runs" / "finished"
+    finished.mkdir(parents=True)
+    (finished / "last.pt").write_text("another run's checkpoint")
+    code, _, err = run_cli(capsys, "train", "--config", str(config), f"train.run_name={name}")
+    assert "config key 'train.run_name': must be one folder name inside train.output_dir" in one_error_line(code, err)
+    assert (finished / "last.pt").read_text() == "another run's checkpoint" and config.exists()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["finished"]
+
+
+def test_a_directory_that_holds_no_run_is_refused_and_left_alone(tmp_path, capsys):
+    config = quick_config(tmp_path)
+    notes = tmp_path / "runs" / "notes"
+    notes.mkdir(parents=True)
+    (notes / "a.txt").write_text("hi")
+    (notes / "config.yaml").write_text("my: own settings\n")  # not a run's config: a user's file
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        code, _, err = run_cli(capsys, "train", "--config", str(config), "train.run_name=notes", *flags)
+        assert (f"{notes} is not a crossdistill run directory (it holds a.txt, config.yaml) and is left as it is"
+                in one_error_line(code, err))
+    assert sorted(p.name for p in notes.iterdir()) == ["a.txt", "config.yaml"]
+    assert (notes / "config.yaml").read_text() == "my: own settings\n"
+    (tmp_path / "runs" / "empty").mkdir()
+    assert run_cli(capsys, "train", "--config", str(config), "train.run_name=empty")[0] == 0  # an empty one is used
+
+
+def test_overwrite_replaces_only_what_a_run_wrote(tmp_path, capsys):
+    config = quick_config(tmp_path, tensorboard=True, checkpoint_every_steps=1)
+    assert run_cli(capsys, "train", "--config", str(config))[0] == 0
+    run_dir = tmp_path / "runs" / "run"
+    assert list((run_dir / "checkpoints").glob("step-*.pt")) and list((run_dir / "tensorboard").iterdir())
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "checkpoints" / "README").write_text("mine too")
+    (run_dir / "plots").mkdir()
+    old_events = set((run_dir / "tensorboard").iterdir())
+    code, out, err = run_cli(capsys, "train", "--config", str(config), "--overwrite")
+    assert code == 0, err
+    assert f"kept what a run does not write in {run_dir}: checkpoints/README, notes.txt, plots/" in out
+    assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "checkpoints" / "README").read_text() == "mine too"
+    assert (run_dir / "plots").is_dir() and (run_dir / "summary.json").exists()
+    events = set((run_dir / "tensorboard").iterdir())
+    assert len(events) == 1 and not events & old_events  # the earlier run's curves were replaced
+    assert not (run_dir / ".crossdistill.lock").exists()
+
+
+def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys, monkeypatch):
+    config = quick_config(tmp_path)
+    (tmp_path / "out.txt").write_text("a file")
+    code, _, err = run_cli(capsys, "train", "--config", str(config), f"train.output_dir={tmp_path / 'out.txt'}")
+    assert (f"cannot create the run directory {tmp_path / 'out.txt' / 'run'}: {tmp_path / 'out.txt'} is a file, "
+            "not a directory" in one_error_line(code, err))
+    assert (tmp_path / "out.txt").read_text() == "a file"
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_mkdir = Path.mkdir
+
+    def refuse_inside_read_only(self, *args, **kwargs):  # as a read-only mount does, even for root
+        if read_only in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse_inside_read_only)
+    code, _, err = run_cli(capsys, "train", "--config", str(config), f"train.output_dir={read_only / 'runs'}")
+    assert (f"cannot write the run directory {read_only / 'runs' / 'run'}: Permission denied; choose a writable "
+            "train.output_dir" in one_error_line(code, err))
+
+
+def image_folder(root, per_class=8):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label, name in enumerate(("cat", "dog")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (32, 32), (50 + 100 * label, 10 * i, 0)).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_found_mid_run_is_one_line_and_leaves_no_run_directory(tmp_path, capsys, workers):
+    root = image_folder(tmp_path / "images")
+    (root / "train" / "dog" / "0003.png").write_bytes(b"not an image")
+    config = quick_config(tmp_path, batch_size=4, data={"dataset": "folder", "root": str(root), "num_workers": workers,
+                                                        "train_subset": None, "eval_subset": None})
+    code, _, err = run_cli(capsys, "train", "--config", str(config))
+    line = one_error_line(code, err)
+    assert f"cannot decode image file '{root / 'train' / 'dog' / '0003.png'}'" in line and "Caught" not in line
+    assert not (tmp_path / "runs" / "run").exists()
+    (root / "train" / "dog" / "0003.png").unlink()
+    assert run_cli(capsys, "train", "--config", str(config))[0] == 0  # fixing the input just works
+
+
+def test_resume_of_a_run_directory_given_as_dot(tmp_path, capsys, monkeypatch):
+    config = quick_config(tmp_path)
+    assert run_cli(capsys, "train", "--config", str(config))[0] == 0
+    monkeypatch.chdir(tmp_path / "runs" / "run")
+    code, out, err = run_cli(capsys, "train", "--resume", ".")
+    assert code == 0, err
+    assert f"run {tmp_path / 'runs' / 'run'} is already finished (1/1 epochs trained): nothing to do" in out
+
+
+def test_resuming_a_finished_run_says_so_and_keeps_its_summary(tmp_path, capsys):
+    config = quick_config(tmp_path)
+    assert run_cli(capsys, "train", "--config", str(config))[0] == 0
+    summary = tmp_path / "runs" / "run" / "summary.json"
+    before = summary.read_text()
+    code, out, err = run_cli(capsys, "train", "--config", str(config), "--resume", "--json")
+    assert code == 0, err
+    assert "is already finished (1/1 epochs trained): nothing to do. To train it longer" in out
+    assert summary.read_text() == before
+    assert json.loads(out[out.index("{"):])["wall_time_s"] == json.loads(before)["wall_time_s"]
+
+
+def test_extending_a_finished_run_replans_its_schedule_and_records_it(tmp_path, capsys):
+    config = quick_config(tmp_path)
+    assert run_cli(capsys, "train", "--config", str(config))[0] == 0
+    run_dir = tmp_path / "runs" / "run"
+    code, out, err = run_cli(capsys, "train", "--resume", str(run_dir), "train.epochs=2")
+    assert code == 0, err
+    assert ("train.epochs changed from 1 to 2: the run continues after epoch 1 with its lr schedule (cosine) "
+            "re-planned over 2 epochs (lr 1e-05 -> 0.001005); config.yaml records train.epochs=2") in out
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 2
+    rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
+    header = rows[0].split(",")
+    assert float(rows[2].split(",")[header.index("lr")]) == pytest.approx(1e-5 + 0.5 * (2e-3 - 1e-5))
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
+    code, _, err = run_cli(capsys, "train", "--resume", str(run_dir), "train.epochs=1")
+    assert ("train.epochs=1, but the run in " in one_error_line(code, err)
+            and "has already trained 2 of its 2 epochs" in err)
+
+
+def test_resume_followed_by_an_override_keeps_the_override(tmp_path, capsys):
+    """argparse hands `--resume train.epochs=5` the override as its RUN_DIR; it used to vanish silently."""
+    config = write_config(tmp_path, tiny_run(tmp_path, num_classes=10))
+    code, out, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "--resume", "train.epochs=5")
+    assert code == 0, err
+    resolved = yaml.safe_load(out[out.index("# resolved config"):out.index("# run")])
+    assert resolved["train"]["epochs"] == 5
+
+
+def test_resume_with_a_run_dir_and_a_config_is_one_clear_line(tmp_path, capsys):
+    config = write_config(tmp_path, tiny_run(tmp_path, num_classes=10))
+    (tmp_path / "elsewhere").mkdir()
+    code, out, err = run_cli(capsys, "train", "--config", str(config), "--resume", str(tmp_path / "elsewhere"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "give one of them" in err

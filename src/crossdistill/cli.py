@@ -20,11 +20,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = args.config
     resume = args.resume is not None
+    if config is not None and isinstance(args.resume, str):
+        if "=" in args.resume and not Path(args.resume).exists():
+            args.overrides = [args.resume, *args.overrides]  # `--resume key=value`: argparse gave --resume the override
+        else:
+            raise CrossDistillError(
+                f"--resume {args.resume} with --config: give one of them. --resume RUN_DIR alone continues a run with "
+                "its own config.yaml; --config FILE --resume continues the run that FILE's train.output_dir and "
+                "train.run_name name")
     if config is None:
         if not isinstance(args.resume, str):
             raise CrossDistillError("train needs --config FILE.yaml (or --resume RUN_DIR to continue a run)")
-        config = Path(args.resume) / "config.yaml"
-        run_dir = Path(args.resume)
+        run_dir = Path(os.path.abspath(args.resume))  # "." or "runs/r/..": its real name, not an empty one
+        config = run_dir / "config.yaml"
         args.overrides = [f"train.output_dir={run_dir.parent}", f"train.run_name={run_dir.name}", *args.overrides]
     cfg = load_config(config, args.overrides)
     if args.dry_run:

@@ -504,6 +504,11 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+def _is_plain_name(name: str) -> bool:
+    """A single path component: a run directory never names its parent, the output directory or a sub-path."""
+    return name.strip() not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
 def validate(cfg: RunConfig) -> None:
     _check(bool(cfg.student.name), "student.name", "a student model name is required (e.g. resnet18)")
     if cfg.teacher is not None:
@@ -528,6 +533,8 @@ def validate(cfg: RunConfig) -> None:
            f"must be fp16 or fp32, got {shorten(t.teacher_cache_dtype)}")
     _check(t.teacher_cache is None or bool(t.teacher_cache.strip()), "train.teacher_cache",
            "must be a directory path (or null)")
+    _check(t.run_name is None or _is_plain_name(t.run_name), "train.run_name",
+           f"must be one folder name inside train.output_dir (not empty, '.' or '..', no '/'), got {t.run_name!r}")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.scale_lr in ("none", "linear"), "optim.scale_lr", f"must be none or linear, got {shorten(o.scale_lr)}")
     _check(t.reference_batch is None or t.reference_batch >= 1, "train.reference_batch", "must be >= 1")

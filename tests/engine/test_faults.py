@@ -245,3 +245,93 @@ def test_mid_epoch_resume_with_another_process_count_is_a_clear_error(tmp_path):
     with pytest.raises(CrossDistillError, match=r"middle of an epoch by 2 process\(es\), and this run has 1.*"
                                                 r"Resume with 2 process\(es\), or delete"):
         Trainer(build_config(raw), resume=True, out=io.StringIO())
+
+
+QUICK = dict(method="vanilla", data={"train_subset": 64, "eval_subset": 32})
+
+
+def test_a_second_run_into_the_same_directory_stops_at_once(tmp_path, capsys):
+    import csv
+
+    from crossdistill.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_run(tmp_path, train={"epochs": 500}, **QUICK)))
+    first = subprocess.Popen([sys.executable, "-m", "crossdistill", "train", "--config", str(path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "runs" / "run"
+    try:
+        _wait_for(lambda: (run_dir / "latest.json").exists(), first)
+        for flags in ([], ["--resume"], ["--overwrite"]):
+            assert main(["train", "--config", str(path), *flags]) == 2
+            err = capsys.readouterr().err
+            assert f"run directory {run_dir} is in use by another crossdistill process (pid {first.pid} " in err
+            assert err.count("\n") == 1
+        assert first.poll() is None  # the first run goes on, its checkpoints untouched
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == EXIT_PREEMPTED
+    with (run_dir / "metrics.csv").open() as handle:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
+    assert epochs == list(range(1, len(epochs) + 1))
+    assert not (run_dir / ".crossdistill.lock").exists()  # released: no stray lock file
+
+
+KILL_AT = """import os, signal, sys
+from crossdistill.engine import Trainer
+setattr(Trainer, sys.argv.pop(1), lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL))
+from crossdistill.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed_in", ["_build_loaders", "fit"])  # during set-up, before the first checkpoint
+@pytest.mark.parametrize("again", [[], ["--resume"]])
+def test_a_run_killed_before_its_first_checkpoint_is_started_again_by_the_same_command(tmp_path, capsys, killed_in,
+                                                                                      again):
+    from crossdistill.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_run(tmp_path, train={"epochs": 1}, **QUICK)))
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, killed_in, "train", "--config", str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "run"
+    assert run_dir.is_dir() and not (run_dir / "last.pt").exists()
+    assert main(["train", "--config", str(path), *again]) == 0
+    out = capsys.readouterr().out
+    assert "holds no checkpoint (an earlier attempt stopped before its first one): starting the run from the" in out
+    assert (run_dir / "summary.json").exists() and not (run_dir / ".crossdistill.lock").exists()
+
+
+def test_a_failure_before_the_first_checkpoint_leaves_no_run_directory(tmp_path, monkeypatch):
+    import io
+
+    def broken(self, *args):
+        raise RuntimeError("a bug in the first epoch")
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", broken)
+    raw = tiny_run(tmp_path, train={"epochs": 1}, **QUICK)
+    with pytest.raises(RuntimeError, match="a bug in the first epoch"):
+        Trainer(build_config(raw), out=io.StringIO()).fit()
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.undo()
+    Trainer(build_config(raw), out=io.StringIO()).fit()  # the same run again just works
+
+
+def test_the_wall_time_of_a_resumed_run_counts_every_session(tmp_path):
+    import io
+    import json
+
+    raw = tiny_run(tmp_path, train={"epochs": 2}, **QUICK)
+    Trainer(build_config(raw), out=io.StringIO()).fit(stop_after=1)
+    path = tmp_path / "runs" / "run" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    assert 0 < state["wall_time_s"] < 1000
+    state["wall_time_s"] = 1000.0  # as if the first session had trained for 1000 s
+    save_atomic(state, path)
+    summary = Trainer(build_config(raw), resume=True, out=io.StringIO()).fit()
+    assert summary.wall_time_s > 1000.0
+    assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["wall_time_s"] == summary.wall_time_s

@@ -76,3 +76,12 @@ def barrier(env: DistEnv) -> None:
 def shutdown(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_from_main(env: DistEnv, obj):
+    """Rank 0's ``obj`` on every rank (a picklable object; all ranks must call it)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

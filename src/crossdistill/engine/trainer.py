@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
-import shutil
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
@@ -23,9 +25,12 @@ from .. import __version__
 from ..checkpoint import load_weights_file, remove_torn_files, save_atomic
 from ..config import RunConfig, save_config, with_absolute_paths
 from ..errors import CrossDistillError
-from .distributed import DistEnv, all_ranks_ok, all_reduce_sum, barrier, init_distributed, shutdown
+from .distributed import (DistEnv, all_ranks_ok, all_reduce_sum, barrier, broadcast_from_main, init_distributed,
+                          shutdown)
 from .metrics import MetricsLog, topk_correct
 from .preemption import EXIT_PREEMPTED, Preempted, StopSignal
+from .rundir import (BEST, CHECKPOINT, CONFIG, LATEST, STEP_DIR, SUMMARY, RunDirLock, inspect_run_dir,
+                     remove_run_files)
 from .sampling import ResumableSampler, SampleSeededDataset
 from .setup import autocast_dtype, build_run, count_parameters
 from ..data.device_augment import DeviceAugment
@@ -33,10 +38,6 @@ from ..models import is_token_model
 from .teacher_cache import (TeacherCache, TeacherFeed, WithIndex, cache_key, cache_widths, prefetched_outputs,
                             teacher_outputs_of)
 
-CHECKPOINT = "last.pt"
-BEST = "best.pt"
-LATEST = "latest.json"
-STEP_DIR = "checkpoints"
 CHECKPOINT_FORMAT = "crossdistill-run/1"
 __all__ = ["EXIT_PREEMPTED", "Preempted", "RunSummary", "StepResult", "TrainStep", "Trainer", "build_optimizer",
            "build_train_loader", "evaluate", "make_scaler", "train"]
@@ -115,11 +116,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def default_run_name(cfg: RunConfig) -> str:
     teacher = cfg.teacher.name if cfg.teacher is not None else "none"
-    return f"{cfg.method}-{teacher}-{cfg.student.name}"
+    return f"{cfg.method}-{teacher}-{cfg.student.name}".replace(os.sep, "_")  # hf-hub:org/name: one folder
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def unwrap_worker_error(err: CrossDistillError) -> CrossDistillError:
+    """The error a DataLoader worker raised, as the user should see it.
+
+    torch re-raises a worker's exception in the main process as the same type, with the worker's whole
+    traceback as its message ("Caught CrossDistillError in DataLoader worker process 0. Original
+    Traceback ..."); the one-line message is after the traceback's last ``<module>.<class>: ``."""
+    text = str(err)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return err
+    kind = type(err)
+    last = None
+    for last in re.finditer(rf"^{re.escape(f'{kind.__module__}.{kind.__qualname__}')}: ", text, re.M):
+        pass
+    return kind(text[last.end():].strip()) if last is not None else err
 
 
 FUSED_OPTIMIZERS = ("sgd", "nesterov", "momentum", "adam", "adamw")
@@ -468,9 +491,17 @@ class Trainer:
             raise CrossDistillError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
                                     "set train.sync_bn=false")
         self.run_dir = run_dir_of(cfg)
-        self._check_run_dir(resume, overwrite)
-        self.resume = resume
+        self.run_lock = RunDirLock(self.run_dir) if self.env.is_main else None
+        self.started_over_run = False  # the folder of an earlier run: removed again if this one fails at once
+        self.resume = self._check_run_dir(resume, overwrite)
+        try:
+            self._set_up()
+        except BaseException:
+            self._release_run_dir(failed=True)
+            raise
 
+    def _set_up(self) -> None:
+        cfg, resume = self.cfg, self.resume
         seed_everything(cfg.train.seed + self.env.rank)
         built = build_run(cfg, self.env.world_size)
         self.data, self.num_classes = built.data, built.num_classes
@@ -502,6 +533,9 @@ class Trainer:
         self.nonfinite_steps = 0
         self.best = {"top1": -1.0, "epoch": -1, "ema_top1": -1.0}
         self.history: list[dict[str, Any]] = []
+        self.wall_before = 0.0  # seconds of training in earlier sessions of this run (resumed)
+        self.session_started: float | None = None
+        self.epochs_changed_from: int | None = None
         if resume:
             self._load_checkpoint()
         self._create_run_dir(resume)
@@ -542,18 +576,72 @@ class Trainer:
         self.print(cache.describe())
         return feed, cache
 
-    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
-        """Refuse to clobber an existing run (before anything is built or written)."""
-        has_checkpoint = (self.run_dir / CHECKPOINT).exists() or any((self.run_dir / STEP_DIR).glob("step-*.pt"))
-        if resume:
-            if not has_checkpoint:
-                raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
-            return
-        if ((self.run_dir / "config.yaml").exists() or has_checkpoint) and not overwrite:
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> bool:
+        """Lock the run directory (rank 0) and decide what to do with what it holds, before anything is built
+        or written. Returns whether to resume from a checkpoint (else the run starts from the beginning: what
+        an earlier run wrote there is replaced once this one is set up, see :meth:`_create_run_dir`)."""
+        decision: dict[str, Any] = {}
+        if self.env.is_main:
+            try:
+                decision = {"resume": self._claim_run_dir(resume, overwrite)}
+            except CrossDistillError as err:
+                decision = {"error": str(err)}
+        decision = broadcast_from_main(self.env, decision)
+        if "error" in decision:
+            raise CrossDistillError(decision["error"])
+        return decision["resume"]
+
+    def _claim_run_dir(self, resume: bool, overwrite: bool) -> bool:
+        found = inspect_run_dir(self.run_dir)
+        if found.exists and not found.is_run and not found.empty:
             raise CrossDistillError(
-                f"run directory {self.run_dir} already holds a run; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another train.run_name / train.output_dir"
-            )
+                f"{self.run_dir} is not a crossdistill run directory (it holds {found.describe_foreign()}) and is "
+                "left as it is; choose another train.run_name / train.output_dir (an empty or new directory)")
+        self.run_lock.acquire()
+        self.started_over_run = found.is_run
+        try:
+            contents = inspect_run_dir(self.run_dir, own_lock=True)
+            if contents.has_checkpoint:
+                if resume:
+                    return True
+                if overwrite:
+                    return False
+                raise CrossDistillError(
+                    f"run directory {self.run_dir} already holds a run; pass --resume to continue it, "
+                    "--overwrite to replace it, or choose another train.run_name / train.output_dir")
+            if found.is_run or contents.is_run:
+                self.print(f"{self.run_dir} holds no checkpoint (an earlier attempt stopped before its first one): "
+                           "starting the run from the beginning")
+                return False
+            if resume:
+                raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
+            return False
+        except CrossDistillError:
+            self._release_run_dir(failed=True)
+            raise
+
+    def _release_run_dir(self, failed: bool = False) -> None:
+        """Unlock the run directory. After a failure before the run's first checkpoint, also remove what it
+        wrote (and the folders it made): a failed run leaves no run directory behind, and the same command
+        starts it again."""
+        lock = self.run_lock
+        if lock is None or not lock.held:
+            return
+        remove_run_dir = False
+        if failed:
+            try:
+                contents = inspect_run_dir(self.run_dir)
+                if not contents.has_checkpoint:
+                    remove_run_files(contents)
+                    remove_run_dir = self.started_over_run
+            except (OSError, CrossDistillError):
+                pass  # the failure being raised is the one to report
+        lock.release(remove_created=failed)
+        if remove_run_dir:
+            try:
+                self.run_dir.rmdir()
+            except OSError:
+                pass  # it holds files a run does not write: they stay
 
     def _create_run_dir(self, resume: bool) -> None:
         """Called once everything is built: a run that fails on bad input leaves no directory behind."""
@@ -563,14 +651,37 @@ class Trainer:
                 if torn:
                     self.print(f"removed {len(torn)} unfinished checkpoint write(s) of the interrupted run: "
                                + ", ".join(p.name for p in torn))
+                if self.epochs_changed_from is not None:
+                    self._record_epochs()
             return
         barrier(self.env)
         if self.env.is_main:
-            if self.run_dir.exists():
-                shutil.rmtree(self.run_dir)  # only reached with --overwrite (checked in _check_run_dir)
+            contents = inspect_run_dir(self.run_dir)
+            removed = remove_run_files(contents)
+            if removed:
+                self.print(f"removed the {len(removed)} file(s) of the earlier run in {self.run_dir}")
+            if contents.foreign:
+                self.print(f"kept what a run does not write in {self.run_dir}: {contents.describe_foreign()}")
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            tmp = self.run_dir / f".{CONFIG}.tmp"
+            save_config(self.cfg, tmp)
+            tmp.replace(self.run_dir / CONFIG)
         barrier(self.env)
+
+    def _record_epochs(self) -> None:
+        """Write the changed ``train.epochs`` into the run's config.yaml (the rest of it stays as it was)."""
+        path = self.run_dir / CONFIG
+        try:
+            saved = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            saved = None
+        if isinstance(saved, dict) and isinstance(saved.get("train"), dict):
+            saved["train"]["epochs"] = self.cfg.train.epochs
+            write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
+        else:
+            tmp = self.run_dir / f".{CONFIG}.tmp"
+            save_config(self.cfg, tmp)
+            tmp.replace(path)
 
     def _build_loaders(self) -> None:
         cfg, env = self.cfg, self.env
@@ -644,6 +755,7 @@ class Trainer:
             "classes": list(self.data.classes),
             "num_classes": self.num_classes,
             "world_size": self.env.world_size,
+            "wall_time_s": self.wall_time(),
         }
 
     def _write_latest(self, path: Path, epoch: int, step: int) -> None:
@@ -720,9 +832,16 @@ class Trainer:
             module.load_state_dict(state["extras"][name])
         if self.ema is not None and state.get("student_ema") is not None:
             self.ema.module.load_state_dict(state["student_ema"])
+        saved_epochs = int(((state.get("config") or {}).get("train") or {}).get("epochs", self.cfg.train.epochs))
+        done = int(state["epoch"])
+        if saved_epochs != self.cfg.train.epochs and self.cfg.train.epochs <= done:
+            raise CrossDistillError(
+                f"train.epochs={self.cfg.train.epochs}, but the run in {self.run_dir} has already trained {done} of its "
+                f"{saved_epochs} epochs; resume it with its own train.epochs ({saved_epochs}), or a larger value to "
+                "train it longer")
         load_optimizer_state(self.optimizer, state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scheduler is not None and state.get("scheduler") is not None and saved_epochs == self.cfg.train.epochs:
+            self.scheduler.load_state_dict(state["scheduler"])  # else: re-planned below
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         per_rank = state.get("rng_per_rank")
@@ -733,6 +852,22 @@ class Trainer:
         self.start_step = int(state.get("step", 0))
         self.resume_partial = dict(state.get("partial_epoch") or {})
         self.resumed_from = path
+        self.wall_before = float(state.get("wall_time_s", 0.0))
+        if saved_epochs != self.cfg.train.epochs:
+            self._replan_schedule(saved_epochs)
+
+    def _replan_schedule(self, saved_epochs: int) -> None:
+        """``train.epochs`` changed on resume: the lr schedule continues as if planned for the new length."""
+        before = self.optimizer.param_groups[0]["lr"]
+        if self.scheduler is not None:
+            self.scheduler.step(self.start_epoch)  # epoch-based schedules
+            self.scheduler.step_update(self.start_epoch * self.steps_per_epoch + self.start_step)  # per-step ones
+        epochs = self.cfg.train.epochs
+        self.epochs_changed_from = saved_epochs
+        self.print(f"train.epochs changed from {saved_epochs} to {epochs}: the run continues after epoch "
+                   f"{self.start_epoch} with its lr schedule ({self.cfg.optim.sched}) re-planned over {epochs} epochs "
+                   f"(lr {before:g} -> {self.optimizer.param_groups[0]['lr']:g}); config.yaml records "
+                   f"train.epochs={epochs}")
 
     # ------------------------------------------------------------ loop
     def print(self, *args) -> None:
@@ -775,13 +910,33 @@ class Trainer:
         """Train to ``train.epochs`` (or only up to epoch ``stop_after``, leaving a resumable checkpoint).
 
         On SIGTERM/SIGUSR1 it saves a checkpoint at the next step boundary and raises :class:`Preempted`.
+        The run directory is unlocked at the end; a run that fails before its first checkpoint removes it.
         """
+        try:
+            return self._fit(stop_after)
+        except Preempted:
+            raise
+        except CrossDistillError as err:
+            self._release_run_dir(failed=True)
+            unwrapped = unwrap_worker_error(err)
+            if unwrapped is err:
+                raise
+            raise unwrapped from err
+        except BaseException:
+            self._release_run_dir(failed=True)
+            raise
+        finally:
+            self._release_run_dir()
+
+    def _fit(self, stop_after: int | None) -> RunSummary:
         cfg = self.cfg
+        if self.resumed_from is not None and self.start_epoch >= cfg.train.epochs:
+            return self._finished()
         self.describe()
         if self.resumed_from is not None:
             self.print(f"resuming from {self.resumed_from} (epoch {self.start_epoch} done"
                        + (f", {self.start_step} steps into epoch {self.start_epoch + 1})" if self.start_step else ")"))
-        started = time.time()
+        started = self.session_started = time.time()
         mixup = self._mixup()
         try:
             with StopSignal() as stop:
@@ -795,7 +950,24 @@ class Trainer:
         finally:
             if self.log_file is not None:
                 self.log_file.close()
-        return self._summary(time.time() - started)
+        return self._summary(self.wall_time())
+
+    def wall_time(self) -> float:
+        """Seconds this run has trained, over all its sessions (resumes) so far."""
+        session = time.time() - self.session_started if self.session_started is not None else 0.0
+        return self.wall_before + session
+
+    def _finished(self) -> RunSummary:
+        """A resumed run that has trained all its epochs: say so and keep its summary."""
+        epochs = self.cfg.train.epochs
+        self.print(f"run {self.run_dir} is already finished ({self.start_epoch}/{epochs} epochs trained): nothing "
+                   f"to do. To train it longer, resume it with train.epochs=N (N > {epochs}; the lr schedule is then "
+                   "re-planned over N epochs)")
+        try:
+            saved = json.loads((self.run_dir / SUMMARY).read_text())
+            return RunSummary(**{k: v for k, v in saved.items() if k in RunSummary.__dataclass_fields__})
+        except (OSError, ValueError, TypeError):
+            return self._summary(self.wall_before)  # killed after its last checkpoint, before its summary
 
     def _run_epoch(self, epoch: int, mixup, stop: StopSignal) -> None:
         cfg = self.cfg
@@ -986,13 +1158,13 @@ class Trainer:
             best_epoch=self.best["epoch"],
             ema_last_top1=last.get("ema_top1"),
             ema_best_top1=self.best["ema_top1"] if self.ema is not None else None,
-            wall_time_s=round(wall, 2),
+            wall_time_s=round(wall, 2),  # all sessions of the run (resumes included)
             extra_parameters=self.distiller.extra_parameter_count(),
             student_parameters=count_parameters(self.student),
             history=self.history,
         )
         if self.env.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+            write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary.__dict__, indent=2))
             self.print(
                 f"done: last top-1 {summary.last_top1:.2f} | best top-1 {summary.best_top1:.2f} "
                 f"(epoch {summary.best_epoch}) | {wall:.1f}s | {self.run_dir}"

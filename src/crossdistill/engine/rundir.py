@@ -1,0 +1,231 @@
+"""Run directories: what a run writes there, one writer at a time (a lock), and nothing else touched.
+
+A run directory holds only what :class:`~crossdistill.engine.Trainer` writes (:func:`run_entries`).
+Anything else found there was put by someone else: it is never deleted, and a non-empty directory
+holding no run is refused rather than used.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import CrossDistillError
+
+CONFIG = "config.yaml"
+CHECKPOINT = "last.pt"
+BEST = "best.pt"
+LATEST = "latest.json"
+SUMMARY = "summary.json"
+STEP_DIR = "checkpoints"
+LOCK = ".crossdistill.lock"
+METRICS = ("metrics.csv", "metrics.csv.old")
+TENSORBOARD_DIR = "tensorboard"
+RUN_FILES = (CONFIG, CHECKPOINT, BEST, LATEST, SUMMARY, *METRICS, LOCK)
+"""Files a run writes at the top of its directory (besides the temporary files of atomic writes)."""
+RUN_CONFIG_KEYS = frozenset({"student", "teacher", "method", "method_args", "num_classes", "data", "optim", "train"})
+
+
+def _is_temporary(name: str) -> bool:
+    """A temporary file of an atomic write (``.last.pt.x1y2.tmp``, ``.latest.json.tmp``), left by a kill."""
+    return name.endswith(".tmp") and (name.startswith(".step-") or any(
+        name.startswith(f".{target}.") for target in (CHECKPOINT, BEST, LATEST, CONFIG, SUMMARY)))
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.yaml as a run saves it (every top-level key of a run config), not a user's file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and set(data) == RUN_CONFIG_KEYS
+
+
+def _own_folder_entries(folder: Path, owned) -> tuple[list[Path], list[Path]]:
+    """(entries of ``folder`` a run wrote, the others)."""
+    ours, others = [], []
+    for entry in sorted(folder.iterdir()):
+        (ours if entry.is_file() and owned(entry.name) else others).append(entry)
+    return ours, others
+
+
+@dataclass
+class RunDirContents:
+    """What a run directory holds, split into what a run wrote and everything else."""
+
+    path: Path
+    exists: bool = False
+    ours: list[Path] = field(default_factory=list)
+    """Files a run writes (checkpoints, config, metrics, TensorBoard events, lock, torn temporary files)."""
+    foreign: list[Path] = field(default_factory=list)
+    """Everything else: never deleted."""
+    has_checkpoint: bool = False
+    is_run: bool = False
+    """A crossdistill run (even one stopped before its first checkpoint) was started here."""
+
+    @property
+    def empty(self) -> bool:
+        return not self.ours and not self.foreign
+
+    def describe_foreign(self, limit: int = 5) -> str:
+        names = [p.relative_to(self.path).as_posix() + ("/" if p.is_dir() else "") for p in self.foreign]
+        return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def inspect_run_dir(path: Path, own_lock: bool = False) -> RunDirContents:
+    """Sort the contents of ``path`` (a candidate run directory) into what a run wrote and the rest.
+    ``own_lock``: the lock file is this process's, not a sign that a run was started here before."""
+    contents = RunDirContents(Path(path))
+    if not path.exists():
+        return contents
+    if not path.is_dir():
+        raise CrossDistillError(f"the run directory {path} is a file, not a directory; choose another "
+                                "train.run_name / train.output_dir")
+    contents.exists = True
+    for entry in sorted(path.iterdir()):
+        name = entry.name
+        if entry.is_symlink():
+            contents.foreign.append(entry)  # whatever it points at was not written here
+        elif entry.is_dir() and name in (STEP_DIR, TENSORBOARD_DIR):
+            owned = ((lambda n: n.startswith("step-") and n.endswith(".pt") or _is_temporary(n)) if name == STEP_DIR
+                     else (lambda n: n.startswith("events.out.tfevents.")))
+            ours, others = _own_folder_entries(entry, owned)
+            contents.ours += ours
+            contents.foreign += others
+            if not others and not ours:
+                contents.ours.append(entry)  # an empty folder a run made
+            if name == STEP_DIR and any(p.suffix == ".pt" and not _is_temporary(p.name) for p in ours):
+                contents.has_checkpoint = True
+        elif entry.is_file() and (name in RUN_FILES or _is_temporary(name)):
+            if name == CONFIG and not _is_run_config(entry):
+                contents.foreign.append(entry)
+                continue
+            contents.ours.append(entry)
+            contents.has_checkpoint |= name == CHECKPOINT
+        else:
+            contents.foreign.append(entry)
+    names = {p.name for p in contents.ours if p.parent == path}
+    contents.is_run = contents.has_checkpoint or bool(names & ({CONFIG, LATEST} if own_lock else {CONFIG, LOCK, LATEST}))
+    return contents
+
+
+def remove_run_files(contents: RunDirContents) -> list[Path]:
+    """Delete what a run wrote in the directory (except its lock), folders left empty by that; returns the deleted."""
+    removed = []
+    for path in contents.ours:
+        if path.name == LOCK and path.parent == contents.path:
+            continue
+        try:
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    for folder in (contents.path / STEP_DIR, contents.path / TENSORBOARD_DIR):
+        try:
+            folder.rmdir()  # only when empty: a folder holding someone else's files stays
+        except OSError:
+            pass
+    return removed
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, outermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing[::-1]
+
+
+class RunDirLock:
+    """An exclusive ``fcntl.flock`` on ``RUN_DIR/.crossdistill.lock``: one process writes a run directory.
+
+    The lock dies with the process (a killed run leaves no stale lock, only the file, which the next run
+    takes over); a released lock removes its file. Creating the lock creates the run directory (and any
+    missing parent); :meth:`release` with ``remove_created`` removes those again when they are empty, so
+    a run that fails during set-up leaves nothing behind.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self.created: list[Path] = []
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            self.created = _missing_parents(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for _ in range(10):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as err:
+                    holder = self._holder(fd)
+                    os.close(fd)
+                    if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        self.release(remove_created=True)
+                        raise CrossDistillError(
+                            f"run directory {self.run_dir} is in use by another crossdistill process{holder}: "
+                            "a run directory has one writer. Wait for that run to end (or stop it), or choose "
+                            "another train.run_name / train.output_dir") from None
+                    raise
+                if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+                os.close(fd)  # the previous holder removed the file between our open and our lock: again
+            else:
+                raise OSError(errno.EAGAIN, "could not lock", str(self.path))
+            self.fd = fd
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except CrossDistillError:
+            raise
+        except OSError as err:
+            self.release(remove_created=True)
+            raise CrossDistillError(self._cannot_write(err)) from None
+
+    def _holder(self, fd: int) -> str:
+        try:
+            pid, host = os.pread(fd, 200, 0).decode(errors="replace").split()[:2]
+            return f" (pid {pid} on {host})"
+        except (OSError, ValueError):
+            return ""
+
+    def _cannot_write(self, err: OSError) -> str:
+        blocker = next((p for p in [self.run_dir, *self.run_dir.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return (f"cannot create the run directory {self.run_dir}: {blocker} is a file, not a directory; "
+                    "choose another train.output_dir / train.run_name")
+        return (f"cannot write the run directory {self.run_dir}: {err.strerror or err}; choose a writable "
+                "train.output_dir")
+
+    def release(self, remove_created: bool = False) -> None:
+        """Unlock and remove the lock file; with ``remove_created``, also the folders :meth:`acquire` created
+        (when they are empty)."""
+        if self.fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)  # while still holding it: see the inode check in acquire
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        if remove_created:
+            for folder in reversed(self.created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            self.created = []
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
