@@ -28,6 +28,7 @@ from .metrics import MetricsLog, topk_correct
 from .preemption import EXIT_PREEMPTED, Preempted, StopSignal
 from .sampling import ResumableSampler, SampleSeededDataset
 from .setup import autocast_dtype, build_run, count_parameters
+from .snapshot import TensorSnapshot
 from ..data.device_augment import DeviceAugment
 from ..models import is_token_model
 from .teacher_cache import (TeacherCache, TeacherFeed, WithIndex, cache_key, cache_widths, prefetched_outputs,
@@ -256,11 +257,21 @@ class StepResult:
     loss: torch.Tensor
     grad_norm: torch.Tensor | None
     finite: bool = True
-    """False when ``check_finite`` found a non-finite loss or gradient: nothing was updated."""
+    """False when ``check_finite`` found a non-finite loss or gradient: nothing was updated, the buffers are restored."""
     scaler_skipped: torch.Tensor | None = None
     """fp16 only: a 0-d tensor, 1 when the GradScaler found inf/NaN gradients and skipped the update."""
     ok: torch.Tensor | None = None
     """Deferred finiteness check only: a 0-d bool device tensor, False when the update was skipped on the device."""
+
+    @property
+    def skipped_on_device(self) -> torch.Tensor | None:
+        """A 0-d bool device tensor, True when the device skipped this step (deferred check or fp16 scaler);
+        None when the host already knows (``finite``)."""
+        if self.ok is not None:
+            return ~self.ok
+        if self.scaler_skipped is not None:
+            return self.scaler_skipped > 0
+        return None
 
 
 class TrainStep:
@@ -279,9 +290,19 @@ class TrainStep:
     update on the device (torch's fused kernels take a ``found_inf`` flag, as the GradScaler uses
     them), a non-finite step is skipped on the device with no sync; the host learns of it at most N
     steps later (:meth:`collect_nonfinite`), for the warning, the count and ``max_nonfinite_steps``.
-    The trade-off: the stop on too many non-finite steps comes up to N steps late (the weights are
-    never updated with a non-finite gradient either way), and the EMA and the scheduler still
-    advance on a skipped step. The fp16 path is sync-free: the scaler skips on the device.
+    The trade-off: the stop on too many non-finite steps comes up to N steps late. The fp16 path is
+    sync-free: the scaler skips on the device.
+
+    A skipped step changes nothing, on every path: not the weights, not the optimiser state, and not
+    the buffers (BatchNorm statistics) the forward already updated: they are saved before the forward
+    (:class:`~crossdistill.engine.snapshot.TensorSnapshot`, ``buffers``: by default all of ``model``'s,
+    which for a distiller means the student's and its extra modules', not the frozen teacher's) and
+    put back, by a ``torch.where`` on the device flag where the host does not know. The EMA is the
+    caller's (:class:`Trainer` leaves it unchanged on a skipped step, see
+    :attr:`StepResult.skipped_on_device`). The learning-rate schedule still advances on a skipped step,
+    on every path: timm's schedulers are functions of the step's position in the run (the update count
+    the engine passes is the global step), so a skipped step uses up its place in the schedule like a
+    step of an epoch that ends early; the deferred path could not do otherwise without a sync.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
@@ -289,7 +310,8 @@ class TrainStep:
                  channels_last: bool = False, clip_grad: float | None = None, check_finite: bool = True,
                  distributed: bool = False, trainable: list[torch.Tensor] | None = None,
                  teacher_feed: TeacherFeed | None = None, teacher_cache: TeacherCache | None = None,
-                 finite_check_every: int = 1, device_augment: DeviceAugment | None = None):
+                 finite_check_every: int = 1, device_augment: DeviceAugment | None = None,
+                 buffers: list[torch.Tensor] | None = None):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.device_augment = device_augment
         self.teacher_feed, self.teacher_cache = teacher_feed, teacher_cache
@@ -299,6 +321,7 @@ class TrainStep:
         if trainable is None:
             trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.trainable = trainable
+        self.buffers = TensorSnapshot(model.buffers() if buffers is None else buffers)
         can_skip_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self.finite_check_every = finite_check_every if can_skip_on_device and scaler is None else 1
         self.pending: list[tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = []
@@ -356,6 +379,9 @@ class TrainStep:
         """One step on a device batch; ``indices``: the samples' dataset indices and ``prefetched``
         the cache rows the loader read (teacher cache); ``tag``: how a deferred non-finite step is
         named in :meth:`collect_nonfinite`."""
+        restore_buffers = len(self.buffers) > 0 and (self.check_finite or self.scaler is not None)
+        if restore_buffers:
+            self.buffers.take()
         with self.autocast():
             if self.teacher_feed is not None:
                 self.teacher_feed.provide(self.teacher_outputs(images, indices, prefetched))
@@ -371,7 +397,10 @@ class TrainStep:
             before = self._scale()
             scaler.step(optimizer)
             scaler.update()
-            return StepResult(output, loss, grad_norm, scaler_skipped=(self._scale() < before).float())
+            skipped = self._scale() < before
+            if restore_buffers:
+                self.buffers.restore(where=skipped)
+            return StepResult(output, loss, grad_norm, scaler_skipped=skipped.float())
         loss.backward()
         grad_norm = self.clip_or_norm()
         if self.deferred and self.optimizer_state_ready():
@@ -381,10 +410,14 @@ class TrainStep:
                 optimizer.step()
             finally:
                 del optimizer.found_inf, optimizer.grad_scale
+            if restore_buffers:
+                self.buffers.restore(where=bad)
             self.pending.append((tag, bad, {k: v.detach() for k, v in output.losses.items()}))
             return StepResult(output, loss, grad_norm, ok=~bad)
         if self.check_finite and not self.finite(loss, grad_norm):
             optimizer.zero_grad(set_to_none=True)
+            if restore_buffers:
+                self.buffers.restore()
             return StepResult(output, loss, grad_norm, finite=False)
         optimizer.step()
         self.updates += 1
@@ -496,6 +529,7 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.student, decay=cfg.train.ema_decay, device=self.device)
+        self.ema_snapshot: TensorSnapshot | None = None
         self.start_epoch, self.start_step = 0, 0
         self.resume_partial: dict[str, Any] = {}
         self.resumed_from: Path | None = None
@@ -867,14 +901,14 @@ class Trainer:
             output, loss, grad_norm = result.output, result.loss, result.grad_norm
             if result.scaler_skipped is not None:
                 skipped += result.scaler_skipped  # the scaler found inf/NaN gradients and skipped this step
+            if self.scheduler is not None:  # by position in the run, skipped or not (see TrainStep)
+                self.scheduler.step_update(global_step + 1)
             if not result.finite:
                 self._on_nonfinite(epoch, step, {k: float(v.detach().float()) for k, v in output.losses.items()})
                 skipped += 1
                 continue
             if self.ema is not None:
-                self.ema.update(self.student, step=global_step)
-            if self.scheduler is not None:
-                self.scheduler.step_update(global_step + 1)
+                self._update_ema(global_step, result.skipped_on_device)
             terms = {**output.losses, "loss": loss}
             if grad_norm is not None:
                 terms["grad_norm"] = grad_norm
@@ -927,6 +961,18 @@ class Trainer:
         stats["skipped_steps"] = int(totals[-1].item())
         stats["_time"] = time.time() - start
         return stats
+
+    def _update_ema(self, global_step: int, skipped: torch.Tensor | None) -> None:
+        """Move the EMA towards the student, unless the device skipped this step (``skipped``, a 0-d bool
+        tensor): then it is put back exactly as it was, with no host sync."""
+        if skipped is None:
+            self.ema.update(self.student, step=global_step)
+            return
+        if self.ema_snapshot is None:
+            self.ema_snapshot = TensorSnapshot(self.ema.module.state_dict().values())
+        self.ema_snapshot.take()
+        self.ema.update(self.student, step=global_step)
+        self.ema_snapshot.restore(where=skipped)
 
     @staticmethod
     def _partial(sums: dict[str, torch.Tensor], steps: int) -> dict[str, Any]:
