@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from .. import __version__
-from ..checkpoint import load_weights_file, remove_torn_files, save_atomic
+from ..checkpoint import RESUME_HINT, load_weights_file, remove_torn_files, save_atomic, write_text_atomic
 from ..config import RunConfig, save_config, with_absolute_paths
 from ..errors import CrossDistillError
 from .distributed import DistEnv, all_ranks_ok, all_reduce_sum, barrier, init_distributed, shutdown
@@ -683,35 +683,60 @@ class Trainer:
     def _write_latest(self, path: Path, epoch: int, step: int) -> None:
         pointer = {"file": str(path.relative_to(self.run_dir)), "epoch": epoch, "step": step,
                    "global_step": epoch * self.steps_per_epoch + step}
-        tmp = self.run_dir / f".{LATEST}.tmp"
-        tmp.write_text(json.dumps(pointer))
-        tmp.replace(self.run_dir / LATEST)
+        write_text_atomic(self.run_dir / LATEST, json.dumps(pointer), hint=self._disk_full_hint())
 
-    def _save(self, epoch: int, improved: bool) -> None:
-        """End-of-epoch checkpoint (last.pt, and best.pt when the top-1 improved)."""
+    def _has_checkpoint(self) -> bool:
+        return (self.run_dir / CHECKPOINT).exists() or any((self.run_dir / STEP_DIR).glob("step-*.pt"))
+
+    def _disk_full_hint(self) -> str:
+        if self._has_checkpoint():
+            return RESUME_HINT
+        return "Free some space (or move train.output_dir) and start the run again with --overwrite (it has no checkpoint yet)."
+
+    def _on_main_then_agree(self, write) -> None:
+        """Run ``write`` on the main rank, then let every rank learn whether it succeeded: a failure there
+        (a full disk) stops every rank instead of leaving the others waiting in the next collective."""
+        error = None
         if self.env.is_main:
+            try:
+                write()
+            except Exception as err:
+                error = err
+        if not all_ranks_ok(self.env, error is None):
+            if error is not None:
+                raise error
+            raise CrossDistillError(f"writing to {self.run_dir} failed on rank 0 (see its message)")
+
+    def _save(self, epoch: int, improved: bool, row: dict[str, Any] | None = None) -> None:
+        """End-of-epoch checkpoint (last.pt, and best.pt when the top-1 improved), then the metrics row."""
+        def write() -> None:
             state = self._state(epoch)
-            save_atomic(state, self.run_dir / CHECKPOINT)
+            save_atomic(state, self.run_dir / CHECKPOINT, hint=self._disk_full_hint())
             self._write_latest(self.run_dir / CHECKPOINT, epoch, 0)
             if improved:
                 keys = ("format", "epoch", "student", "student_ema", "config", "normalization", "classes", "num_classes")
-                save_atomic({k: state[k] for k in keys}, self.run_dir / BEST)
-        barrier(self.env)
+                save_atomic({k: state[k] for k in keys}, self.run_dir / BEST, hint=self._disk_full_hint())
+            if row is not None and self.log_file is not None:
+                self.log_file.write(row)
+
+        self._on_main_then_agree(write)
 
     def _save_step(self, epoch: int, step: int, partial: dict[str, Any]) -> Path:
         """Mid-epoch checkpoint under checkpoints/, keeping the newest ``train.keep_step_checkpoints``."""
         folder = self.run_dir / STEP_DIR
         path = folder / f"step-{epoch * self.steps_per_epoch + step:09d}.pt"
         per_rank = gathered_rng_states(self.env)  # mid-epoch: each rank continues its own random streams
-        if self.env.is_main:
+
+        def write() -> None:
             state = self._state(epoch, step, partial)
             if per_rank is not None:
                 state["rng_per_rank"] = per_rank
-            save_atomic(state, path)
+            save_atomic(state, path, hint=self._disk_full_hint())
             self._write_latest(path, epoch, step)
             for old in sorted(folder.glob("step-*.pt"))[: -self.cfg.train.keep_step_checkpoints]:
                 old.unlink(missing_ok=True)
-        barrier(self.env)
+
+        self._on_main_then_agree(write)
         return path
 
     def latest_checkpoint(self) -> Path:
@@ -851,9 +876,7 @@ class Trainer:
             self.scheduler.step(epoch + 1, row.get("eval_top1"))
         row["epoch_time_s"] = round(epoch_time, 2)
         self.history.append(row)
-        self._save(epoch + 1, improved)
-        if self.log_file is not None:
-            self.log_file.write(row)
+        self._save(epoch + 1, improved, row)
         self.print(self._format_row(row))
 
     def _mixup(self):
@@ -1038,7 +1061,7 @@ class Trainer:
             history=self.history,
         )
         if self.env.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary.__dict__, indent=2))
             self.print(
                 f"done: last top-1 {summary.last_top1:.2f} | best top-1 {summary.best_top1:.2f} "
                 f"(epoch {summary.best_epoch}) | {wall:.1f}s | {self.run_dir}"
