@@ -255,6 +255,34 @@ def _train_cli(tmp_path, raw) -> int:
     return main(["train", "--config", str(path)])
 
 
+def test_a_run_whose_weights_turn_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """As optim.lr=1e6 does: finite losses, but a BatchNorm running_var overflows to inf in epoch 2."""
+    from crossdistill.engine.trainer import TrainStep
+
+    run_dir = tmp_path / "runs" / "run"
+    original, calls, good = TrainStep.__call__, {"n": 0}, {}
+
+    def diverging(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first step of epoch 2 (2 steps per epoch)
+            good["last.pt"] = (run_dir / "last.pt").read_bytes()
+            self.model.student.bn1.running_var.fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(TrainStep, "__call__", diverging)
+    raw = tiny_run(tmp_path, method="rsd", train={"epochs": 3}, data={"train_subset": 64, "eval_subset": 20})
+    assert _train_cli(tmp_path, raw) == 2
+    out, err = capsys.readouterr()
+    assert "done:" not in out and err.count("\n") == 1
+    assert err.startswith("crossdistill: error: stopping: non-finite weights after epoch 2 (inf/NaN in ")
+    assert "student.bn1.running_var" in err and f"last.pt was not written and the last good checkpoint is kept in " \
+        f"{run_dir}" in err and "optim.clip_grad" in err
+    assert (run_dir / "last.pt").read_bytes() == good["last.pt"]
+    assert not (run_dir / "summary.json").exists()
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 2  # the header and epoch 1
+
+
 class DiskFillsUp:
     """A file on a disk with ``room`` bytes left: writes past it raise OSError(ENOSPC), as the OS does."""
 

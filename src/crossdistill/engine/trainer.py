@@ -707,6 +707,29 @@ class Trainer:
                 raise error
             raise CrossDistillError(f"writing to {self.run_dir} failed on rank 0 (see its message)")
 
+    def _refuse_nonfinite_weights(self, when: str, file: str) -> None:
+        """Stop every rank before writing ``file`` when the student, its extra modules or the EMA hold inf/NaN
+        (weights or buffers): a run that diverged must not end as a success, and the last good checkpoint stays."""
+        named = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        for module_name, module in self.distiller.extra_modules().items():
+            named.update({f"{module_name}.{k}": v for k, v in module.state_dict().items()})
+        if self.ema is not None:
+            named.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
+        floating = [(k, v) for k, v in named.items() if v.is_floating_point()]
+        finite = torch.stack([torch.isfinite(v).all() for _, v in floating]).tolist() if floating else []
+        bad = [name for (name, _), ok in zip(floating, finite) if not ok]
+        if all_ranks_ok(self.env, not bad):
+            return
+        if not bad:
+            raise CrossDistillError(f"stopping: another rank holds non-finite weights {when} (see its message)")
+        kept = (f"the last good checkpoint is kept in {self.run_dir}" if self._has_checkpoint()
+                else "the run has no checkpoint yet")
+        raise CrossDistillError(
+            f"stopping: non-finite weights {when} (inf/NaN in {len(bad)} tensor(s): {', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); {file} was not written and {kept}. The training diverged: "
+            f"lower optim.lr or set optim.clip_grad (e.g. crossdistill train --resume {self.run_dir} optim.clip_grad=1.0)"
+        )
+
     def _save(self, epoch: int, improved: bool, row: dict[str, Any] | None = None) -> None:
         """End-of-epoch checkpoint (last.pt, and best.pt when the top-1 improved), then the metrics row."""
         def write() -> None:
@@ -725,6 +748,7 @@ class Trainer:
         """Mid-epoch checkpoint under checkpoints/, keeping the newest ``train.keep_step_checkpoints``."""
         folder = self.run_dir / STEP_DIR
         path = folder / f"step-{epoch * self.steps_per_epoch + step:09d}.pt"
+        self._refuse_nonfinite_weights(f"at epoch {epoch + 1}, step {step}", str(path.relative_to(self.run_dir)))
         per_rank = gathered_rng_states(self.env)  # mid-epoch: each rank continues its own random streams
 
         def write() -> None:
@@ -859,6 +883,7 @@ class Trainer:
     def _run_epoch(self, epoch: int, mixup, stop: StopSignal) -> None:
         cfg = self.cfg
         train_stats = self.train_one_epoch(epoch, mixup, stop)
+        self._refuse_nonfinite_weights(f"after epoch {epoch + 1}", CHECKPOINT)
         epoch_time = train_stats.pop("_time")
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
         improved = False
