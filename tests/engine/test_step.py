@@ -252,3 +252,18 @@ def test_one_nan_pixel_leaves_the_model_and_its_batchnorm_statistics_bitwise_unc
                                             for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()})
     step(images, target)  # and the next good step moves them again
     assert not torch.equal(before["net.1.running_mean"], model.state_dict()["net.1.running_mean"])
+
+
+def test_a_tensor_snapshot_restores_bit_for_bit_only_where_the_device_flag_says():
+    from crossdistill.engine.snapshot import TensorSnapshot
+
+    tensors = [torch.tensor([-0.0, 1.5, float("nan")]), torch.tensor(7), torch.ones(2, 3).t(), torch.tensor([0.25])]
+    original = [t.clone() for t in tensors]
+    snapshot = TensorSnapshot(tensors)
+    snapshot.take()
+    for flag, expected in ((False, "changed"), (True, "original"), (None, "original")):
+        for t in tensors:
+            t.copy_(torch.full_like(t, float("inf")) if t.is_floating_point() else t + 1)
+        changed = [t.clone() for t in tensors]
+        snapshot.restore() if flag is None else snapshot.restore(where=torch.tensor(flag))
+        assert_bitwise_equal(dict(enumerate(tensors)), dict(enumerate(original if expected == "original" else changed)))

@@ -31,6 +31,7 @@ class TensorSnapshot:
             groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
         self.groups = list(groups.values())
         self.saved: list[torch.Tensor | None] = [None] * len(self.groups)
+        self.current: list[torch.Tensor | None] = [None] * len(self.groups)  # reused: no allocation per step
 
     def __len__(self) -> int:
         return sum(len(group) for group in self.groups)
@@ -46,8 +47,11 @@ class TensorSnapshot:
 
     def restore(self, where: torch.Tensor | None = None) -> None:
         """Put the saved values back: always, or (``where``: a 0-d bool tensor on the device) only where it is True."""
-        for group, saved in zip(self.groups, self.saved):
+        for index, (group, saved) in enumerate(zip(self.groups, self.saved)):
             if saved is None:
                 raise RuntimeError("TensorSnapshot.restore before take")
-            values = saved if where is None else torch.where(where, saved, self._flat(group))
+            values = saved
+            if where is not None:
+                values = self.current[index] = self._flat(group, out=self.current[index])
+                torch.where(where, saved, values, out=values)
             _copy_all(group, [part.view(t.shape) for part, t in zip(values.split([t.numel() for t in group]), group)])
