@@ -17,7 +17,7 @@ import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -101,28 +101,56 @@ def remove_torn_files(folder: str | Path) -> list[Path]:
     return removed
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+RESUME_HINT = "Free some space (or move train.output_dir) and resume with --resume."
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err``, or an exception it was raised from or while handling, is a full disk or quota.
+
+    torch's writer turns the OSError of a full disk into ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos``, raised while the OSError is handled: it is found there."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def no_space_error(path: str | Path, hint: str = RESUME_HINT) -> CrossDistillError:
+    """The one-line error for a write to ``path`` that found the disk full (call it before anything is removed)."""
+    kept = ("the previous version of this file is intact" if Path(path).exists() else "the file was not written")
+    return CrossDistillError(f"no space left on the device while writing {path}; {kept}. {hint}")
+
+
+def _open_temporary(fd: int, tmp: str) -> BinaryIO:
+    """The handle an atomic write writes through (tests put a full disk behind it)."""
+    return os.fdopen(fd, "wb")
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], *, hint: str = RESUME_HINT) -> None:
+    """Call ``write(handle)`` to fill a temporary file beside ``path``, then fsync and rename it over ``path``:
+    a crash leaves the old file or the new one, never a torn one. A full disk (however it shows: an
+    OSError, torch's RuntimeError) is one line naming ``path`` and ending with ``hint``, and the old file stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with _open_temporary(fd, tmp) as handle:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CrossDistillError(
-                f"no space left on the device while writing {path}; the previous version of this file is intact. "
-                "Free some space (or move train.output_dir) and resume with --resume."
-            ) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, Exception) and is_disk_full(err):
+            raise no_space_error(path, hint) from None
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -132,3 +160,13 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def save_atomic(obj: Any, path: str | Path, *, hint: str = RESUME_HINT) -> None:
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename); a full disk is one line, see :func:`write_atomic`."""
+    write_atomic(path, lambda handle: torch.save(obj, handle), hint=hint)
+
+
+def write_text_atomic(path: str | Path, text: str, *, hint: str = RESUME_HINT) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically; a full disk is one line, see :func:`write_atomic`."""
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")), hint=hint)

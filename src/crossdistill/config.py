@@ -493,7 +493,10 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from .checkpoint import write_text_atomic  # torch, only when writing
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+                      hint="Free some space (or choose another train.output_dir) and run the command again.")
 
 
 # ---------------------------------------------------------------- value checks

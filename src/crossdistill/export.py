@@ -30,9 +30,7 @@ import contextlib
 import dataclasses
 import io
 import json
-import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ from typing import Any, Callable, Sequence, TextIO
 import torch
 from torch import nn
 
-from .checkpoint import load_weights_file
+from .checkpoint import is_disk_full, load_weights_file, no_space_error, save_atomic, write_atomic, write_text_atomic
 from .config import ModelConfig
 from .errors import SHOWN_CHARS, CrossDistillError, one_line, shorten, suggest
 from .models import create_model
@@ -260,25 +258,15 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; exported files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+EXPORT_DISK_HINT = "Free some space (or pass --out on another disk) and run the export again."
 
 
 def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    _write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})}))
+    # serialised in memory, then written through a Python handle: a full disk is an OSError we can name
+    data = save(state, metadata={"format": "pt", **(metadata or {})})
+    write_atomic(path, lambda handle: handle.write(data), hint=EXPORT_DISK_HINT)
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: str = "auto",
@@ -305,6 +293,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
         except Exception as err:  # torch.export raises many types on unsupported code
             for leftover in (path, path.with_name(path.name + ".data")):
                 leftover.unlink(missing_ok=True)
+            if is_disk_full(err):
+                raise no_space_error(path, EXPORT_DISK_HINT) from None
             if exporter == "dynamo":
                 raise CrossDistillError(
                     f"the dynamo ONNX exporter failed on this model ({_first_line(err)}); "
@@ -319,6 +309,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
     except Exception as err:
         path.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise no_space_error(path, EXPORT_DISK_HINT) from None
         tried = "dynamo, then the TorchScript fallback" if exporter == "auto" else exporter
         raise CrossDistillError(
             f"ONNX export failed ({tried} exporter): {_first_line(err)}. Export safetensors/timm instead, "
@@ -479,7 +471,7 @@ def export_run(
                   "timm.create_model(pretrained_cfg_overlay=dict(file=...))")
             how = "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=N))"
         elif fmt == "timm":
-            _write_atomic(path, lambda tmp: torch.save(exported, tmp))
+            save_atomic(exported, path, hint=EXPORT_DISK_HINT)
             fresh = create_model(ModelConfig(name=name, kwargs=kwargs), num_classes)
             fresh.load_state_dict(load_weights_file(path), strict=True)
             with torch.no_grad():
@@ -499,7 +491,7 @@ def export_run(
 
     sidecar = build_sidecar(cfg, name, kwargs, num_classes, classes, preprocessing, model, result, state, run_dir)
     result.sidecar = out_dir / SIDECAR
-    _write_atomic(result.sidecar, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2) + "\n"))
+    write_text_atomic(result.sidecar, json.dumps(sidecar, indent=2) + "\n", hint=EXPORT_DISK_HINT)
     if "safetensors" in names:
         # the sidecar is timm's config.json: the directory itself loads with plain timm
         try:

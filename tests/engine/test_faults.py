@@ -335,3 +335,178 @@ def test_the_wall_time_of_a_resumed_run_counts_every_session(tmp_path):
     summary = Trainer(build_config(raw), resume=True, out=io.StringIO()).fit()
     assert summary.wall_time_s > 1000.0
     assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["wall_time_s"] == summary.wall_time_s
+
+
+def _train_cli(tmp_path, raw) -> int:
+    from crossdistill.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return main(["train", "--config", str(path)])
+
+
+def test_a_run_whose_weights_turn_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """As optim.lr=1e6 does: finite losses, but a BatchNorm running_var overflows to inf in epoch 2."""
+    from crossdistill.engine.trainer import TrainStep
+
+    run_dir = tmp_path / "runs" / "run"
+    original, calls, good = TrainStep.__call__, {"n": 0}, {}
+
+    def diverging(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first step of epoch 2 (2 steps per epoch)
+            good["last.pt"] = (run_dir / "last.pt").read_bytes()
+            self.model.student.bn1.running_var.fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(TrainStep, "__call__", diverging)
+    raw = tiny_run(tmp_path, method="rsd", train={"epochs": 3}, data={"train_subset": 64, "eval_subset": 20})
+    assert _train_cli(tmp_path, raw) == 2
+    out, err = capsys.readouterr()
+    assert "done:" not in out and err.count("\n") == 1
+    assert err.startswith("crossdistill: error: stopping: non-finite weights after epoch 2 (inf/NaN in ")
+    assert "student.bn1.running_var" in err and f"last.pt was not written and the last good checkpoint is kept in " \
+        f"{run_dir}" in err and "optim.clip_grad" in err
+    assert (run_dir / "last.pt").read_bytes() == good["last.pt"]
+    assert not (run_dir / "summary.json").exists()
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 2  # the header and epoch 1
+
+
+class DiskFillsUp:
+    """A file on a disk with ``room`` bytes left: writes past it raise OSError(ENOSPC), as the OS does."""
+
+    def __init__(self, handle, room: int):
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= size
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def test_a_full_disk_under_torchs_writer_is_one_line_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
+    """torch's writer turns ENOSPC into `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`."""
+    from crossdistill import checkpoint
+
+    path = tmp_path / "last.pt"
+    save_atomic({"w": torch.arange(1000.0)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(checkpoint, "_open_temporary", lambda fd, tmp: DiskFillsUp(os.fdopen(fd, "wb"), room=2000))
+    with pytest.raises(CrossDistillError) as raised:
+        save_atomic({"w": torch.zeros(100_000)}, path)
+    assert isinstance(raised.value.__context__, RuntimeError) and "unexpected pos" in str(raised.value.__context__)
+    assert str(raised.value) == (f"no space left on the device while writing {path}; the previous version of this file "
+                                 "is intact. Free some space (or move train.output_dir) and resume with --resume.")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_real_enospc_from_the_kernel_is_the_same_line(tmp_path, monkeypatch):
+    from crossdistill import checkpoint
+
+    def dev_full(fd, tmp):
+        os.close(fd)
+        return open("/dev/full", "wb")
+
+    monkeypatch.setattr(checkpoint, "_open_temporary", dev_full)
+    with pytest.raises(CrossDistillError, match=r"no space left on the device while writing .*c\.pt; the file was not"):
+        save_atomic({"w": torch.zeros(100_000)}, tmp_path / "c.pt")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name, nth", [("last.pt", 2), ("latest.json", 2), ("metrics.csv", 2), ("best.pt", 1),
+                                       ("summary.json", 1), ("config.yaml", 1)])
+def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, capsys, name, nth):
+    from crossdistill import checkpoint
+
+    run_dir, real_open, writes, before = tmp_path / "runs" / "run", checkpoint._open_temporary, {"n": 0}, {}
+
+    def open_temporary(fd, tmp):
+        handle = real_open(fd, tmp)
+        if os.path.basename(tmp).startswith(f".{name}."):
+            writes["n"] += 1
+            if writes["n"] == nth:  # the disk fills up at the nth write of this file
+                target = run_dir / name
+                before["bytes"] = target.read_bytes() if target.exists() else None
+                return DiskFillsUp(handle, room=16)
+        return handle
+
+    monkeypatch.setattr(checkpoint, "_open_temporary", open_temporary)
+    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 2}, data={"train_subset": 64, "eval_subset": 20})
+    assert _train_cli(tmp_path, raw) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"crossdistill: error: no space left on the device while writing {run_dir / name}; ")
+    if before["bytes"] is None:
+        assert "; the file was not written. Free some space" in err and not (run_dir / name).exists()
+    else:
+        assert "; the previous version of this file is intact. Free some space" in err
+        assert (run_dir / name).read_bytes() == before["bytes"]
+    assert ("resume with --resume" in err) == (name != "config.yaml")
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_a_full_disk_under_tensorboard_is_one_line(tmp_path):
+    from crossdistill.engine.metrics import MetricsLog
+
+    class FullTensorBoard:
+        def add_scalar(self, *args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what its writer thread raised, re-raised
+
+        close = add_scalar
+
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.writer = FullTensorBoard()
+    with pytest.raises(CrossDistillError, match=r"^no space left on the device while writing TensorBoard events to "
+                                                r".*; the checkpoints and metrics.csv are intact\. .*--resume\.$"):
+        log.write({"epoch": 1, "train_loss": 0.5})
+    log.close()  # the fit loop closes the log on the way out: no second error
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,train_loss", "1,0.5"]
+
+
+def test_a_full_disk_under_the_teacher_cache_is_one_line_not_a_sigbus(tmp_path, monkeypatch):
+    """Writing rows through a memory map into a sparse file on a full disk kills the process (SIGBUS): the
+    cache reserves its blocks when it creates a file, so a full disk shows there, as one line."""
+    from crossdistill.engine.teacher_cache import TeacherCache
+
+    reserved = []
+
+    def full(fd, offset, length):
+        reserved.append(length)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    cache = TeacherCache(tmp_path, {"teacher": {"name": "t"}}, ("embedding",), {"embedding": 4}, 10,
+                         store_dtype="fp32", log=lambda m: None)
+    with pytest.raises(CrossDistillError, match=r"no space left on the device for the teacher cache file "
+                                                r".*embedding\.npy \(0\.0 MiB\); free some space, point "
+                                                r"train.teacher_cache at another disk, or set train.teacher_cache=null"):
+        cache.begin_epoch(0)
+    assert reserved and not list((cache.dir / "epoch-0000").iterdir())
+
+
+def test_a_full_disk_while_exporting_is_one_line_and_the_previous_export_survives(tmp_path, monkeypatch):
+    from crossdistill import checkpoint
+    from crossdistill.export import write_safetensors
+
+    path = tmp_path / "model.safetensors"
+    write_safetensors({"w": torch.ones(10)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(checkpoint, "_open_temporary", lambda fd, tmp: DiskFillsUp(os.fdopen(fd, "wb"), room=16))
+    with pytest.raises(CrossDistillError, match=r"^no space left on the device while writing .*model\.safetensors; "
+                                                r"the previous version of this file is intact\. Free some space "
+                                                r"\(or pass --out on another disk\) and run the export again\.$"):
+        write_safetensors({"w": torch.zeros(1000)}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

@@ -18,28 +18,80 @@ def fused_nan_run(rsd_nan_at_calls_3_and_4):
     return rsd_nan_at_calls_3_and_4
 
 
-def _train(tmp_path, name, every, calls, **train):
+def _train(tmp_path, name, every, calls, optim=None, **train):
     calls["n"] = 0
     out = io.StringIO()
     raw = tiny_run(tmp_path, train={"epochs": 1, "run_name": name, "finite_check_every": every, **train},
-                   optim={"sched": "none"})
+                   optim=optim or {"sched": "none"})
     trainer = Trainer(build_config(raw), out=out)
     summary = trainer.fit()
     return trainer, summary, out.getvalue()
 
 
+def full_state(trainer) -> dict[str, torch.Tensor]:
+    """Copies of everything a step may change: weights and buffers (student, extra modules), EMA, optimiser state."""
+    state = {f"distiller.{k}": v for k, v in trainer.distiller.state_dict().items()}
+    if trainer.ema is not None:
+        state.update({f"ema.{k}": v for k, v in trainer.ema.module.state_dict().items()})
+    for index, per_param in trainer.optimizer.state_dict()["state"].items():
+        state.update({f"optimizer.{index}.{k}": torch.as_tensor(v) for k, v in per_param.items()})
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).contiguous().view(torch.uint8)
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Equal bit for bit: a NaN where there was NaN, -0.0 where there was -0.0."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(_bits(a[key]), _bits(b[key])), key
+
+
 def test_deferred_check_skips_on_the_device_like_the_per_step_check(tmp_path, fused_nan_run):
-    sync, sync_summary, sync_out = _train(tmp_path, "sync", 1, fused_nan_run)
-    deferred, summary, out = _train(tmp_path, "deferred", 5, fused_nan_run)
+    """With a learning-rate schedule and an EMA too: both paths advance the schedule on a skipped step
+    (by position in the run) and leave the EMA alone, so they end bitwise equal."""
+    schedule = {"sched": "cosine", "warmup_epochs": 0}
+    sync, sync_summary, sync_out = _train(tmp_path, "sync", 1, fused_nan_run, optim=schedule, ema_decay=0.9)
+    deferred, summary, out = _train(tmp_path, "deferred", 5, fused_nan_run, optim=schedule, ema_decay=0.9)
     assert deferred.step_fn.deferred and not sync.step_fn.deferred
     assert deferred.optimizer.defaults.get("fused")
     assert summary.history[0]["skipped_steps"] == sync_summary.history[0]["skipped_steps"] == 2
     assert {k: v for k, v in summary.history[0].items() if k.startswith("train_")} == \
         {k: v for k, v in sync_summary.history[0].items() if k.startswith("train_")}
-    for key, value in sync.distiller.state_dict().items():
-        assert torch.equal(value, deferred.distiller.state_dict()[key]), key
+    assert_bitwise_equal(full_state(sync), full_state(deferred))
+    assert sync.optimizer.param_groups[0]["lr"] == deferred.optimizer.param_groups[0]["lr"]
     for text in (out, sync_out):
         assert "non-finite loss or gradient at epoch 1, step 3" in text and "step 4" in text
+
+
+@pytest.mark.parametrize("every", [1, 5], ids=["per-step-check", "deferred-check"])
+def test_a_skipped_step_leaves_weights_buffers_optimiser_and_ema_bitwise_unchanged(tmp_path, monkeypatch,
+                                                                                  fused_nan_run, every):
+    """The forward of a step whose loss turns out NaN has already moved the BatchNorm statistics (of the
+    student and of the AAD projector); skipping the step must undo that, and must not move the EMA."""
+    from crossdistill.engine.trainer import TrainStep
+
+    before_call: list[dict[str, torch.Tensor]] = []
+    original = TrainStep.__call__
+
+    def recording(self, *args, **kwargs):
+        before_call.append(full_state(trainer))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "__call__", recording)
+    raw = tiny_run(tmp_path, train={"epochs": 1, "finite_check_every": every, "ema_decay": 0.9},
+                   optim={"sched": "none"}, data={"train_subset": 192})
+    trainer = Trainer(build_config(raw), out=io.StringIO())
+    summary = trainer.fit()
+    assert trainer.step_fn.deferred == (every > 1)
+    assert summary.history[0]["skipped_steps"] == 2
+    # calls 3 and 4 are the NaN ones: the state before call 5 is the state before call 3, bit for bit
+    assert_bitwise_equal(before_call[2], before_call[4])
+    moved = [k for k in before_call[1] if not torch.equal(before_call[1][k], before_call[2][k])]
+    assert any("aad" in k and "running_var" in k for k in moved)  # a good step does move them
+    assert any(k.startswith("ema.") for k in moved) and any(k.startswith("optimizer.") for k in moved)
 
 
 def test_deferred_check_still_stops_after_too_many_nonfinite_steps(tmp_path, fused_nan_run):
@@ -152,3 +204,66 @@ def test_under_ddp_nonfinite_flags_are_collected_only_where_every_rank_does():
     for key in ("last_step", "checkpoint_now"):
         assert collect_nonfinite_now(2, 20, report_now=False, distributed=True, **{**common, key: True})
     assert collect_nonfinite_now(20, 20, report_now=False, distributed=True, **common)
+
+
+class _TinyClassifier(torch.nn.Module):
+    """Conv -> BatchNorm -> linear, returning what TrainStep reads from a distiller's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                       torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+
+    def forward(self, images, target):
+        from types import SimpleNamespace
+
+        loss = torch.nn.functional.cross_entropy(self.net(images), target)
+        return SimpleNamespace(loss=loss, losses={"ce": loss.detach()})
+
+
+@pytest.mark.parametrize("path", ["per-step-check", "deferred-check", "fp16-scaler"])
+def test_one_nan_pixel_leaves_the_model_and_its_batchnorm_statistics_bitwise_unchanged(path):
+    from conftest import SYNCING_OPS, ops_called
+    from crossdistill.engine.trainer import TrainStep
+
+    torch.manual_seed(0)
+    model = _TinyClassifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    scaler = torch.amp.GradScaler("cpu") if path == "fp16-scaler" else None
+    step = TrainStep(model, optimizer, device=torch.device("cpu"), scaler=scaler,
+                     finite_check_every=5 if path == "deferred-check" else 1)
+    images, target = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    for _ in range(2):  # the optimiser state exists: the deferred path skips on the device from now on
+        step(images, target)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer_before = {f"{i}.{k}": torch.as_tensor(v).clone()
+                        for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+    poisoned = images.clone()
+    poisoned[1, 0, 4, 4] = float("nan")
+    if path == "deferred-check":  # and it reads nothing on the host
+        syncing = sorted(op for op in ops_called(step, poisoned, target) if op.startswith(SYNCING_OPS))
+        assert not syncing, syncing
+        assert [tag for tag, _ in step.collect_nonfinite()] == [None]
+    else:
+        result = step(poisoned, target)
+        assert not result.finite if scaler is None else bool(result.skipped_on_device)
+    assert_bitwise_equal(before, model.state_dict())
+    assert_bitwise_equal(optimizer_before, {f"{i}.{k}": torch.as_tensor(v)
+                                            for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()})
+    step(images, target)  # and the next good step moves them again
+    assert not torch.equal(before["net.1.running_mean"], model.state_dict()["net.1.running_mean"])
+
+
+def test_a_tensor_snapshot_restores_bit_for_bit_only_where_the_device_flag_says():
+    from crossdistill.engine.snapshot import TensorSnapshot
+
+    tensors = [torch.tensor([-0.0, 1.5, float("nan")]), torch.tensor(7), torch.ones(2, 3).t(), torch.tensor([0.25])]
+    original = [t.clone() for t in tensors]
+    snapshot = TensorSnapshot(tensors)
+    snapshot.take()
+    for flag, expected in ((False, "changed"), (True, "original"), (None, "original")):
+        for t in tensors:
+            t.copy_(torch.full_like(t, float("inf")) if t.is_floating_point() else t + 1)
+        changed = [t.clone() for t in tensors]
+        snapshot.restore() if flag is None else snapshot.restore(where=torch.tensor(flag))
+        assert_bitwise_equal(dict(enumerate(tensors)), dict(enumerate(original if expected == "original" else changed)))

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import is_disk_full, write_text_atomic
 from ..errors import CrossDistillError
 from ..models import ModelOutput, Teacher, forward_model
 
@@ -229,6 +230,20 @@ def key_digest(key: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- storage
 
 
+def _reserve_blocks(path: Path) -> None:
+    """Allocate the disk blocks of the (sparse) file ``path`` now: writing through a memory map into a hole
+    of a file on a full disk kills the process with SIGBUS, where ``posix_fallocate`` raises ENOSPC."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as err:
+            if is_disk_full(err):
+                raise
+            # a file system without fallocate: the blocks are allocated as the rows are written
+
+
 def _row_crc(rows: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(rows).reshape(rows.shape[0], -1).view(np.uint8)
     return np.fromiter((zlib.crc32(row) for row in flat), dtype=np.int64, count=rows.shape[0])
@@ -274,15 +289,23 @@ class _Store:
     @staticmethod
     def _create(path: Path, shape: tuple[int, ...], dtype: np.dtype, fill) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        if fill is not None:
-            array[:] = fill
-        array.flush()
-        del array
         try:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            _reserve_blocks(tmp)
+            if fill is not None:
+                array[:] = fill
+            array.flush()
+            del array
             os.link(tmp, path)  # atomic, and never replaces a file another run created meanwhile
         except FileExistsError:
             pass
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            raise CrossDistillError(
+                f"no space left on the device for the teacher cache file {path} ({size / 2**20:.1f} MiB); free some "
+                "space, point train.teacher_cache at another disk, or set train.teacher_cache=null") from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -377,9 +400,8 @@ class TeacherCache:
             if existing is not None:
                 return
             self.warn(f"teacher cache {key_file} is unreadable; rewriting it")
-        tmp = self.dir / f".key.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-        tmp.replace(key_file)
+        write_text_atomic(key_file, json.dumps(record, indent=2, sort_keys=True),
+                          hint="Free some space, point train.teacher_cache at another disk, or set train.teacher_cache=null.")
 
     def warn(self, message: str) -> None:
         if message not in self._warned:

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from .. import __version__
-from ..checkpoint import load_weights_file, remove_torn_files, save_atomic
+from ..checkpoint import RESUME_HINT, load_weights_file, remove_torn_files, save_atomic, write_text_atomic
 from ..config import RunConfig, save_config, with_absolute_paths
 from ..errors import CrossDistillError
 from .distributed import (DistEnv, all_ranks_ok, all_reduce_sum, barrier, broadcast_from_main, init_distributed,
@@ -33,6 +33,7 @@ from .rundir import (BEST, CHECKPOINT, CONFIG, LATEST, STEP_DIR, SUMMARY, RunDir
                      remove_run_files)
 from .sampling import ResumableSampler, SampleSeededDataset
 from .setup import autocast_dtype, build_run, count_parameters
+from .snapshot import TensorSnapshot
 from ..data.device_augment import DeviceAugment
 from ..models import is_token_model
 from .teacher_cache import (TeacherCache, TeacherFeed, WithIndex, cache_key, cache_widths, prefetched_outputs,
@@ -121,12 +122,6 @@ def default_run_name(cfg: RunConfig) -> str:
 
 def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def unwrap_worker_error(err: CrossDistillError) -> CrossDistillError:
@@ -279,11 +274,21 @@ class StepResult:
     loss: torch.Tensor
     grad_norm: torch.Tensor | None
     finite: bool = True
-    """False when ``check_finite`` found a non-finite loss or gradient: nothing was updated."""
+    """False when ``check_finite`` found a non-finite loss or gradient: nothing was updated, the buffers are restored."""
     scaler_skipped: torch.Tensor | None = None
     """fp16 only: a 0-d tensor, 1 when the GradScaler found inf/NaN gradients and skipped the update."""
     ok: torch.Tensor | None = None
     """Deferred finiteness check only: a 0-d bool device tensor, False when the update was skipped on the device."""
+
+    @property
+    def skipped_on_device(self) -> torch.Tensor | None:
+        """A 0-d bool device tensor, True when the device skipped this step (deferred check or fp16 scaler);
+        None when the host already knows (``finite``)."""
+        if self.ok is not None:
+            return ~self.ok
+        if self.scaler_skipped is not None:
+            return self.scaler_skipped > 0
+        return None
 
 
 class TrainStep:
@@ -302,9 +307,19 @@ class TrainStep:
     update on the device (torch's fused kernels take a ``found_inf`` flag, as the GradScaler uses
     them), a non-finite step is skipped on the device with no sync; the host learns of it at most N
     steps later (:meth:`collect_nonfinite`), for the warning, the count and ``max_nonfinite_steps``.
-    The trade-off: the stop on too many non-finite steps comes up to N steps late (the weights are
-    never updated with a non-finite gradient either way), and the EMA and the scheduler still
-    advance on a skipped step. The fp16 path is sync-free: the scaler skips on the device.
+    The trade-off: the stop on too many non-finite steps comes up to N steps late. The fp16 path is
+    sync-free: the scaler skips on the device.
+
+    A skipped step changes nothing, on every path: not the weights, not the optimiser state, and not
+    the buffers (BatchNorm statistics) the forward already updated: they are saved before the forward
+    (:class:`~crossdistill.engine.snapshot.TensorSnapshot`, ``buffers``: by default all of ``model``'s,
+    which for a distiller means the student's and its extra modules', not the frozen teacher's) and
+    put back, by a ``torch.where`` on the device flag where the host does not know. The EMA is the
+    caller's (:class:`Trainer` leaves it unchanged on a skipped step, see
+    :attr:`StepResult.skipped_on_device`). The learning-rate schedule still advances on a skipped step,
+    on every path: timm's schedulers are functions of the step's position in the run (the update count
+    the engine passes is the global step), so a skipped step uses up its place in the schedule like a
+    step of an epoch that ends early; the deferred path could not do otherwise without a sync.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
@@ -312,7 +327,8 @@ class TrainStep:
                  channels_last: bool = False, clip_grad: float | None = None, check_finite: bool = True,
                  distributed: bool = False, trainable: list[torch.Tensor] | None = None,
                  teacher_feed: TeacherFeed | None = None, teacher_cache: TeacherCache | None = None,
-                 finite_check_every: int = 1, device_augment: DeviceAugment | None = None):
+                 finite_check_every: int = 1, device_augment: DeviceAugment | None = None,
+                 buffers: list[torch.Tensor] | None = None):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.device_augment = device_augment
         self.teacher_feed, self.teacher_cache = teacher_feed, teacher_cache
@@ -322,6 +338,7 @@ class TrainStep:
         if trainable is None:
             trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.trainable = trainable
+        self.buffers = TensorSnapshot(model.buffers() if buffers is None else buffers)
         can_skip_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self.finite_check_every = finite_check_every if can_skip_on_device and scaler is None else 1
         self.pending: list[tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = []
@@ -379,6 +396,9 @@ class TrainStep:
         """One step on a device batch; ``indices``: the samples' dataset indices and ``prefetched``
         the cache rows the loader read (teacher cache); ``tag``: how a deferred non-finite step is
         named in :meth:`collect_nonfinite`."""
+        restore_buffers = len(self.buffers) > 0 and (self.check_finite or self.scaler is not None)
+        if restore_buffers:
+            self.buffers.take()
         with self.autocast():
             if self.teacher_feed is not None:
                 self.teacher_feed.provide(self.teacher_outputs(images, indices, prefetched))
@@ -394,7 +414,10 @@ class TrainStep:
             before = self._scale()
             scaler.step(optimizer)
             scaler.update()
-            return StepResult(output, loss, grad_norm, scaler_skipped=(self._scale() < before).float())
+            skipped = self._scale() < before
+            if restore_buffers:
+                self.buffers.restore(where=skipped)
+            return StepResult(output, loss, grad_norm, scaler_skipped=skipped.float())
         loss.backward()
         grad_norm = self.clip_or_norm()
         if self.deferred and self.optimizer_state_ready():
@@ -404,10 +427,14 @@ class TrainStep:
                 optimizer.step()
             finally:
                 del optimizer.found_inf, optimizer.grad_scale
+            if restore_buffers:
+                self.buffers.restore(where=bad)
             self.pending.append((tag, bad, {k: v.detach() for k, v in output.losses.items()}))
             return StepResult(output, loss, grad_norm, ok=~bad)
         if self.check_finite and not self.finite(loss, grad_norm):
             optimizer.zero_grad(set_to_none=True)
+            if restore_buffers:
+                self.buffers.restore()
             return StepResult(output, loss, grad_norm, finite=False)
         optimizer.step()
         self.updates += 1
@@ -527,6 +554,7 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.student, decay=cfg.train.ema_decay, device=self.device)
+        self.ema_snapshot: TensorSnapshot | None = None
         self.start_epoch, self.start_step = 0, 0
         self.resume_partial: dict[str, Any] = {}
         self.resumed_from: Path | None = None
@@ -663,9 +691,7 @@ class Trainer:
             if contents.foreign:
                 self.print(f"kept what a run does not write in {self.run_dir}: {contents.describe_foreign()}")
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.run_dir / f".{CONFIG}.tmp"
-            save_config(self.cfg, tmp)
-            tmp.replace(self.run_dir / CONFIG)
+            save_config(self.cfg, self.run_dir / CONFIG)
         barrier(self.env)
 
     def _record_epochs(self) -> None:
@@ -679,9 +705,7 @@ class Trainer:
             saved["train"]["epochs"] = self.cfg.train.epochs
             write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
         else:
-            tmp = self.run_dir / f".{CONFIG}.tmp"
-            save_config(self.cfg, tmp)
-            tmp.replace(path)
+            save_config(self.cfg, path)
 
     def _build_loaders(self) -> None:
         cfg, env = self.cfg, self.env
@@ -761,35 +785,85 @@ class Trainer:
     def _write_latest(self, path: Path, epoch: int, step: int) -> None:
         pointer = {"file": str(path.relative_to(self.run_dir)), "epoch": epoch, "step": step,
                    "global_step": epoch * self.steps_per_epoch + step}
-        tmp = self.run_dir / f".{LATEST}.tmp"
-        tmp.write_text(json.dumps(pointer))
-        tmp.replace(self.run_dir / LATEST)
+        write_text_atomic(self.run_dir / LATEST, json.dumps(pointer), hint=self._disk_full_hint())
 
-    def _save(self, epoch: int, improved: bool) -> None:
-        """End-of-epoch checkpoint (last.pt, and best.pt when the top-1 improved)."""
+    def _has_checkpoint(self) -> bool:
+        return (self.run_dir / CHECKPOINT).exists() or any((self.run_dir / STEP_DIR).glob("step-*.pt"))
+
+    def _disk_full_hint(self) -> str:
+        if self._has_checkpoint():
+            return RESUME_HINT
+        return ("Free some space (or move train.output_dir) and run the same command again "
+                "(the run has no checkpoint yet: it starts from the beginning).")
+
+    def _on_main_then_agree(self, write) -> None:
+        """Run ``write`` on the main rank, then let every rank learn whether it succeeded: a failure there
+        (a full disk) stops every rank instead of leaving the others waiting in the next collective."""
+        error = None
         if self.env.is_main:
+            try:
+                write()
+            except Exception as err:
+                error = err
+        if not all_ranks_ok(self.env, error is None):
+            if error is not None:
+                raise error
+            raise CrossDistillError(f"writing to {self.run_dir} failed on rank 0 (see its message)")
+
+    def _refuse_nonfinite_weights(self, when: str, file: str) -> None:
+        """Stop every rank before writing ``file`` when the student, its extra modules or the EMA hold inf/NaN
+        (weights or buffers): a run that diverged must not end as a success, and the last good checkpoint stays."""
+        named = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        for module_name, module in self.distiller.extra_modules().items():
+            named.update({f"{module_name}.{k}": v for k, v in module.state_dict().items()})
+        if self.ema is not None:
+            named.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
+        floating = [(k, v) for k, v in named.items() if v.is_floating_point()]
+        finite = torch.stack([torch.isfinite(v).all() for _, v in floating]).tolist() if floating else []
+        bad = [name for (name, _), ok in zip(floating, finite) if not ok]
+        if all_ranks_ok(self.env, not bad):
+            return
+        if not bad:
+            raise CrossDistillError(f"stopping: another rank holds non-finite weights {when} (see its message)")
+        kept = (f"the last good checkpoint is kept in {self.run_dir}" if self._has_checkpoint()
+                else "the run has no checkpoint yet")
+        raise CrossDistillError(
+            f"stopping: non-finite weights {when} (inf/NaN in {len(bad)} tensor(s): {', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); {file} was not written and {kept}. The training diverged: "
+            f"lower optim.lr or set optim.clip_grad (e.g. crossdistill train --resume {self.run_dir} optim.clip_grad=1.0)"
+        )
+
+    def _save(self, epoch: int, improved: bool, row: dict[str, Any] | None = None) -> None:
+        """End-of-epoch checkpoint (last.pt, and best.pt when the top-1 improved), then the metrics row."""
+        def write() -> None:
             state = self._state(epoch)
-            save_atomic(state, self.run_dir / CHECKPOINT)
+            save_atomic(state, self.run_dir / CHECKPOINT, hint=self._disk_full_hint())
             self._write_latest(self.run_dir / CHECKPOINT, epoch, 0)
             if improved:
                 keys = ("format", "epoch", "student", "student_ema", "config", "normalization", "classes", "num_classes")
-                save_atomic({k: state[k] for k in keys}, self.run_dir / BEST)
-        barrier(self.env)
+                save_atomic({k: state[k] for k in keys}, self.run_dir / BEST, hint=self._disk_full_hint())
+            if row is not None and self.log_file is not None:
+                self.log_file.write(row)
+
+        self._on_main_then_agree(write)
 
     def _save_step(self, epoch: int, step: int, partial: dict[str, Any]) -> Path:
         """Mid-epoch checkpoint under checkpoints/, keeping the newest ``train.keep_step_checkpoints``."""
         folder = self.run_dir / STEP_DIR
         path = folder / f"step-{epoch * self.steps_per_epoch + step:09d}.pt"
+        self._refuse_nonfinite_weights(f"at epoch {epoch + 1}, step {step}", str(path.relative_to(self.run_dir)))
         per_rank = gathered_rng_states(self.env)  # mid-epoch: each rank continues its own random streams
-        if self.env.is_main:
+
+        def write() -> None:
             state = self._state(epoch, step, partial)
             if per_rank is not None:
                 state["rng_per_rank"] = per_rank
-            save_atomic(state, path)
+            save_atomic(state, path, hint=self._disk_full_hint())
             self._write_latest(path, epoch, step)
             for old in sorted(folder.glob("step-*.pt"))[: -self.cfg.train.keep_step_checkpoints]:
                 old.unlink(missing_ok=True)
-        barrier(self.env)
+
+        self._on_main_then_agree(write)
         return path
 
     def latest_checkpoint(self) -> Path:
@@ -972,6 +1046,7 @@ class Trainer:
     def _run_epoch(self, epoch: int, mixup, stop: StopSignal) -> None:
         cfg = self.cfg
         train_stats = self.train_one_epoch(epoch, mixup, stop)
+        self._refuse_nonfinite_weights(f"after epoch {epoch + 1}", CHECKPOINT)
         epoch_time = train_stats.pop("_time")
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
         improved = False
@@ -989,9 +1064,7 @@ class Trainer:
             self.scheduler.step(epoch + 1, row.get("eval_top1"))
         row["epoch_time_s"] = round(epoch_time, 2)
         self.history.append(row)
-        self._save(epoch + 1, improved)
-        if self.log_file is not None:
-            self.log_file.write(row)
+        self._save(epoch + 1, improved, row)
         self.print(self._format_row(row))
 
     def _mixup(self):
@@ -1039,14 +1112,14 @@ class Trainer:
             output, loss, grad_norm = result.output, result.loss, result.grad_norm
             if result.scaler_skipped is not None:
                 skipped += result.scaler_skipped  # the scaler found inf/NaN gradients and skipped this step
+            if self.scheduler is not None:  # by position in the run, skipped or not (see TrainStep)
+                self.scheduler.step_update(global_step + 1)
             if not result.finite:
                 self._on_nonfinite(epoch, step, {k: float(v.detach().float()) for k, v in output.losses.items()})
                 skipped += 1
                 continue
             if self.ema is not None:
-                self.ema.update(self.student, step=global_step)
-            if self.scheduler is not None:
-                self.scheduler.step_update(global_step + 1)
+                self._update_ema(global_step, result.skipped_on_device)
             terms = {**output.losses, "loss": loss}
             if grad_norm is not None:
                 terms["grad_norm"] = grad_norm
@@ -1099,6 +1172,18 @@ class Trainer:
         stats["skipped_steps"] = int(totals[-1].item())
         stats["_time"] = time.time() - start
         return stats
+
+    def _update_ema(self, global_step: int, skipped: torch.Tensor | None) -> None:
+        """Move the EMA towards the student, unless the device skipped this step (``skipped``, a 0-d bool
+        tensor): then it is put back exactly as it was, with no host sync."""
+        if skipped is None:
+            self.ema.update(self.student, step=global_step)
+            return
+        if self.ema_snapshot is None:
+            self.ema_snapshot = TensorSnapshot(self.ema.module.state_dict().values())
+        self.ema_snapshot.take()
+        self.ema.update(self.student, step=global_step)
+        self.ema_snapshot.restore(where=skipped)
 
     @staticmethod
     def _partial(sums: dict[str, torch.Tensor], steps: int) -> dict[str, Any]:
@@ -1164,7 +1249,7 @@ class Trainer:
             history=self.history,
         )
         if self.env.is_main:
-            write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary.__dict__, indent=2))
+            write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary.__dict__, indent=2), hint=RESUME_HINT)
             self.print(
                 f"done: last top-1 {summary.last_top1:.2f} | best top-1 {summary.best_top1:.2f} "
                 f"(epoch {summary.best_epoch}) | {wall:.1f}s | {self.run_dir}"
