@@ -451,3 +451,20 @@ def test_resume_with_a_run_dir_and_a_config_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "elsewhere").mkdir()
     code, out, err = run_cli(capsys, "train", "--config", str(config), "--resume", str(tmp_path / "elsewhere"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "give one of them" in err
+
+
+@pytest.mark.parametrize("dataset,classes", [("digits", 10), ("cifar100", 100)])
+def test_dry_run_knows_the_class_count_of_built_in_datasets(tmp_path, capsys, dataset, classes):
+    raw = tiny_run(tmp_path)
+    raw.pop("num_classes", None)
+    raw["data"]["dataset"] = dataset
+    code, out, err = run_cli(capsys, "train", "--config", str(write_config(tmp_path, raw)), "--dry-run")
+    assert code == 0, err
+    assert f"{classes} classes" in out
+
+
+def test_dry_run_of_a_folder_dataset_asks_for_num_classes(tmp_path, capsys):
+    raw = tiny_run(tmp_path, data={"dataset": "folder", "root": str(tmp_path)})
+    raw.pop("num_classes", None)
+    code, out, err = run_cli(capsys, "train", "--config", str(write_config(tmp_path, raw)), "--dry-run")
+    assert code == 2 and "set num_classes" in err

@@ -3,7 +3,7 @@
 Datasets are registered in :data:`DATASETS` (digits, cifar10, cifar100, folder).
 """
 
-from .datasets import DATASETS, DataBundle, balanced_subset, build_data
+from .datasets import CLASS_COUNTS, DATASETS, DataBundle, balanced_subset, build_data
 from .transforms import build_transforms
 
-__all__ = ["DATASETS", "DataBundle", "balanced_subset", "build_data", "build_transforms"]
+__all__ = ["CLASS_COUNTS", "DATASETS", "DataBundle", "balanced_subset", "build_data", "build_transforms"]

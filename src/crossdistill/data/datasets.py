@@ -127,6 +127,8 @@ class SplitData:
 
 
 DATASETS: Registry[Callable[[DataConfig], SplitData]] = Registry("dataset")
+CLASS_COUNTS = {"digits": 10, "cifar10": 10, "cifar100": 100}
+"""Classes of the built-in datasets, known without opening them (``--dry-run``)."""
 
 
 # ---------------------------------------------------------------- digits

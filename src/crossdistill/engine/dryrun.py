@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from ..config import RunConfig
+from ..data import CLASS_COUNTS
 from ..distillers import METHODS, build_distiller, method_config
 from ..errors import CrossDistillError
 from ..models import Teacher, create_model
@@ -22,12 +23,15 @@ def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, ou
     """Print the resolved config, the effective batch, parameter counts and one step's losses on random data.
 
     Models are built with random weights (``pretrained``/``checkpoint`` are not loaded) and the
-    dataset is not opened, so ``num_classes`` must be set in the config.
+    dataset is not opened: ``num_classes`` comes from the config, or from the built-in dataset's known count.
     """
     out = out if out is not None else sys.stdout
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
     if cfg.num_classes is None:
-        raise CrossDistillError("--dry-run does not open the dataset: set num_classes in the config (e.g. num_classes=100)")
+        if cfg.data.dataset not in CLASS_COUNTS:
+            raise CrossDistillError("--dry-run does not open the dataset: set num_classes in the config "
+                                    "(the number of class directories, e.g. num_classes=100)")
+        cfg = dataclasses.replace(cfg, num_classes=CLASS_COUNTS[cfg.data.dataset])
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     say("# resolved config")
     say(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
