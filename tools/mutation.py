@@ -1,0 +1,193 @@
+"""Mutation testing of the core with mutmut: one module at a time, against its matching tests only.
+
+    python tools/mutation.py [MODULE ...]     # default: every module in MODULES, smallest first
+    python tools/mutation.py --list
+
+For each module, a work folder ``build/mutation/<module>/`` gets links to this checkout's ``src/``
+and ``tests/`` and a ``pyproject.toml`` whose ``[tool.mutmut]`` names the module's files and test
+files. mutmut copies them into ``build/mutation/<module>/mutants/`` and mutates only that copy:
+the checkout's sources are never touched. Each run starts from a fresh copy (a kept one would hold
+stale copies of the modules it does not mutate).
+
+Writes ``build/mutation/<module>.txt`` (every mutant and its status) and ``build/mutation/report.md``
+(the score table and the survivors, to paste into docs/TESTING.md). Score = killed / (mutants -
+equivalent), where a timeout counts as killed and "no tests" (no selected test calls the function)
+as survived. Equivalent mutants are listed in EQUIVALENT with the reason; see docs/TESTING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "mutation"
+PACKAGE = "crossdistill"
+
+
+@dataclass
+class Module:
+    files: list[str]
+    """Files to mutate, relative to src/crossdistill."""
+    tests: list[str]
+    """pytest arguments selecting the matching tests (files or node ids)."""
+    functions: list[str] = field(default_factory=list)
+    """Only these functions / classes (mutmut mutant-name globs after the module path); default: all."""
+
+
+MODULES: dict[str, Module] = {
+    "sampling": Module(["engine/sampling.py"], ["tests/engine/test_sampling.py"]),
+    "projectors": Module(["models/projectors.py"], ["tests/models/test_projectors.py"]),
+    "losses": Module(["losses/*.py"], ["tests/losses"]),
+    "teacher": Module(["models/teacher.py"], ["tests/models/test_teacher.py"]),
+    "checkpoint": Module(["checkpoint.py"], ["tests/test_checkpoint.py"]),
+    # the key and the store; the feed (TeacherFeed) and the loader glue (WithIndex) are not in scope
+    "teacher_cache": Module(
+        ["engine/teacher_cache.py"],
+        ["tests/engine/test_teacher_cache_store.py",
+         "tests/engine/test_teacher_cache.py::test_the_key_changes_with_teacher_seed_augmentation_and_data",
+         "tests/engine/test_teacher_cache.py::test_lookup_validates_indices",
+         "tests/engine/test_teacher_cache.py::test_a_setup_failure_on_rank_0_stops_every_rank"],
+        functions=["state_dict_sha256", "_file_identity", "cache_key", "key_digest", "_row_crc", "_Store",
+                   "TeacherCache"]),
+    "config": Module(["config.py"], ["tests/test_config.py"]),
+}
+
+EQUIVALENT: dict[str, str] = {
+    "crossdistill.engine.sampling.xǁSampleSeededDatasetǁ__getattr____mutmut_4":
+        "AttributeError(None) for AttributeError('dataset'): the error only tells getattr and unpickling that "
+        "the wrapped dataset is not set yet; its message is never shown",
+}
+"""mutant name -> why no test can tell it from the original (it behaves identically)."""
+
+KILLED = {"killed", "timeout", "caught by type check"}
+
+
+def mutmut(*args: str, cwd: Path, log) -> str:
+    """Run the mutmut CLI of this interpreter in ``cwd``; its output goes to ``log`` and is returned."""
+    command = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.argv[0] = 'mutmut'; cli()",
+               *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # mutmut puts mutants/src first on sys.path; a src/ on PYTHONPATH would shadow the mutated copy
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and not (cwd / p).resolve().name == "src"]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    done = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log.write(done.stdout)
+    log.flush()
+    if done.returncode != 0:
+        raise SystemExit(f"mutmut {' '.join(args)} failed in {cwd} (exit {done.returncode}); see {log.name}")
+    return done.stdout
+
+
+def toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+
+def prepare(name: str, module: Module) -> Path:
+    work = WORK / name
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    for folder in ("src", "tests"):
+        (work / folder).symlink_to(ROOT / folder, target_is_directory=True)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    only = [f"src/{PACKAGE}/{path}" for path in module.files]
+    pyproject += (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["src"]\n'
+        f"only_mutate = {toml_list(only)}\n"
+        f"pytest_add_cli_args_test_selection = {toml_list(module.tests)}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+        "use_git_change_detection = false\n"
+    )
+    (work / "pyproject.toml").write_text(pyproject)
+    return work
+
+
+def mutant_globs(module: Module) -> list[str]:
+    if not module.functions:
+        return []
+    globs = []
+    for path in module.files:
+        dotted = f"{PACKAGE}." + path.removesuffix(".py").replace("/", ".")
+        for function in module.functions:
+            globs.append(f"{dotted}.x_{function}__mutmut_*")  # a module-level function
+            globs.append(f"{dotted}.xǁ{function}ǁ*")  # the methods of a class
+    return globs
+
+
+def run_module(name: str, module: Module) -> dict[str, str]:
+    work = prepare(name, module)
+    with open(WORK / f"{name}.log", "w") as log:
+        mutmut("run", "--max-children", "1", *mutant_globs(module), cwd=work, log=log)
+        listing = mutmut("results", "--all", "true", cwd=work, log=log)
+    status = {}
+    for line in listing.splitlines():
+        match = re.match(r"\s+(\S+): (.+)$", line)
+        if match:
+            status[match.group(1)] = match.group(2).strip()
+    globs = mutant_globs(module)
+    if globs:  # results lists every mutant of the files; keep those of the selected functions
+        import fnmatch
+
+        status = {k: v for k, v in status.items() if any(fnmatch.fnmatch(k, g) for g in globs)}
+    (WORK / f"{name}.txt").write_text("".join(f"{k}: {v}\n" for k, v in sorted(status.items())))
+    return status
+
+
+def score_rows(results: dict[str, dict[str, str]]) -> tuple[list[str], list[str]]:
+    rows, survivors = [], []
+    for name, status in results.items():
+        equivalent = [k for k in status if k in EQUIVALENT]
+        killed = [k for k, v in status.items() if v in KILLED and k not in EQUIVALENT]
+        alive = sorted(k for k, v in status.items() if v not in KILLED and k not in EQUIVALENT)
+        counted = len(status) - len(equivalent)
+        score = 100.0 * len(killed) / counted if counted else 100.0
+        rows.append(f"| {name} | {len(status)} | {len(equivalent)} | {len(killed)} | {len(alive)} | {score:.1f} % |")
+        survivors += [f"- `{k}` ({status[k]})" for k in alive]
+    return rows, survivors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"default: all of {', '.join(MODULES)}")
+    parser.add_argument("--list", action="store_true", help="list the modules and their tests, then stop")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, module in MODULES.items():
+            print(f"{name}: {', '.join(module.files)} <- {' '.join(module.tests)}")
+        return 0
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(MODULES)}")
+    WORK.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.modules or list(MODULES):
+        print(f"mutation: {name} ...", flush=True)
+        results[name] = run_module(name, MODULES[name])
+    rows, survivors = score_rows(results)
+    report = "\n".join([
+        f"Run on {datetime.date.today().isoformat()} with mutmut, `make mutation`.",
+        "",
+        "| module | mutants | equivalent | killed | survived | score |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        "Survivors:" if survivors else "No survivors.",
+        *survivors,
+        "",
+    ])
+    (WORK / "report.md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
