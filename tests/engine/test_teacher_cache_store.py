@@ -1,0 +1,225 @@
+"""The teacher cache's store on its own (no training run): what lookup stores and returns, checksums,
+damaged files, key.json, epochs. The end-to-end runs are in test_teacher_cache.py."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from crossdistill.engine.teacher_cache import TeacherCache, _Store, key_digest, state_dict_sha256
+from crossdistill.errors import CrossDistillError
+from crossdistill.models import ModelOutput
+
+KEY = {"teacher": {"name": "vit/tiny:1"}, "seed": 3}
+ROWS, WIDTH = 6, 4
+
+
+class Teacher:
+    """compute(images): outputs from the images' first pixel, counting its calls."""
+
+    def __init__(self, offset=0.0):
+        self.calls, self.offset = 0, offset
+
+    def __call__(self, images):
+        self.calls += 1
+        base = images[:, 0, 0, 0:1] + self.offset
+        return ModelOutput(embedding=base.repeat(1, WIDTH) + torch.arange(WIDTH) / 3, logits=base.repeat(1, 2))
+
+
+def _images(indices):
+    return torch.tensor(indices, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 1, 2).contiguous() + 0.1
+
+
+def _cache(tmp_path, outputs=("embedding",), store="fp32", log=None, key=KEY):
+    return TeacherCache(tmp_path, key, outputs, {"embedding": WIDTH, "logits": 2}, ROWS, store_dtype=store,
+                        log=log if log is not None else (lambda message: None))
+
+
+def _lookup(cache, indices, teacher):
+    return cache.lookup(torch.tensor(indices), _images(indices), teacher)
+
+
+def test_missing_rows_are_computed_once_stored_and_then_read(tmp_path):
+    cache, teacher = _cache(tmp_path, outputs=("embedding", "logits")), Teacher()
+    cache.begin_epoch(0)
+    first = _lookup(cache, [4, 1], teacher)
+    assert teacher.calls == 1 and (cache.hits, cache.misses) == (0, 2)
+    assert torch.equal(first.embedding, teacher(_images([4, 1])).embedding)
+    assert torch.equal(first.logits, teacher(_images([4, 1])).logits)
+    teacher.calls = 0
+    again = _lookup(cache, [1, 4], teacher)
+    assert teacher.calls == 0 and (cache.hits, cache.misses) == (2, 2)
+    assert torch.equal(again.embedding, first.embedding.flip(0)) and again.embedding.dtype == torch.float32
+    assert not cache.epoch_complete(0)
+    _lookup(cache, [0, 2, 3, 5], teacher)
+    assert cache.epoch_complete(0) and not cache.epoch_complete(1)
+
+
+def test_a_batch_with_some_rows_stored_keeps_the_stored_ones(tmp_path):
+    cache = _cache(tmp_path)
+    cache.begin_epoch(0)
+    stored = _lookup(cache, [2], Teacher()).embedding
+    other = Teacher(offset=100.0)  # what a rerun of the teacher would give: must not replace stored rows
+    mixed = _lookup(cache, [3, 2], other)
+    assert other.calls == 1 and (cache.hits, cache.misses) == (1, 2)
+    assert torch.equal(mixed.embedding[1], stored[0])
+    assert torch.equal(mixed.embedding[0], other(_images([3])).embedding[0])
+    assert torch.equal(_lookup(cache, [3, 2], Teacher()).embedding, mixed.embedding)
+
+
+def test_fp16_returns_the_stored_rounded_values_when_filling_too(tmp_path):
+    cache = _cache(tmp_path, store="fp16")
+    cache.begin_epoch(0)
+    teacher = Teacher(offset=1e-3)
+    filled = _lookup(cache, [0, 1], teacher)
+    exact = teacher(_images([0, 1])).embedding
+    assert torch.equal(filled.embedding, exact.half().float()) and not torch.equal(filled.embedding, exact)
+    assert torch.equal(_lookup(cache, [0, 1], teacher).embedding, filled.embedding)
+    assert np.load(cache.dir / "epoch-0000" / "embedding.npy").dtype == np.float16
+
+
+def test_epochs_are_stored_apart(tmp_path):
+    cache = _cache(tmp_path)
+    cache.begin_epoch(0)
+    _lookup(cache, [1], Teacher())
+    cache.begin_epoch(3)
+    later = Teacher(offset=5.0)
+    assert torch.equal(_lookup(cache, [1], later).embedding, later(_images([1])).embedding)
+    assert later.calls == 2 and sorted(p.name for p in cache.dir.iterdir()) == ["epoch-0000", "epoch-0003", "key.json"]
+    cache.close()
+    with pytest.raises(RuntimeError, match="before begin_epoch"):
+        _lookup(cache, [1], Teacher())
+
+
+def test_a_damaged_row_is_recomputed_with_one_warning(tmp_path):
+    messages = []
+    cache = _cache(tmp_path, log=messages.append)
+    cache.begin_epoch(0)
+    good = _lookup(cache, [0, 1, 2], Teacher()).embedding
+    cache.close()
+    data = np.load(tmp_path.joinpath(cache.dir, "epoch-0000", "embedding.npy"), mmap_mode="r+")
+    data[1, 0] += 1.0
+    data.flush()
+    del data
+    cache.begin_epoch(0)
+    teacher = Teacher()
+    for _ in range(2):
+        assert torch.equal(_lookup(cache, [0, 1, 2], teacher).embedding, good)
+    assert teacher.calls == 1 and cache.misses == 3 + 1
+    assert messages == [f"warning: teacher cache {cache.dir / 'epoch-0000' / 'embedding.npy'}: 1 row(s) fail their "
+                        "checksum; recomputing them"]
+
+
+def test_the_worker_read_gives_each_sample_its_rows_and_whether_they_are_whole(tmp_path):
+    cache = _cache(tmp_path, outputs=("embedding", "logits"))
+    cache.begin_epoch(0)
+    filled = _lookup(cache, [4], Teacher())
+    rows, ok = cache.read_rows(4)
+    assert ok and np.array_equal(rows["embedding"], filled.embedding[0].numpy())
+    assert np.array_equal(rows["logits"], filled.logits[0].numpy())
+    assert cache.read_rows(3)[1] is False
+
+
+@pytest.mark.parametrize("damage", ["truncate", "shape", "dtype", "check", "one_missing"])
+def test_damaged_files_are_rebuilt_with_a_warning(tmp_path, damage):
+    folder = tmp_path / "epoch-0000"
+    folder.mkdir()
+    messages = []
+    store = _Store(folder, "embedding", ROWS, WIDTH, np.float32, messages.append)
+    store.prepare()
+    assert messages == []  # creating missing files is no damage
+    data, check = folder / "embedding.npy", folder / "embedding.check.npy"
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[:40])
+    elif damage == "shape":
+        np.save(data, np.zeros((ROWS, WIDTH + 1), np.float32))
+    elif damage == "dtype":
+        np.save(data, np.zeros((ROWS, WIDTH), np.float16))
+    elif damage == "check":
+        np.save(check, np.zeros(ROWS, np.int32))
+    else:
+        check.unlink()
+    store.prepare()
+    assert len(messages) == 1 and f"teacher cache file {data} is damaged" in messages[0]
+    assert messages[0].endswith("; rebuilding it")
+    assert np.load(data).shape == (ROWS, WIDTH) and np.load(data).dtype == np.float32
+    assert np.array_equal(np.load(check), np.full(ROWS, -1, np.int64))
+    store.prepare()
+    assert len(messages) == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["embedding.check.npy", "embedding.npy"]
+
+
+def test_an_existing_file_is_never_replaced(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(3))
+    _Store._create(path, (5,), np.dtype(np.int64), fill=-1)
+    assert np.array_equal(np.load(path), np.arange(3)) and [p.name for p in tmp_path.iterdir()] == ["x.npy"]
+
+
+def test_an_unopenable_file_is_a_clear_error(tmp_path):
+    store = _Store(tmp_path, "embedding", ROWS, WIDTH, np.float32, print)
+    with pytest.raises(CrossDistillError, match=f"^cannot open teacher cache file {tmp_path / 'embedding.npy'}: "):
+        store.open()
+
+
+def test_the_directory_and_key_json(tmp_path):
+    messages = []
+    cache = _cache(tmp_path, log=messages.append)
+    digest = key_digest(KEY)
+    assert cache.dir == tmp_path / f"vit_tiny_1-{digest[:16]}"
+    record = json.loads((cache.dir / "key.json").read_text())
+    assert record == {"digest": digest, "key": KEY}
+    assert list(cache.dir.iterdir()) == [cache.dir / "key.json"]  # no temporary file left
+    _cache(tmp_path, log=messages.append)  # the same key: accepted as it is
+    assert messages == []
+    (cache.dir / "key.json").write_text("{not json")
+    _cache(tmp_path, log=messages.append)
+    assert messages == [f"warning: teacher cache {cache.dir / 'key.json'} is unreadable; rewriting it"]
+    assert json.loads((cache.dir / "key.json").read_text()) == record
+    record["digest"] = "f" * 64
+    (cache.dir / "key.json").write_text(json.dumps(record))
+    with pytest.raises(CrossDistillError, match=f"^teacher cache directory {cache.dir} holds outputs for another key "
+                                                f"\\(digest '{'f' * 64}'\\); remove that directory"):
+        _cache(tmp_path)
+
+
+def test_an_uncreatable_directory_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CrossDistillError, match="^cannot create the teacher cache directory"):
+        _cache(tmp_path / "file")
+
+
+def test_the_outputs_are_checked_against_the_stored_width(tmp_path):
+    cache = _cache(tmp_path)
+    cache.begin_epoch(0)
+    narrow = lambda x: ModelOutput(embedding=torch.zeros(x.shape[0], WIDTH - 1))  # noqa: E731
+    with pytest.raises(CrossDistillError, match=r"^teacher cache: the teacher's embedding has shape \(2, 3\), "
+                                                r"expected \(2, 4\)$"):
+        _lookup(cache, [0, 1], narrow)
+    with pytest.raises(CrossDistillError, match=r"has shape None, expected \(1, 4\)"):
+        _lookup(cache, [0], lambda x: ModelOutput(embedding=None))
+    with pytest.raises(RuntimeError, match=r"out of range \[0, 6\)"):
+        _lookup(cache, [-1], Teacher())
+
+
+def test_describe_names_the_outputs_and_the_size(tmp_path):
+    cache = _cache(tmp_path, outputs=("embedding", "logits"), store="fp16")
+    mib = ROWS * (WIDTH + 2) * 2 / 2**20
+    assert cache.describe() == (f"teacher cache {cache.dir} (embedding, logits; {ROWS} samples, float16, "
+                                f"{mib:.1f} MiB per epoch)")
+
+
+def test_the_state_dict_hash_covers_names_dtypes_shapes_and_buffers():
+    model = torch.nn.BatchNorm1d(3)
+    base = state_dict_sha256(model)
+    assert len(base) == 64 and state_dict_sha256(torch.nn.BatchNorm1d(3)) == base
+    model.running_mean += 1  # a buffer
+    assert state_dict_sha256(model) != base
+    assert state_dict_sha256(torch.nn.BatchNorm1d(3).double()) != base
+    renamed = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    assert state_dict_sha256(renamed) != base
+    flat, square = torch.nn.Linear(4, 1, bias=False), torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        square.weight.copy_(flat.weight.view(2, 2))
+    assert state_dict_sha256(flat) != state_dict_sha256(square)

@@ -1,0 +1,134 @@
+"""checkpoint.py on its own: untrusted files are read without running code, and writes are atomic.
+
+(The engine-level behaviour, a full disk during training and resumes, is in tests/engine/test_faults.py.)
+"""
+
+import argparse
+import errno
+import os
+import pickle
+
+import pytest
+import torch
+
+from crossdistill.checkpoint import TORN_PATTERN, load_weights_file, remove_torn_files, save_atomic
+from crossdistill.errors import CrossDistillError
+
+
+class Payload:
+    """A class a malicious pickle could name (torch.load with weights_only=True must refuse it)."""
+
+
+def test_a_state_dict_round_trips_and_the_file_is_replaced_whole(tmp_path):
+    path = tmp_path / "sub" / "dir" / "last.pt"  # missing folders are created
+    save_atomic({"w": torch.ones(3), "step": 4}, path)
+    save_atomic({"w": torch.zeros(2), "step": 5}, path)
+    loaded = load_weights_file(path)
+    assert torch.equal(loaded["w"], torch.zeros(2)) and loaded["step"] == 5
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def test_a_timm_saver_namespace_loads(tmp_path):
+    path = tmp_path / "saver.pth.tar"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "args": argparse.Namespace(model="swin")}, path)
+    assert load_weights_file(path)["args"].model == "swin"
+
+
+def test_a_file_with_python_objects_is_refused_naming_the_global(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(1), "x": Payload()}, path)
+    with pytest.raises(CrossDistillError) as err:
+        load_weights_file(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: refused to load: the file holds Python objects")
+    assert "test_checkpoint.Payload" in message and "\n" not in message
+    assert message.endswith("Re-save it as a plain state dict or as .safetensors.")
+
+
+def test_foreign_and_truncated_files_are_clear_errors(tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(pickle.dumps([1, 2], protocol=2))  # a pickle, not a torch file
+    with pytest.raises(CrossDistillError, match=f"^{foreign}: not a readable checkpoint \\(truncated or not a torch"):
+        load_weights_file(foreign)
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"w": torch.ones(100)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(CrossDistillError, match=f"^{truncated}: not a readable checkpoint"):
+        load_weights_file(truncated)
+
+
+def test_a_file_that_is_not_a_dict_is_refused(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.ones(1)], path)
+    with pytest.raises(CrossDistillError, match=f"^{path}: expected a dict of weights, found list$"):
+        load_weights_file(path)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(CrossDistillError, match=f"^checkpoint file not found: {tmp_path / 'nope.pt'}$"):
+        load_weights_file(tmp_path / "nope.pt")
+    with pytest.raises(CrossDistillError, match="checkpoint file not found"):
+        load_weights_file(tmp_path)  # a folder is not a checkpoint file
+
+
+def test_safetensors_files_load_and_damaged_ones_are_clear_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(3.0)}, str(path))
+    assert torch.equal(load_weights_file(path)["w"], torch.arange(3.0))
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(CrossDistillError, match=f"^{path}: not a readable safetensors file"):
+        load_weights_file(path)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    mask = os.umask(0o027)
+    try:
+        save_atomic({"w": torch.ones(1)}, tmp_path / "c.pt")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o640
+    assert os.umask(mask) == mask  # the process umask is left as it was
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_file(tmp_path, monkeypatch, code):
+    path = tmp_path / "last.pt"
+    save_atomic({"w": torch.ones(3)}, path)
+
+    def full_disk(obj, handle):
+        handle.write(b"partial")
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CrossDistillError, match=f"^no space left on the device while writing {path}; the previous"):
+        save_atomic({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_weights_file(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "I/O error"), KeyboardInterrupt()])
+def test_other_failures_propagate_and_leave_no_temporary_file(tmp_path, monkeypatch, error):
+    def failing(obj, handle):
+        handle.write(b"partial")
+        raise error
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(type(error)):
+        save_atomic({"w": torch.zeros(3)}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torn_files_are_removed_and_nothing_else(tmp_path):
+    torn = tmp_path / ".last.pt.abc123.tmp"
+    torn.write_bytes(b"partial")
+    keep = [tmp_path / "last.pt", tmp_path / ".last.pt", tmp_path / "notes.tmp", tmp_path / ".other.txt.x.tmp"]
+    for path in keep:
+        path.write_bytes(b"x")
+    (tmp_path / ".dir.pt.x.tmp").mkdir()  # a folder that matches is not a torn write
+    assert torn.match(TORN_PATTERN)
+    assert remove_torn_files(tmp_path) == [torn]
+    assert not torn.exists() and all(path.exists() for path in keep) and (tmp_path / ".dir.pt.x.tmp").is_dir()
+    assert remove_torn_files(tmp_path) == []
