@@ -64,6 +64,10 @@ EQUIVALENT: dict[str, str] = {
     "crossdistill.engine.sampling.xǁSampleSeededDatasetǁ__getattr____mutmut_4":
         "AttributeError(None) for AttributeError('dataset'): the error only tells getattr and unpickling that "
         "the wrapped dataset is not set yet; its message is never shown",
+    "crossdistill.models.projectors.xǁAADProjectorǁ__init____mutmut_27":
+        "nn.Linear(..., bias=None) for bias=False: nn.Linear only tests `if bias`, None and False alike",
+    "crossdistill.models.projectors.xǁAADProjectorǁ__init____mutmut_35":
+        "nn.Linear(..., bias=None) for bias=False, the second Linear: same as above",
 }
 """mutant name -> why no test can tell it from the original (it behaves identically)."""
 
@@ -106,6 +110,8 @@ def prepare(name: str, module: Module) -> Path:
         f"pytest_add_cli_args_test_selection = {toml_list(module.tests)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
         "use_git_change_detection = false\n"
+        # torch: a child forked after the parent ran OpenMP ops can hang; fork from a server that ran none
+        'process_isolation = "forkserver"\n'
     )
     (work / "pyproject.toml").write_text(pyproject)
     return work
