@@ -72,6 +72,7 @@ EQUIVALENT: dict[str, str] = {
 """mutant name -> why no test can tell it from the original (it behaves identically)."""
 
 KILLED = {"killed", "timeout", "caught by type check"}
+NOT_CHECKED = "not checked"  # an interrupted run: left out of the score, counted in the table
 
 
 def mutmut(*args: str, cwd: Path, log) -> str:
@@ -129,10 +130,11 @@ def mutant_globs(module: Module) -> list[str]:
     return globs
 
 
-def run_module(name: str, module: Module) -> dict[str, str]:
-    work = prepare(name, module)
-    with open(WORK / f"{name}.log", "w") as log:
-        mutmut("run", "--max-children", "1", *mutant_globs(module), cwd=work, log=log)
+def run_module(name: str, module: Module, *, report_only: bool = False) -> dict[str, str]:
+    work = WORK / name if report_only else prepare(name, module)
+    with open(WORK / f"{name}.log", "a" if report_only else "w") as log:
+        if not report_only:
+            mutmut("run", "--max-children", "1", *mutant_globs(module), cwd=work, log=log)
         listing = mutmut("results", "--all", "true", cwd=work, log=log)
     status = {}
     for line in listing.splitlines():
@@ -151,12 +153,14 @@ def run_module(name: str, module: Module) -> dict[str, str]:
 def score_rows(results: dict[str, dict[str, str]]) -> tuple[list[str], list[str]]:
     rows, survivors = [], []
     for name, status in results.items():
+        unchecked = [k for k, v in status.items() if v == NOT_CHECKED]
         equivalent = [k for k in status if k in EQUIVALENT]
         killed = [k for k, v in status.items() if v in KILLED and k not in EQUIVALENT]
-        alive = sorted(k for k, v in status.items() if v not in KILLED and k not in EQUIVALENT)
-        counted = len(status) - len(equivalent)
-        score = 100.0 * len(killed) / counted if counted else 100.0
-        rows.append(f"| {name} | {len(status)} | {len(equivalent)} | {len(killed)} | {len(alive)} | {score:.1f} % |")
+        alive = sorted(k for k, v in status.items() if v not in KILLED | {NOT_CHECKED} and k not in EQUIVALENT)
+        counted = len(killed) + len(alive)
+        score = f"{100.0 * len(killed) / counted:.1f} %" if counted else "-"
+        note = f" ({len(unchecked)} not checked)" if unchecked else ""
+        rows.append(f"| {name} | {len(status)}{note} | {len(equivalent)} | {len(killed)} | {len(alive)} | {score} |")
         survivors += [f"- `{k}` ({status[k]})" for k in alive]
     return rows, survivors
 
@@ -165,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"default: all of {', '.join(MODULES)}")
     parser.add_argument("--list", action="store_true", help="list the modules and their tests, then stop")
+    parser.add_argument("--report-only", action="store_true",
+                        help="do not run: tabulate the results already in build/mutation/ (e.g. of an interrupted run)")
     args = parser.parse_args(argv)
     if args.list:
         for name, module in MODULES.items():
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in args.modules or list(MODULES):
         print(f"mutation: {name} ...", flush=True)
-        results[name] = run_module(name, MODULES[name])
+        results[name] = run_module(name, MODULES[name], report_only=args.report_only)
     rows, survivors = score_rows(results)
     report = "\n".join([
         f"Run on {datetime.date.today().isoformat()} with mutmut, `make mutation`.",
