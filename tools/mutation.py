@@ -68,6 +68,14 @@ EQUIVALENT: dict[str, str] = {
         "nn.Linear(..., bias=None) for bias=False: nn.Linear only tests `if bias`, None and False alike",
     "crossdistill.models.projectors.xǁAADProjectorǁ__init____mutmut_35":
         "nn.Linear(..., bias=None) for bias=False, the second Linear: same as above",
+    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_19":
+        "autocast enabled=True around sub, pow and mean: none of them is on autocast's lower-precision lists "
+        "(CPU or CUDA), and float32/float64 inputs are never cast down; the guard is defensive",
+    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_22":
+        "student.to(None) instead of .to(dtype): the subtraction promotes to the wider dtype, exactly the cast "
+        "the original makes",
+    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_23":
+        "teacher.to(None) instead of .to(dtype): same as above",
 }
 """mutant name -> why no test can tell it from the original (it behaves identically)."""
 
