@@ -121,6 +121,22 @@ def test_other_failures_propagate_and_leave_no_temporary_file(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_write_in_progress_is_a_torn_file_beside_the_target(tmp_path, monkeypatch):
+    """What a kill mid-write leaves is what remove_torn_files removes (and a hidden name no glob of
+    checkpoints picks up)."""
+    seen = []
+    original = torch.save
+
+    def spying(obj, handle):
+        seen.extend(tmp_path.iterdir())
+        original(obj, handle)
+
+    monkeypatch.setattr(torch, "save", spying)
+    save_atomic({"w": torch.ones(1)}, tmp_path / "last.pt")
+    (temporary,) = seen
+    assert temporary.parent == tmp_path and temporary.name.startswith(".last.pt.") and temporary.match(TORN_PATTERN)
+
+
 def test_torn_files_are_removed_and_nothing_else(tmp_path):
     torn = tmp_path / ".last.pt.abc123.tmp"
     torn.write_bytes(b"partial")
