@@ -76,6 +76,12 @@ EQUIVALENT: dict[str, str] = {
         "the original makes",
     "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_23":
         "teacher.to(None) instead of .to(dtype): same as above",
+    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_7":
+        "_shift starts as \"\" instead of None: it is read only when _scale is set, which sets _shift too",
+    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_28":
+        "_scale viewed [3, 1, 1] instead of [1, 3, 1, 1]: broadcast over a [B, 3, H, W] batch it is the same product, "
+        "and the cache key flattens it",
+    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_43": "_shift viewed [3, 1, 1]: same as above",
 }
 """mutant name -> why no test can tell it from the original (it behaves identically)."""
 
