@@ -59,10 +59,28 @@ def test_a_file_with_python_objects_is_refused_naming_the_global(tmp_path):
     assert message.endswith("Re-save it as a plain state dict or as .safetensors.")
 
 
+def test_the_refusal_does_not_depend_on_torchs_default(tmp_path, monkeypatch):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Payload()}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch.load's default becomes weights_only=False
+    with pytest.raises(CrossDistillError, match="refused to load"):
+        load_weights_file(path)
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_on_a_cpu_only_machine(tmp_path, monkeypatch):
+    path = tmp_path / "gpu.pt"
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")  # as torch.save on a GPU
+    torch.save({"w": torch.ones(2)}, path)
+    monkeypatch.undo()
+    loaded = load_weights_file(path)["w"]
+    assert loaded.device.type == "cpu" and torch.equal(loaded, torch.ones(2))
+
+
 def test_foreign_and_truncated_files_are_clear_errors(tmp_path):
     foreign = tmp_path / "foreign.pt"
     foreign.write_bytes(pickle.dumps([1, 2], protocol=2))  # a pickle, not a torch file
-    with pytest.raises(CrossDistillError, match=f"^{foreign}: not a readable checkpoint \\(truncated or not a torch"):
+    with pytest.raises(CrossDistillError,
+                       match=f"^{foreign}: not a readable checkpoint \\(truncated or not a torch file\\?\\): RuntimeError: "):
         load_weights_file(foreign)
     truncated = tmp_path / "truncated.pt"
     torch.save({"w": torch.ones(100)}, truncated)
