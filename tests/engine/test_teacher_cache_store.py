@@ -204,10 +204,33 @@ def test_the_outputs_are_checked_against_the_stored_width(tmp_path):
 
 
 def test_describe_names_the_outputs_and_the_size(tmp_path):
-    cache = _cache(tmp_path, outputs=("embedding", "logits"), store="fp16")
-    mib = ROWS * (WIDTH + 2) * 2 / 2**20
-    assert cache.describe() == (f"teacher cache {cache.dir} (embedding, logits; {ROWS} samples, float16, "
-                                f"{mib:.1f} MiB per epoch)")
+    # CIFAR-100 with a 768-d teacher: 50,000 x (768 + 100) x 2 bytes (no file is made before begin_epoch)
+    cache = TeacherCache(tmp_path, KEY, ("embedding", "logits"), {"embedding": 768, "logits": 100}, 50_000,
+                         log=lambda message: None)
+    assert cache.describe() == (f"teacher cache {cache.dir} (embedding, logits; 50000 samples, float16, "
+                                "82.8 MiB per epoch)")
+
+
+def test_a_row_whose_checksum_is_zero_is_present(tmp_path, monkeypatch):
+    """-1 marks a missing row; every CRC-32, 0 included, marks a present one."""
+    from crossdistill.engine import teacher_cache
+
+    monkeypatch.setattr(teacher_cache, "zlib", type("Zlib", (), {"crc32": staticmethod(lambda data: 0)}))
+    cache, teacher = _cache(tmp_path), Teacher()
+    cache.begin_epoch(0)
+    _lookup(cache, list(range(ROWS)), teacher)
+    assert cache.epoch_complete(0) and cache.read_rows(2)[1] is True
+    _lookup(cache, [2, 3], teacher)
+    assert teacher.calls == 1
+
+
+def test_each_warning_is_given_once(tmp_path):
+    messages = []
+    cache = _cache(tmp_path, log=messages.append)
+    for _ in range(2):
+        cache.warn("the same problem")
+        cache.warn("another problem")
+    assert messages == ["warning: the same problem", "warning: another problem"]
 
 
 def test_the_state_dict_hash_covers_names_dtypes_shapes_and_buffers():
