@@ -100,6 +100,46 @@ EQUIVALENT: dict[str, str] = {
     "crossdistill.checkpoint.x_load_weights_file__mutmut_26":
         "the message of an UnpicklingError not about weights-only loading: with weights_only=True, torch >= 2.5 "
         "reports every unpickling failure as a weights-only one, so the branch only runs on older torch",
+    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_2":
+        "view(None) for view(np.uint8) before zlib.crc32: crc32 reads the row's bytes through the buffer protocol, whatever the view's dtype",
+    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_10":
+        'reshape(N, -2) for reshape(N, -1): numpy takes any negative size as the one to infer',
+    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_12":
+        'np.fromiter(dtype=None) gives float64 CRCs: exact below 2**53, and stored into the int64 check file',
+    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_16":
+        'np.fromiter without count=: count only pre-sizes the array',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁwrite__mutmut_3":
+        'astype(copy=None) for copy=False before writing into the memmap: a copy or not, the same bytes are written',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁwrite__mutmut_5":
+        'astype without copy=: same as above',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁwrite__mutmut_6":
+        'astype(copy=True): same as above',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁclose__mutmut_1":
+        'no flush on close: flush is msync, which only matters if the OS crashes; the pages of a shared file mapping reach other processes and the file without it',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁclose__mutmut_2":
+        'data = check = "" after close instead of None: nothing reads them until begin_epoch makes new stores',
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁepoch_complete__mutmut_6":
+        'np.load(mmap_mode=None): the check file read whole instead of mapped, same values',
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁepoch_complete__mutmut_8":
+        'np.load without mmap_mode: same as above',
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁread_rows__mutmut_5":
+        'np.asarray([index], dtype=None): a Python int list is int64 already',
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁread_rows__mutmut_7":
+        'np.asarray([index]) without dtype: same as above',
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁ__init____mutmut_27":
+        'the directory name keeps "XX-_.XX" characters instead of "-_.": X is alphanumeric, kept anyway',
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_8":
+        "np.asarray(indices.numpy(), dtype=None): torch's index tensors are int64 already",
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_10":
+        'np.asarray(indices.numpy()) without dtype: same as above',
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_59":
+        'rows kept float64 instead of cast to the store dtype: float32 values widened exactly, then cast once when stored and when copied into the stored rows, the same rounding',
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_68":
+        'ok & missing for ok | missing in found[name]: the flags are never read after that line',
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_78":
+        ".to(device) without non_blocking=True: the same values, only the copy's overlap with host work differs",
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_81":
+        '.to(device, non_blocking=False): same as above',
 }
 """mutant name -> why no test can tell it from the original (it behaves identically)."""
 

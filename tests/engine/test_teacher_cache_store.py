@@ -2,6 +2,7 @@
 damaged files, key.json, epochs. The end-to-end runs are in test_teacher_cache.py."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -53,7 +54,26 @@ def test_missing_rows_are_computed_once_stored_and_then_read(tmp_path):
     assert torch.equal(again.embedding, first.embedding.flip(0)) and again.embedding.dtype == torch.float32
     assert not cache.epoch_complete(0)
     _lookup(cache, [0, 2, 3, 5], teacher)
+    assert (cache.hits, cache.misses) == (2, 6)  # counted over the epoch
     assert cache.epoch_complete(0) and not cache.epoch_complete(1)
+
+
+def test_rows_come_back_on_the_batch_device(tmp_path):
+    cache = _cache(tmp_path)
+    cache.begin_epoch(0)
+    _lookup(cache, [1, 2], Teacher())
+    on_meta = cache.lookup(torch.tensor([2, 1]), _images([2, 1]).to("meta"), Teacher())  # all stored: no compute
+    assert on_meta.embedding.device.type == "meta" and on_meta.embedding.dtype == torch.float32
+
+
+def test_a_row_missing_in_any_output_is_recomputed(tmp_path):
+    cache = _cache(tmp_path, outputs=("embedding", "logits"))
+    cache.begin_epoch(0)
+    good = _lookup(cache, [0, 1], Teacher())
+    cache.stores["embedding"].check[1] = -1  # the embedding row lost, the logits row intact
+    teacher = Teacher()
+    again = _lookup(cache, [0, 1], teacher)
+    assert teacher.calls == 1 and torch.equal(again.embedding, good.embedding)
 
 
 def test_a_batch_with_some_rows_stored_keeps_the_stored_ones(tmp_path):
@@ -88,8 +108,13 @@ def test_epochs_are_stored_apart(tmp_path):
     assert torch.equal(_lookup(cache, [1], later).embedding, later(_images([1])).embedding)
     assert later.calls == 2 and sorted(p.name for p in cache.dir.iterdir()) == ["epoch-0000", "epoch-0003", "key.json"]
     cache.close()
-    with pytest.raises(RuntimeError, match="before begin_epoch"):
+    with pytest.raises(RuntimeError, match="^TeacherCache.lookup before begin_epoch$"):
         _lookup(cache, [1], Teacher())
+    with pytest.raises(RuntimeError, match="^TeacherCache.lookup before begin_epoch$"):
+        _lookup(_cache(tmp_path), [1], Teacher())  # a new cache, too
+    shutil.rmtree(cache.dir)  # removed while the run goes on: the next epoch makes it again
+    cache.begin_epoch(4)
+    assert (cache.dir / "epoch-0004" / "embedding.npy").is_file()
 
 
 def test_a_damaged_row_is_recomputed_with_one_warning(tmp_path):
@@ -165,7 +190,8 @@ def test_an_unopenable_file_is_a_clear_error(tmp_path):
 
 def test_the_directory_and_key_json(tmp_path):
     messages = []
-    cache = _cache(tmp_path, log=messages.append)
+    cache = _cache(tmp_path / "new" / "root", log=messages.append)  # missing parents are made
+    tmp_path = tmp_path / "new" / "root"
     digest = key_digest(KEY)
     assert cache.dir == tmp_path / f"vit_tiny_1-{digest[:16]}"
     record = json.loads((cache.dir / "key.json").read_text())
@@ -201,6 +227,8 @@ def test_the_outputs_are_checked_against_the_stored_width(tmp_path):
         _lookup(cache, [0], lambda x: ModelOutput(embedding=None))
     with pytest.raises(RuntimeError, match=r"out of range \[0, 6\)"):
         _lookup(cache, [-1], Teacher())
+    with pytest.raises(RuntimeError, match=r"^teacher cache: \(2,\) indices for a batch of 3$"):
+        cache.lookup(torch.tensor([0, 1]), _images([0, 1, 2]), Teacher())
 
 
 def test_describe_names_the_outputs_and_the_size(tmp_path):
