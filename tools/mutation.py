@@ -140,6 +140,22 @@ EQUIVALENT: dict[str, str] = {
         ".to(device) without non_blocking=True: the same values, only the copy's overlap with host work differs",
     "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_81":
         '.to(device, non_blocking=False): same as above',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ__init____mutmut_7":
+        'data = "" before open() instead of None: nothing reads it before open() sets it (close() runs only on opened stores)',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ__init____mutmut_8":
+        'check = "" before open(): same as above',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_create__mutmut_20":
+        'tmp.unlink(missing_ok=None) in finally: the temporary file exists there (os.link keeps it)',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_create__mutmut_21":
+        'tmp.unlink(missing_ok=False): same as above',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_8":
+        'np.load(mmap_mode=None) while validating: reads the file whole instead of mapping it, same shape and dtype checks',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_10":
+        'np.load without mmap_mode: same as above',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_15":
+        'the check file loaded with mmap_mode=None: same as above',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_17":
+        'the check file loaded without mmap_mode: same as above',
 }
 """mutant name -> why no test can tell it from the original (it behaves identically)."""
 

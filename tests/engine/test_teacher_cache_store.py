@@ -2,6 +2,7 @@
 damaged files, key.json, epochs. The end-to-end runs are in test_teacher_cache.py."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -167,6 +168,8 @@ def test_damaged_files_are_rebuilt_with_a_warning(tmp_path, damage):
         check.unlink()
     store.prepare()
     assert len(messages) == 1 and f"teacher cache file {data} is damaged" in messages[0]
+    if damage in ("truncate", "one_missing"):  # unreadable: the error is named
+        assert re.search(r"is damaged \(\w+Error: ", messages[0]), messages[0]
     assert messages[0].endswith("; rebuilding it")
     assert np.load(data).shape == (ROWS, WIDTH) and np.load(data).dtype == np.float32
     assert np.array_equal(np.load(check), np.full(ROWS, -1, np.int64))
@@ -274,3 +277,67 @@ def test_the_state_dict_hash_covers_names_dtypes_shapes_and_buffers():
     with torch.no_grad():
         square.weight.copy_(flat.weight.view(2, 2))
     assert state_dict_sha256(flat) != state_dict_sha256(square)
+
+
+def test_the_key_layout_is_pinned(tmp_path):
+    """Caches written by one version must be found by the next: a change to this layout (a field renamed,
+    a value spelled another way) orphans every cache on disk, so it goes with a new CACHE_FORMAT."""
+    from types import SimpleNamespace
+
+    import PIL
+    import timm
+    import torchvision
+
+    import crossdistill
+    from crossdistill.engine.teacher_cache import CACHE_FORMAT, DATA_KEY_FIELDS, cache_key
+    from crossdistill.models import Teacher as RealTeacher
+
+    root = tmp_path / "images.tar.gz"
+    root.write_bytes(b"12345")
+    data = SimpleNamespace(**{name: f"<{name}>" for name in DATA_KEY_FIELDS})
+    data.root, data.scale = str(root), (0.5, 1.0)
+    cfg = SimpleNamespace(teacher=SimpleNamespace(name="vit_t", kwargs={"img_size": 32}), data=data,
+                          train=SimpleNamespace(seed=11))
+    model = torch.nn.Linear(2, 2)
+    model.num_features = 2
+    teacher = RealTeacher(model, (0.5,) * 3, (0.25,) * 3, (0.0,) * 3, (1.0,) * 3)
+    key = cache_key(cfg, teacher, num_train=100, data_mean=(0.5,) * 3, data_std=(0.25,) * 3, device_type="cuda",
+                    amp_dtype=torch.bfloat16, channels_last=1, store_dtype="fp16")
+    expected_data = {name: f"<{name}>" for name in DATA_KEY_FIELDS}
+    expected_data.update(root=str(root), scale=[0.5, 1.0], num_train=100, resolved_mean=[0.5] * 3,
+                         resolved_std=[0.25] * 3,
+                         root_file={"size": 5, "mtime_ns": root.stat().st_mtime_ns})
+    assert key == {
+        "format": CACHE_FORMAT,
+        "teacher": {"name": "vit_t", "kwargs": {"img_size": 32}, "sha256": state_dict_sha256(model),
+                    "renormalization": {"scale": [0.25] * 3, "shift": [0.5] * 3}},
+        "data": expected_data,
+        "seed": 11,
+        "compute": {"device": "cuda", "amp": "bfloat16", "channels_last": True, "store": "fp16",
+                    "torch": torch.__version__, "timm": timm.__version__},
+        "code": {"crossdistill": crossdistill.__version__, "torchvision": torchvision.__version__,
+                 "pillow": PIL.__version__, "numpy": np.__version__},
+    }
+    data.root = str(tmp_path)  # a folder (or nothing): no file identity
+    plain = cache_key(cfg, RealTeacher(model), num_train=100, data_mean=(0.5,) * 3, data_std=(0.25,) * 3,
+                      device_type="cpu", amp_dtype=None, channels_last=False, store_dtype="fp32")
+    assert plain["data"]["root_file"] is None and plain["teacher"]["renormalization"] is None
+    assert plain["compute"]["amp"] == "none" and plain["compute"]["channels_last"] is False
+    assert key_digest({"a": 1, "b": [1, 2]}) == key_digest({"b": [1, 2], "a": 1})  # insertion order is no part
+
+
+def test_key_json_is_written_for_people(tmp_path):
+    cache = _cache(tmp_path)
+    assert (cache.dir / "key.json").read_text() == (
+        '{\n  "digest": "' + key_digest(KEY) + '",\n  "key": {\n    "seed": 3,\n    "teacher": {\n'
+        '      "name": "vit/tiny:1"\n    }\n  }\n}')
+
+
+def test_a_damaged_and_a_missing_row_in_one_batch_are_both_computed(tmp_path):
+    cache = _cache(tmp_path)
+    cache.begin_epoch(0)
+    _lookup(cache, [0, 1], Teacher())
+    cache.stores["embedding"].data[1, 0] += 1.0  # row 1 fails its checksum, row 2 was never stored
+    teacher = Teacher()
+    out = _lookup(cache, [1, 2], teacher)
+    assert teacher.calls == 1 and torch.equal(out.embedding, Teacher()(_images([1, 2])).embedding)
