@@ -231,7 +231,7 @@ def run_module(name: str, module: Module, *, mode: str = "run") -> dict[str, str
         elif mode == "survivors":
             last = (WORK / f"{name}.txt").read_text().splitlines()
             alive = [line.split(": ")[0] for line in last
-                     if line.split(": ")[1] not in KILLED and line.split(": ")[0] not in EQUIVALENT]
+                     if line.split(": ")[1] not in KILLED | {NOT_CHECKED} and line.split(": ")[0] not in EQUIVALENT]
             if alive:
                 mutmut("run", "--max-children", "1", *alive, cwd=work, log=log)
         listing = mutmut("results", "--all", "true", cwd=work, log=log)
