@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         mode = "report" if args.report_only else "survivors" if args.survivors else "run"
         results[name] = run_module(name, MODULES[name], mode=mode)
     rows, survivors = score_rows(results)
+    equivalents = [f"- `{k}`: {reason}" for status in results.values() for k, reason in EQUIVALENT.items() if k in status]
     report = "\n".join([
         f"Run on {datetime.date.today().isoformat()} with mutmut, `make mutation`.",
         "",
@@ -296,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Survivors:" if survivors else "No survivors.",
         *survivors,
+        "",
+        "Equivalent mutants:" if equivalents else "No equivalent mutants.",
+        *equivalents,
         "",
     ])
     (WORK / "report.md").write_text(report)
