@@ -27,7 +27,7 @@ $(MUTATION_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e ".[dev,mutation]"
 	touch $(STAMP) $(MUTATION_STAMP)
 
-# Slow (tens of minutes on 2 cores), not part of `make test`. MODULES="sampling losses" runs only those;
+# Slow (hours on 2 cores), not part of `make test`. MODULES="sampling losses" runs only those;
 # the table lands in build/mutation/report.md (see docs/TESTING.md).
 mutation: $(MUTATION_STAMP)
 	$(BIN)/python tools/mutation.py $(MODULES)
