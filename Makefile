@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
+MUTATION_STAMP := $(VENV)/.installed-mutation
 
-.PHONY: demo test install clean
+.PHONY: demo test install mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +23,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+$(MUTATION_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[dev,mutation]"
+	touch $(STAMP) $(MUTATION_STAMP)
+
+# Slow (hours on 2 cores), not part of `make test`. MODULES="sampling losses" runs only those;
+# the table lands in build/mutation/report.md (see docs/TESTING.md).
+mutation: $(MUTATION_STAMP)
+	$(BIN)/python tools/mutation.py $(MODULES)
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info demo_runs
+	rm -rf $(VENV) build *.egg-info src/*.egg-info demo_runs mutants

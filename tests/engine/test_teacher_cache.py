@@ -94,6 +94,20 @@ def test_fp16_cache_reads_back_what_the_filling_run_used(tmp_path):
     assert json.loads((folder / "key.json").read_text())["key"]["compute"]["store"] == "fp16"
 
 
+def test_each_epoch_stores_the_teacher_on_that_epochs_augmentations(tmp_path):
+    """Sample i is a new augmentation in every epoch (engine/sampling.py), so its stored rows differ per
+    epoch: a cache serving epoch 0's rows in every epoch would distill from one view of each image."""
+    cache = tmp_path / "cache"
+    _run(tmp_path, "fill", teacher_cache=str(cache), teacher_cache_dtype="fp32")
+    (folder,) = cache.iterdir()
+    rows = [np.load(folder / f"epoch-{epoch:04d}" / "embedding.npy") for epoch in (0, 1)]
+    for epoch in (0, 1):
+        assert (np.load(folder / f"epoch-{epoch:04d}" / "embedding.check.npy") >= 0).all()
+    row_differs = ~np.isclose(rows[0], rows[1], rtol=1e-4, atol=1e-5).all(axis=1)
+    # 8x8 digits cropped at scale 0.7-1 have few distinct crops: a few samples draw the same one twice
+    assert row_differs.mean() > 0.75, row_differs.mean()
+
+
 def _key(cfg, teacher, **changes):
     kwargs = dict(num_train=128, data_mean=(0.3,) * 3, data_std=(0.4,) * 3, device_type="cpu", amp_dtype=None,
                   channels_last=False, store_dtype="fp16")

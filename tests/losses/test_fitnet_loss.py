@@ -57,3 +57,16 @@ def test_shape_mismatch_is_an_error_not_a_broadcast(shapes):
     a, b = shapes
     with pytest.raises(ValueError, match="differ in shape"):
         fitnet_loss(torch.randn(a), torch.randn(b))
+
+
+def test_the_shape_error_names_both_shapes_and_the_fix():
+    with pytest.raises(ValueError) as err:
+        fitnet_loss(torch.randn(2, 3), torch.randn(2, 4))
+    assert str(err.value) == ("fitnet_loss: aligned student feature (2, 3) and teacher feature (2, 4) differ in shape; "
+                              "align the student feature to the teacher's first (crossdistill.models.aligners)")
+
+
+def test_empty_features_are_an_error_and_a_single_element_is_not():
+    with pytest.raises(ValueError, match=r"^fitnet_loss: empty features \(0, 4\)$"):
+        fitnet_loss(torch.zeros(0, 4), torch.zeros(0, 4))
+    assert fitnet_loss(torch.ones(1, 1), torch.zeros(1, 1)).item() == 1.0

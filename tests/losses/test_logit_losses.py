@@ -226,7 +226,7 @@ def test_dkd_warmup_factor_follows_the_original_schedule():
     assert dkd_warmup_factor(0, 1) == 1.0
     # OFA/RSD: no warm-up
     assert all(dkd_warmup_factor(e, 0) == 1.0 for e in range(5))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^warmup_epochs must be >= 0, got -1$"):
         dkd_warmup_factor(0, -1)
 
 

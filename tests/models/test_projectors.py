@@ -106,5 +106,11 @@ def test_bad_gamma(gamma):
 
 @pytest.mark.parametrize("dims", [(0, 768), (512, 0), (-1, 8)])
 def test_bad_widths(dims):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"^AADProjector widths must be positive, got {dims[0]} -> {dims[1]}$"):
         AADProjector(*dims)
+
+
+def test_a_width_of_one_is_valid():
+    """The smallest widths are legal (a 1-d embedding, a 1-d teacher target)."""
+    aad = AADProjector(1, 1, gamma=1)
+    assert [aad[0].in_features, aad[0].out_features, aad[3].out_features] == [1, 1, 1]

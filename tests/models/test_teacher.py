@@ -163,6 +163,16 @@ def test_teacher_to_moves_model():
     assert teacher._scale.device.type == "cpu"
 
 
+def test_teacher_to_takes_the_renormalisation_to_the_model_device():
+    """to() keeps the re-normalisation tensors on the model's device (a CPU test can move to "meta")."""
+    teacher = make_teacher(data_mean=CIFAR_MEAN, data_std=CIFAR_STD, model_mean=IMAGENET_MEAN, model_std=IMAGENET_STD)
+    teacher.to(device="meta")  # keyword arguments reach the model too
+    assert next(teacher.model.parameters()).device.type == "meta"
+    assert teacher._scale.device.type == teacher._shift.device.type == "meta"
+    plain = make_teacher()  # no re-normalisation: nothing else to move
+    assert plain.to(dtype=torch.float64) is plain and next(plain.model.parameters()).dtype == torch.float64
+
+
 # --- input re-normalisation -----------------------------------------------------------
 
 
