@@ -89,6 +89,14 @@ def test_foreign_and_truncated_files_are_clear_errors(tmp_path):
         load_weights_file(truncated)
 
 
+def test_random_bytes_are_a_corrupt_file_not_a_refused_object(tmp_path):
+    """torch's weights-only unpickler reports an unknown opcode as a weights-only failure; it is not a code object."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(CrossDistillError, match=f"^{garbage}: not a readable checkpoint \\(corrupt or not a torch file\\)"):
+        load_weights_file(garbage)
+
+
 def test_a_file_that_is_not_a_dict_is_refused(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([torch.ones(1)], path)

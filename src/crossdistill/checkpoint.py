@@ -63,7 +63,7 @@ def load_weights_file(path: str | Path) -> dict[str, Any]:
         with _allowed_globals():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" not in str(err).lower():
+        if "weights only" not in str(err).lower() or "unsupported operand" in str(err).lower():  # bytes, not objects
             raise CrossDistillError(
                 f"{path}: not a readable checkpoint (corrupt or not a torch file): {_reason(err)}"
             ) from None
