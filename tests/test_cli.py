@@ -220,7 +220,7 @@ ERRORS_MD_INPUTS = {  # case: (overrides made in a folder, what the message says
     "unknown key": (lambda d: ["train.epoch=3"], "unknown config key 'train.epoch'. Did you mean: epochs?"),
     "unknown method key": (lambda d: ["method_args.kapa=0.1"], "unknown config key 'method_args.kapa'"),
     "wrong type": (lambda d: ["train.batch_size=abc"], "config key 'train.batch_size': expected int, got str 'abc'"),
-    "bad lr": (lambda d: ["optim.lr=-0.1"], "config key 'optim.lr': must be > 0, got -0.1"),
+    "bad lr": (lambda d: ["optim.lr=-0.1"], "config key 'optim.lr': must be > 0 and finite, got -0.1"),
     "bad kappa": (lambda d: ["method_args.kappa=-1"], "config key 'method_args.kappa': must be >= 0"),
     "bad gamma": (lambda d: ["method_args.gamma=0"], "config key 'method_args.gamma': must be >= 1"),
     "bad amp": (lambda d: ["train.amp=fp8"], "config key 'train.amp': must be auto, none, bf16 or fp16"),
@@ -243,7 +243,7 @@ ERRORS_MD_INPUTS = {  # case: (overrides made in a folder, what the message says
     "int8 teacher": (lambda d: [teacher_file(d, floats(lambda v: v.to(torch.int8)))],
                      "are stored as torch.int8 where test_vit has floating-point weights"),
     "NaN teacher": (lambda d: [teacher_file(d, floats(lambda v: v * float("nan")))],
-                    "parameter tensors hold NaN or infinite values"),
+                    "floating-point tensors hold NaN or infinite values"),
 }
 
 
@@ -347,6 +347,30 @@ def test_overwrite_replaces_only_what_a_run_wrote(tmp_path, capsys):
     events = set((run_dir / "tensorboard").iterdir())
     assert len(events) == 1 and not events & old_events  # the earlier run's curves were replaced
     assert not (run_dir / ".crossdistill.lock").exists()
+
+
+def test_user_files_named_like_run_files_are_never_deleted(tmp_path, capsys):
+    """A run's file names alone do not make a file a run's: its content must be what a run writes."""
+    config = quick_config(tmp_path)
+    run_dir = tmp_path / "runs" / "run"
+    run_dir.mkdir(parents=True)
+    mine = {"latest.json": '{"my": "data"}', "metrics.csv": "my,own,table\n", "summary.json": "x"}
+    for name, text in mine.items():
+        (run_dir / name).write_text(text)
+    code, _, err = run_cli(capsys, "train", "--config", str(config))
+    assert f"{run_dir} is not a crossdistill run directory" in one_error_line(code, err)
+    assert {name: (run_dir / name).read_text() for name in mine} == mine
+
+    other_tool = tmp_path / "runs" / "weights"  # e.g. YOLO's weights/last.pt and best.pt
+    (other_tool / "checkpoints").mkdir(parents=True)
+    torch.save({"model": torch.zeros(3)}, other_tool / "last.pt")
+    torch.save({"model": torch.ones(3)}, other_tool / "best.pt")
+    torch.save({"model": torch.ones(3)}, other_tool / "checkpoints" / "step-mine.pt")
+    torch.save({"model": torch.ones(3)}, other_tool / "checkpoints" / "step-000000001.pt")
+    before = {p: p.read_bytes() for p in other_tool.rglob("*.pt")}
+    code, _, err = run_cli(capsys, "train", "--config", str(config), "train.run_name=weights", "--overwrite")
+    assert f"{other_tool} is not a crossdistill run directory" in one_error_line(code, err)
+    assert {p: p.read_bytes() for p in other_tool.rglob("*.pt")} == before
 
 
 def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys, monkeypatch):

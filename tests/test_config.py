@@ -30,6 +30,8 @@ def test_unknown_key_names_the_key_and_suggests(tmp_path):
         ("train.batch_size=abc", r"'train.batch_size': expected int, got str"),
         ("train.batch_size=2.5", r"'train.batch_size': expected int, got float"),
         ("optim.lr=-0.1", r"'optim.lr': must be > 0"),
+        ("optim.lr=.inf", r"'optim.lr': must be > 0 and finite, got inf"),
+        ("optim.weight_decay=.inf", r"'optim.weight_decay': must be >= 0 and finite"),
         ("data.scale=[0.5]", r"'data.scale': expected 2 values"),
         ("train.progress=maybe", r"'train.progress': expected bool"),
         ("method_args.kappa=-1", r"'method_args.kappa': must be >= 0"),

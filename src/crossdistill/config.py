@@ -17,6 +17,8 @@ typed config of the chosen method (see :mod:`crossdistill.distillers`).
 
 from __future__ import annotations
 
+import math
+
 import copy
 import dataclasses
 import re
@@ -538,13 +540,13 @@ def validate(cfg: RunConfig) -> None:
            "must be a directory path (or null)")
     _check(t.run_name is None or _is_plain_name(t.run_name), "train.run_name",
            f"must be one folder name inside train.output_dir (not empty, '.' or '..', no '/'), got {t.run_name!r}")
-    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(0 < o.lr < math.inf, "optim.lr", f"must be > 0 and finite, got {o.lr}")
     _check(o.scale_lr in ("none", "linear"), "optim.scale_lr", f"must be none or linear, got {shorten(o.scale_lr)}")
     _check(t.reference_batch is None or t.reference_batch >= 1, "train.reference_batch", "must be >= 1")
     _check(o.scale_lr == "none" or t.reference_batch is not None, "optim.scale_lr",
            "linear scaling needs train.reference_batch (the effective batch the lr was tuned for)")
-    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _check(o.min_lr >= 0, "optim.min_lr", "must be >= 0")
+    _check(0 <= o.weight_decay < math.inf, "optim.weight_decay", f"must be >= 0 and finite, got {o.weight_decay}")
+    _check(0 <= o.min_lr < math.inf, "optim.min_lr", "must be >= 0 and finite")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
     _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "must be > 0 (or null)")
     _check(d.img_size >= 8, "data.img_size", f"must be >= 8, got {d.img_size}")

@@ -371,6 +371,26 @@ def test_a_run_whose_weights_turn_non_finite_stops_and_keeps_the_last_good_check
     assert (run_dir / "last.pt").read_bytes() == good["last.pt"]
     assert not (run_dir / "summary.json").exists()
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 2  # the header and epoch 1
+    assert f"--resume {run_dir} optim.clip_grad=1.0" in err
+
+
+def test_non_finite_weights_before_the_first_checkpoint_advise_the_same_command(tmp_path, monkeypatch, capsys):
+    """The run directory is gone then (nothing to resume): the advice must be a command that works."""
+    from crossdistill.engine.trainer import TrainStep
+
+    original = TrainStep.__call__
+
+    def diverging(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        self.model.student.bn1.running_var.fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(TrainStep, "__call__", diverging)
+    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1}, data={"train_subset": 64, "eval_subset": 20})
+    assert _train_cli(tmp_path, raw) == 2
+    err = capsys.readouterr().err
+    assert "the run has no checkpoint yet" in err and "(e.g. the same command with optim.clip_grad=1.0)" in err
+    assert "--resume" not in err and not (tmp_path / "runs" / "run").exists()
 
 
 class DiskFillsUp:

@@ -345,19 +345,22 @@ def test_integer_or_boolean_weights_are_refused(tmp_path, dtype):
                        CIFAR, CIFAR_MEAN, CIFAR_STD)
 
 
-@pytest.mark.parametrize("broken", ["all NaN", "all inf", "one tensor NaN"])
+@pytest.mark.parametrize("broken", ["all NaN", "all inf", "one tensor NaN", "BatchNorm statistics NaN"])
 def test_non_finite_weights_are_refused(tmp_path, broken):
     state = source_model("resnet50").state_dict()
-    if broken == "one tensor NaN":
+    if broken == "BatchNorm statistics NaN":  # every step of a run with this teacher would be skipped
+        state = {k: torch.full_like(v, float("nan")) if k.endswith("running_var") else v for k, v in state.items()}
+    elif broken == "one tensor NaN":
         state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"].clone().index_fill_(0, torch.tensor([0]),
                                                                                            float("nan"))
     else:
         state = _floats_as(state, lambda v: torch.full_like(v, float("nan" if broken == "all NaN" else "inf")))
     path = tmp_path / "teacher_nan.pth"
     torch.save(state, path)
-    with pytest.raises(CrossDistillError, match=r"parameter tensors hold NaN or infinite values") as info:
+    with pytest.raises(CrossDistillError, match=r"floating-point tensors hold NaN or infinite values") as info:
         load("resnet50", path)
-    assert ("layer1.0.conv1.weight" if broken == "one tensor NaN" else "conv1.weight") in str(info.value)
+    named = {"one tensor NaN": "layer1.0.conv1.weight", "BatchNorm statistics NaN": "bn1.running_var"}
+    assert named.get(broken, "conv1.weight") in str(info.value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from ..errors import CrossDistillError
@@ -29,6 +32,9 @@ METRICS = ("metrics.csv", "metrics.csv.old")
 TENSORBOARD_DIR = "tensorboard"
 RUN_FILES = (CONFIG, CHECKPOINT, BEST, LATEST, SUMMARY, *METRICS, LOCK)
 """Files a run writes at the top of its directory (besides the temporary files of atomic writes)."""
+CHECKPOINT_FORMAT = "crossdistill-run/1"
+"""The ``format`` entry of every checkpoint a run writes (last.pt, best.pt, checkpoints/step-*.pt)."""
+STEP_FILE = re.compile(r"step-\d{9}\.pt")
 RUN_CONFIG_KEYS = frozenset({"student", "teacher", "method", "method_args", "num_classes", "data", "optim", "train"})
 
 
@@ -47,11 +53,48 @@ def _is_run_config(path: Path) -> bool:
     return isinstance(data, dict) and set(data) == RUN_CONFIG_KEYS
 
 
+def _is_run_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint a run wrote (its ``format`` entry), not another tool's file of the same
+    name. Memory-mapped and weights-only: nothing in the file runs, and the tensors are not read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch zip file, a pickle with objects, truncated...: not ours
+        return False
+    return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
+
+
+def _json_with(path: Path, keys: frozenset[str]) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and keys <= set(data)
+
+
+def _is_metrics_table(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            return handle.readline().startswith("epoch,")
+    except OSError:
+        return False
+
+
+RUN_FILE_CONTENTS = {
+    CHECKPOINT: _is_run_checkpoint,
+    BEST: _is_run_checkpoint,
+    CONFIG: _is_run_config,
+    LATEST: lambda path: _json_with(path, frozenset({"file", "epoch", "step"})),
+    SUMMARY: lambda path: _json_with(path, frozenset({"run_dir", "last_top1", "best_top1"})),
+    **{name: _is_metrics_table for name in METRICS},
+}
+"""How to tell a file a run wrote from a user's file that happens to have its name: only the former is ever deleted."""
+
+
 def _own_folder_entries(folder: Path, owned) -> tuple[list[Path], list[Path]]:
     """(entries of ``folder`` a run wrote, the others)."""
     ours, others = [], []
     for entry in sorted(folder.iterdir()):
-        (ours if entry.is_file() and owned(entry.name) else others).append(entry)
+        (ours if entry.is_file() and owned(entry) else others).append(entry)
     return ours, others
 
 
@@ -93,8 +136,13 @@ def inspect_run_dir(path: Path, own_lock: bool = False) -> RunDirContents:
         if entry.is_symlink():
             contents.foreign.append(entry)  # whatever it points at was not written here
         elif entry.is_dir() and name in (STEP_DIR, TENSORBOARD_DIR):
-            owned = ((lambda n: n.startswith("step-") and n.endswith(".pt") or _is_temporary(n)) if name == STEP_DIR
-                     else (lambda n: n.startswith("events.out.tfevents.")))
+            if name == STEP_DIR:
+                def owned(path: Path) -> bool:
+                    return (STEP_FILE.fullmatch(path.name) is not None and _is_run_checkpoint(path)
+                            or _is_temporary(path.name))
+            else:
+                def owned(path: Path) -> bool:
+                    return path.name.startswith("events.out.tfevents.")
             ours, others = _own_folder_entries(entry, owned)
             contents.ours += ours
             contents.foreign += others
@@ -103,7 +151,7 @@ def inspect_run_dir(path: Path, own_lock: bool = False) -> RunDirContents:
             if name == STEP_DIR and any(p.suffix == ".pt" and not _is_temporary(p.name) for p in ours):
                 contents.has_checkpoint = True
         elif entry.is_file() and (name in RUN_FILES or _is_temporary(name)):
-            if name == CONFIG and not _is_run_config(entry):
+            if name in RUN_FILE_CONTENTS and not RUN_FILE_CONTENTS[name](entry):
                 contents.foreign.append(entry)
                 continue
             contents.ours.append(entry)

@@ -29,8 +29,8 @@ from .distributed import (DistEnv, all_ranks_ok, all_reduce_sum, barrier, broadc
                           shutdown)
 from .metrics import MetricsLog, topk_correct
 from .preemption import EXIT_PREEMPTED, Preempted, StopSignal
-from .rundir import (BEST, CHECKPOINT, CONFIG, LATEST, STEP_DIR, SUMMARY, RunDirLock, inspect_run_dir,
-                     remove_run_files)
+from .rundir import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, LATEST, STEP_DIR, SUMMARY, RunDirLock,
+                     inspect_run_dir, remove_run_files)
 from .sampling import ResumableSampler, SampleSeededDataset
 from .setup import autocast_dtype, build_run, count_parameters
 from .snapshot import TensorSnapshot
@@ -39,7 +39,6 @@ from ..models import is_token_model
 from .teacher_cache import (TeacherCache, TeacherFeed, WithIndex, cache_key, cache_widths, prefetched_outputs,
                             teacher_outputs_of)
 
-CHECKPOINT_FORMAT = "crossdistill-run/1"
 __all__ = ["EXIT_PREEMPTED", "Preempted", "RunSummary", "StepResult", "TrainStep", "Trainer", "build_optimizer",
            "build_train_loader", "evaluate", "make_scaler", "train"]
 
@@ -825,12 +824,15 @@ class Trainer:
             return
         if not bad:
             raise CrossDistillError(f"stopping: another rank holds non-finite weights {when} (see its message)")
-        kept = (f"the last good checkpoint is kept in {self.run_dir}" if self._has_checkpoint()
-                else "the run has no checkpoint yet")
+        if self._has_checkpoint():
+            kept = f"the last good checkpoint is kept in {self.run_dir}"
+            example = f"crossdistill train --resume {self.run_dir} optim.clip_grad=1.0"
+        else:
+            kept, example = "the run has no checkpoint yet", "the same command with optim.clip_grad=1.0"
         raise CrossDistillError(
             f"stopping: non-finite weights {when} (inf/NaN in {len(bad)} tensor(s): {', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''}); {file} was not written and {kept}. The training diverged: "
-            f"lower optim.lr or set optim.clip_grad (e.g. crossdistill train --resume {self.run_dir} optim.clip_grad=1.0)"
+            f"lower optim.lr or set optim.clip_grad (e.g. {example})"
         )
 
     def _save(self, epoch: int, improved: bool, row: dict[str, Any] | None = None) -> None:

@@ -167,12 +167,11 @@ def _check_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: st
             f"has floating-point weights [{_listed(not_float)}]: a quantized or corrupted file? Load the model's "
             "floating-point weights (fp32, fp16 or bf16)"
         )
-    parameters = {name for name, _ in model.named_parameters()}
-    broken = [key for key in common
-              if key in parameters and state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all())]
+    floating = [key for key in common if own[key].is_floating_point()]  # parameters and buffers (BN statistics)
+    broken = [key for key in floating if not bool(torch.isfinite(state[key]).all())]
     if broken:
         raise CrossDistillError(
-            f"{path}: {len(broken)} of the model's {len(parameters)} parameter tensors hold NaN or infinite values "
+            f"{path}: {len(broken)} of the model's {len(floating)} floating-point tensors hold NaN or infinite values "
             f"[{_listed(broken)}], so its outputs would be NaN. Use weights saved before the training that wrote "
             "them diverged"
         )
