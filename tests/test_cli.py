@@ -373,6 +373,20 @@ def test_user_files_named_like_run_files_are_never_deleted(tmp_path, capsys):
     assert {p: p.read_bytes() for p in other_tool.rglob("*.pt")} == before
 
 
+def test_a_run_whose_checkpoint_was_replaced_by_another_file_keeps_it(tmp_path, capsys):
+    """--overwrite would replace a last.pt that a run did not write; --resume must say it cannot load it."""
+    config = quick_config(tmp_path)
+    assert run_cli(capsys, "train", "--config", str(config))[0] == 0
+    last = tmp_path / "runs" / "run" / "last.pt"
+    torch.save({"model": torch.zeros(3)}, last)
+    before = last.read_bytes()
+    code, _, err = run_cli(capsys, "train", "--config", str(config), "--overwrite")
+    assert "holds last.pt under the name of a file a run writes, but not as a run writes it" in one_error_line(code, err)
+    code, _, err = run_cli(capsys, "train", "--config", str(config), "--resume")
+    assert "is not a crossdistill run checkpoint" in one_error_line(code, err)
+    assert last.read_bytes() == before
+
+
 def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys, monkeypatch):
     config = quick_config(tmp_path)
     (tmp_path / "out.txt").write_text("a file")

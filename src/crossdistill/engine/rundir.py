@@ -108,6 +108,8 @@ class RunDirContents:
     """Files a run writes (checkpoints, config, metrics, TensorBoard events, lock, torn temporary files)."""
     foreign: list[Path] = field(default_factory=list)
     """Everything else: never deleted."""
+    impostors: list[Path] = field(default_factory=list)
+    """Files (among ``foreign``) with the name of a file a run writes but other content: a run would replace them."""
     has_checkpoint: bool = False
     is_run: bool = False
     """A crossdistill run (even one stopped before its first checkpoint) was started here."""
@@ -146,6 +148,8 @@ def inspect_run_dir(path: Path, own_lock: bool = False) -> RunDirContents:
             ours, others = _own_folder_entries(entry, owned)
             contents.ours += ours
             contents.foreign += others
+            if name == STEP_DIR:
+                contents.impostors += [p for p in others if STEP_FILE.fullmatch(p.name)]
             if not others and not ours:
                 contents.ours.append(entry)  # an empty folder a run made
             if name == STEP_DIR and any(p.suffix == ".pt" and not _is_temporary(p.name) for p in ours):
@@ -153,12 +157,15 @@ def inspect_run_dir(path: Path, own_lock: bool = False) -> RunDirContents:
         elif entry.is_file() and (name in RUN_FILES or _is_temporary(name)):
             if name in RUN_FILE_CONTENTS and not RUN_FILE_CONTENTS[name](entry):
                 contents.foreign.append(entry)
+                contents.impostors.append(entry)
                 continue
             contents.ours.append(entry)
             contents.has_checkpoint |= name == CHECKPOINT
         else:
             contents.foreign.append(entry)
     names = {p.name for p in contents.ours if p.parent == path}
+    if CONFIG in names and any(p.name == CHECKPOINT or p.parent.name == STEP_DIR for p in contents.impostors):
+        contents.has_checkpoint = True  # a run whose checkpoint is unreadable or replaced: loading it says how
     contents.is_run = contents.has_checkpoint or bool(names & ({CONFIG, LATEST} if own_lock else {CONFIG, LOCK, LATEST}))
     return contents
 

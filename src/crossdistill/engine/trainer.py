@@ -628,6 +628,12 @@ class Trainer:
         self.started_over_run = found.is_run
         try:
             contents = inspect_run_dir(self.run_dir, own_lock=True)
+            if contents.impostors and not (resume and contents.has_checkpoint):
+                names = ", ".join(p.relative_to(self.run_dir).as_posix() for p in contents.impostors[:3])
+                raise CrossDistillError(
+                    f"{self.run_dir} holds {names} under the name of a file a run writes, but not as a run writes it "
+                    "(unreadable, or another tool's file): a run would replace it. Move it out of the directory, "
+                    "or choose another train.run_name / train.output_dir")
             if contents.has_checkpoint:
                 if resume:
                     return True
