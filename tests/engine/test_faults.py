@@ -1,6 +1,7 @@
 """Faults: kills, pre-emption signals, non-finite losses, a full disk. Nothing is lost, resume is exact."""
 
 import errno
+import io
 import os
 import signal
 import subprocess
@@ -530,3 +531,16 @@ def test_a_full_disk_while_exporting_is_one_line_and_the_previous_export_survive
                                                 r"\(or pass --out on another disk\) and run the export again\.$"):
         write_safetensors({"w": torch.zeros(1000)}, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_pruning_step_checkpoints_keeps_a_users_file_of_a_similar_name(tmp_path):
+    """Only step-NNNNNNNNN.pt files are the run's: a user's step-0-notes.pt (which sorts first) is never pruned or read."""
+    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1, "checkpoint_every_steps": 1, "keep_step_checkpoints": 1},
+                   data={"train_subset": 96, "eval_subset": 20})
+    folder = tmp_path / "runs" / "run" / "checkpoints"
+    trainer = Trainer(build_config(raw), out=io.StringIO())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "step-0-notes.pt").write_text("mine")
+    trainer.fit()
+    assert (folder / "step-0-notes.pt").read_text() == "mine"
+    assert len([p for p in folder.iterdir() if p.name != "step-0-notes.pt"]) == 1

@@ -35,6 +35,16 @@ RUN_FILES = (CONFIG, CHECKPOINT, BEST, LATEST, SUMMARY, *METRICS, LOCK)
 CHECKPOINT_FORMAT = "crossdistill-run/1"
 """The ``format`` entry of every checkpoint a run writes (last.pt, best.pt, checkpoints/step-*.pt)."""
 STEP_FILE = re.compile(r"step-\d{9}\.pt")
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """The step checkpoints a run wrote in ``folder`` (``step-NNNNNNNNN.pt``), oldest first; a user's
+    ``step-mine.pt`` beside them is not one of them (never read, pruned or counted)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if STEP_FILE.fullmatch(p.name) and p.is_file())
+
+
 RUN_CONFIG_KEYS = frozenset({"student", "teacher", "method", "method_args", "num_classes", "data", "optim", "train"})
 
 

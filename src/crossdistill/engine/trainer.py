@@ -30,7 +30,7 @@ from .distributed import (DistEnv, all_ranks_ok, all_reduce_sum, barrier, broadc
 from .metrics import MetricsLog, topk_correct
 from .preemption import EXIT_PREEMPTED, Preempted, StopSignal
 from .rundir import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, LATEST, STEP_DIR, SUMMARY, RunDirLock,
-                     inspect_run_dir, remove_run_files)
+                     inspect_run_dir, remove_run_files, step_checkpoints)
 from .sampling import ResumableSampler, SampleSeededDataset
 from .setup import autocast_dtype, build_run, count_parameters
 from .snapshot import TensorSnapshot
@@ -793,7 +793,7 @@ class Trainer:
         write_text_atomic(self.run_dir / LATEST, json.dumps(pointer), hint=self._disk_full_hint())
 
     def _has_checkpoint(self) -> bool:
-        return (self.run_dir / CHECKPOINT).exists() or any((self.run_dir / STEP_DIR).glob("step-*.pt"))
+        return (self.run_dir / CHECKPOINT).exists() or bool(step_checkpoints(self.run_dir / STEP_DIR))
 
     def _disk_full_hint(self) -> str:
         if self._has_checkpoint():
@@ -868,7 +868,7 @@ class Trainer:
                 state["rng_per_rank"] = per_rank
             save_atomic(state, path, hint=self._disk_full_hint())
             self._write_latest(path, epoch, step)
-            for old in sorted(folder.glob("step-*.pt"))[: -self.cfg.train.keep_step_checkpoints]:
+            for old in step_checkpoints(folder)[: -self.cfg.train.keep_step_checkpoints]:
                 old.unlink(missing_ok=True)
 
         self._on_main_then_agree(write)
@@ -883,7 +883,7 @@ class Trainer:
                 candidates.append(self.run_dir / json.loads(pointer.read_text())["file"])
             except (ValueError, KeyError):
                 pass
-        candidates += sorted((self.run_dir / STEP_DIR).glob("step-*.pt"), reverse=True)
+        candidates += step_checkpoints(self.run_dir / STEP_DIR)[::-1]
         candidates.append(self.run_dir / CHECKPOINT)
         for path in candidates:
             if path.exists():
