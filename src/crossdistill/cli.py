@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=64")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue the run from its last checkpoint (RUN_DIR alone re-uses its saved config)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--overwrite", action="store_true", help="start an existing run again (deletes only the files a run wrote there)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config: print it resolved, the effective batch, parameter counts and one step's "
                         "losses on random data (random weights; no data, no run directory)")
