@@ -31,6 +31,23 @@ def tiny_run(tmp_path, method: str = "rsd", **sections) -> dict:
     return cfg
 
 
+def distill(distiller, images: torch.Tensor, target: torch.Tensor, indices: torch.Tensor | None = None):
+    """One forward of ``distiller`` as the engine runs it: the teacher outputs the method asks for,
+    computed by the engine's :class:`~crossdistill.engine.teacher_runner.TeacherRunner`, then the method."""
+    from crossdistill.engine.teacher_runner import TeacherRunner
+
+    reads_teacher = distiller.teacher is not None and not distiller.teacher_request().empty
+    teacher = TeacherRunner(distiller).compute(images) if reads_teacher else None
+    return distiller(images, target, teacher, indices)
+
+
+def run_teacher(teacher, images: torch.Tensor, *, logits: bool = False, stages=()):
+    """The teacher's embedding (and logits, stage features when asked) on ``images``."""
+    from crossdistill.models import TeacherRequest
+
+    return teacher.outputs(images, TeacherRequest(embedding=True, logits=logits, stages=tuple(stages or ())))
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)
@@ -67,8 +84,8 @@ def rsd_nan_at_calls_3_and_4(monkeypatch):
     original = RSD.forward
     calls = {"n": 0}
 
-    def sometimes_nan(self, x, target):
-        out = original(self, x, target)
+    def sometimes_nan(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] in (3, 4):
             out.losses["rsd"] = out.losses["rsd"] * float("nan")

@@ -146,16 +146,18 @@ def test_method_defaults_and_teacher_needs_come_from_the_package(tmp_path, monke
 
     from crossdistill.distillers import METHODS
     from crossdistill.distillers.kd import KDConfig
-    from crossdistill.engine import teacher_cache
+    from crossdistill.models import TeacherRequest
 
     plan_module, protocols = _study_module("study_plan"), _study_module("study_protocols")
+    monkeypatch.setattr(plan_module, "teacher_outputs", plan_module.teacher_outputs.__wrapped__)  # uncached
 
     @dataclasses.dataclass
     class HotterKD(KDConfig):
         temperature: float = 4.0
 
     monkeypatch.setattr(METHODS.get("kd"), "config_cls", HotterKD)
-    monkeypatch.setitem(teacher_cache.TEACHER_OUTPUTS, "kd", None)  # as if KD read teacher stage features
+    monkeypatch.setattr(METHODS.get("kd"), "teacher_request",  # as if KD read teacher stage features
+                        lambda self: TeacherRequest(stages=(-1,)))
     settings = plan_module.Settings(protocol=protocols.PROTOCOLS["tiny"], out=tmp_path, data_root=str(tmp_path),
                                     dataset="folder", cache_dir=None, teacher_cache=True, device="cpu",
                                     methods=("vanilla", "kd", "rsd"), jobs=2)

@@ -50,7 +50,7 @@ MODULES: dict[str, Module] = {
     "losses": Module(["losses/*.py"], ["tests/losses"]),
     "teacher": Module(["models/teacher.py"], ["tests/models/test_teacher.py"]),
     "checkpoint": Module(["checkpoint.py"], ["tests/test_checkpoint.py"]),
-    # the key and the store; the feed (TeacherFeed) and the loader glue (WithIndex) are not in scope
+    # the key and the store; the loader glue (WithIndex) is not in scope
     "teacher_cache": Module(
         ["engine/teacher_cache.py"],
         ["tests/engine/test_teacher_cache_store.py",

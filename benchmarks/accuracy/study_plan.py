@@ -5,6 +5,8 @@ crossdistill config, which runs the command line selects, and how long they shou
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,15 +242,26 @@ def speed_key(run: Run) -> str:
     return f"{run.student}|{run.teacher or '-'}|{run.method}"
 
 
+@functools.cache
 def teacher_outputs(method: str) -> tuple[str, ...]:
-    """What the teacher cache stores for ``method``, as the engine decides it (empty: nothing; FitNet reads
-    teacher stage features, which are never cached). The study's one reader of the methods' teacher needs."""
-    from crossdistill.distillers import METHODS
-    from crossdistill.engine.teacher_cache import teacher_outputs_of
+    """What the teacher cache stores for ``method`` at its default arguments, as the engine decides it: the
+    method's own teacher request when it is cacheable (empty: nothing is cached, e.g. FitNet's teacher stage
+    features). The study's one reader of the methods' teacher needs; asked of the method built on two tiny models
+    (which outputs a shipped method reads does not depend on the models)."""
+    import timm
 
-    method_cls = METHODS.get(method)
-    # teacher_outputs_of reads only the distiller's class: an instance that was never initialised stands in
-    return teacher_outputs_of(method, method_cls.__new__(method_cls)) or ()
+    from crossdistill.distillers import METHODS, build_distiller
+    from crossdistill.models import Teacher
+
+    if not METHODS.get(method).needs_teacher:
+        return ()
+    size = 32
+    student = timm.create_model("test_resnet", num_classes=10)
+    teacher = Teacher(timm.create_model("test_vit", num_classes=10, img_size=size, patch_size=8))
+    fields = {f.name for f in dataclasses.fields(METHODS.get(method).config_cls)}
+    args = {"img_size": size} if "img_size" in fields else {}
+    distiller = build_distiller(method, student, teacher, args)
+    return distiller.teacher_request().outputs if distiller.teacher_cacheable else ()
 
 
 def estimate_seconds(s: Settings, run: Run, teacher_cached: bool = False) -> float:

@@ -50,10 +50,11 @@ from .config import OptimConfig, RunConfig, TrainConfig
 from .distillers import METHODS, build_distiller, method_config
 from .engine.distributed import resolve_device
 from .engine.setup import autocast_dtype, make_criterion
-from .engine.teacher_cache import TeacherCache, TeacherFeed, cache_widths, teacher_outputs_of
+from .engine.teacher_cache import TeacherCache, cache_widths
+from .engine.teacher_runner import TeacherRunner
 from .engine.trainer import TrainStep, build_optimizer, finite_check_interval, make_scaler, use_channels_last
 from .errors import CrossDistillError
-from .models import AADProjector, ModelOutput, Teacher, check_model_name, embedding_dim, is_token_model
+from .models import AADProjector, Teacher, TeacherOutputs, check_model_name, embedding_dim, is_token_model
 from .params import _parse_args
 
 STD_EPS = 1e-5
@@ -139,36 +140,32 @@ class Variant:
         return out
 
 
-class _GivenTeacher(TeacherFeed):
-    """A feed whose 'teacher' returns a fixed, precomputed output (the method's own cost, teacher excluded)."""
+class _GivenTeacher(TeacherRunner):
+    """A runner that returns fixed, precomputed outputs (the method's own cost, teacher excluded)."""
 
-    def __init__(self, teacher: Teacher, outputs, given: ModelOutput):
-        super().__init__(teacher, outputs)
+    def __init__(self, distiller, given: TeacherOutputs):
+        super().__init__(distiller)
         self.given = given
 
-    def compute(self, x: torch.Tensor) -> ModelOutput:
+    def compute(self, images: torch.Tensor) -> TeacherOutputs:
         return self.given
 
 
-def _engine_step(distiller: nn.Module, method: str, train: TrainConfig, optim: OptimConfig, device: torch.device,
-                 *, feed_factory=None, cache: TeacherCache | None = None) -> TrainStep:
-    """Wire ``distiller`` as the engine does (device, channels_last, teacher feed, compile, optimiser, scaler)."""
+def _engine_step(distiller: nn.Module, train: TrainConfig, optim: OptimConfig, device: torch.device,
+                 *, runner_factory=None, cache: TeacherCache | None = None) -> TrainStep:
+    """Wire ``distiller`` as the engine does (device, channels_last, teacher runner, compile, optimiser, scaler)."""
     distiller = distiller.to(device)
     channels_last_input = use_channels_last(distiller) if train.channels_last else False
-    feed = None
-    outputs = teacher_outputs_of(method, distiller) if distiller.teacher is not None else ()
-    if outputs:
-        feed = feed_factory(distiller.teacher, outputs) if feed_factory else TeacherFeed(distiller.teacher, outputs)
-        distiller.teacher = feed
-        if train.compile and feed_factory is None:
-            feed.compile()
+    runner = None
+    if distiller.teacher is not None and not distiller.teacher_request().empty:
+        runner = runner_factory(distiller) if runner_factory else TeacherRunner(distiller, cache, compile=train.compile)
     model = torch.compile(distiller) if train.compile else distiller
     amp = autocast_dtype(train.amp, device)
     optimizer = build_optimizer(distiller, optim, optim.lr, device)
     distiller.train()
     return TrainStep(model, optimizer, device=device, amp_dtype=amp, scaler=make_scaler(amp),
                      channels_last=channels_last_input, clip_grad=optim.clip_grad, check_finite=train.check_finite,
-                     teacher_feed=feed, teacher_cache=cache, finite_check_every=finite_check_interval(train, device))
+                     teacher=runner, finite_check_every=finite_check_interval(train, device))
 
 
 def _as_engine(step: TrainStep, images, target, indices=None, prefetched=None) -> None:
@@ -233,7 +230,7 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
     # ours
     ours_distiller = build_distiller(method, copy.deepcopy(student_model),
                                      fresh_teacher() if method_cls.needs_teacher else None, cfg_args, criterion=criterion)
-    ours = _engine_step(ours_distiller, method, train, optim, dev)
+    ours = _engine_step(ours_distiller, train, optim, dev)
     x_ours, y_ours = ours.to_device(images, target)
     variants.append(Variant("ours", lambda: _as_engine(ours, x_ours, y_ours)))
 
@@ -247,54 +244,53 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
 
     # student alone, through the engine
     vanilla = build_distiller("vanilla", copy.deepcopy(student_model), None, {}, criterion=criterion)
-    student_step = _engine_step(vanilla, "vanilla", train, optim, dev)
+    student_step = _engine_step(vanilla, train, optim, dev)
     x_s, y_s = student_step.to_device(images, target)
     variants.append(Variant("student_only", lambda: _as_engine(student_step, x_s, y_s)))
 
     # teacher forward alone, as ours runs it
-    outputs = ours.teacher_feed.outputs if ours.teacher_feed is not None else ("embedding",)
-    teacher_feed = TeacherFeed(fresh_teacher().to(dev), outputs)
-    if channels_last and not is_token_model(teacher_feed.model):
-        teacher_feed.model.to(memory_format=torch.channels_last)
-    if compile:
-        teacher_feed.compile()
+    # (a method without a teacher: RSD's teacher forward, the embedding)
+    teacher_reader = build_distiller(method if ours.teacher is not None else "rsd", copy.deepcopy(student_model),
+                                     fresh_teacher(), cfg_args if ours.teacher is not None else rsd_defaults,
+                                     criterion=criterion).to(dev)
+    if channels_last and not is_token_model(teacher_reader.teacher.model):
+        teacher_reader.teacher.model.to(memory_format=torch.channels_last)
+    teacher_runner = TeacherRunner(teacher_reader, compile=compile)
     x_t, _ = ours.to_device(images, target)
 
     def teacher_only():
         with ours.autocast():
-            return teacher_feed.compute(x_t)
+            return teacher_runner.compute(x_t)
 
     variants.append(Variant("teacher_forward", teacher_only))
 
     tmp = None
-    if ours.teacher_feed is not None and precomputed:
-        with torch.no_grad(), ours.autocast():
-            given = teacher_feed.compute(x_t)
-        given = ModelOutput(embedding=None if given.embedding is None else given.embedding.float(),
-                            logits=None if given.logits is None else given.logits.float())
+    if ours.teacher is not None and precomputed:
+        with ours.autocast():
+            given = teacher_runner.compute(x_t).map(lambda t: t.float() if t.is_floating_point() else t)
         pre_distiller = build_distiller(method, copy.deepcopy(student_model), fresh_teacher(), cfg_args,
                                         criterion=criterion)
-        pre = _engine_step(pre_distiller, method, train, optim, dev,
-                           feed_factory=lambda t, o: _GivenTeacher(t, o, given))
+        pre = _engine_step(pre_distiller, train, optim, dev, runner_factory=lambda d: _GivenTeacher(d, given))
         x_p, y_p = pre.to_device(images, target)
         variants.append(Variant("ours_precomputed_teacher", lambda: _as_engine(pre, x_p, y_p)))
 
-        if cache:
+        if cache and ours_distiller.teacher_cacheable:
+            outputs = ours_distiller.teacher_request().outputs
             tmp = tempfile.TemporaryDirectory(prefix="crossdistill-bench-cache-")
             blocks = 8
             rows = blocks * batch_size
-            widths = cache_widths(outputs, ours.teacher_feed.teacher, num_classes)
+            widths = cache_widths(outputs, ours_distiller.teacher, num_classes)
             store = TeacherCache(tmp.name, {"teacher": {"name": teacher}, "bench": True}, outputs, widths, rows,
                                  store_dtype="fp16", log=log)
             store.begin_epoch(0)
-            random_out = lambda x: ModelOutput(  # noqa: E731 - fill with random rows: only the read speed matters
+            random_out = lambda x: TeacherOutputs(  # noqa: E731 - fill with random rows: only the read speed matters
                 embedding=torch.randn(x.shape[0], widths["embedding"]) if "embedding" in widths else None,
                 logits=torch.randn(x.shape[0], widths["logits"]) if "logits" in widths else None)
             for b in range(blocks):
                 store.lookup(torch.arange(b * batch_size, (b + 1) * batch_size), images, random_out)
             cached_distiller = build_distiller(method, copy.deepcopy(student_model), fresh_teacher(), cfg_args,
                                                criterion=criterion)
-            cached = _engine_step(cached_distiller, method, train, optim, dev, cache=store)
+            cached = _engine_step(cached_distiller, train, optim, dev, cache=store)
             x_c, y_c = cached.to_device(images, target)
             # as in training: the loader's workers read the rows (WithIndex) and pin them with the batch;
             # the step copies them to the device

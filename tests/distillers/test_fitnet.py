@@ -10,7 +10,7 @@ from crossdistill.distillers.fitnet import FitNet, FitNetConfig
 from crossdistill.errors import ConfigError
 from crossdistill.models import default_stages, forward_model
 
-from conftest import tiny_run
+from conftest import distill, tiny_run
 
 
 def resnet():
@@ -63,7 +63,7 @@ def test_loss_terms_are_weighted_ce_plus_weighted_sum_of_stage_mses():
     student, teacher = pair(resnet, vit)
     fit = build_distiller("fitnet", student, teacher, {"weight": 0.3, "w_gt": 0.5, "img_size": 32})
     x, y = batch(n=6)
-    out = fit(x, y)
+    out = distill(fit, x, y)
     assert set(out.losses) == {"ce", "fitnet"} and out.logits.shape == (6, 10)
     with torch.no_grad():
         feats_t = forward_model(teacher.model, x, stages=default_stages(teacher.model)).stages
@@ -90,7 +90,7 @@ def test_loss_is_fp32_under_bf16_autocast():
     student, teacher = pair(resnet, vit)
     fit = build_distiller("fitnet", student, teacher, {"img_size": 32})
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fit(*batch(n=4))
+        out = distill(fit, *batch(n=4))
     assert out.losses["fitnet"].dtype == torch.float32 and torch.isfinite(out.losses["fitnet"])
 
 
@@ -103,7 +103,7 @@ def _train(student_fn, teacher_fn, steps=20):
     x, y = batch()
     history = []
     for step in range(steps):
-        out = fit(x, y)
+        out = distill(fit, x, y)
         opt.zero_grad()
         out.loss.backward()
         if step == 0:
@@ -132,7 +132,7 @@ def test_training_lowers_the_fitnet_loss_and_leaves_the_teacher_alone(student_fn
 def test_fitnet_term_alone_reaches_the_student_stages(student_fn, teacher_fn):
     student, teacher = pair(student_fn, teacher_fn)
     fit = build_distiller("fitnet", student, teacher, {"img_size": 32, "w_gt": 0.0})
-    fit(*batch(n=4)).loss.backward()
+    distill(fit, *batch(n=4)).loss.backward()
     stem = next(p for name, p in student.named_parameters() if name.startswith(("conv1", "patch_embed")))
     assert stem.grad is not None and stem.grad.abs().sum() > 0
     head = student.get_classifier().weight
@@ -149,7 +149,7 @@ def test_probe_size_defaults_to_the_students_pretrained_input_size():
     assert fit.input_size == (160, 160)
     assert fit.aligners[0].student.grid == (40, 40) and fit.aligners[0].teacher.grid == (20, 20)
     # training at 32: every student/teacher grid ratio is the same as at 160, so the same aligners fit
-    out = fit(*batch(n=2))
+    out = distill(fit, *batch(n=2))
     assert torch.isfinite(out.loss)
     assert build_distiller("fitnet", *pair(resnet, vit), {"img_size": 32}).input_size == (32, 32)
 
@@ -167,7 +167,7 @@ def test_swin_student_to_vit_teacher():
     teacher = Teacher(timm.create_model("test_vit", num_classes=10, img_size=64, patch_size=8))
     fit = build_distiller("fitnet", swin, teacher, {"img_size": 64})
     assert [a.mode for a in fit.aligners] == ["down", "same", "up", "up"]
-    out = fit(torch.randn(2, 3, 64, 64), torch.tensor([1, 2]))
+    out = distill(fit, torch.randn(2, 3, 64, 64), torch.tensor([1, 2]))
     out.loss.backward()
     assert torch.isfinite(out.losses["fitnet"])
 

@@ -17,6 +17,7 @@ from crossdistill.errors import ConfigError, CrossDistillError
 from crossdistill.losses.dist import dist_loss
 from crossdistill.losses.dkd import dkd_loss
 from crossdistill.losses.kd import kd_loss
+from conftest import distill
 
 METHOD_NAMES = ["kd", "dkd", "dist"]
 PAIRS = ["cnn_student", "vit_student"]
@@ -72,7 +73,7 @@ def test_loss_terms_are_weighted_ce_plus_weighted_distillation(name, pair):
     student, teacher = tiny_pair(pair)
     distiller = build_distiller(name, student, teacher, NON_DEFAULT_ARGS[name])
     x, y = batch()
-    out = distiller(x, y)
+    out = distill(distiller, x, y)
     assert set(out.losses) == {"ce", "kd"}
     assert out.logits.shape == (8, 10)
     with torch.no_grad():
@@ -86,7 +87,7 @@ def test_loss_terms_are_weighted_ce_plus_weighted_distillation(name, pair):
     # the default weights are 1: the same terms, unweighted
     plain = build_distiller(name, student, teacher, {k: v for k, v in NON_DEFAULT_ARGS[name].items()
                                                      if k not in ("weight", "ce_weight")})
-    out1 = plain(x, y)
+    out1 = distill(plain, x, y)
     with torch.no_grad():
         assert torch.allclose(out1.losses["ce"], F.cross_entropy(out1.logits, y), rtol=1e-5)
         assert torch.allclose(out1.losses["kd"], expected_kd_term(name, plain.cfg, out1.logits, logits_teacher, y),
@@ -97,14 +98,14 @@ def test_loss_terms_are_weighted_ce_plus_weighted_distillation(name, pair):
 def test_student_is_trained_teacher_is_not(name):
     student, teacher = tiny_pair()
     distiller = build_distiller(name, student, teacher, {})
-    distiller(*batch()).loss.backward()
+    distill(distiller, *batch()).loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
     assert not teacher.model.training
     assert distiller.extra_modules() == {} and distiller.extra_parameter_count() == 0
     # kd term alone drives the student too
     student.zero_grad()
-    distiller(*batch()).losses["kd"].backward()
+    distill(distiller, *batch()).losses["kd"].backward()
     assert sum(p.grad.abs().sum() for p in student.parameters() if p.grad is not None) > 0
 
 
@@ -117,7 +118,7 @@ def test_twenty_adamw_steps_lower_the_loss(name, pair):
     x, y = batch(seed=3)
     losses = []
     for _ in range(20):
-        out = distiller(x, y)
+        out = distill(distiller, x, y)
         assert all(torch.isfinite(v) for v in out.losses.values())
         optimizer.zero_grad()
         out.loss.backward()
@@ -135,7 +136,7 @@ def test_dkd_soft_mixup_targets_use_argmax_and_soft_ce():
     gen = torch.Generator().manual_seed(9)
     perm = torch.randperm(8, generator=gen)
     soft = 0.7 * F.one_hot(y, 10).float() + 0.3 * F.one_hot(y[perm], 10).float()
-    out = distiller(x, soft)
+    out = distill(distiller, x, soft)
     with torch.no_grad():
         logits_teacher = teacher.model(x)
         expected_ce = torch.sum(-soft * F.log_softmax(out.logits, dim=1), dim=1).mean()
@@ -150,7 +151,7 @@ def test_soft_targets_reach_only_the_criterion(name):
     distiller = build_distiller(name, student, teacher, {}, criterion=SoftTargetCrossEntropy())
     x, y = batch()
     soft = F.one_hot(y, 10).float() * 0.9 + 0.01
-    out = distiller(x, soft)
+    out = distill(distiller, x, soft)
     assert set(out.losses) == {"ce", "kd"} and all(torch.isfinite(v) for v in out.losses.values())
 
 
@@ -166,8 +167,8 @@ def test_dkd_warmup_follows_the_epoch():
         for epoch, factor in [(0, 0.05), (9, 0.5), (19, 1.0), (150, 1.0)]:
             warm.on_epoch_start(epoch, 300)
             off.on_epoch_start(epoch, 300)
-            assert torch.allclose(warm(x, y).losses["kd"], factor * full, rtol=1e-5), epoch
-            assert torch.allclose(off(x, y).losses["kd"], full, rtol=1e-5), epoch
+            assert torch.allclose(distill(warm, x, y).losses["kd"], factor * full, rtol=1e-5), epoch
+            assert torch.allclose(distill(off, x, y).losses["kd"], full, rtol=1e-5), epoch
     # before the engine's first on_epoch_start call the factor is the epoch-0 one
     assert build_distiller("dkd", student, teacher, {"warmup_epochs": 4}).warmup_factor == 0.25
     assert off.warmup_factor == 1.0
@@ -178,7 +179,7 @@ def test_bf16_autocast_gives_fp32_losses(name):
     student, teacher = tiny_pair("vit_student")
     distiller = build_distiller(name, student, teacher, {})
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = distiller(*batch())
+        out = distill(distiller, *batch())
     assert out.losses["kd"].dtype == torch.float32
     assert all(torch.isfinite(v) for v in out.losses.values())
     out.loss.backward()
@@ -208,7 +209,7 @@ def test_unknown_keys_and_wrong_types_name_the_key(name, key, value):
 
 def test_zero_weights_are_allowed():
     student, teacher = tiny_pair()
-    out = build_distiller("kd", student, teacher, {"weight": 0.0, "ce_weight": 0.0})(*batch())
+    out = distill(build_distiller("kd", student, teacher, {"weight": 0.0, "ce_weight": 0.0}), *batch())
     assert out.loss.item() == 0.0
 
 

@@ -10,6 +10,7 @@ from crossdistill.config import build_config
 from crossdistill.engine.setup import build_run
 
 from conftest import SYNCING_OPS, ops_called, tiny_run
+from conftest import distill
 
 
 @pytest.mark.parametrize("method", sorted(METHODS.names()))
@@ -19,7 +20,7 @@ def test_training_step_makes_no_host_device_sync(tmp_path, method):
     images, target = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
 
     def step():
-        distiller(images, target).loss.backward()
+        distill(distiller, images, target).loss.backward()
 
     syncing = sorted(op for op in ops_called(step) if op.startswith(SYNCING_OPS))
     assert not syncing, f"{method}: {syncing}"

@@ -22,6 +22,7 @@ from crossdistill.models.ofa_branches import (
     probe_input_size,
 )
 from crossdistill.params import count_method_parameters
+from conftest import distill, run_teacher
 
 K = 10
 
@@ -336,7 +337,7 @@ def test_forward_terms_are_the_official_ones():
     ofa = build_distiller("ofa", student, teacher, {"eps": eps, "temperature": 2.0, "w_gt": 0.5, "w_kd": 0.7,
                                                     "w_ofa": 0.3, "img_size": 32}).eval()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, K, (4,))
-    out = ofa(x, y)
+    out = distill(ofa, x, y)
     assert set(out.losses) == {"ce", "kd", "ofa"} and out.logits.shape == (4, K)
     with torch.no_grad():
         logits_t = teacher.model(x)
@@ -361,7 +362,7 @@ def test_soft_targets_use_the_argmax_mask():
     soft = 0.6 * F.one_hot(y, K) + 0.4 * F.one_hot((y + 1) % K, K)
     hard_ofa = build_distiller("ofa", student, teacher, {"eps": 1.5, "img_size": 32}).eval()
     hard_ofa.branches.load_state_dict(ofa.branches.state_dict())
-    soft_out, hard_out = ofa(x, soft.float()), hard_ofa(x, y)
+    soft_out, hard_out = distill(ofa, x, soft.float()), distill(hard_ofa, x, y)
     assert torch.allclose(soft_out.losses["kd"], hard_out.losses["kd"])
     assert torch.allclose(soft_out.losses["ofa"], hard_out.losses["ofa"])
     assert not torch.allclose(soft_out.losses["ce"], hard_out.losses["ce"])
@@ -370,7 +371,7 @@ def test_soft_targets_use_the_argmax_mask():
 def test_gradients_reach_student_and_branches_only():
     student, teacher = cnn_student(), token_teacher()
     ofa = build_distiller("ofa", student, teacher, {"img_size": 32})
-    ofa(torch.randn(4, 3, 32, 32), torch.randint(0, K, (4,))).loss.backward()
+    distill(ofa, torch.randn(4, 3, 32, 32), torch.randint(0, K, (4,))).loss.backward()
     assert set(ofa.extra_modules()) == {"branches"} and len(ofa.branches) == 4
     assert ofa.extra_parameter_count() == sum(p.numel() for p in ofa.branches.parameters())
     assert all(p.grad is not None for p in ofa.branches.parameters())
@@ -381,10 +382,10 @@ def test_gradients_reach_student_and_branches_only():
 def test_stage_subset():
     ofa = build_distiller("ofa", cnn_student(), token_teacher(), {"stages": [2, 4], "eps": [1.0, 1.5, 2.0]})
     assert [b.stage for b in ofa.branches] == [2, 4] and ofa.eps == [1.0, 1.5, 2.0]
-    out = ofa(torch.randn(2, 3, 32, 32), torch.randint(0, K, (2,)))
+    out = distill(ofa, torch.randn(2, 3, 32, 32), torch.randint(0, K, (2,)))
     assert set(out.losses) == {"ce", "kd", "ofa"}
     none = build_distiller("ofa", cnn_student(), token_teacher(), {"stages": []})
-    assert len(none.branches) == 0 and set(none(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])).losses) == {"ce", "kd"}
+    assert len(none.branches) == 0 and set(distill(none, torch.randn(2, 3, 32, 32), torch.tensor([0, 1])).losses) == {"ce", "kd"}
 
 
 def confident(teacher):
@@ -408,14 +409,14 @@ def test_training_lowers_the_loss(make_student, make_teacher):
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, K, (8,))
     losses = []
     for _ in range(20):
-        loss = ofa(x, y).loss
+        loss = distill(ofa, x, y).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     # with eps = 1 each OFA term is KL(p_t || p_s) + H(p_t): the teacher entropy cannot be trained away
-    p_t = teacher(x, logits=True).logits.softmax(-1)
+    p_t = run_teacher(teacher, x, logits=True).logits.softmax(-1)
     floor = (1 + len(ofa.branches)) * -(p_t * p_t.clamp_min(1e-30).log()).sum(-1).mean().item()
     assert losses[0] > floor + 1
     assert sum(losses[-3:]) / 3 < losses[0] - 0.25 * (losses[0] - floor), (floor, losses)

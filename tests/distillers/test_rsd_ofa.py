@@ -9,6 +9,7 @@ from crossdistill.errors import ConfigError
 from crossdistill.params import count_method_parameters
 
 from conftest import tiny_run
+from conftest import distill, run_teacher
 
 
 def pair():
@@ -23,9 +24,9 @@ def test_loss_is_ce_plus_weighted_sum_of_stage_and_embedding_terms():
     method = build_distiller("rsd_ofa", student, teacher, {"stages": [2, 4], "img_size": 32})
     assert len(method.branches) == 2 and method.aad[0].out_features == 4 * 96
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
-    out = method(x, y)
+    out = distill(method, x, y)
     with torch.no_grad():
-        t = teacher(x, logits=True)
+        t = run_teacher(teacher, x, logits=True)
         s = method.student_forward(x, stages=method.stage_indices)
         expected = sum(rsd_loss(b(f), t.logits, 0.01) for b, f in zip(method.branches, s.stages))
         expected = 0.01 * (expected + rsd_loss(method.aad(s.embedding), t.embedding, 0.01))
@@ -42,7 +43,7 @@ def test_loss_falls_for_token_student_and_cnn_teacher():
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     losses = []
     for _ in range(20):
-        loss = method(x, y).loss
+        loss = distill(method, x, y).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

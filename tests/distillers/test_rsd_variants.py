@@ -17,6 +17,7 @@ from crossdistill.engine import train
 from crossdistill.errors import ConfigError
 
 from conftest import tiny_run
+from conftest import distill, run_teacher
 
 
 def pair(student="test_resnet", teacher="test_vit"):
@@ -36,9 +37,9 @@ def test_without_aad_is_linear_or_identity():
     rsd = build_distiller("rsd", s, t, {"projector": "linear"})
     assert isinstance(rsd.adaptor, nn.Identity) and rsd.extra_parameter_count() == 0
     x = torch.randn(4, 3, 32, 32)
-    out = rsd(x, torch.randint(0, 10, (4,)))
+    out = distill(rsd, x, torch.randint(0, 10, (4,)))
     emb = s.forward_head(s.forward_features(x), pre_logits=True)
-    assert torch.allclose(out.losses["rsd"], 0.1 * rsd_loss(emb, t(x).embedding), rtol=1e-5)
+    assert torch.allclose(out.losses["rsd"], 0.1 * rsd_loss(emb, run_teacher(t, x).embedding), rtol=1e-5)
     with pytest.raises(ConfigError, match="method_args.projector"):
         build_distiller("rsd", s, t, {"projector": "mlp"})
 
@@ -51,9 +52,9 @@ def test_correlation_only_drops_the_off_diagonal_term():
     corr_only = build_distiller("rsd", s, t, {"kappa": 0.0})
     corr_only.aad.load_state_dict(full.aad.state_dict())
     z_s = full.aad(s.forward_head(s.forward_features(x), pre_logits=True))
-    z_t = t(x).embedding
-    assert torch.allclose(corr_only(x, y).losses["rsd"], 0.1 * rsd_loss(z_s, z_t, kappa=0.0), rtol=1e-5)
-    assert corr_only(x, y).losses["rsd"] < full(x, y).losses["rsd"]
+    z_t = run_teacher(t, x).embedding
+    assert torch.allclose(distill(corr_only, x, y).losses["rsd"], 0.1 * rsd_loss(z_s, z_t, kappa=0.0), rtol=1e-5)
+    assert distill(corr_only, x, y).losses["rsd"] < distill(full, x, y).losses["rsd"]
 
 
 def test_rsd_on_logits_has_no_projector_and_uses_teacher_logits():
@@ -61,8 +62,8 @@ def test_rsd_on_logits_has_no_projector_and_uses_teacher_logits():
     rsd = build_distiller("rsd_logits", s, t, {})
     assert rsd.extra_parameter_count() == 0
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
-    out = rsd(x, y)
-    expected = 0.02 * rsd_loss(s(x), t(x, logits=True).logits, kappa=0.01)
+    out = distill(rsd, x, y)
+    expected = 0.02 * rsd_loss(s(x), run_teacher(t, x, logits=True).logits, kappa=0.01)
     assert torch.allclose(out.losses["rsd"], expected, rtol=1e-5)
 
 

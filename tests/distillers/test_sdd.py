@@ -18,6 +18,7 @@ from crossdistill.losses.kd import kd_loss
 from crossdistill.losses.sdd import region_pool, sdd_dkd_loss, sdd_kd_loss
 from crossdistill.models import FINAL, forward_model
 from crossdistill.params import count_method_parameters
+from conftest import distill
 
 METHOD_NAMES = ["sd_kd", "sd_dkd"]
 PAIRS = ["cnn", "token", "cnn_student_vit_teacher"]
@@ -145,7 +146,7 @@ def test_loss_terms_are_weighted_ce_plus_weighted_sdd(name, pair):
     distiller = build_distiller(name, student, teacher, args)
     x, y = batch()
     student.eval()  # no dropout/BN updates: the manual recomputation below sees the same student
-    out = distiller(x, y)
+    out = distill(distiller, x, y)
     assert set(out.losses) == {"ce", "sdd"} and out.logits.shape == (8, 10)
     with torch.no_grad():
         ft = forward_model(teacher.model, x, stages=[FINAL]).stages[0]
@@ -167,7 +168,7 @@ def test_scale_one_only_is_the_plain_loss_on_the_logits(name):
     distiller = build_distiller(name, student, teacher, {"scales": [1], "temperature": 2.0})
     x, y = batch()
     student.eval()
-    out = distiller(x, y)
+    out = distill(distiller, x, y)
     with torch.no_grad():
         zt, zs = teacher.model(x), student(x)
         expected = kd_loss(zs, zt, 2.0) if name == "sd_kd" else dkd_loss(zs, zt, y, 1.0, 8.0, 2.0)
@@ -179,7 +180,7 @@ def test_scale_one_only_is_the_plain_loss_on_the_logits(name):
 def test_student_is_trained_teacher_is_not_and_no_parameters_are_added(name):
     student, teacher = tiny_pair("cnn")
     distiller = build_distiller(name, student, teacher, {})
-    distiller(*batch()).losses["sdd"].backward()  # the SDD term alone reaches backbone and classifier
+    distill(distiller, *batch()).losses["sdd"].backward()  # the SDD term alone reaches backbone and classifier
     assert student.fc.weight.grad.abs().sum() > 0 and student.conv1[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
     assert not teacher.model.training
@@ -205,7 +206,7 @@ def test_twenty_adamw_steps_lower_the_loss(name, pair):
     x, y = batch(seed=3)
     totals, sdd = [], []
     for _ in range(20):
-        out = distiller(x, y)
+        out = distill(distiller, x, y)
         assert all(torch.isfinite(v) for v in out.losses.values())
         optimizer.zero_grad()
         out.loss.backward()
@@ -222,7 +223,7 @@ def test_bf16_autocast_gives_fp32_losses(name):
     student, teacher = tiny_pair("token")
     distiller = build_distiller(name, student, teacher, {})
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = distiller(*batch())
+        out = distill(distiller, *batch())
     assert out.losses["sdd"].dtype == torch.float32
     assert all(torch.isfinite(v) for v in out.losses.values())
     out.loss.backward()
@@ -235,10 +236,10 @@ def test_sd_dkd_warmup_follows_the_epoch():
     warm = build_distiller("sd_dkd", student, teacher, {"warmup_epochs": 4})
     off = build_distiller("sd_dkd", student, teacher, {})
     with torch.no_grad():
-        full = off(x, y).losses["sdd"]
+        full = distill(off, x, y).losses["sdd"]
         for epoch, factor in [(0, 0.25), (1, 0.5), (3, 1.0), (50, 1.0)]:
             warm.on_epoch_start(epoch, 100)
-            torch.testing.assert_close(warm(x, y).losses["sdd"], factor * full)
+            torch.testing.assert_close(distill(warm, x, y).losses["sdd"], factor * full)
 
 
 BAD = [
@@ -261,7 +262,7 @@ def test_bad_values_name_the_key(name, args, key):
 
 def test_larger_scales_work_without_the_4x4_detour():
     student, teacher = tiny_pair("cnn")
-    out = build_distiller("sd_kd", student, teacher, {"scales": [1, 2, 4, 8], "pool_grid": None})(*batch())
+    out = distill(build_distiller("sd_kd", student, teacher, {"scales": [1, 2, 4, 8], "pool_grid": None}), *batch())
     assert torch.isfinite(out.loss)
 
 

@@ -9,9 +9,10 @@ import torch
 
 from crossdistill.config import build_config
 from crossdistill.engine import Trainer
-from crossdistill.engine.teacher_cache import TeacherCache, TeacherFeed, cache_key, key_digest, teacher_outputs_of
+from crossdistill.engine.teacher_cache import TeacherCache, cache_key, key_digest
+from crossdistill.engine.teacher_runner import TeacherRunner
 from crossdistill.errors import CrossDistillError
-from crossdistill.models import ModelOutput, Teacher
+from crossdistill.models import FINAL, Teacher, TeacherOutputs
 
 from conftest import tiny_run
 
@@ -203,38 +204,64 @@ def test_the_cache_is_bypassed_with_a_message_where_it_cannot_apply(tmp_path):
                    train={"epochs": 1, "teacher_cache": str(tmp_path / "c"), "run_name": "fitnet"})
     trainer = Trainer(build_config(raw), out=out)
     assert trainer.teacher_cache is None and "reads teacher stage features" in out.getvalue()
-    assert isinstance(trainer.distiller.teacher, Teacher)  # FitNet calls its teacher itself
+    assert trainer.teacher_runner.request.stages  # the engine still runs FitNet's teacher, uncached
     assert not (tmp_path / "c").exists()
 
 
-def test_methods_declare_their_teacher_outputs():
-    class Declared(torch.nn.Module):
-        teacher_outputs = ("logits",)
-
-    assert teacher_outputs_of("rsd", torch.nn.Module()) == ("embedding",)
-    assert teacher_outputs_of("kd", torch.nn.Module()) == ("logits",)
-    assert teacher_outputs_of("fitnet", torch.nn.Module()) is None
-    assert teacher_outputs_of("someone_elses_method", torch.nn.Module()) is None
-    assert teacher_outputs_of("someone_elses_method", Declared()) == ("logits",)
-
-
-def test_feed_refuses_outputs_it_was_not_given():
+def test_every_shipped_method_declares_what_it_reads_from_the_teacher():
+    """The contract: each method's request, and whether the engine may cache it, come from the method itself."""
     import timm
 
-    feed = TeacherFeed(Teacher(timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8)), ("embedding",))
-    x = torch.randn(4, 3, 32, 32)
-    feed.provide(feed.compute(x))
-    assert feed(x).embedding.shape == (4, feed.dim) and not feed(x).embedding.is_inference()
-    with pytest.raises(CrossDistillError, match="asked the teacher for its logits"):
-        feed(x, logits=True)
-    with pytest.raises(CrossDistillError, match="stage features"):
-        feed(x, stages=[-1])
+    from crossdistill.distillers import METHODS, build_distiller
+
+    expected = {"rsd": ("embedding",), "rsd_logits": ("logits",), "kd": ("logits",), "dkd": ("logits",),
+                "dist": ("logits",), "ofa": ("logits",), "rsd_ofa": ("embedding", "logits"), "sd_kd": (),
+                "sd_dkd": (), "fitnet": (), "vanilla": ()}
+    assert set(METHODS.names()) == set(expected)
+    for name, cached in expected.items():
+        torch.manual_seed(0)
+        teacher = None
+        if METHODS.get(name).needs_teacher:
+            teacher = Teacher(timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8))
+        args = {"img_size": 32} if name in ("fitnet", "ofa", "rsd_ofa") else {}
+        distiller = build_distiller(name, timm.create_model("test_resnet", num_classes=10), teacher, args)
+        request = distiller.teacher_request()
+        assert (distiller.teacher_request().outputs if distiller.teacher_cacheable else ()) == cached, name
+        assert request.empty == (name == "vanilla"), name
+    sdd = build_distiller("sd_kd", timm.create_model("test_resnet", num_classes=10),
+                          Teacher(timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8)), {})
+    assert sdd.teacher_request().stages == (FINAL,)  # its regions: the teacher's final map through its head
+
+
+def test_the_runner_gives_ordinary_tensors_computed_in_eval_and_inference_mode():
+    import timm
+
+    from crossdistill.distillers import build_distiller
+
+    teacher = Teacher(timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8))
+    distiller = build_distiller("rsd", timm.create_model("test_resnet", num_classes=10), teacher, {})
+    teacher.model.train()
+    seen = {}
+    original = distiller.compute_teacher
+
+    def spy(images):
+        seen["inference"], seen["training"] = torch.is_inference_mode_enabled(), teacher.model.training
+        return original(images)
+
+    distiller.compute_teacher = spy
+    out = TeacherRunner(distiller).compute(torch.randn(4, 3, 32, 32))
+    assert seen == {"inference": True, "training": False}
+    assert out.embedding.shape == (4, teacher.dim) and not out.embedding.is_inference()
+    assert out.logits is None and out.stages == []  # only what RSD asked for
+    with pytest.raises(ValueError, match="not cacheable"):
+        TeacherRunner(build_distiller("fitnet", timm.create_model("test_resnet", num_classes=10), teacher,
+                                      {"img_size": 32}), cache=object())
 
 
 def test_lookup_validates_indices(tmp_path):
     cache = TeacherCache(tmp_path, {"teacher": {"name": "t"}}, ("embedding",), {"embedding": 4}, 10, log=lambda m: None)
     cache.begin_epoch(0)
-    fill = lambda x: ModelOutput(embedding=torch.ones(x.shape[0], 4))  # noqa: E731
+    fill = lambda x: TeacherOutputs(embedding=torch.ones(x.shape[0], 4))  # noqa: E731
     out = cache.lookup(torch.tensor([1, 5]), torch.zeros(2, 3, 8, 8), fill)
     assert torch.equal(out.embedding, torch.ones(2, 4)) and out.embedding.dtype == torch.float32
     with pytest.raises(RuntimeError, match="out of range"):

@@ -11,7 +11,7 @@ import torch
 
 from crossdistill.engine.teacher_cache import TeacherCache, _Store, key_digest, state_dict_sha256
 from crossdistill.errors import CrossDistillError
-from crossdistill.models import ModelOutput
+from crossdistill.models import TeacherOutputs
 
 KEY = {"teacher": {"name": "vit/tiny:1"}, "seed": 3}
 ROWS, WIDTH = 6, 4
@@ -26,7 +26,7 @@ class Teacher:
     def __call__(self, images):
         self.calls += 1
         base = images[:, 0, 0, 0:1] + self.offset
-        return ModelOutput(embedding=base.repeat(1, WIDTH) + torch.arange(WIDTH) / 3, logits=base.repeat(1, 2))
+        return TeacherOutputs(embedding=base.repeat(1, WIDTH) + torch.arange(WIDTH) / 3, logits=base.repeat(1, 2))
 
 
 def _images(indices):

@@ -9,6 +9,7 @@ import torch
 
 import crossdistill
 from crossdistill.models import Teacher, embedding_dim, forward_model
+from conftest import distill, run_teacher
 
 B, SIZE, CLASSES = 2, 32, 10
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -63,10 +64,10 @@ def test_frozen_and_eval():
 
 def test_stays_in_eval_after_external_train(x):
     teacher = make_teacher()
-    reference = teacher(x, logits=True)
+    reference = run_teacher(teacher, x, logits=True)
     before = bn_buffers(teacher.model)
     teacher.model.train()
-    out = teacher(x, logits=True)
+    out = run_teacher(teacher, x, logits=True)
     assert not teacher.model.training
     assert not any(m.training for m in teacher.model.modules())
     assert_buffers_unchanged(teacher.model, before)
@@ -78,7 +79,7 @@ def test_outputs_carry_no_autograd(x):
     teacher = make_teacher(data_mean=CIFAR_MEAN, data_std=CIFAR_STD, model_mean=IMAGENET_MEAN, model_std=IMAGENET_STD)
     x = x.clone().requires_grad_(True)
     with torch.enable_grad():
-        out = teacher(x, logits=True, stages=[-4, -1])
+        out = run_teacher(teacher, x, logits=True, stages=[-4, -1])
     assert not out.embedding.requires_grad and out.embedding.grad_fn is None
     assert not out.logits.requires_grad
     assert out.stages and all(not s.requires_grad for s in out.stages)
@@ -86,7 +87,7 @@ def test_outputs_carry_no_autograd(x):
 
 def test_default_call_gives_embedding_only(x):
     teacher = make_teacher()
-    out = teacher(x)
+    out = run_teacher(teacher, x)
     assert out.logits is None and out.stages == []
     assert out.embedding.shape == (B, teacher.dim)
 
@@ -102,7 +103,7 @@ def test_distiller_train_leaves_teacher_in_eval(distiller, x):
     assert not teacher.model.training
     teacher.model.train()  # someone flips it behind the distiller's back
     distiller.train()
-    out = distiller(x, torch.tensor([0, 1]))
+    out = distill(distiller, x, torch.tensor([0, 1]))
     assert torch.isfinite(out.loss)
     assert not teacher.model.training
     assert_buffers_unchanged(teacher.model, before)
@@ -132,7 +133,7 @@ def test_requires_grad_on_distiller_keeps_teacher_frozen(distiller):
 
 def test_backward_reaches_student_and_aad_only(distiller, x):
     distiller.train()
-    out = distiller(x, torch.tensor([3, 4]))
+    out = distill(distiller, x, torch.tensor([3, 4]))
     out.loss.backward()
     assert all(p.grad is None for p in distiller.teacher.model.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())
@@ -147,9 +148,9 @@ def test_follows_distiller_dtype_move(distiller, x):
     assert all(p.dtype == torch.float64 for p in distiller.student.parameters())
     assert teacher.renormalizes
     assert teacher._scale.dtype == teacher._shift.dtype == torch.float64
-    out = teacher(x.double(), logits=True)
+    out = run_teacher(teacher, x.double(), logits=True)
     assert out.embedding.dtype == out.logits.dtype == torch.float64
-    loss = distiller.train()(x.double(), torch.tensor([0, 1])).loss
+    loss = distill(distiller.train(), x.double(), torch.tensor([0, 1])).loss
     assert loss.dtype == torch.float64 and torch.isfinite(loss)
     distiller.to(torch.float32)
     assert all(p.dtype == torch.float32 for p in teacher.model.parameters())
@@ -184,7 +185,7 @@ def test_renormalizes_to_the_teacher_statistics(x):
     expected = (raw - view(IMAGENET_MEAN)) / view(IMAGENET_STD)
     torch.testing.assert_close(teacher.normalize(x), expected, atol=1e-6, rtol=1e-6)
     # and the forward sees the re-normalised image
-    out = teacher(x, logits=True)
+    out = run_teacher(teacher, x, logits=True)
     with torch.no_grad():
         direct = forward_model(teacher.model, expected)
     torch.testing.assert_close(out.embedding, direct.embedding, atol=1e-5, rtol=1e-5)

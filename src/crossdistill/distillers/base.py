@@ -1,4 +1,18 @@
-"""The distiller interface every method implements."""
+"""The distiller interface every method implements: the contract between a method, its teacher and the engine.
+
+A method is a :class:`Distiller` subclass with a typed :class:`MethodConfig`. It says what it reads
+from the teacher (:attr:`Distiller.teacher_outputs`, or :meth:`Distiller.teacher_request` when that
+depends on its config), and receives it in :meth:`Distiller.forward`::
+
+    forward(images, target, teacher, indices) -> DistillOutput
+
+``teacher`` is a :class:`~crossdistill.models.TeacherOutputs` holding exactly what was requested
+(None for a method without a teacher); ``indices`` are the samples' dataset indices. A method never
+runs its teacher in ``forward``: the engine computes the outputs for every method the same way
+(inference mode, eval mode, from the teacher cache where the outputs allow, under DDP per rank).
+A method that computes something unusual from the teacher overrides :meth:`Distiller.compute_teacher`;
+the engine still runs it under inference mode, and never caches what it returns.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..models import ModelOutput, Teacher, forward_model
+from ..models import ModelOutput, Teacher, TeacherOutputs, TeacherRequest, forward_model
 
 
 @dataclass
@@ -43,6 +57,9 @@ class Distiller(nn.Module):
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     needs_teacher: ClassVar[bool] = True
     min_batch_size: ClassVar[int] = 1
+    teacher_outputs: ClassVar[tuple[str, ...]] = ()
+    """The teacher outputs the method reads on every batch: any of ``"embedding"``, ``"logits"``.
+    Stage features, or outputs that depend on the config: override :meth:`teacher_request`."""
 
     def __init__(self, student: nn.Module, teacher: Teacher | None, cfg: MethodConfig, criterion: nn.Module | None = None):
         super().__init__()
@@ -65,7 +82,32 @@ class Distiller(nn.Module):
     def student_forward(self, x: torch.Tensor, **kwargs: Any) -> ModelOutput:
         return forward_model(self.student, x, **kwargs)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
+    # --- the teacher contract
+    def teacher_request(self) -> TeacherRequest:
+        """What this method reads from the teacher on every batch (default: :attr:`teacher_outputs`)."""
+        return TeacherRequest.of(self.teacher_outputs) if self.teacher is not None else TeacherRequest()
+
+    def compute_teacher(self, images: torch.Tensor) -> TeacherOutputs:
+        """The teacher outputs this method reads, for ``images``: what :meth:`teacher_request` asks.
+
+        The engine calls it under ``torch.inference_mode()`` for every batch the teacher cache does not
+        cover, and passes the result to :meth:`forward`. Override it only to compute something unusual
+        from the teacher (SDD: logits of pooled regions through the teacher's head); the result of an
+        override is never cached (:attr:`teacher_cacheable`)."""
+        return self.teacher.outputs(images, self.teacher_request())
+
+    @property
+    def teacher_cacheable(self) -> bool:
+        """Whether the engine may store this method's teacher outputs and serve them to later runs: only the
+        named outputs (embedding, logits), computed the standard way. Stage features are too large to store."""
+        request = self.teacher_request()
+        standard = type(self).compute_teacher is Distiller.compute_teacher
+        return standard and bool(request.outputs) and not request.stages
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
+                indices: torch.Tensor | None = None) -> DistillOutput:
+        """The loss terms for one batch. ``teacher``: the outputs :meth:`teacher_request` asked for
+        (None without a teacher); ``indices``: the samples' dataset indices (None where the caller has none)."""
         raise NotImplementedError
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..losses.fitnet import fitnet_loss
-from ..models import default_stages
+from ..models import TeacherOutputs, TeacherRequest, default_stages
 from ..models.aligners import build_aligners
 from . import register_method
 from .base import DistillOutput, Distiller, MethodConfig
@@ -92,9 +92,13 @@ class FitNet(Distiller):
         self.input_size = probe_size(student, cfg)
         self.aligners = build_aligners(student, teacher, self.stages_s, self.stages_t, self.input_size, norm=cfg.norm)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
-        feats_t = self.teacher(x, stages=self.stages_t).stages
-        out = self.student_forward(x, stages=self.stages_s)
+    def teacher_request(self) -> TeacherRequest:
+        return TeacherRequest(stages=tuple(self.stages_t))
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
+                indices: torch.Tensor | None = None) -> DistillOutput:
+        feats_t = teacher.stages
+        out = self.student_forward(images, stages=self.stages_s)
         stage_losses = []
         for aligner, feat_s, feat_t in zip(self.aligners, out.stages, feats_t):
             aligned, goal = aligner.align(feat_s, feat_t)

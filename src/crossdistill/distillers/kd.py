@@ -17,6 +17,7 @@ import torch
 from ..errors import ConfigError
 from ..losses.kd import kd_loss
 from . import register_method
+from ..models import TeacherOutputs
 from .base import DistillOutput, Distiller, MethodConfig
 
 
@@ -58,9 +59,12 @@ class LogitDistiller(Distiller):
     def distill_loss(self, logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
-        logits_teacher = self.teacher(x, logits=True).logits
-        logits = self.student_forward(x).logits
+    teacher_outputs = ("logits",)
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
+                indices: torch.Tensor | None = None) -> DistillOutput:
+        logits = self.student_forward(images).logits
+        logits_teacher = teacher.logits
         return DistillOutput(
             logits=logits,
             losses={

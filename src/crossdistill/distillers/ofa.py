@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from ..losses.ofa import ofa_loss, ofa_target_mask
+from ..models import TeacherOutputs
 from ..models.ofa_branches import build_ofa_branches, ofa_stage_indices
 from . import register_method
 from .base import DistillOutput, Distiller, MethodConfig
@@ -75,6 +76,7 @@ class OFAConfig(MethodConfig):
 @register_method("ofa")
 class OFA(Distiller):
     config_cls = OFAConfig
+    teacher_outputs = ("logits",)  # the branches read student stages; from the teacher only its logits
 
     def __init__(self, student, teacher, cfg: OFAConfig, criterion=None):
         super().__init__(student, teacher, cfg, criterion)
@@ -84,10 +86,11 @@ class OFA(Distiller):
         )
         self.eps = cfg.eps_list()
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
+    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
+                indices: torch.Tensor | None = None) -> DistillOutput:
         cfg: OFAConfig = self.cfg
-        logits_t = self.teacher(x, logits=True).logits
-        out = self.student_forward(x, stages=self.stage_indices)
+        logits_t = teacher.logits
+        out = self.student_forward(images, stages=self.stage_indices)
         mask = ofa_target_mask(target, out.logits.shape[-1])
         losses = {
             "ce": cfg.w_gt * self.criterion(out.logits, target),

@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..losses import rsd_loss
 from ..models import AADProjector, embedding_dim
 from . import register_method
+from ..models import TeacherOutputs
 from .base import DistillOutput, Distiller, MethodConfig
 
 PROJECTORS = ("aad", "linear")
@@ -35,6 +36,11 @@ def _check_common(cfg) -> None:
         raise ConfigError(f"config key 'method_args.weight': must be >= 0, got {cfg.weight}")
     if cfg.kappa < 0:
         raise ConfigError(f"config key 'method_args.kappa': must be >= 0, got {cfg.kappa}")
+
+
+def check_batch(images: torch.Tensor) -> None:
+    if images.shape[0] < 2:
+        raise ValueError(f"RSD needs at least 2 samples per batch (per process), got {images.shape[0]}")
 
 
 def global_rsd_loss(z_s: torch.Tensor, z_t: torch.Tensor, kappa: float, global_batch: bool) -> torch.Tensor:
@@ -78,6 +84,7 @@ def linear_adaptor(student_dim: int, teacher_dim: int) -> nn.Module:
 class RSD(Distiller):
     config_cls = RSDConfig
     min_batch_size = 2
+    teacher_outputs = ("embedding",)
 
     def __init__(self, student, teacher, cfg: RSDConfig, criterion=None):
         super().__init__(student, teacher, cfg, criterion)
@@ -90,17 +97,16 @@ class RSD(Distiller):
     def project(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.aad(embedding) if self.cfg.projector == "aad" else self.adaptor(embedding)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
-        if x.shape[0] < 2:
-            raise ValueError(f"RSD needs at least 2 samples per batch (per process), got {x.shape[0]}")
-        z_t = self.teacher(x).embedding
-        out = self.student_forward(x)
+    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
+                indices: torch.Tensor | None = None) -> DistillOutput:
+        check_batch(images)
+        out = self.student_forward(images)
         z_s = self.project(out.embedding)
         return DistillOutput(
             logits=out.logits,
             losses={
                 "ce": self.criterion(out.logits, target),
-                "rsd": self.cfg.weight * global_rsd_loss(z_s, z_t, self.cfg.kappa, self.cfg.global_batch),
+                "rsd": self.cfg.weight * global_rsd_loss(z_s, teacher.embedding, self.cfg.kappa, self.cfg.global_batch),
             },
         )
 
@@ -122,17 +128,17 @@ class RSDLogits(Distiller):
 
     config_cls = RSDLogitsConfig
     min_batch_size = 2
+    teacher_outputs = ("logits",)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
-        if x.shape[0] < 2:
-            raise ValueError(f"RSD needs at least 2 samples per batch (per process), got {x.shape[0]}")
-        teacher_logits = self.teacher(x, logits=True).logits
-        out = self.student_forward(x)
+    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
+                indices: torch.Tensor | None = None) -> DistillOutput:
+        check_batch(images)
+        out = self.student_forward(images)
         return DistillOutput(
             logits=out.logits,
             losses={
                 "ce": self.criterion(out.logits, target),
                 "rsd": self.cfg.weight
-                * global_rsd_loss(out.logits, teacher_logits, self.cfg.kappa, self.cfg.global_batch),
+                * global_rsd_loss(out.logits, teacher.logits, self.cfg.kappa, self.cfg.global_batch),
             },
         )

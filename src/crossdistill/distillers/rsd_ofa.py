@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..models import AADProjector, embedding_dim
+from ..models import AADProjector, TeacherOutputs, TeacherRequest, embedding_dim
 from ..models.ofa_branches import build_ofa_branches, ofa_stage_indices
 from . import register_method
 from .base import DistillOutput, Distiller, MethodConfig
-from .rsd import global_rsd_loss
+from .rsd import check_batch, global_rsd_loss
 
 
 @dataclass
@@ -69,12 +69,15 @@ class RSDOFA(Distiller):
         if cfg.embedding:
             self.aad = AADProjector(embedding_dim(student), teacher.dim, cfg.gamma)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
+    def teacher_request(self) -> TeacherRequest:
+        # the stage branches are matched to the teacher's logits, the final embedding to its embedding
+        return TeacherRequest(embedding=self.cfg.embedding, logits=bool(self.cfg.stages))
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
+                indices: torch.Tensor | None = None) -> DistillOutput:
         cfg: RSDOFAConfig = self.cfg
-        if x.shape[0] < 2:
-            raise ValueError(f"RSD needs at least 2 samples per batch (per process), got {x.shape[0]}")
-        teacher = self.teacher(x, logits=bool(cfg.stages))
-        out = self.student_forward(x, stages=self.stage_indices)
+        check_batch(images)
+        out = self.student_forward(images, stages=self.stage_indices)
         terms = [
             global_rsd_loss(branch(feature), teacher.logits, cfg.kappa, cfg.global_batch)
             for branch, feature in zip(self.branches, out.stages)

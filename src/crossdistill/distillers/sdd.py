@@ -64,7 +64,7 @@ from ..losses.sdd import (
     sdd_dkd_loss,
     sdd_kd_loss,
 )
-from ..models import FINAL
+from ..models import FINAL, TeacherOutputs, TeacherRequest
 from ..models.adapter import num_prefix_tokens
 from . import register_method
 from .base import DistillOutput, Distiller, MethodConfig
@@ -221,10 +221,6 @@ class SDDKDConfig(SDDRegionConfig):
 class _SDDistiller(Distiller):
     """Shared forward: one pass of each model to its final map, region logits through each model's head."""
 
-    teacher_outputs = None
-    """SDD calls the teacher itself: it needs the teacher's final feature map and head, not only its
-    logits or embedding (see :mod:`crossdistill.engine.teacher_cache`)."""
-
     def region_loss(self, regions_student, regions_teacher, target) -> torch.Tensor:
         raise NotImplementedError
 
@@ -234,22 +230,36 @@ class _SDDistiller(Distiller):
     def term_factor(self) -> float:
         return 1.0
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
+    @property
+    def global_only(self) -> bool:
+        """The official ``M == '[1]'`` branch: the plain loss on the models' logits, no regions."""
+        return tuple(self.cfg.scales) == (1,)
+
+    def teacher_request(self) -> TeacherRequest:
+        return TeacherRequest(logits=True) if self.global_only else TeacherRequest(stages=(FINAL,))
+
+    def compute_teacher(self, images: torch.Tensor) -> TeacherOutputs:
+        """Something unusual from the teacher: the logits of its final map's multi-scale regions,
+        through its own head (``extra["regions"]``, [B, N, K]); with scales [1], its logits."""
+        if self.global_only:
+            return super().compute_teacher(images)
+        final_map = self.teacher.outputs(images, self.teacher_request()).stages[0]
         cfg = self.cfg
-        scales = tuple(cfg.scales)
-        if scales == (1,):  # the official M == '[1]' branch: the plain loss on the models' logits
-            logits_teacher = self.teacher(x, logits=True).logits
-            logits = self.student_forward(x).logits
-            distill = self.global_loss(logits, logits_teacher, target)
+        regions = region_logits(self.teacher.model, final_map, images.shape[-2:], tuple(cfg.scales), cfg.pool_grid)
+        return TeacherOutputs(extra={"regions": regions})
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
+                indices: torch.Tensor | None = None) -> DistillOutput:
+        cfg = self.cfg
+        if self.global_only:
+            logits = self.student_forward(images).logits
+            distill = self.global_loss(logits, teacher.logits, target)
         else:
-            size = x.shape[-2:]
-            out_teacher = self.teacher(x, logits=False, stages=[FINAL])
-            with torch.no_grad():
-                regions_teacher = region_logits(self.teacher.model, out_teacher.stages[0], size, scales, cfg.pool_grid)
-            out = self.student_forward(x, stages=[FINAL])
+            out = self.student_forward(images, stages=[FINAL])
             logits = out.logits
-            regions_student = region_logits(self.student, out.stages[0], size, scales, cfg.pool_grid)
-            distill = self.region_loss(regions_student, regions_teacher, target)
+            regions_student = region_logits(self.student, out.stages[0], images.shape[-2:], tuple(cfg.scales),
+                                            cfg.pool_grid)
+            distill = self.region_loss(regions_student, teacher.extra["regions"], target)
         return DistillOutput(
             logits=logits,
             losses={

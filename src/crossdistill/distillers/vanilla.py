@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import TeacherOutputs
 from . import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 
@@ -20,6 +21,7 @@ class Vanilla(Distiller):
     config_cls = VanillaConfig
     needs_teacher = False
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> DistillOutput:
-        logits = self.student(x)
+    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
+                indices: torch.Tensor | None = None) -> DistillOutput:
+        logits = self.student(images)
         return DistillOutput(logits=logits, losses={"ce": self.criterion(logits, target)})

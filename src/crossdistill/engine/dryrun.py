@@ -17,6 +17,7 @@ from ..distillers import METHODS, build_distiller, method_config
 from ..errors import CrossDistillError
 from ..models import Teacher, create_model
 from .setup import count_parameters, make_criterion
+from .teacher_runner import TeacherRunner
 
 
 def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, out=None) -> dict[str, Any]:
@@ -73,7 +74,8 @@ def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, ou
         y = torch.nn.functional.one_hot(y, cfg.num_classes).float()
     distiller.train()
     started = time.time()
-    output = distiller(x, y)
+    reads_teacher = teacher is not None and not distiller.teacher_request().empty
+    output = distiller(x, y, TeacherRunner(distiller).compute(x) if reads_teacher else None)
     output.loss.backward()
     elapsed = time.time() - started
     losses = {name: float(value.detach()) for name, value in output.losses.items()}

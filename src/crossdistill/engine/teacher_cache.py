@@ -1,12 +1,9 @@
-"""Teacher outputs computed by the engine, and the teacher-output cache.
+"""The teacher-output cache: a method's teacher outputs stored once per (epoch, sample), reused by later runs.
 
-**Teacher feed.** For methods whose teacher outputs are known (:data:`TEACHER_OUTPUTS`: RSD needs
-the embedding; KD, DKD, DIST, OFA and RSD-on-logits the logits), the engine runs the frozen
-teacher itself, under ``torch.inference_mode()`` (cheaper than ``no_grad``: no version counters,
-no view tracking), and hands the outputs to the method through a :class:`TeacherFeed`, which
-stands in for the teacher inside the distiller. The outputs are cloned out of inference mode
-(inference tensors cannot be saved for backward), a copy of a [B, D] tensor. Methods that need
-something else from the teacher (FitNet: stage features) call the teacher themselves, as before.
+Which outputs a method reads is its own declaration (:meth:`~crossdistill.distillers.Distiller.teacher_request`);
+the engine computes them (:mod:`.teacher_runner`) and, where the method's outputs are cacheable
+(:attr:`~crossdistill.distillers.Distiller.teacher_cacheable`: the embedding and logits computed the
+standard way), reads and fills this cache instead of running the teacher.
 
 **Cache.** With ``train.teacher_cache: DIR``, the teacher's outputs for each (epoch, sample) are
 stored once, memory-mapped on disk, and read back by every later run with the same key instead
@@ -39,9 +36,9 @@ batch size, worker count, process count or data order, so the key of one stored 
   the values the uncached run computes.
 
 **When the cache cannot apply** (the run goes on without it, with a message): mixup/cutmix (the
-teacher sees a mix of two samples drawn per batch, not a stored sample); methods that need
-teacher stage features (FitNet) or that do not declare their teacher outputs; methods without a
-teacher.
+teacher sees a mix of two samples drawn per batch, not a stored sample); methods that read
+teacher stage features (FitNet, SDD's regions) or compute something else from the teacher
+(their own ``compute_teacher``); methods without a teacher.
 """
 
 from __future__ import annotations
@@ -59,109 +56,10 @@ from torch import nn
 
 from ..checkpoint import is_disk_full, write_text_atomic
 from ..errors import CrossDistillError
-from ..models import ModelOutput, Teacher, forward_model
+from ..models import TEACHER_OUTPUT_NAMES as OUTPUTS
+from ..models import Teacher, TeacherOutputs
 
 CACHE_FORMAT = "crossdistill-teacher-cache/1"
-OUTPUTS = ("embedding", "logits")
-
-TEACHER_OUTPUTS: dict[str, tuple[str, ...] | None] = {
-    "rsd": ("embedding",),
-    "rsd_logits": ("logits",),
-    "kd": ("logits",),
-    "dkd": ("logits",),
-    "dist": ("logits",),
-    "ofa": ("logits",),  # OFA's branches read student stages; from the teacher only its logits
-    "fitnet": None,  # teacher stage features: not fed, not cached (v1)
-    "vanilla": (),
-}
-"""What each method reads from the teacher. A method class can declare it itself with a class
-attribute ``teacher_outputs = ("embedding",)`` (or ``None``: it calls the teacher itself)."""
-
-
-def teacher_outputs_of(method: str, distiller: nn.Module) -> tuple[str, ...] | None:
-    """The teacher outputs ``distiller`` reads (a subset of :data:`OUTPUTS`), or None when the
-    method calls the teacher itself for something else (or does not say)."""
-    declared = getattr(type(distiller), "teacher_outputs", "undeclared")
-    needs = TEACHER_OUTPUTS.get(method) if declared == "undeclared" else declared
-    if needs is None:
-        return None
-    needs = tuple(needs)
-    if any(name not in OUTPUTS for name in needs):
-        return None
-    return needs
-
-
-# ---------------------------------------------------------------- feed
-
-
-class TeacherFeed:
-    """Stands in for the :class:`~crossdistill.models.Teacher` inside a distiller.
-
-    The engine computes (or reads) the teacher's outputs for the batch, :meth:`provide` s them,
-    and the method's ``self.teacher(x, logits=...)`` returns them. Everything else (``dim``,
-    ``model``, ``renormalizes``, device moves) is the wrapped teacher's.
-    """
-
-    def __init__(self, teacher: Teacher, outputs: Sequence[str]):
-        self.teacher = teacher
-        self.outputs = tuple(outputs)
-        self._provided: ModelOutput | None = None
-        self._forward: Callable[[torch.Tensor], ModelOutput] = self._eager_forward
-
-    # the wrapped teacher's attributes (dim, model, renormalizes, normalize, to, apply)
-    def __getattr__(self, name: str):
-        if name == "teacher":
-            raise AttributeError(name)
-        return getattr(self.teacher, name)
-
-    def apply(self, fn) -> "TeacherFeed":
-        self.teacher.apply(fn)
-        return self
-
-    def _eager_forward(self, x: torch.Tensor) -> ModelOutput:
-        model = self.teacher.model
-        return forward_model(model, self.teacher.normalize(x), logits="logits" in self.outputs)
-
-    def compile(self, **kwargs: Any) -> None:
-        """``torch.compile`` the teacher forward."""
-        self._forward = torch.compile(self._eager_forward, **kwargs)
-
-    def compute(self, x: torch.Tensor) -> ModelOutput:
-        """The teacher's outputs on ``x``: eval mode, inference mode, returned as ordinary tensors."""
-        if self.teacher.model.training:
-            self.teacher.model.eval()
-        with torch.inference_mode():
-            out = self._forward(x)
-        # inference tensors cannot be saved for backward: clone (outside inference mode) what is used
-        return ModelOutput(
-            embedding=out.embedding.clone() if "embedding" in self.outputs else None,
-            logits=out.logits.clone() if "logits" in self.outputs else None,
-        )
-
-    def provide(self, outputs: ModelOutput) -> None:
-        self._provided = outputs
-
-    def __call__(self, x: torch.Tensor, *, logits: bool = False, stages=None) -> ModelOutput:
-        out = self._provided
-        if out is None:
-            raise RuntimeError("TeacherFeed: the engine provided no teacher outputs for this batch")
-        if stages:
-            raise CrossDistillError(
-                "this method asked the teacher for stage features, which the engine does not feed; declare "
-                "teacher_outputs = None on the method class so that it calls the teacher itself"
-            )
-        wanted = "logits" if logits else "embedding"
-        if getattr(out, wanted) is None:
-            raise CrossDistillError(
-                f"this method asked the teacher for its {wanted}, but the engine feeds it {self.outputs} "
-                "(crossdistill.engine.teacher_cache.TEACHER_OUTPUTS); fix that declaration"
-            )
-        reference = out.embedding if out.embedding is not None else out.logits
-        if reference.shape[0] != x.shape[0]:
-            raise RuntimeError(f"TeacherFeed: outputs for {reference.shape[0]} samples, batch of {x.shape[0]}")
-        return out
-
-
 # ---------------------------------------------------------------- key
 
 
@@ -447,7 +345,7 @@ class TeacherCache:
         return rows, ok
 
     def lookup(self, indices: torch.Tensor | Sequence[int], images: torch.Tensor,
-               compute: Callable[[torch.Tensor], ModelOutput]) -> ModelOutput:
+               compute: Callable[[torch.Tensor], TeacherOutputs]) -> TeacherOutputs:
         """The teacher outputs for the samples ``indices`` (the rows of ``images``) of the current epoch.
 
         Rows not stored yet (or failing their checksum) are computed with ``compute(images)`` on the
@@ -485,7 +383,7 @@ class TeacherCache:
         device = images.device
         values = {name: torch.from_numpy(np.ascontiguousarray(rows)).to(device, non_blocking=True).float()
                   for name, (rows, _) in found.items()}
-        return ModelOutput(embedding=values.get("embedding"), logits=values.get("logits"))
+        return TeacherOutputs(embedding=values.get("embedding"), logits=values.get("logits"))
 
     def close(self) -> None:
         for store in self.stores.values():
@@ -517,10 +415,10 @@ class WithIndex(torch.utils.data.Dataset):
         return image, target, index, {k: torch.from_numpy(np.array(v)) for k, v in rows.items()}, ok
 
 
-def prefetched_outputs(rows: dict[str, torch.Tensor], device: torch.device) -> ModelOutput:
+def prefetched_outputs(rows: dict[str, torch.Tensor], device: torch.device) -> TeacherOutputs:
     """Rows a loader batch carries (:class:`WithIndex`), as float32 teacher outputs on ``device``."""
     values = {k: v.to(device, non_blocking=True).float() for k, v in rows.items()}
-    return ModelOutput(embedding=values.get("embedding"), logits=values.get("logits"))
+    return TeacherOutputs(embedding=values.get("embedding"), logits=values.get("logits"))
 
 
 def cache_widths(outputs: Sequence[str], teacher: Teacher, num_classes: int) -> dict[str, int]:
@@ -528,5 +426,5 @@ def cache_widths(outputs: Sequence[str], teacher: Teacher, num_classes: int) -> 
     return {o: widths[o] for o in outputs}
 
 
-__all__ = ["OUTPUTS", "TEACHER_OUTPUTS", "TeacherCache", "TeacherFeed", "WithIndex", "cache_key", "cache_widths",
-           "prefetched_outputs", "state_dict_sha256", "teacher_outputs_of"]
+__all__ = ["OUTPUTS", "TeacherCache", "WithIndex", "cache_key", "cache_widths", "prefetched_outputs",
+           "state_dict_sha256"]

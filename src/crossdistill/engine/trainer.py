@@ -36,8 +36,8 @@ from .setup import autocast_dtype, build_run, count_parameters
 from .snapshot import TensorSnapshot
 from ..data.device_augment import DeviceAugment
 from ..models import is_token_model
-from .teacher_cache import (TeacherCache, TeacherFeed, WithIndex, cache_key, cache_widths, prefetched_outputs,
-                            teacher_outputs_of)
+from .teacher_cache import TeacherCache, WithIndex, cache_key, cache_widths
+from .teacher_runner import TeacherRunner
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "RunSummary", "StepResult", "TrainStep", "Trainer", "build_optimizer",
            "build_train_loader", "evaluate", "make_scaler", "train"]
@@ -293,9 +293,9 @@ class StepResult:
 class TrainStep:
     """One optimiser step exactly as the engine runs it; shared by :class:`Trainer` and ``crossdistill bench``.
 
-    Under autocast when ``amp_dtype`` is set: the teacher outputs the method reads, when the engine
-    feeds them (``teacher_feed``: computed in inference mode, or read from ``teacher_cache``), then
-    ``model(images, target)`` (the distiller, or its DDP / ``torch.compile`` wrapper); then
+    Under autocast when ``amp_dtype`` is set: the teacher outputs the method reads (``teacher``: computed
+    in inference mode, or read from the teacher cache), then ``model(images, target, teacher outputs,
+    indices)`` (the distiller, or its DDP / ``torch.compile`` wrapper); then
     ``zero_grad`` (to None), backward (through the fp16 GradScaler when there is one), gradient
     clipping (``clip_grad``) or, when ``check_finite``, the total gradient norm, and the optimiser step.
 
@@ -325,12 +325,12 @@ class TrainStep:
                  amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                  channels_last: bool = False, clip_grad: float | None = None, check_finite: bool = True,
                  distributed: bool = False, trainable: list[torch.Tensor] | None = None,
-                 teacher_feed: TeacherFeed | None = None, teacher_cache: TeacherCache | None = None,
+                 teacher: TeacherRunner | None = None,
                  finite_check_every: int = 1, device_augment: DeviceAugment | None = None,
                  buffers: list[torch.Tensor] | None = None):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.device_augment = device_augment
-        self.teacher_feed, self.teacher_cache = teacher_feed, teacher_cache
+        self.teacher = teacher
         self.amp_dtype, self.scaler = amp_dtype, scaler
         self.channels_last, self.clip_grad, self.check_finite = channels_last, clip_grad, check_finite
         self.distributed = distributed
@@ -377,19 +377,6 @@ class TrainStep:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def teacher_outputs(self, images: torch.Tensor, indices: torch.Tensor | None = None, prefetched=None):
-        """What the fed method gets from its teacher for this batch: the cache rows the loader
-        brought (``prefetched``: (rows, ok)), else read from the cache (``indices``: the samples'
-        dataset indices; missing rows computed and stored), else computed by the teacher."""
-        feed = self.teacher_feed
-        if prefetched is not None and bool(torch.as_tensor(prefetched[1]).all()):  # ok flags: a host tensor
-            if self.teacher_cache is not None:
-                self.teacher_cache.hits += images.shape[0]
-            return prefetched_outputs(prefetched[0], self.device)
-        if self.teacher_cache is not None and indices is not None:
-            return self.teacher_cache.lookup(indices, images, feed.compute)
-        return feed.compute(images)
-
     def __call__(self, images: torch.Tensor, target: torch.Tensor, indices: torch.Tensor | None = None,
                  tag: Any = None, prefetched=None) -> StepResult:
         """One step on a device batch; ``indices``: the samples' dataset indices and ``prefetched``
@@ -399,9 +386,8 @@ class TrainStep:
         if restore_buffers:
             self.buffers.take()
         with self.autocast():
-            if self.teacher_feed is not None:
-                self.teacher_feed.provide(self.teacher_outputs(images, indices, prefetched))
-            output = self.model(images, target)
+            teacher = self.teacher(images, indices, prefetched) if self.teacher is not None else None
+            output = self.model(images, target, teacher, indices)
         loss = output.loss
         optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
@@ -536,7 +522,7 @@ class Trainer:
         self.distiller = built.distiller.to(self.device)
         self.channels_last_input = use_channels_last(self.distiller) if cfg.train.channels_last else False
         self.student = self.distiller.student
-        self.teacher_feed, self.teacher_cache = self._setup_teacher()
+        self.teacher_runner, self.teacher_cache = self._setup_teacher()
         self.model: nn.Module = self.distiller
         if self.env.distributed:
             if cfg.train.sync_bn:
@@ -571,27 +557,30 @@ class Trainer:
             self.log_file.truncate_after(self.start_epoch)
 
     # ------------------------------------------------------------ setup
-    def _setup_teacher(self) -> tuple[TeacherFeed | None, TeacherCache | None]:
-        """Feed the method the teacher outputs the engine computes (inference mode) or reads from the cache."""
-        cfg, teacher = self.cfg, self.distiller.teacher
+    def _setup_teacher(self) -> tuple[TeacherRunner | None, TeacherCache | None]:
+        """What the method reads from its teacher, computed by the engine (inference mode) or read from the cache."""
+        cfg, distiller = self.cfg, self.distiller
         cache_dir = cfg.train.teacher_cache
-        outputs = teacher_outputs_of(cfg.method, self.distiller) if teacher is not None else ()
-        if not outputs:
+        if distiller.teacher is None or distiller.teacher_request().empty:
             if cache_dir:
-                why = ("it has no teacher" if teacher is None or outputs == () else
-                       "it reads teacher stage features (or does not declare its teacher outputs)")
-                self.print(f"teacher cache not used: method {cfg.method!r} {why}; the teacher runs every step")
+                self.print(f"teacher cache not used: method {cfg.method!r} reads nothing from a teacher")
             return None, None
-        feed = TeacherFeed(teacher, outputs)
-        self.distiller.teacher = feed
-        if cfg.train.compile:
-            feed.compile()
+        cache = None
         if not cache_dir:
-            return feed, None
-        if cfg.train.mixup > 0 or cfg.train.cutmix > 0:
+            pass
+        elif not distiller.teacher_cacheable:
+            self.print(f"teacher cache not used: method {cfg.method!r} reads teacher stage features or computes "
+                       "something else from the teacher (only embeddings and logits are stored); the teacher runs "
+                       "every step")
+        elif cfg.train.mixup > 0 or cfg.train.cutmix > 0:
             self.print("teacher cache not used: with mixup/cutmix the teacher sees batches mixed after loading, "
                        "not stored samples; the teacher runs every step")
-            return feed, None
+        else:
+            cache = self._open_teacher_cache(cache_dir, distiller.teacher_request().outputs)
+        return TeacherRunner(distiller, cache, compile=cfg.train.compile), cache
+
+    def _open_teacher_cache(self, cache_dir: str, outputs: tuple[str, ...]) -> TeacherCache:
+        cfg, teacher = self.cfg, self.distiller.teacher
         key = cache_key(cfg, teacher, num_train=len(self.data.train), data_mean=self.data.mean,
                         data_std=self.data.std, device_type=self.device.type, amp_dtype=self.amp_dtype,
                         channels_last=cfg.train.channels_last, store_dtype=cfg.train.teacher_cache_dtype)
@@ -601,7 +590,7 @@ class Trainer:
                              agree=lambda ok: all_ranks_ok(self.env, ok),
                              log=lambda message: print(rank + message, file=self.out, flush=True))
         self.print(cache.describe())
-        return feed, cache
+        return cache
 
     def _check_run_dir(self, resume: bool, overwrite: bool) -> bool:
         """Lock the run directory (rank 0) and decide what to do with what it holds, before anything is built
@@ -754,8 +743,8 @@ class Trainer:
         self.step_fn = TrainStep(
             self.model, self.optimizer, device=self.device, amp_dtype=self.amp_dtype, scaler=self.scaler,
             channels_last=self.channels_last_input, clip_grad=o.clip_grad, check_finite=t.check_finite,
-            distributed=self.env.distributed, trainable=self.trainable, teacher_feed=self.teacher_feed,
-            teacher_cache=self.teacher_cache, finite_check_every=finite_check_interval(t, self.device),
+            distributed=self.env.distributed, trainable=self.trainable, teacher=self.teacher_runner,
+            finite_check_every=finite_check_interval(t, self.device),
             device_augment=(DeviceAugment(self.cfg.data.img_size, self.data.mean, self.data.std)
                             if self.cfg.data.device_augment else None),
         )

@@ -1,13 +1,69 @@
-"""The frozen teacher: eval mode always, no autograd, inputs re-normalised to its own statistics."""
+"""The frozen teacher (eval mode always, no autograd, inputs re-normalised to its own statistics),
+what a method asks of it (:class:`TeacherRequest`) and what it gets (:class:`TeacherOutputs`)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .adapter import ModelOutput, StageIndex, embedding_dim, forward_model
+from .adapter import StageIndex, embedding_dim, forward_model
+
+OUTPUTS = ("embedding", "logits")
+"""The teacher outputs a method can read by name (and the teacher cache can store)."""
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """What a method reads from the teacher on every batch; the engine computes exactly this."""
+
+    embedding: bool = False
+    """The pre-logits embedding, [B, D]."""
+    logits: bool = False
+    """The logits, [B, K]."""
+    stages: tuple[StageIndex, ...] = ()
+    """Stage features (adapter stage indices, :data:`~crossdistill.models.FINAL` for the final map)."""
+
+    @classmethod
+    def of(cls, outputs: Iterable[str]) -> "TeacherRequest":
+        """The request for the named outputs (any of :data:`OUTPUTS`)."""
+        names = tuple(outputs)
+        unknown = [name for name in names if name not in OUTPUTS]
+        if unknown:
+            raise ValueError(f"unknown teacher output(s) {unknown}; a method can read {OUTPUTS} and stages")
+        return cls(embedding="embedding" in names, logits="logits" in names)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The named outputs requested, in :data:`OUTPUTS` order."""
+        return tuple(name for name in OUTPUTS if getattr(self, name))
+
+    @property
+    def empty(self) -> bool:
+        return not (self.embedding or self.logits or self.stages)
+
+
+@dataclass
+class TeacherOutputs:
+    """The teacher's outputs for one batch, as a method receives them (ordinary tensors, no autograd)."""
+
+    embedding: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    stages: list[torch.Tensor] = field(default_factory=list)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    """What a method that computes something unusual from the teacher adds (SDD: region logits)."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        named = [t for t in (self.embedding, self.logits) if t is not None]
+        return named + list(self.stages) + list(self.extra.values())
+
+    def map(self, fn) -> "TeacherOutputs":
+        """The same outputs with ``fn`` applied to every tensor (a clone, a device move)."""
+        keep = lambda t: None if t is None else fn(t)  # noqa: E731
+        return TeacherOutputs(embedding=keep(self.embedding), logits=keep(self.logits),
+                              stages=[fn(t) for t in self.stages], extra={k: fn(v) for k, v in self.extra.items()})
 
 
 class Teacher:
@@ -63,9 +119,13 @@ class Teacher:
         return x * self._scale.to(x.dtype) + self._shift.to(x.dtype)
 
     @torch.no_grad()
-    def __call__(
-        self, x: torch.Tensor, *, logits: bool = False, stages: Sequence[StageIndex] | None = None
-    ) -> ModelOutput:
+    def outputs(self, x: torch.Tensor, request: TeacherRequest) -> TeacherOutputs:
+        """What ``request`` asks for on the batch ``x`` (one forward, eval mode, no autograd).
+
+        Methods do not call this: the engine does, under ``torch.inference_mode()``, and passes the
+        result to the method's ``forward`` (see :class:`~crossdistill.distillers.Distiller`)."""
         if self.model.training:
             self.model.eval()
-        return forward_model(self.model, self.normalize(x), logits=logits, stages=stages)
+        out = forward_model(self.model, self.normalize(x), logits=request.logits, stages=request.stages)
+        return TeacherOutputs(embedding=out.embedding if request.embedding else None, logits=out.logits,
+                              stages=list(out.stages))
