@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .. import __version__
 from ..checkpoint import RESUME_HINT, load_weights_file, remove_torn_files, save_atomic, write_text_atomic
-from ..config import RunConfig, save_config, with_absolute_paths
+from ..config import RunConfig, with_absolute_paths
 from ..errors import CrossDistillError
 from .distributed import (DistEnv, all_ranks_ok, all_reduce_sum, barrier, broadcast_from_main, init_distributed,
                           shutdown)
@@ -32,7 +32,7 @@ from .preemption import EXIT_PREEMPTED, Preempted, StopSignal
 from .rundir import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, LATEST, STEP_DIR, SUMMARY, RunDirLock,
                      inspect_run_dir, remove_run_files, step_checkpoints)
 from .sampling import ResumableSampler, SampleSeededDataset
-from .setup import autocast_dtype, build_run, count_parameters
+from .setup import autocast_dtype, build_run, check_run_config, count_parameters
 from .snapshot import TensorSnapshot
 from ..data.device_augment import DeviceAugment
 from ..models import is_token_model
@@ -510,6 +510,7 @@ class TrainStep:
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, env: DistEnv | None = None,
                  out=None):
+        check_run_config(cfg)  # bad method arguments or data options fail here, before the run directory is touched
         self.cfg = cfg = with_absolute_paths(cfg)
         self.env = env or init_distributed(cfg.train.device)
         self.out = out if out is not None else sys.stdout
@@ -696,7 +697,7 @@ class Trainer:
             if contents.foreign:
                 self.print(f"kept what a run does not write in {self.run_dir}: {contents.describe_foreign()}")
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / CONFIG)
+            self._write_config(self.run_dir / CONFIG)
         barrier(self.env)
 
     def _record_epochs(self) -> None:
@@ -710,7 +711,11 @@ class Trainer:
             saved["train"]["epochs"] = self.cfg.train.epochs
             write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
         else:
-            save_config(self.cfg, path)
+            self._write_config(path)
+
+    def _write_config(self, path: Path) -> None:
+        write_text_atomic(path, self.cfg.to_yaml(),
+                          hint="Free some space (or choose another train.output_dir) and run the command again.")
 
     def _build_loaders(self) -> None:
         cfg, env = self.cfg, self.env
