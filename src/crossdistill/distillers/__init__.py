@@ -8,11 +8,7 @@ from torch import nn
 
 from ..config import from_dict
 from ..errors import ConfigError
-from ..registry import Registry
-from .base import DistillOutput, Distiller, MethodConfig
-
-METHODS: Registry[type[Distiller]] = Registry("method")
-register_method = METHODS.register
+from .base import METHODS, DistillOutput, Distiller, MethodConfig, register_method
 
 
 def method_config(name: str, args: Mapping[str, Any] | None = None, teacher: Any = "unchecked") -> MethodConfig:

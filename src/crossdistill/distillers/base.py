@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..models import ModelOutput, Teacher, forward_model
+from ..registry import Registry
 
 
 @dataclass
@@ -76,3 +77,8 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher.apply(fn)
         return self
+
+
+METHODS: Registry[type[Distiller]] = Registry("method")
+"""Every method by name; a method module registers its class with ``@register_method("name")``."""
+register_method = METHODS.register

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from ..losses.kd import kd_loss
-from . import register_method
+from .base import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 
 

@@ -19,7 +19,7 @@ import torch
 from ..errors import ConfigError
 from ..losses.ofa import ofa_loss, ofa_target_mask
 from ..models.ofa_branches import build_ofa_branches, ofa_stage_indices
-from . import register_method
+from .base import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register_method
+from .base import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 
 
