@@ -60,6 +60,7 @@ from torch import nn
 from ..checkpoint import is_disk_full, write_text_atomic
 from ..errors import CrossDistillError
 from ..models import ModelOutput, Teacher, forward_model
+from ..version import __version__
 
 CACHE_FORMAT = "crossdistill-teacher-cache/1"
 OUTPUTS = ("embedding", "logits")
@@ -197,8 +198,6 @@ def cache_key(cfg, teacher: Teacher, *, num_train: int, data_mean: Sequence[floa
     import PIL
     import timm
     import torchvision
-
-    from .. import __version__
 
     def plain(value):
         return list(value) if isinstance(value, tuple) else value

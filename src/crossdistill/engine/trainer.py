@@ -21,7 +21,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from .. import __version__
 from ..checkpoint import RESUME_HINT, load_weights_file, remove_torn_files, save_atomic, write_text_atomic
 from ..config import RunConfig, with_absolute_paths
 from ..errors import CrossDistillError
@@ -36,6 +35,7 @@ from .setup import autocast_dtype, build_run, check_run_config, count_parameters
 from .snapshot import TensorSnapshot
 from ..data.device_augment import DeviceAugment
 from ..models import is_token_model
+from ..version import __version__
 from .teacher_cache import (TeacherCache, TeacherFeed, WithIndex, cache_key, cache_widths, prefetched_outputs,
                             teacher_outputs_of)
 
