@@ -20,7 +20,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/crossdistill demo
 
+# lint-imports: the layer and no-cycle contracts of pyproject.toml ([tool.importlinter]).
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 $(MUTATION_STAMP): pyproject.toml | $(BIN)/python
@@ -33,4 +35,4 @@ mutation: $(MUTATION_STAMP)
 	$(BIN)/python tools/mutation.py $(MODULES)
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info demo_runs mutants
+	rm -rf $(VENV) build *.egg-info src/*.egg-info demo_runs mutants .import_linter_cache

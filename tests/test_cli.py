@@ -138,6 +138,8 @@ def test_dry_run_checks_a_recipe_without_data_or_weights(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
     code, _, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "num_classes=null")
     assert code == 2 and "set num_classes" in err
+    code, out, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "method_args.kappa=-1")
+    assert code == 2 and out == "" and "config key 'method_args.kappa': must be >= 0" in err  # before it prints
 
 
 def test_eval_of_a_plain_weights_file_needs_the_model_name(tmp_path, capsys):

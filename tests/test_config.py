@@ -1,8 +1,9 @@
 import pytest
 import yaml
 
-from crossdistill.config import RunConfig, apply_overrides, build_config, load_config, save_config
+from crossdistill.config import RunConfig, apply_overrides, build_config, load_config
 from crossdistill.distillers.rsd import RSDConfig
+from crossdistill.engine.setup import check_run_config
 from crossdistill.errors import ConfigError
 
 from conftest import tiny_run
@@ -43,14 +44,14 @@ def test_unknown_key_names_the_key_and_suggests(tmp_path):
 )
 def test_bad_values_name_the_key(tmp_path, override, match):
     with pytest.raises(ConfigError if "method=" not in override else Exception, match=match):
-        build_config(apply_overrides(tiny_run(tmp_path), [override]))
+        check_run_config(build_config(apply_overrides(tiny_run(tmp_path), [override])))
 
 
 def test_method_needing_a_teacher_without_one(tmp_path):
     raw = tiny_run(tmp_path)
     raw["teacher"] = None
     with pytest.raises(ConfigError, match="needs a teacher"):
-        build_config(raw)
+        check_run_config(build_config(raw))
 
 
 def test_overrides_parse_yaml_values_and_create_sections(tmp_path):
@@ -68,7 +69,7 @@ def test_base_inheritance_and_round_trip(tmp_path):
     (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {epochs: 9}\nmethod_args: {kappa: 0.05}\n")
     cfg = load_config(tmp_path / "child.yaml", ["train.batch_size=16"])
     assert cfg.train.epochs == 9 and cfg.train.batch_size == 16 and cfg.data.train_subset == 256
-    save_config(cfg, tmp_path / "saved.yaml")
+    (tmp_path / "saved.yaml").write_text(cfg.to_yaml())
     again = load_config(tmp_path / "saved.yaml")
     assert again == cfg
 

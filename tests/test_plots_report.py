@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from crossdistill.cli import main
-from crossdistill.config import build_config, save_config
+from crossdistill.config import build_config
 from crossdistill.engine import train
 from crossdistill.plots import is_loss_term, plot_runs, read_metrics, run_labels
 from crossdistill.report import group_runs, mean_std, read_run, report_rows
@@ -39,7 +39,7 @@ def fake_run(root, name, *, seed, last, best, method="rsd", lr=2e-3, wall=10.0, 
     cfg = build_config(raw)
     run_dir = root / "runs" / name
     run_dir.mkdir(parents=True)
-    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
     summary = {"run_dir": str(run_dir), "epochs": epochs, "last_top1": last, "best_top1": best, "best_epoch": epochs,
                "last_top5": 99.0, "ema_last_top1": None, "ema_best_top1": None, "wall_time_s": wall,
                "extra_parameters": 31104 if method == "rsd" else 0, "student_parameters": 373658, "history": []}

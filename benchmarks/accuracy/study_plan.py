@@ -401,10 +401,11 @@ def fmt_min(seconds: float) -> str:
 
 def dry_list(s: Settings, plan: Sequence[Run], selected: Sequence[Run]) -> None:
     from crossdistill.config import build_config
+    from crossdistill.engine.setup import check_run_config
 
     p = s.protocol
     for run in plan:  # every planned config must validate (keys, types, method arguments)
-        build_config(copy.deepcopy(run.config))
+        check_run_config(build_config(copy.deepcopy(run.config)))
     print(f"protocol {p.name}: {p.summary}")
     print(f"output {s.out}; data {s.data_root} ({s.dataset}); device {s.device}; {s.jobs} run(s) at a time")
     print(f"methods: {', '.join(s.methods)}" + (

@@ -355,13 +355,14 @@ def check_build(plan: Sequence[Run]) -> None:
     import torch
 
     from crossdistill.config import build_config
-    from crossdistill.distillers import build_distiller, method_config
-    from crossdistill.engine.setup import create_teacher
+    from crossdistill.distillers import build_distiller
+    from crossdistill.engine.setup import check_run_config, create_teacher
     from crossdistill.models import create_model
 
     seen = set()
     for run in plan:
         cfg = build_config(copy.deepcopy(run.config))
+        args = check_run_config(cfg)
         key = (run.student, run.teacher, run.method)
         if key in seen:
             continue
@@ -371,7 +372,6 @@ def check_build(plan: Sequence[Run]) -> None:
         if cfg.teacher is not None:
             tcfg = dataclasses.replace(cfg.teacher, checkpoint=None)
             teacher = create_teacher(tcfg, 10, CIFAR10_MEAN, CIFAR10_STD)
-        args = method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)
         if getattr(args, "img_size", "absent") is None:
             args = dataclasses.replace(args, img_size=cfg.data.img_size)
         distiller = build_distiller(cfg.method, student, teacher, args)

@@ -10,14 +10,19 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
+from . import bench, export, plots, report
+from .analysis import cli as analysis_cli
+from .config import load_config
+from .demo import run_demo
+from .engine import train
+from .engine.dryrun import dry_run
 from .engine.preemption import EXIT_PREEMPTED, Preempted
 from .errors import CrossDistillError, one_line
+from .evaluation import evaluate_checkpoint
+from .params import count_method_parameters
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .engine import train
-
     config = args.config
     resume = args.resume is not None
     if config is not None and isinstance(args.resume, str):
@@ -36,8 +41,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.overrides = [f"train.output_dir={run_dir.parent}", f"train.run_name={run_dir.name}", *args.overrides]
     cfg = load_config(config, args.overrides)
     if args.dry_run:
-        from .engine.dryrun import dry_run
-
         dry_run(cfg)
         return 0
     summary = train(cfg, resume=resume, overwrite=args.overwrite)
@@ -47,8 +50,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_checkpoint
-
     result = evaluate_checkpoint(
         args.checkpoint, model=args.model, config=args.config, overrides=args.overrides, dataset=args.data,
         root=args.data_root, img_size=args.img_size, use_ema=args.ema, batch_size=args.batch_size, device=args.device,
@@ -62,8 +63,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from .params import count_method_parameters
-
     result = count_method_parameters(
         args.method, args.teacher, args.student, args.num_classes, method_args=args.set,
     )
@@ -82,8 +81,6 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     run_demo(output_dir=args.output_dir, epochs=args.epochs, overwrite=not args.keep)
     return 0
 
@@ -154,9 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's)")
     p.add_argument("--keep", action="store_true", help="refuse to replace earlier demo runs instead of replacing them")
     p.set_defaults(func=_cmd_demo)
-
-    from . import bench, export, plots, report
-    from .analysis import cli as analysis_cli
 
     for module in (export, analysis_cli, plots, report, bench):
         module.add_parser(sub)

@@ -11,8 +11,12 @@ YAML is read by :func:`load_yaml`: the safe loader, with ``1e-3`` read as a floa
 may expand to (:func:`check_config_size`: aliases, and shared references in a
 config stored in a checkpoint, repeat one part many times).
 
-Method hyper-parameters live in ``method_args`` and are checked against the
-typed config of the chosen method (see :mod:`crossdistill.distillers`).
+This module is the leaf of the package: it imports nothing of crossdistill but
+:mod:`crossdistill.errors`. It checks what it can see in the config itself (keys, types,
+ranges); checks that need another layer live there: method hyper-parameters (``method_args``,
+checked against the typed config of the chosen method by :mod:`crossdistill.distillers`) and
+the options device augmentation cannot apply (:mod:`crossdistill.data.device_augment`) are
+checked by :func:`crossdistill.engine.setup.check_run_config`, which every run calls first.
 """
 
 from __future__ import annotations
@@ -200,6 +204,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        """The config as YAML text (a run's ``config.yaml``; :func:`load_config` reads it back)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 # ---------------------------------------------------------------- conversion
@@ -466,7 +474,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def build_config(data: Mapping[str, Any]) -> RunConfig:
-    """Validate a raw dict into a :class:`RunConfig` (types, keys, ranges, method args)."""
+    """Validate a raw dict into a :class:`RunConfig` (types, keys, ranges; the method arguments are checked by
+    :func:`crossdistill.engine.setup.check_run_config`)."""
     cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg
@@ -494,13 +503,6 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=data, train=train, **models)
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from .checkpoint import write_text_atomic  # torch, only when writing
-
-    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False),
-                      hint="Free some space (or choose another train.output_dir) and run the command again.")
-
-
 # ---------------------------------------------------------------- value checks
 
 
@@ -515,6 +517,7 @@ def _is_plain_name(name: str) -> bool:
 
 
 def validate(cfg: RunConfig) -> None:
+    """The ranges and combinations of values this module can check alone (see the module docstring)."""
     _check(bool(cfg.student.name), "student.name", "a student model name is required (e.g. resnet18)")
     if cfg.teacher is not None:
         _check(bool(cfg.teacher.name), "teacher.name", "a teacher model name is required (or set teacher: null)")
@@ -553,16 +556,6 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < d.scale[0] <= d.scale[1] <= 1, "data.scale", f"must satisfy 0 < min <= max <= 1, got {d.scale}")
     _check(0 <= d.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
     _check(0 <= d.re_prob <= 1, "data.re_prob", "must be a probability in [0, 1]")
-    if d.device_augment:
-        from .data.device_augment import unsupported_options
-
-        bad = unsupported_options(d)
-        _check(not bad, "data.device_augment", "crops, resizes and flips only; it cannot apply "
-               + ", ".join(bad) + " (set them to null/0, or device_augment: false for the CPU pipeline)")
     _check(d.train_subset is None or d.train_subset >= 1, "data.train_subset", "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.num_classes is None or cfg.num_classes >= 2, "num_classes", "must be >= 2")
-
-    from .distillers import method_config  # late import: distillers depend on config types
-
-    method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)

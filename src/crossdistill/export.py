@@ -40,9 +40,13 @@ import torch
 from torch import nn
 
 from .checkpoint import is_disk_full, load_weights_file, no_space_error, save_atomic, write_atomic, write_text_atomic
-from .config import ModelConfig
+from .config import ModelConfig, RunConfig, from_dict, read_yaml
+from .data import build_data
+from .data.transforms import DEFAULT_EVAL_INTERPOLATION
+from .engine.setup import student_data_config
 from .errors import SHOWN_CHARS, CrossDistillError, one_line, shorten, suggest
 from .models import create_model
+from .version import __version__
 
 FORMATS = {"safetensors": "model.safetensors", "timm": "model.pth", "onnx": "model.onnx"}
 DEFAULT_FORMATS = ("safetensors", "timm")
@@ -202,8 +206,6 @@ def select_checkpoint(run_dir: Path, weights: str | None) -> tuple[str, Path, di
 
 
 def _run_config(state: dict[str, Any], run_dir: Path):
-    from .config import RunConfig, from_dict, read_yaml
-
     raw = state.get("config")
     if not isinstance(raw, dict):
         raw = read_yaml(run_dir / "config.yaml")
@@ -213,9 +215,6 @@ def _run_config(state: dict[str, Any], run_dir: Path):
 def eval_preprocessing(cfg, normalization: dict[str, Any] | None) -> dict[str, Any]:
     """Input size, mean/std, crop_pct, interpolation and crop_mode the run evaluated with."""
     from timm.data.constants import DEFAULT_CROP_PCT
-
-    from .data.transforms import DEFAULT_EVAL_INTERPOLATION
-    from .engine.setup import student_data_config
 
     defaults = student_data_config(cfg.student)
     mean = (normalization or {}).get("mean") or cfg.data.mean or defaults.get("mean")
@@ -232,9 +231,6 @@ def eval_preprocessing(cfg, normalization: dict[str, Any] | None) -> dict[str, A
 
 def check_batch(cfg, normalization: dict[str, Any] | None, size: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     """A batch to compare logits on: the first eval images of the run's data, else a random batch."""
-    from .data import build_data
-    from .engine.setup import student_data_config
-
     data_cfg = dataclasses.replace(cfg.data, num_workers=0, train_subset=None)
     if normalization and "mean" in normalization:
         data_cfg = dataclasses.replace(data_cfg, mean=tuple(normalization["mean"]), std=tuple(normalization["std"]))
@@ -514,8 +510,6 @@ def build_sidecar(cfg, name: str, kwargs: dict[str, Any], num_classes: int, clas
                   preprocessing: dict[str, Any], model: nn.Module, result: ExportResult, state: dict[str, Any],
                   run_dir: Path) -> dict[str, Any]:
     """timm's HF ``config.json`` layout + a ``crossdistill`` provenance section."""
-    from . import __version__
-
     timm_cfg = getattr(model, "pretrained_cfg", {}) or {}
     pretrained_cfg = {
         **preprocessing,

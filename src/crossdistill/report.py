@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .config import RunConfig, from_dict
+from .distillers import method_config
 from .errors import CrossDistillError, one_line
 
 IGNORED_KEYS = frozenset({
@@ -111,8 +113,6 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def normalised_config(config: dict[str, Any]) -> dict[str, Any]:
     """The config with every default filled in (runs written before a new key existed compare equal)."""
-    from .config import RunConfig, from_dict
-
     try:
         return from_dict(RunConfig, config).to_dict()
     except Exception:  # a key this version does not know: compare the configs as written
@@ -179,8 +179,6 @@ def method_args_of(config: dict[str, Any]) -> dict[str, Any]:
     """The method's hyper-parameters with its defaults filled in (the raw method_args if that fails)."""
     method, raw = config.get("method"), dict(config.get("method_args") or {})
     try:
-        from .distillers import method_config
-
         return dataclasses.asdict(method_config(method, raw))
     except Exception:  # a method this installation lacks, or changed arguments: show what the run recorded
         return raw

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
 
 from crossdistill.config import build_config
-from crossdistill.data.device_augment import CropParams, DeviceAugment
+from crossdistill.data.device_augment import CropParams, DeviceAugment, check_device_augment
 from crossdistill.engine import Trainer
 from crossdistill.errors import CrossDistillError
 
@@ -99,8 +99,12 @@ def test_engine_trains_with_device_augment_reproducibly(tmp_path):
 
 def test_device_augment_refuses_what_it_cannot_apply(tmp_path):
     raw = tiny_run(tmp_path, data={"device_augment": True, "auto_augment": "rand-m9-mstd0.5", "re_prob": 0.25})
-    with pytest.raises(CrossDistillError, match=r"data.device_augment.*auto_augment=rand-m9-mstd0.5.*re_prob=0.25"):
-        build_config(raw)
+    message = r"data.device_augment.*auto_augment=rand-m9-mstd0.5.*re_prob=0.25"
+    with pytest.raises(CrossDistillError, match=message):
+        check_device_augment(build_config(raw).data)
+    with pytest.raises(CrossDistillError, match=message):  # a run refuses it before it builds or writes anything
+        Trainer(build_config(raw), out=io.StringIO())
+    assert not (tmp_path / "runs").exists()
 
 
 def test_device_augment_refuses_images_of_several_sizes(tmp_path):

@@ -36,6 +36,9 @@ import numpy as np
 import torch
 
 from ..errors import CrossDistillError
+from ..models import FINAL, default_stages
+from ..models.adapter import num_prefix_tokens
+from ..plots import new_figure
 
 POOLS = ("mean", "flatten")
 EMBEDDING = "pre-logits"
@@ -233,8 +236,6 @@ def pool_features(t: torch.Tensor, prefix_tokens: int = 0, pool: str = "mean") -
 
 def model_layers(model: torch.nn.Module, stages: Sequence[Any] | None = None) -> tuple[list[Any], list[str]]:
     """(stage indices, display names) of ``model``'s default stages (duplicates removed) + the embedding."""
-    from ..models import FINAL, default_stages
-
     if stages is None:
         try:
             stages = default_stages(model)
@@ -276,8 +277,6 @@ class LayerSet:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, pool: str) -> list[torch.Tensor]:
-        from ..models.adapter import num_prefix_tokens
-
         out = self.wrapper(images, logits=False, stages=self.stages or None)
         prefix = num_prefix_tokens(self.wrapper.model)
         return [pool_features(s, prefix, pool).double().cpu() for s in out.stages] + [out.embedding.double().cpu()]
@@ -409,8 +408,6 @@ def plot_cka(result: CKAResult, path: str, dpi: int = 150) -> None:
     With two students of the same architecture, a third panel shows their difference
     (first minus second) on a diverging colour scale.
     """
-    from ..plots import new_figure
-
     labels = list(result.matrices)
     diff = result.difference()
     panels = [(label, result.matrices[label], result.student_layers[label], False) for label in labels]

@@ -24,7 +24,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import load_weights_file
+from ..config import DataConfig, ModelConfig, RunConfig, from_dict, load_config
+from ..data import balanced_subset, build_data
+from ..engine.distributed import resolve_device
+from ..engine.setup import create_teacher, student_data_config
 from ..errors import CrossDistillError
+from ..models import Teacher, create_model, load_model_weights
+from ..plots import require_matplotlib
+from .cka import POOLS, LayerSet, as_mapping, collect_cka, format_table, plot_cka, summary_lines, write_csv
 
 
 # ---------------------------------------------------------------- resolving models and data
@@ -32,8 +40,6 @@ from ..errors import CrossDistillError
 
 def _load_source(path: str | None):
     """(run config or None, run directory or None) from --config / RUN_DIR."""
-    from ..config import load_config
-
     if path is None:
         return None, None
     p = Path(path)
@@ -48,8 +54,6 @@ def _load_source(path: str | None):
 
 
 def _recorded_config(loaded: dict[str, Any]):
-    from ..config import RunConfig, from_dict
-
     raw = loaded.get("config")
     if not isinstance(raw, dict):
         return None
@@ -67,8 +71,6 @@ def _student_checkpoint(run_dir: Path, weights: str) -> tuple[Path, bool]:
 
 def _model_config(name: str | None, checkpoint_cfg, run_model_cfg, what: str):
     """ModelConfig for a student-like model: name and kwargs from the flag, the run or the checkpoint."""
-    from ..config import ModelConfig
-
     for source in (run_model_cfg, checkpoint_cfg.student if checkpoint_cfg is not None else None):
         if source is not None and (name is None or name == source.name):
             return ModelConfig(name=source.name, kwargs=dict(source.kwargs))
@@ -85,8 +87,6 @@ def _label(loaded: dict[str, Any], fallback: str) -> str:
 
 
 def _frozen_student(path: Path, model_cfg, num_classes: int, use_ema: bool, loaded: dict[str, Any], data):
-    from ..models import Teacher, create_model, load_model_weights
-
     net = create_model(model_cfg, num_classes)
     load_model_weights(net, path, use_ema=use_ema, num_classes=num_classes, loaded=loaded)
     recorded = loaded.get("normalization")
@@ -122,14 +122,6 @@ def run_cka(
 ):
     """Compute, print and write (``OUT/NAME.csv``, ``OUT/NAME.png``) the CKA maps; returns the CKAResult."""
     from torch.utils.data import DataLoader
-
-    from ..checkpoint import load_weights_file
-    from ..config import DataConfig, ModelConfig
-    from ..data import balanced_subset, build_data
-    from ..engine.distributed import resolve_device
-    from ..engine.setup import create_teacher, student_data_config
-    from ..plots import require_matplotlib
-    from .cka import POOLS, LayerSet, collect_cka, format_table, plot_cka, summary_lines, write_csv
 
     stream = stream if stream is not None else sys.stdout
     say = lambda text: print(text, file=stream, flush=True)  # noqa: E731
@@ -248,8 +240,6 @@ def run_cka(
 
 
 def _cmd_cka(args: argparse.Namespace) -> int:
-    from .cka import as_mapping
-
     if args.run_dir and args.config and Path(args.run_dir).resolve() != Path(args.config).resolve():
         raise CrossDistillError("give the run either as RUN_DIR or as --config, not two different ones")
     result = run_cka(

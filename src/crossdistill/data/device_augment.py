@@ -24,11 +24,14 @@ import numpy as np
 import torch
 from torchvision.transforms import RandomResizedCrop
 
+from ..config import DataConfig
+from ..errors import ConfigError
+
 PARAMS = 5
 """Per-sample parameters: top, left, height, width of the crop box, flip (0 or 1)."""
 
 
-def unsupported_options(data_cfg) -> list[str]:
+def unsupported_options(data_cfg: DataConfig) -> list[str]:
     """The ``data`` options that the device pipeline cannot apply (each as ``key=value``)."""
     bad = []
     if data_cfg.color_jitter:
@@ -38,6 +41,14 @@ def unsupported_options(data_cfg) -> list[str]:
     if data_cfg.re_prob:
         bad.append(f"data.re_prob={data_cfg.re_prob}")
     return bad
+
+
+def check_device_augment(data_cfg: DataConfig) -> None:
+    """Refuse ``data.device_augment: true`` together with options the device pipeline cannot apply."""
+    bad = unsupported_options(data_cfg) if data_cfg.device_augment else []
+    if bad:
+        raise ConfigError("config key 'data.device_augment': crops, resizes and flips only; it cannot apply "
+                          + ", ".join(bad) + " (set them to null/0, or device_augment: false for the CPU pipeline)")
 
 
 class CropParams:
@@ -104,4 +115,4 @@ class DeviceAugment:
         return f"DeviceAugment(size={self.size})"
 
 
-__all__ = ["CropParams", "DeviceAugment", "PARAMS", "unsupported_options"]
+__all__ = ["CropParams", "DeviceAugment", "PARAMS", "check_device_augment", "unsupported_options"]

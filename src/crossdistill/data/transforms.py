@@ -9,6 +9,7 @@ from timm.data import auto_augment, create_transform
 from timm.data.constants import DEFAULT_CROP_PCT
 
 from ..config import DataConfig
+from .device_augment import CropParams
 
 DEFAULT_EVAL_INTERPOLATION = "bicubic"
 
@@ -28,8 +29,6 @@ def build_transforms(
     """
     size = (3, cfg.img_size, cfg.img_size)
     if cfg.device_augment:
-        from .device_augment import CropParams
-
         train = CropParams(cfg.scale, cfg.ratio, cfg.hflip)
     else:
         train = _cpu_train_transform(cfg, size, mean, std)

@@ -6,18 +6,13 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from ..config import from_dict
 from ..errors import ConfigError
-from ..registry import Registry
-from .base import DistillOutput, Distiller, MethodConfig
-
-METHODS: Registry[type[Distiller]] = Registry("method")
-register_method = METHODS.register
+from .base import METHODS, DistillOutput, Distiller, MethodConfig, register_method
 
 
 def method_config(name: str, args: Mapping[str, Any] | None = None, teacher: Any = "unchecked") -> MethodConfig:
     """The typed, validated config of method ``name`` from ``args`` (unknown keys are errors)."""
-    from ..config import from_dict
-
     cls = METHODS.get(name)
     cfg = from_dict(cls.config_cls, dict(args or {}), prefix="method_args")
     cfg.validate()

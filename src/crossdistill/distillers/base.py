@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..models import ModelOutput, Teacher, TeacherOutputs, TeacherRequest, forward_model
+from ..registry import Registry
 
 
 @dataclass
@@ -118,3 +119,8 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher.apply(fn)
         return self
+
+
+METHODS: Registry[type[Distiller]] = Registry("method")
+"""Every method by name; a method module registers its class with ``@register_method("name")``."""
+register_method = METHODS.register

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..losses.dist import dist_loss
-from . import register_method
+from .base import register_method
 from .base import MethodConfig
 from .kd import LogitDistiller, check_range
 

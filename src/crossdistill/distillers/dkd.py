@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..losses.dkd import dkd_loss, dkd_warmup_factor
-from . import register_method
+from .base import register_method
 from .kd import LogitDistiller, check_range
 from .base import MethodConfig
 

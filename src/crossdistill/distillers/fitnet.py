@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..losses.fitnet import fitnet_loss
 from ..models import TeacherOutputs, TeacherRequest, default_stages
 from ..models.aligners import build_aligners
-from . import register_method
+from .base import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 
 DEFAULT_INPUT_SIZE = 224

@@ -16,8 +16,8 @@ import torch
 
 from ..errors import ConfigError
 from ..losses.kd import kd_loss
-from . import register_method
 from ..models import TeacherOutputs
+from .base import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 
 

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..losses.ofa import ofa_loss, ofa_target_mask
 from ..models import TeacherOutputs
 from ..models.ofa_branches import build_ofa_branches, ofa_stage_indices
-from . import register_method
+from .base import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 
 

@@ -24,8 +24,8 @@ from ..collectives import all_gather_no_grad, all_gather_with_grad
 from ..errors import ConfigError
 from ..losses import rsd_loss
 from ..models import AADProjector, embedding_dim
-from . import register_method
 from ..models import TeacherOutputs
+from .base import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 
 PROJECTORS = ("aad", "linear")

@@ -22,7 +22,7 @@ import torch
 from ..errors import ConfigError
 from ..models import AADProjector, TeacherOutputs, TeacherRequest, embedding_dim
 from ..models.ofa_branches import build_ofa_branches, ofa_stage_indices
-from . import register_method
+from .base import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 from .rsd import check_batch, global_rsd_loss
 

@@ -66,7 +66,7 @@ from ..losses.sdd import (
 )
 from ..models import FINAL, TeacherOutputs, TeacherRequest
 from ..models.adapter import num_prefix_tokens
-from . import register_method
+from .base import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 from .kd import check_range
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import TeacherOutputs
-from . import register_method
+from .base import register_method
 from .base import DistillOutput, Distiller, MethodConfig
 
 

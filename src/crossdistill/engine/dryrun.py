@@ -9,14 +9,13 @@ import time
 from typing import Any
 
 import torch
-import yaml
 
 from ..config import RunConfig
 from ..data import CLASS_COUNTS
-from ..distillers import METHODS, build_distiller, method_config
+from ..distillers import METHODS, build_distiller
 from ..errors import CrossDistillError
 from ..models import Teacher, create_model
-from .setup import count_parameters, make_criterion
+from .setup import check_run_config, count_parameters, make_criterion
 from .teacher_runner import TeacherRunner
 
 
@@ -28,6 +27,7 @@ def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, ou
     """
     out = out if out is not None else sys.stdout
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
+    args = check_run_config(cfg)
     if cfg.num_classes is None:
         if cfg.data.dataset not in CLASS_COUNTS:
             raise CrossDistillError("--dry-run does not open the dataset: set num_classes in the config "
@@ -35,9 +35,8 @@ def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, ou
         cfg = dataclasses.replace(cfg, num_classes=CLASS_COUNTS[cfg.data.dataset])
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     say("# resolved config")
-    say(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    say(cfg.to_yaml().rstrip())
     method_cls = METHODS.get(cfg.method)
-    args = method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)
     if getattr(args, "img_size", "absent") is None:
         args = dataclasses.replace(args, img_size=cfg.data.img_size)
     unloaded = lambda m: dataclasses.replace(m, pretrained=False, checkpoint=None)  # noqa: E731

@@ -13,11 +13,20 @@ from torch import nn
 
 from ..config import ModelConfig, RunConfig
 from ..data import DataBundle, build_data
-from ..distillers import METHODS, Distiller, build_distiller, method_config
+from ..data.device_augment import check_device_augment
+from ..distillers import METHODS, Distiller, MethodConfig, build_distiller, method_config
 from ..errors import CrossDistillError
 from ..checkpoint import load_weights_file
 from ..models import Teacher, check_model_name, create_model
 from ..models.factory import load_model_weights
+
+
+def check_run_config(cfg: RunConfig) -> MethodConfig:
+    """The checks of a run config that config.py cannot make (it knows no methods and no data pipeline):
+    the method's arguments (returns its typed config) and the options device augmentation cannot apply.
+    Every run calls this before it builds or writes anything."""
+    check_device_augment(cfg.data)
+    return method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)
 
 
 def student_data_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -77,7 +86,7 @@ class Built:
 def build_run(cfg: RunConfig, world_size: int = 1) -> Built:
     """Data, student, teacher and distiller for ``cfg`` (on CPU), with the input checks a run needs."""
     method_cls = METHODS.get(cfg.method)
-    method_args = method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)
+    method_args = check_run_config(cfg)
     if getattr(method_args, "img_size", "absent") is None:  # methods that probe feature shapes
         method_args = dataclasses.replace(method_args, img_size=cfg.data.img_size)
     if cfg.train.batch_size < method_cls.min_batch_size:

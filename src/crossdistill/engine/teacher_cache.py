@@ -58,6 +58,7 @@ from ..checkpoint import is_disk_full, write_text_atomic
 from ..errors import CrossDistillError
 from ..models import TEACHER_OUTPUT_NAMES as OUTPUTS
 from ..models import Teacher, TeacherOutputs
+from ..version import __version__
 
 CACHE_FORMAT = "crossdistill-teacher-cache/1"
 # ---------------------------------------------------------------- key
@@ -95,8 +96,6 @@ def cache_key(cfg, teacher: Teacher, *, num_train: int, data_mean: Sequence[floa
     import PIL
     import timm
     import torchvision
-
-    from .. import __version__
 
     def plain(value):
         return list(value) if isinstance(value, tuple) else value

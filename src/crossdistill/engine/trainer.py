@@ -21,9 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from .. import __version__
 from ..checkpoint import RESUME_HINT, load_weights_file, remove_torn_files, save_atomic, write_text_atomic
-from ..config import RunConfig, save_config, with_absolute_paths
+from ..config import RunConfig, with_absolute_paths
 from ..errors import CrossDistillError
 from .distributed import (DistEnv, all_ranks_ok, all_reduce_sum, barrier, broadcast_from_main, init_distributed,
                           shutdown)
@@ -32,10 +31,11 @@ from .preemption import EXIT_PREEMPTED, Preempted, StopSignal
 from .rundir import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, LATEST, STEP_DIR, SUMMARY, RunDirLock,
                      inspect_run_dir, remove_run_files, step_checkpoints)
 from .sampling import ResumableSampler, SampleSeededDataset
-from .setup import autocast_dtype, build_run, count_parameters
+from .setup import autocast_dtype, build_run, check_run_config, count_parameters
 from .snapshot import TensorSnapshot
 from ..data.device_augment import DeviceAugment
 from ..models import is_token_model
+from ..version import __version__
 from .teacher_cache import TeacherCache, WithIndex, cache_key, cache_widths
 from .teacher_runner import TeacherRunner
 
@@ -496,6 +496,7 @@ class TrainStep:
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, env: DistEnv | None = None,
                  out=None):
+        check_run_config(cfg)  # bad method arguments or data options fail here, before the run directory is touched
         self.cfg = cfg = with_absolute_paths(cfg)
         self.env = env or init_distributed(cfg.train.device)
         self.out = out if out is not None else sys.stdout
@@ -685,7 +686,7 @@ class Trainer:
             if contents.foreign:
                 self.print(f"kept what a run does not write in {self.run_dir}: {contents.describe_foreign()}")
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / CONFIG)
+            self._write_config(self.run_dir / CONFIG)
         barrier(self.env)
 
     def _record_epochs(self) -> None:
@@ -699,7 +700,11 @@ class Trainer:
             saved["train"]["epochs"] = self.cfg.train.epochs
             write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
         else:
-            save_config(self.cfg, path)
+            self._write_config(path)
+
+    def _write_config(self, path: Path) -> None:
+        write_text_atomic(path, self.cfg.to_yaml(),
+                          hint="Free some space (or choose another train.output_dir) and run the command again.")
 
     def _build_loaders(self) -> None:
         cfg, env = self.cfg, self.env
