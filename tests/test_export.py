@@ -5,6 +5,9 @@ import io
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,7 +105,14 @@ def _check_round_trip(run_dir, out_dir, state_key, exporter):
     sidecar = json.loads((out_dir / "config.json").read_text())
     assert sidecar["architecture"] == name and sidecar["num_classes"] == n
     assert sidecar["label_names"] == ckpt["classes"]
-    assert sidecar.get("model_args", {}) == kwargs
+    # written by timm's save_config_for_hf: model_args holds the run's kwargs (img_size as timm's pair) and, in
+    # newer timm, the arguments it reads off the model to rebuild it (num_classes, in_chans, global_pool)
+    model_args = sidecar.get("model_args", {})
+    for key, value in kwargs.items():
+        assert model_args[key] in (value, [value, value]), key
+    assert model_args.get("num_classes", n) == n
+    rebuilt = timm.create_model(name, **{"num_classes": n, **model_args}).state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in ckpt[state_key].items()}
     pre = sidecar["pretrained_cfg"]
     assert pre["input_size"] == [3, 32, 32] and pre["mean"] == pytest.approx(ckpt["normalization"]["mean"])
     assert pre["std"] == pytest.approx(ckpt["normalization"]["std"])
@@ -222,3 +232,49 @@ def test_cli_format_typo_is_one_line(cnn_run, capsys):
     code = main(["export", str(cnn_run), "--format", "safetensor"])
     err = capsys.readouterr().err
     assert code == 2 and "Did you mean: safetensors?" in err and "Traceback" not in err
+
+
+KILLED_MID_EXPORT = """import os, signal, sys
+from pathlib import Path
+import torch
+import crossdistill
+from crossdistill.export import export_onnx
+
+def half_then_killed(model, args, f, **kwargs):
+    with open(f, "wb") as handle:
+        handle.write(b"half an onnx file")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+print(crossdistill.__file__, flush=True)
+torch.onnx.export = half_then_killed
+export_onnx(torch.nn.Linear(4, 2), torch.zeros(2, 4), Path(sys.argv[1]), "torchscript")
+"""
+
+
+def test_a_kill_mid_onnx_export_leaves_the_previous_file_whole(tmp_path):
+    import crossdistill
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"the previous export")
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_EXPORT, str(path)], capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert killed.stdout.strip() == crossdistill.__file__  # the child ran these sources
+    assert path.read_bytes() == b"the previous export"
+
+
+def test_a_failed_onnx_export_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from crossdistill.export import export_onnx
+
+    def half_then_fails(model, args, f, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"half an onnx file")
+        raise RuntimeError("unsupported operator")
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"the previous export")
+    monkeypatch.setattr(torch.onnx, "export", half_then_fails)
+    with pytest.raises(CrossDistillError, match=r"^ONNX export failed \(torchscript exporter\): RuntimeError: "
+                                                r"unsupported operator\. Export safetensors/timm instead"):
+        export_onnx(torch.nn.Linear(4, 2), torch.zeros(2, 4), path, "torchscript")
+    assert path.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

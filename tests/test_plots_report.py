@@ -182,3 +182,33 @@ def test_missing_matplotlib_is_an_install_hint(seeds, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'crossdistill[analysis]'" in err and "Traceback" not in err
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_a_full_disk_under_plot_and_report_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    import matplotlib.figure
+
+    from crossdistill import files
+
+    run = fake_run(tmp_path, "rsd", seed=1, last=50.0, best=51.0)
+    png, table = tmp_path / "curves.png", tmp_path / "r.csv"
+    png.write_bytes(b"an earlier plot")
+    table.write_text("an earlier table")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_file(fd, tmp):
+        os.close(fd)
+        full_disk()
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    monkeypatch.setattr(files, "_open_temporary", full_file)
+    for command, path in ((["plot", str(run), "--out", str(png)], png), (["report", str(run), "--csv", str(table)], table)):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err == (f"crossdistill: error: no space left on the device while writing {path}; the previous version "
+                       "of this file is intact. Free some space (or write to another disk) and run the command again.\n")
+    assert png.read_bytes() == b"an earlier plot" and table.read_text() == "an earlier table"

@@ -2,26 +2,27 @@
 
 A checkpoint file is untrusted input: ``.pth``/``.pt`` files are read with
 ``torch.load(weights_only=True)`` (no code runs while unpickling) and
-``.safetensors`` files with safetensors. Writes are atomic: a temporary file in
-the same directory, flushed and fsynced, then renamed over the target, so a
-crash leaves either the old file or the new one, never a torn one.
+``.safetensors`` files with safetensors. Writes are atomic, through
+:mod:`crossdistill.files` (a temporary file in the same directory, flushed and
+fsynced, then renamed over the target): a crash leaves either the old file or the
+new one, never a torn one. The names here default the full-disk advice to a run's
+(``RESUME_HINT``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
 
+from . import files
 from .errors import SHOWN_CHARS, CrossDistillError, one_line
+from .files import NO_SPACE_ERRNOS, is_disk_full  # noqa: F401  (re-exported: the engine and export use them)
 
 
 # Plain attribute containers that timm's CheckpointSaver stores beside the weights (the run's
@@ -81,12 +82,6 @@ def load_weights_file(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 TORN_PATTERN = ".*.pt.*.tmp"
 """What :func:`save_atomic` leaves behind when the process is killed mid-write (never read)."""
 
@@ -101,72 +96,25 @@ def remove_torn_files(folder: str | Path) -> list[Path]:
     return removed
 
 
-NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 RESUME_HINT = "Free some space (or move train.output_dir) and resume with --resume."
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """Whether ``err``, or an exception it was raised from or while handling, is a full disk or quota.
-
-    torch's writer turns the OSError of a full disk into ``RuntimeError: [enforce fail at
-    inline_container.cc] unexpected pos``, raised while the OSError is handled: it is found there."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
 def no_space_error(path: str | Path, hint: str = RESUME_HINT) -> CrossDistillError:
-    """The one-line error for a write to ``path`` that found the disk full (call it before anything is removed)."""
-    kept = ("the previous version of this file is intact" if Path(path).exists() else "the file was not written")
-    return CrossDistillError(f"no space left on the device while writing {path}; {kept}. {hint}")
+    """The one-line error for a write to ``path`` that found the disk full; see :func:`crossdistill.files.no_space_error`."""
+    return files.no_space_error(path, hint)
 
 
-def _open_temporary(fd: int, tmp: str) -> BinaryIO:
-    """The handle an atomic write writes through (tests put a full disk behind it)."""
-    return os.fdopen(fd, "wb")
-
-
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], *, hint: str = RESUME_HINT) -> None:
-    """Call ``write(handle)`` to fill a temporary file beside ``path``, then fsync and rename it over ``path``:
-    a crash leaves the old file or the new one, never a torn one. A full disk (however it shows: an
-    OSError, torch's RuntimeError) is one line naming ``path`` and ending with ``hint``, and the old file stays."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with _open_temporary(fd, tmp) as handle:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, Exception) and is_disk_full(err):
-            raise no_space_error(path, hint) from None
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], *, hint: str = RESUME_HINT) -> None:
+    """Call ``write(handle)`` to fill ``path`` atomically; a full disk is one line ending with ``hint``, see
+    :func:`crossdistill.files.write_atomic`."""
+    files.write_atomic(path, write, hint=hint)
 
 
 def save_atomic(obj: Any, path: str | Path, *, hint: str = RESUME_HINT) -> None:
     """``torch.save`` to ``path`` atomically (temp file + fsync + rename); a full disk is one line, see :func:`write_atomic`."""
-    write_atomic(path, lambda handle: torch.save(obj, handle), hint=hint)
+    files.write_atomic(path, lambda handle: torch.save(obj, handle), hint=hint)
 
 
 def write_text_atomic(path: str | Path, text: str, *, hint: str = RESUME_HINT) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically; a full disk is one line, see :func:`write_atomic`."""
-    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")), hint=hint)
+    files.write_text_atomic(path, text, hint=hint)

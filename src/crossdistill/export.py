@@ -6,11 +6,12 @@ What is written (into ``RUN_DIR/export/`` or ``--out DIR``):
 * ``model.pth`` (format ``timm``): the same state dict as a plain ``torch.save`` file;
 * ``model.onnx`` (format ``onnx``): the student in eval mode, input ``input`` [batch, 3, H, W]
   with a dynamic batch axis, output ``logits`` [batch, num_classes];
-* ``config.json``: the sidecar, in timm's Hugging Face ``config.json`` layout (architecture,
-  num_classes, label_names, model_args = the run's model kwargs, pretrained_cfg = the input size,
-  mean/std, crop_pct, interpolation and crop_mode the run evaluated with), plus a ``crossdistill``
-  section saying where the weights came from and how they were checked. With it, the export
-  directory also loads as ``timm.create_model("local-dir:DIR", pretrained=True)``.
+* ``config.json``: the sidecar, written by timm's own ``save_config_for_hf`` (its Hugging Face
+  ``config.json``: architecture, num_classes, label_names, model_args = the run's model kwargs and
+  what timm records to rebuild the model, pretrained_cfg = the input size, mean/std, crop_pct,
+  interpolation and crop_mode the run evaluated with), plus a ``crossdistill`` section saying where
+  the weights came from and how they were checked. With it, the export directory also loads as
+  ``timm.create_model("local-dir:DIR", pretrained=True)``.
 
 AAD/projectors and every other training-only module are dropped: only the student's own
 state dict is exported. Weights: ``ema`` (the EMA of the student, from ``last.pt``), ``best``
@@ -20,14 +21,17 @@ Every exported file is checked before the command succeeds: the exported model's
 batch (eval images of the run's dataset, or a random batch when the data is not available)
 must equal the checkpoint's (safetensors and timm state dict: max abs difference <= 1e-6;
 ONNX through onnxruntime: <= 1e-4, at two batch sizes). The sidecar is written last, only when
-every check passed.
+every check passed. Every file is written atomically (:mod:`crossdistill.files`): a failed or killed
+export leaves each file's previous version or the new one, never a half-written file.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import inspect
 import io
 import json
 import sys
@@ -39,12 +43,13 @@ from typing import Any, Callable, Sequence, TextIO
 import torch
 from torch import nn
 
-from .checkpoint import is_disk_full, load_weights_file, no_space_error, save_atomic, write_atomic, write_text_atomic
+from .checkpoint import load_weights_file, save_atomic
 from .config import ModelConfig, RunConfig, from_dict, read_yaml
 from .data import build_data
 from .data.transforms import DEFAULT_EVAL_INTERPOLATION
 from .engine.setup import student_data_config
 from .errors import SHOWN_CHARS, CrossDistillError, one_line, shorten, suggest
+from .files import NoSpaceError, write_bytes_atomic, write_path_atomic
 from .models import create_model
 from .version import __version__
 
@@ -262,7 +267,7 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict
 
     # serialised in memory, then written through a Python handle: a full disk is an OSError we can name
     data = save(state, metadata={"format": "pt", **(metadata or {})})
-    write_atomic(path, lambda handle: handle.write(data), hint=EXPORT_DISK_HINT)
+    write_bytes_atomic(path, data, hint=EXPORT_DISK_HINT)
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: str = "auto",
@@ -270,27 +275,37 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
     """Export ``model`` (eval mode) to ONNX with a dynamic batch axis; returns the exporter used.
 
     ``auto`` uses torch's default exporter (``dynamo=True``, torch.export + onnxscript) and falls
-    back to the TorchScript exporter (``dynamo=False``) if it fails.
+    back to the TorchScript exporter (``dynamo=False``) if it fails. The file is written atomically
+    (torch writes into a temporary folder, the file is then renamed to ``path``): a failure or a kill
+    mid-export leaves the previous ``path`` as it was, never a half-written one.
     """
     model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8 * 2**30  # ONNX protobuf limit: 2 GiB
     kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"]}
     if opset is not None:
         kwargs["opset_version"] = opset
+
+    def dynamo(target: Path) -> None:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            # a big model's weights go to target + ".data", which the temporary folder holds too
+            torch.onnx.export(model, (example,), str(target), dynamo=True, dynamic_shapes=({0: batch},),
+                              external_data=big, verbose=False, **kwargs)
+
+    def torchscript(target: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation and tracer warnings about shape-dependent branches
+            torch.onnx.export(model, (example,), str(target), dynamo=False,
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
+
     if exporter in ("auto", "dynamo"):
         try:
-            batch = torch.export.Dim("batch", min=1, max=65536)
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
-                                  external_data=big, verbose=False, **kwargs)
+            write_path_atomic(path, dynamo, hint=EXPORT_DISK_HINT)
             return "dynamo"
+        except NoSpaceError:
+            raise
         except Exception as err:  # torch.export raises many types on unsupported code
-            for leftover in (path, path.with_name(path.name + ".data")):
-                leftover.unlink(missing_ok=True)
-            if is_disk_full(err):
-                raise no_space_error(path, EXPORT_DISK_HINT) from None
             if exporter == "dynamo":
                 raise CrossDistillError(
                     f"the dynamo ONNX exporter failed on this model ({_first_line(err)}); "
@@ -299,14 +314,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
             say(f"  note: torch's dynamo ONNX exporter failed ({_first_line(err)[:200]}); "
                 "falling back to the TorchScript exporter (dynamo=False)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # deprecation and tracer warnings about shape-dependent branches
-            torch.onnx.export(model, (example,), str(path), dynamo=False,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
+        write_path_atomic(path, torchscript, hint=EXPORT_DISK_HINT)
+    except NoSpaceError:
+        raise
     except Exception as err:
-        path.unlink(missing_ok=True)
-        if is_disk_full(err):
-            raise no_space_error(path, EXPORT_DISK_HINT) from None
         tried = "dynamo, then the TorchScript fallback" if exporter == "auto" else exporter
         raise CrossDistillError(
             f"ONNX export failed ({tried} exporter): {_first_line(err)}. Export safetensors/timm instead, "
@@ -485,9 +496,9 @@ def export_run(
         say(f"  {fmt:<12} {path}  logits equal the checkpoint's: max abs diff {result.max_abs_diff[fmt]:.3g} "
             f"<= {TOLERANCE[fmt]:g} via {how}")
 
-    sidecar = build_sidecar(cfg, name, kwargs, num_classes, classes, preprocessing, model, result, state, run_dir)
+    model_config = build_sidecar(cfg, name, kwargs, num_classes, classes, preprocessing, model, result, state, run_dir)
     result.sidecar = out_dir / SIDECAR
-    write_text_atomic(result.sidecar, json.dumps(sidecar, indent=2) + "\n", hint=EXPORT_DISK_HINT)
+    write_sidecar(result.sidecar, model, kwargs, model_config, preprocessing)
     if "safetensors" in names:
         # the sidecar is timm's config.json: the directory itself loads with plain timm
         try:
@@ -509,8 +520,10 @@ def export_run(
 def build_sidecar(cfg, name: str, kwargs: dict[str, Any], num_classes: int, classes: list[str],
                   preprocessing: dict[str, Any], model: nn.Module, result: ExportResult, state: dict[str, Any],
                   run_dir: Path) -> dict[str, Any]:
-    """timm's HF ``config.json`` layout + a ``crossdistill`` provenance section."""
+    """What crossdistill adds to timm's ``config.json`` (the ``model_config`` of :func:`write_sidecar`): the
+    eval preprocessing and head of the run, the class names, and a ``crossdistill`` provenance section."""
     timm_cfg = getattr(model, "pretrained_cfg", {}) or {}
+    # timm 1.0.31 fills these from the model itself; older timm replaces its pretrained_cfg with ours whole
     pretrained_cfg = {
         **preprocessing,
         "num_classes": num_classes,
@@ -518,17 +531,10 @@ def build_sidecar(cfg, name: str, kwargs: dict[str, Any], num_classes: int, clas
         "first_conv": timm_cfg.get("first_conv"),
         "classifier": timm_cfg.get("classifier"),
     }
-    sidecar: dict[str, Any] = {
-        "architecture": name,
-        "num_classes": num_classes,
-        "num_features": int(getattr(model, "num_features", 0) or 0),
-    }
+    model_config: dict[str, Any] = {"pretrained_cfg": {k: v for k, v in pretrained_cfg.items() if v is not None}}
     if classes:
-        sidecar["label_names"] = classes
-    if kwargs:
-        sidecar["model_args"] = kwargs
-    sidecar["pretrained_cfg"] = {k: v for k, v in pretrained_cfg.items() if v is not None}
-    sidecar["crossdistill"] = {
+        model_config["label_names"] = classes
+    model_config["crossdistill"] = {
         "version": __version__,
         "model": name,
         "kwargs": kwargs,
@@ -547,7 +553,26 @@ def build_sidecar(cfg, name: str, kwargs: dict[str, Any], num_classes: int, clas
         "checks": {"input": result.check_input,
                    "max_abs_diff": result.max_abs_diff, "tolerance": {f: TOLERANCE[f] for f in result.files}},
     }
-    return sidecar
+    return model_config
+
+
+def write_sidecar(path: Path, model: nn.Module, kwargs: dict[str, Any], model_config: dict[str, Any],
+                  preprocessing: dict[str, Any]) -> None:
+    """Write ``config.json`` with timm's own ``save_config_for_hf`` (atomically): architecture, num_classes,
+    num_features, global_pool, label_names, model_args (the run's kwargs and, in newer timm, the arguments
+    it reads off the model to rebuild it) and pretrained_cfg, plus the keys of ``model_config`` it does not
+    know (our ``crossdistill`` section), so that ``timm.create_model("local-dir:DIR")`` loads the export."""
+    from timm.models._hub import save_config_for_hf
+
+    extra: dict[str, Any] = {}
+    if "data_config" in inspect.signature(save_config_for_hf).parameters:
+        # timm >= 1.0.31: the run's preprocessing also replaces the source checkpoint's test-time size and crop
+        extra["data_config"] = preprocessing
+
+    def save(target: Path) -> None:  # older timm pops from model_config: a copy per call
+        save_config_for_hf(model, target, model_config=copy.deepcopy(model_config), model_args=kwargs or None, **extra)
+
+    write_path_atomic(path, save, hint=EXPORT_DISK_HINT)
 
 
 # ---------------------------------------------------------------- command line

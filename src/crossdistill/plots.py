@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import CrossDistillError
+from .files import RERUN_HINT, write_path_atomic
 
 CURVES = "curves.png"
 _INSTALL = "pip install 'crossdistill[analysis]'"
@@ -190,8 +191,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path = CURVES, labels: 
     fig.legend(handles, names, loc="outside upper center", ncols=min(len(names), 4), fontsize=9,
                title="run", title_fontsize=9, frameon=False)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    write_path_atomic(out, lambda target: fig.savefig(target, dpi=dpi, format=out.suffix[1:] or "png"),
+                      hint=RERUN_HINT)
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
 import statistics
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 from .config import RunConfig, from_dict
 from .distillers import method_config
 from .errors import CrossDistillError, one_line
+from .files import RERUN_HINT, write_text_atomic
 
 IGNORED_KEYS = frozenset({
     "train.seed", "train.run_name", "train.output_dir", "train.device", "train.progress", "train.tensorboard",
@@ -270,16 +272,15 @@ def _csv_value(value: Any) -> Any:
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            out = dict(row)
-            out["seeds"] = " ".join(str(s) for s in row["seeds"])
-            out["runs"] = " ".join(row["runs"])
-            writer.writerow({k: _csv_value(out.get(k)) for k in CSV_FIELDS})
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for row in rows:
+        out = dict(row)
+        out["seeds"] = " ".join(str(s) for s in row["seeds"])
+        out["runs"] = " ".join(row["runs"])
+        writer.writerow({k: _csv_value(out.get(k)) for k in CSV_FIELDS})
+    write_text_atomic(path, handle.getvalue(), hint=RERUN_HINT)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

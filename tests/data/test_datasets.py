@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
@@ -596,3 +597,20 @@ def test_archive_cache_of_an_older_decoder_is_decoded_again(tmp_path, tree, cach
     monkeypatch.setattr(tarfile, "open", lambda *a, **kw: opened.append(a) or real_open(*a, **kw))
     build_data(folder_cfg(archive, cache), STUDENT)
     assert len(opened) == 1 and json.loads(meta_file.read_text())["version"] == archive_module.CACHE_VERSION
+
+
+def test_a_full_disk_while_caching_a_decoded_archive_is_one_line(tmp_path, tree, cache, monkeypatch):
+    archive = make_tar(tree, tmp_path / "data.tar")
+
+    def full_disk(handle, **arrays):
+        handle.write(b"PK")  # a few bytes of the zip, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(CrossDistillError) as raised:
+        build_data(folder_cfg(archive, cache), STUDENT)
+    folder = next(cache.glob("archives/*"))
+    assert str(raised.value) == (f"no space left on the device while writing {folder / 'split0.npz'}; the file was not "
+                                 "written. Free some space (or point data.cache_dir at another disk) and run the "
+                                 "command again.")
+    assert not list(folder.iterdir())  # no meta.json (the cache is not complete), no temporary file

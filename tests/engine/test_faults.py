@@ -419,12 +419,12 @@ class DiskFillsUp:
 
 def test_a_full_disk_under_torchs_writer_is_one_line_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
     """torch's writer turns ENOSPC into `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`."""
-    from crossdistill import checkpoint
+    from crossdistill import files
 
     path = tmp_path / "last.pt"
     save_atomic({"w": torch.arange(1000.0)}, path)
     before = path.read_bytes()
-    monkeypatch.setattr(checkpoint, "_open_temporary", lambda fd, tmp: DiskFillsUp(os.fdopen(fd, "wb"), room=2000))
+    monkeypatch.setattr(files, "_open_temporary", lambda fd, tmp: DiskFillsUp(os.fdopen(fd, "wb"), room=2000))
     with pytest.raises(CrossDistillError) as raised:
         save_atomic({"w": torch.zeros(100_000)}, path)
     assert isinstance(raised.value.__context__, RuntimeError) and "unexpected pos" in str(raised.value.__context__)
@@ -435,13 +435,13 @@ def test_a_full_disk_under_torchs_writer_is_one_line_and_the_previous_checkpoint
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_real_enospc_from_the_kernel_is_the_same_line(tmp_path, monkeypatch):
-    from crossdistill import checkpoint
+    from crossdistill import files
 
     def dev_full(fd, tmp):
         os.close(fd)
         return open("/dev/full", "wb")
 
-    monkeypatch.setattr(checkpoint, "_open_temporary", dev_full)
+    monkeypatch.setattr(files, "_open_temporary", dev_full)
     with pytest.raises(CrossDistillError, match=r"no space left on the device while writing .*c\.pt; the file was not"):
         save_atomic({"w": torch.zeros(100_000)}, tmp_path / "c.pt")
     assert not list(tmp_path.iterdir())
@@ -450,9 +450,9 @@ def test_a_real_enospc_from_the_kernel_is_the_same_line(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name, nth", [("last.pt", 2), ("latest.json", 2), ("metrics.csv", 2), ("best.pt", 1),
                                        ("summary.json", 1), ("config.yaml", 1)])
 def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, capsys, name, nth):
-    from crossdistill import checkpoint
+    from crossdistill import files
 
-    run_dir, real_open, writes, before = tmp_path / "runs" / "run", checkpoint._open_temporary, {"n": 0}, {}
+    run_dir, real_open, writes, before = tmp_path / "runs" / "run", files._open_temporary, {"n": 0}, {}
 
     def open_temporary(fd, tmp):
         handle = real_open(fd, tmp)
@@ -464,7 +464,7 @@ def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_previous_file(tmp_pa
                 return DiskFillsUp(handle, room=16)
         return handle
 
-    monkeypatch.setattr(checkpoint, "_open_temporary", open_temporary)
+    monkeypatch.setattr(files, "_open_temporary", open_temporary)
     raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 2}, data={"train_subset": 64, "eval_subset": 20})
     assert _train_cli(tmp_path, raw) == 2
     err = capsys.readouterr().err
@@ -519,18 +519,36 @@ def test_a_full_disk_under_the_teacher_cache_is_one_line_not_a_sigbus(tmp_path, 
 
 
 def test_a_full_disk_while_exporting_is_one_line_and_the_previous_export_survives(tmp_path, monkeypatch):
-    from crossdistill import checkpoint
+    from crossdistill import files
     from crossdistill.export import write_safetensors
 
     path = tmp_path / "model.safetensors"
     write_safetensors({"w": torch.ones(10)}, path)
     before = path.read_bytes()
-    monkeypatch.setattr(checkpoint, "_open_temporary", lambda fd, tmp: DiskFillsUp(os.fdopen(fd, "wb"), room=16))
+    monkeypatch.setattr(files, "_open_temporary", lambda fd, tmp: DiskFillsUp(os.fdopen(fd, "wb"), room=16))
     with pytest.raises(CrossDistillError, match=r"^no space left on the device while writing .*model\.safetensors; "
                                                 r"the previous version of this file is intact\. Free some space "
                                                 r"\(or pass --out on another disk\) and run the export again\.$"):
         write_safetensors({"w": torch.zeros(1000)}, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_a_full_disk_while_exporting_onnx_is_one_line_and_the_previous_file_survives(tmp_path, monkeypatch):
+    from crossdistill.export import export_onnx
+
+    def fills_the_disk(model, args, f, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"half an onnx file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"the previous export")
+    monkeypatch.setattr(torch.onnx, "export", fills_the_disk)
+    with pytest.raises(CrossDistillError, match=r"^no space left on the device while writing .*model\.onnx; "
+                                                r"the previous version of this file is intact\. Free some space "
+                                                r"\(or pass --out on another disk\) and run the export again\.$"):
+        export_onnx(torch.nn.Linear(4, 2), torch.zeros(2, 4), path, "auto")
+    assert path.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
 def test_pruning_step_checkpoints_keeps_a_users_file_of_a_similar_name(tmp_path):

@@ -222,12 +222,12 @@ def test_an_uncreatable_directory_is_a_clear_error(tmp_path):
 def test_the_outputs_are_checked_against_the_stored_width(tmp_path):
     cache = _cache(tmp_path)
     cache.begin_epoch(0)
-    narrow = lambda x: ModelOutput(embedding=torch.zeros(x.shape[0], WIDTH - 1))  # noqa: E731
+    narrow = lambda x: TeacherOutputs(embedding=torch.zeros(x.shape[0], WIDTH - 1))  # noqa: E731
     with pytest.raises(CrossDistillError, match=r"^teacher cache: the teacher's embedding has shape \(2, 3\), "
                                                 r"expected \(2, 4\)$"):
         _lookup(cache, [0, 1], narrow)
     with pytest.raises(CrossDistillError, match=r"has shape None, expected \(1, 4\)"):
-        _lookup(cache, [0], lambda x: ModelOutput(embedding=None))
+        _lookup(cache, [0], lambda x: TeacherOutputs(embedding=None))
     with pytest.raises(RuntimeError, match=r"out of range \[0, 6\)"):
         _lookup(cache, [-1], Teacher())
     with pytest.raises(RuntimeError, match=r"^teacher cache: \(2,\) indices for a batch of 3$"):

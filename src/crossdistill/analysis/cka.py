@@ -28,14 +28,17 @@ out of the mean), or by flattening everything (``pool="flatten"``, D = C*H*W: la
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import CrossDistillError
+from ..files import RERUN_HINT, write_path_atomic, write_text_atomic
 from ..models import FINAL, default_stages
 from ..models.adapter import num_prefix_tokens
 from ..plots import new_figure
@@ -366,23 +369,24 @@ def write_csv(result: CKAResult, path: str) -> None:
     labels = list(result.matrices)
     diff = result.difference()
     same_layers = len({tuple(v) for v in result.student_layers.values()}) == 1
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        if same_layers:
-            header = ["teacher_layer", "student_layer"] + [f"cka_{label}" for label in labels]
-            if diff is not None:
-                header.append(f"diff_{labels[0]}_minus_{labels[1]}")
-            writer.writerow(header)
-            for i, t_name in enumerate(result.teacher_layers):
-                for j, s_name in enumerate(result.student_layers[labels[0]]):
-                    row = [t_name, s_name] + [f"{result.matrices[label][i, j]:.6f}" for label in labels]
-                    if diff is not None:
-                        row.append(f"{diff[i, j]:.6f}")
-                    writer.writerow(row)
-        else:
-            writer.writerow(["student", "teacher_layer", "student_layer", "cka"])
-            for row in result.rows():
-                writer.writerow([row["student"], row["teacher_layer"], row["student_layer"], f"{row['cka']:.6f}"])
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    if same_layers:
+        header = ["teacher_layer", "student_layer"] + [f"cka_{label}" for label in labels]
+        if diff is not None:
+            header.append(f"diff_{labels[0]}_minus_{labels[1]}")
+        writer.writerow(header)
+        for i, t_name in enumerate(result.teacher_layers):
+            for j, s_name in enumerate(result.student_layers[labels[0]]):
+                row = [t_name, s_name] + [f"{result.matrices[label][i, j]:.6f}" for label in labels]
+                if diff is not None:
+                    row.append(f"{diff[i, j]:.6f}")
+                writer.writerow(row)
+    else:
+        writer.writerow(["student", "teacher_layer", "student_layer", "cka"])
+        for row in result.rows():
+            writer.writerow([row["student"], row["teacher_layer"], row["student_layer"], f"{row['cka']:.6f}"])
+    write_text_atomic(path, handle.getvalue(), hint=RERUN_HINT)
 
 
 def format_table(result: CKAResult) -> str:
@@ -446,7 +450,8 @@ def plot_cka(result: CKAResult, path: str, dpi: int = 150) -> None:
         bar.set_label("CKA difference" if is_diff else "linear CKA", fontsize=8)
     fig.suptitle(f"Linear CKA between teacher {result.teacher} and student layers\n{result.samples} images, "
                  f"{result.estimator} estimator, stage features {result.pool}-pooled over positions", fontsize=10)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    write_path_atomic(Path(path), lambda target: fig.savefig(target, dpi=dpi, bbox_inches="tight",
+                                                          format=Path(path).suffix[1:] or "png"), hint=RERUN_HINT)
 
 
 def summary_lines(result: CKAResult) -> list[str]:

@@ -10,8 +10,8 @@ Every image is decoded once with PIL to a uint8 RGB array (:func:`.images.decode
 scaled, at most ``MAX_IMAGE_PIXELS`` pixels, members of at most :data:`MAX_MEMBER_BYTES`); the arrays are written to
 ``<cache root>/archives/<name>-<key>/`` (one ``.npz`` per split plus ``meta.json``)
 where ``key`` hashes the archive's absolute path, size and modification time, so a
-changed or moved archive is decoded afresh. Files are written atomically (temporary
-file + ``os.replace``); ``meta.json`` is written last and marks a complete cache.
+changed or moved archive is decoded afresh. Files are written atomically (:mod:`crossdistill.files`);
+``meta.json`` is written last and marks a complete cache.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import numpy as np
 
 from ..errors import CrossDistillError
+from ..files import write_atomic, write_text_atomic
 from .images import ImageRejected, decode_rgb
 
 logger = logging.getLogger("crossdistill.data")
@@ -39,6 +39,7 @@ logger = logging.getLogger("crossdistill.data")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 LAYOUT = "<split>/<class>/<image> (optionally under one top-level directory)"
 CACHE_VERSION = 2  # 2: high-bit-depth images scaled, not clipped (version-1 caches are decoded afresh)
+CACHE_DISK_HINT = "Free some space (or point data.cache_dir at another disk) and run the command again."
 MAX_MEMBER_BYTES = 256 * 1024**2
 """Largest image member read from an archive, checked from its header before any byte is read: 3 bytes for
 each of :data:`~crossdistill.data.images.MAX_IMAGE_PIXELS` pixels, room for any compressed image within that limit."""
@@ -120,10 +121,10 @@ def open_archive(path: str | Path, cache_root: str | Path | None = None, skip_co
     meta = {"version": CACHE_VERSION, "archive": str(path), "splits": {}, "skipped": skipped}
     for i, (name, split) in enumerate(sorted(splits.items())):
         fname = f"split{i}.npz"
-        _atomic_write(cache_dir / fname, lambda f, s=split: np.savez(f, **_to_arrays(s)))
+        write_atomic(cache_dir / fname, lambda f, s=split: np.savez(f, **_to_arrays(s)), hint=CACHE_DISK_HINT)
         meta["splits"][name] = {"file": fname, "classes": split.classes, "count": int(len(split.labels)),
                                 "empty_classes": split.empty_classes}
-    _atomic_write(cache_dir / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    write_text_atomic(cache_dir / "meta.json", json.dumps(meta, indent=1), hint=CACHE_DISK_HINT)
     return DecodedArchive(path, cache_dir, meta)
 
 
@@ -159,23 +160,6 @@ def _read_meta(cache_dir: Path) -> dict[str, Any] | None:
             logger.warning("decoded cache file %s is unreadable; decoding the archive again", file)
             return None
     return meta
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _to_arrays(split: ArchiveSplit) -> dict[str, np.ndarray]:

@@ -54,13 +54,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import is_disk_full, write_text_atomic
 from ..errors import CrossDistillError
+from ..files import NoSpaceError, is_disk_full, write_path_atomic, write_text_atomic
 from ..models import TEACHER_OUTPUT_NAMES as OUTPUTS
 from ..models import Teacher, TeacherOutputs
 from ..version import __version__
 
 CACHE_FORMAT = "crossdistill-teacher-cache/1"
+CACHE_DISK_HINT = "Free some space, point train.teacher_cache at another disk, or set train.teacher_cache=null."
 # ---------------------------------------------------------------- key
 
 
@@ -185,26 +186,22 @@ class _Store:
 
     @staticmethod
     def _create(path: Path, shape: tuple[int, ...], dtype: np.dtype, fill) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            _reserve_blocks(tmp)
+        def write(target: Path) -> None:
+            array = np.lib.format.open_memmap(target, mode="w+", dtype=dtype, shape=shape)
+            _reserve_blocks(target)
             if fill is not None:
                 array[:] = fill
             array.flush()
             del array
-            os.link(tmp, path)  # atomic, and never replaces a file another run created meanwhile
-        except FileExistsError:
-            pass
-        except OSError as err:
-            if not is_disk_full(err):
-                raise
+
+        try:
+            # exclusive: never replaces a file another rank or run created meanwhile
+            write_path_atomic(path, write, hint=CACHE_DISK_HINT, exclusive=True)
+        except NoSpaceError:
             size = int(np.prod(shape)) * np.dtype(dtype).itemsize
             raise CrossDistillError(
                 f"no space left on the device for the teacher cache file {path} ({size / 2**20:.1f} MiB); free some "
                 "space, point train.teacher_cache at another disk, or set train.teacher_cache=null") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def open(self) -> None:
         try:
@@ -297,8 +294,7 @@ class TeacherCache:
             if existing is not None:
                 return
             self.warn(f"teacher cache {key_file} is unreadable; rewriting it")
-        write_text_atomic(key_file, json.dumps(record, indent=2, sort_keys=True),
-                          hint="Free some space, point train.teacher_cache at another disk, or set train.teacher_cache=null.")
+        write_text_atomic(key_file, json.dumps(record, indent=2, sort_keys=True), hint=CACHE_DISK_HINT)
 
     def warn(self, message: str) -> None:
         if message not in self._warned:
