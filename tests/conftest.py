@@ -31,6 +31,38 @@ def tiny_run(tmp_path, method: str = "rsd", **sections) -> dict:
     return cfg
 
 
+TINY_CLASSES, TINY_SIZE = 10, 32
+
+
+def tiny_resnet(**kwargs):
+    """timm's ``test_resnet`` with 10 classes (a CNN: BatchNorm, four stages)."""
+    import timm
+
+    return timm.create_model("test_resnet", num_classes=TINY_CLASSES, **kwargs)
+
+
+def tiny_vit(**kwargs):
+    """timm's ``test_vit`` at 32 px with 8 px patches (a 4x4 token grid and a class token), 10 classes."""
+    import timm
+
+    return timm.create_model("test_vit", num_classes=TINY_CLASSES, img_size=TINY_SIZE, patch_size=8, **kwargs)
+
+
+def tiny_pair(student=tiny_resnet, teacher=tiny_vit, seed: int = 0):
+    """A cross-architecture (student, frozen Teacher) pair, seeded: ResNet student, ViT teacher by default."""
+    from crossdistill.models import Teacher
+
+    torch.manual_seed(seed)
+    return student(), Teacher(teacher())
+
+
+def tiny_batch(seed: int = 1, n: int = 8):
+    """``n`` random 32 px images and labels in 0..9, from their own generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, TINY_SIZE, TINY_SIZE, generator=gen),
+            torch.randint(0, TINY_CLASSES, (n,), generator=gen))
+
+
 def distill(distiller, images: torch.Tensor, target: torch.Tensor, indices: torch.Tensor | None = None):
     """One forward of ``distiller`` as the engine runs it: the teacher outputs the method asks for,
     computed by the engine's :class:`~crossdistill.engine.teacher_runner.TeacherRunner`, then the method."""

@@ -10,25 +10,14 @@ from crossdistill.distillers.fitnet import FitNet, FitNetConfig
 from crossdistill.errors import ConfigError
 from crossdistill.models import default_stages, forward_model
 
-from conftest import distill, tiny_run
+from conftest import distill, tiny_batch, tiny_pair, tiny_resnet, tiny_run, tiny_vit
 
 
-def resnet():
-    return timm.create_model("test_resnet", num_classes=10)
-
-
-def vit(**kwargs):
-    return timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8, **kwargs)
-
-
-def pair(student_fn, teacher_fn, seed=0):
-    torch.manual_seed(seed)
-    return student_fn(), Teacher(teacher_fn())
+resnet, vit, pair = tiny_resnet, tiny_vit, tiny_pair
 
 
 def batch(seed=0, n=8):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return tiny_batch(seed, n)
 
 
 # ---------------------------------------------------------------- config

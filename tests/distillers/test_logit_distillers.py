@@ -4,12 +4,11 @@ import dataclasses
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
-from crossdistill import METHODS, Teacher, build_distiller
+from crossdistill import METHODS, build_distiller
 from crossdistill.distillers.dist import DISTConfig
 from crossdistill.distillers.dkd import DKDConfig
 from crossdistill.distillers.kd import KDConfig
@@ -17,25 +16,20 @@ from crossdistill.errors import ConfigError, CrossDistillError
 from crossdistill.losses.dist import dist_loss
 from crossdistill.losses.dkd import dkd_loss
 from crossdistill.losses.kd import kd_loss
-from conftest import distill
+from conftest import distill, tiny_batch, tiny_pair, tiny_resnet, tiny_vit
 
 METHOD_NAMES = ["kd", "dkd", "dist"]
 PAIRS = ["cnn_student", "vit_student"]
 
 
-def tiny_pair(kind: str = "cnn_student", seed: int = 0):
+def logit_pair(kind: str = "cnn_student", seed: int = 0):
     """A cross-architecture pair: ResNet student + ViT teacher, or the reverse."""
-    torch.manual_seed(seed)
-    resnet = timm.create_model("test_resnet", num_classes=10)
-    vit = timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8)
     if kind == "cnn_student":
-        return resnet, Teacher(vit)
-    return vit, Teacher(resnet)
+        return tiny_pair(tiny_resnet, tiny_vit, seed)
+    return tiny_pair(tiny_vit, tiny_resnet, seed)
 
 
-def batch(seed: int = 1, n: int = 8):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+batch = tiny_batch
 
 
 def expected_kd_term(name, cfg, logits, logits_teacher, target):
@@ -70,7 +64,7 @@ def test_registered_with_official_defaults():
 @pytest.mark.parametrize("pair", PAIRS)
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_loss_terms_are_weighted_ce_plus_weighted_distillation(name, pair):
-    student, teacher = tiny_pair(pair)
+    student, teacher = logit_pair(pair)
     distiller = build_distiller(name, student, teacher, NON_DEFAULT_ARGS[name])
     x, y = batch()
     out = distill(distiller, x, y)
@@ -96,7 +90,7 @@ def test_loss_terms_are_weighted_ce_plus_weighted_distillation(name, pair):
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_student_is_trained_teacher_is_not(name):
-    student, teacher = tiny_pair()
+    student, teacher = logit_pair()
     distiller = build_distiller(name, student, teacher, {})
     distill(distiller, *batch()).loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
@@ -112,7 +106,7 @@ def test_student_is_trained_teacher_is_not(name):
 @pytest.mark.parametrize("pair", PAIRS)
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_twenty_adamw_steps_lower_the_loss(name, pair):
-    student, teacher = tiny_pair(pair)
+    student, teacher = logit_pair(pair)
     distiller = build_distiller(name, student, teacher, {})
     optimizer = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=1e-3)
     x, y = batch(seed=3)
@@ -130,7 +124,7 @@ def test_twenty_adamw_steps_lower_the_loss(name, pair):
 
 
 def test_dkd_soft_mixup_targets_use_argmax_and_soft_ce():
-    student, teacher = tiny_pair()
+    student, teacher = logit_pair()
     distiller = build_distiller("dkd", student, teacher, {}, criterion=SoftTargetCrossEntropy())
     x, y = batch()
     gen = torch.Generator().manual_seed(9)
@@ -147,7 +141,7 @@ def test_dkd_soft_mixup_targets_use_argmax_and_soft_ce():
 
 @pytest.mark.parametrize("name", ["kd", "dist"])
 def test_soft_targets_reach_only_the_criterion(name):
-    student, teacher = tiny_pair()
+    student, teacher = logit_pair()
     distiller = build_distiller(name, student, teacher, {}, criterion=SoftTargetCrossEntropy())
     x, y = batch()
     soft = F.one_hot(y, 10).float() * 0.9 + 0.01
@@ -156,7 +150,7 @@ def test_soft_targets_reach_only_the_criterion(name):
 
 
 def test_dkd_warmup_follows_the_epoch():
-    student, teacher = tiny_pair()
+    student, teacher = logit_pair()
     x, y = batch()
     student.eval()  # same logits on every call
     with torch.no_grad():
@@ -176,7 +170,7 @@ def test_dkd_warmup_follows_the_epoch():
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_bf16_autocast_gives_fp32_losses(name):
-    student, teacher = tiny_pair("vit_student")
+    student, teacher = logit_pair("vit_student")
     distiller = build_distiller(name, student, teacher, {})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = distill(distiller, *batch())
@@ -198,17 +192,17 @@ BAD_VALUES = [
 @pytest.mark.parametrize("name,key,value", BAD_VALUES)
 def test_out_of_range_values_name_the_key(name, key, value):
     with pytest.raises(ConfigError, match=rf"config key 'method_args\.{key}'"):
-        build_distiller(name, *tiny_pair(), {key: value})
+        build_distiller(name, *logit_pair(), {key: value})
 
 
 @pytest.mark.parametrize("name,key,value", [("kd", "temprature", 2.0), ("dkd", "warmup", 5), ("dist", "tau", "big")])
 def test_unknown_keys_and_wrong_types_name_the_key(name, key, value):
     with pytest.raises(ConfigError, match=rf"'method_args\.{key}'"):
-        build_distiller(name, *tiny_pair(), {key: value})
+        build_distiller(name, *logit_pair(), {key: value})
 
 
 def test_zero_weights_are_allowed():
-    student, teacher = tiny_pair()
+    student, teacher = logit_pair()
     out = distill(build_distiller("kd", student, teacher, {"weight": 0.0, "ce_weight": 0.0}), *batch())
     assert out.loss.item() == 0.0
 
@@ -216,7 +210,7 @@ def test_zero_weights_are_allowed():
 def test_methods_need_a_teacher():
     for name in METHOD_NAMES:
         with pytest.raises(ValueError, match="needs a teacher"):
-            build_distiller(name, tiny_pair()[0], None, {})
+            build_distiller(name, logit_pair()[0], None, {})
 
 
 # ---------------------------------------------------------------- through the engine

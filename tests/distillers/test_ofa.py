@@ -9,7 +9,7 @@ from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 from crossdistill import METHODS, Teacher, build_distiller
 from crossdistill.distillers.ofa import OFA, OFAConfig
 from crossdistill.errors import ConfigError
-from crossdistill.losses.ofa import ofa_loss, ofa_target_mask
+from crossdistill.losses.ofa import ofa_loss
 from crossdistill.models import forward_model
 from crossdistill.models.ofa_branches import (
     CNNBranch,

@@ -1,18 +1,10 @@
 import pytest
-import timm
 import torch
 
-from crossdistill import METHODS, Teacher, build_distiller, rsd_loss
+from crossdistill import METHODS, build_distiller, rsd_loss
 from crossdistill.distillers.rsd import RSDConfig
 from crossdistill.errors import ConfigError
-from conftest import distill, run_teacher
-
-
-def tiny_pair():
-    torch.manual_seed(0)
-    student = timm.create_model("test_resnet", num_classes=10)
-    teacher = Teacher(timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8))
-    return student, teacher
+from conftest import distill, run_teacher, tiny_pair
 
 
 def test_rsd_loss_terms_are_ce_plus_weighted_rsd():

@@ -8,15 +8,10 @@ from crossdistill.engine import train
 from crossdistill.errors import ConfigError
 from crossdistill.params import count_method_parameters
 
-from conftest import tiny_run
-from conftest import distill, run_teacher
+from conftest import distill, run_teacher, tiny_pair, tiny_run
 
 
-def pair():
-    torch.manual_seed(0)
-    student = timm.create_model("test_resnet", num_classes=10)
-    teacher = Teacher(timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8))
-    return student, teacher
+pair = tiny_pair
 
 
 def test_loss_is_ce_plus_weighted_sum_of_stage_and_embedding_terms():

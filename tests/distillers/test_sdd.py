@@ -18,7 +18,7 @@ from crossdistill.losses.kd import kd_loss
 from crossdistill.losses.sdd import region_pool, sdd_dkd_loss, sdd_kd_loss
 from crossdistill.models import FINAL, forward_model
 from crossdistill.params import count_method_parameters
-from conftest import distill
+from conftest import distill, tiny_batch
 
 METHOD_NAMES = ["sd_kd", "sd_dkd"]
 PAIRS = ["cnn", "token", "cnn_student_vit_teacher"]
@@ -43,9 +43,7 @@ def tiny_pair(kind: str = "cnn"):
     return cnn("test_resnet", 0), Teacher(vit(1))
 
 
-def batch(seed: int = 1, n: int = 8):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+batch = tiny_batch
 
 
 def test_registered_with_official_defaults():
