@@ -73,6 +73,16 @@ def distill(distiller, images: torch.Tensor, target: torch.Tensor, indices: torc
     return distiller(images, target, teacher, indices)
 
 
+def bf16_losses(distiller, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The method's loss terms under CPU bf16 autocast (as a GPU run with ``train.amp: bf16`` computes
+    them), checked finite and backpropagated."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = distill(distiller, images, target)
+    assert all(torch.isfinite(v) for v in out.losses.values()), out.losses
+    out.loss.backward()
+    return out.losses
+
+
 def run_teacher(teacher, images: torch.Tensor, *, logits: bool = False, stages=()):
     """The teacher's embedding (and logits, stage features when asked) on ``images``."""
     from crossdistill.models import TeacherRequest
