@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import from_dict
 from ..errors import ConfigError
+from ..models import TeacherOutputs, TeacherRequest
 from .base import METHODS, DistillOutput, Distiller, MethodConfig, register_method
 
 
@@ -45,4 +46,5 @@ def _import_methods() -> None:
 
 _import_methods()
 
-__all__ = ["DistillOutput", "Distiller", "METHODS", "MethodConfig", "build_distiller", "method_config", "register_method"]
+__all__ = ["DistillOutput", "Distiller", "METHODS", "MethodConfig", "TeacherOutputs", "TeacherRequest", "build_distiller",
+           "method_config", "register_method"]
