@@ -223,7 +223,7 @@ def run_module(name: str, module: Module, *, mode: str = "run") -> dict[str, str
     "report" (only read the last run's results)."""
     fresh = mode == "run"
     work = prepare(name, module) if fresh else WORK / name
-    if not (work / "mutants").is_dir():
+    if not fresh and not (work / "mutants").is_dir():
         raise SystemExit(f"no earlier run of {name} in {work}: run it first")
     with open(WORK / f"{name}.log", "w" if fresh else "a") as log:
         if fresh:
