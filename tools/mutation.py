@@ -49,6 +49,8 @@ MODULES: dict[str, Module] = {
     "projectors": Module(["models/projectors.py"], ["tests/models/test_projectors.py"]),
     "losses": Module(["losses/*.py"], ["tests/losses"]),
     "teacher": Module(["models/teacher.py"], ["tests/models/test_teacher.py"]),
+    # tests/models/test_adapter.py builds the paper models at 224 px (minutes a run); the tiny file runs in seconds
+    "adapter": Module(["models/adapter.py"], ["tests/models/test_adapter_tiny.py"]),
     "checkpoint": Module(["checkpoint.py"], ["tests/test_checkpoint.py"]),
     # the key and the store; the feed (TeacherFeed) and the loader glue (WithIndex) are not in scope
     "teacher_cache": Module(
@@ -78,6 +80,13 @@ EQUIVALENT: dict[str, str] = {
         "the original makes",
     "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_23":
         "teacher.to(None) instead of .to(dtype): same as above",
+    "crossdistill.models.adapter.x__final_map__mutmut_6":
+        'getattr(model, "output_fmt", None) for the default "NCHW": the value is only compared with "NHWC", which '
+        "neither default equals",
+    "crossdistill.models.adapter.x__final_map__mutmut_12": 'the default "XXNCHWXX": same as above',
+    "crossdistill.models.adapter.x__final_map__mutmut_13": 'the default "nchw": same as above',
+    "crossdistill.models.adapter.x_num_prefix_tokens__mutmut_5":
+        'getattr(model, "num_prefix_tokens", None) for the default 0: both are turned into 0 by the `or 0` that follows',
     "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_7":
         "_shift starts as \"\" instead of None: it is read only when _scale is set, which sets _shift too",
     "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_28":
