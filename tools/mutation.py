@@ -49,6 +49,8 @@ MODULES: dict[str, Module] = {
     "projectors": Module(["models/projectors.py"], ["tests/models/test_projectors.py"]),
     "losses": Module(["losses/*.py"], ["tests/losses"]),
     "teacher": Module(["models/teacher.py"], ["tests/models/test_teacher.py"]),
+    # tests/models/test_adapter.py builds the paper models at 224 px (minutes a run); the tiny file runs in seconds
+    "adapter": Module(["models/adapter.py"], ["tests/models/test_adapter_tiny.py"]),
     "checkpoint": Module(["checkpoint.py"], ["tests/test_checkpoint.py"]),
     # the key and the store; the loader glue (WithIndex) is not in scope
     "teacher_cache": Module(
@@ -70,6 +72,8 @@ EQUIVALENT: dict[str, str] = {
         "nn.Linear(..., bias=None) for bias=False: nn.Linear only tests `if bias`, None and False alike",
     "crossdistill.models.projectors.xǁAADProjectorǁ__init____mutmut_35":
         "nn.Linear(..., bias=None) for bias=False, the second Linear: same as above",
+    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_18":
+        "autocast enabled (by default) around sub, pow and mean: same as enabled=True just below",
     "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_19":
         "autocast enabled=True around sub, pow and mean: none of them is on autocast's lower-precision lists "
         "(CPU or CUDA), and float32/float64 inputs are never cast down; the guard is defensive",
@@ -78,6 +82,59 @@ EQUIVALENT: dict[str, str] = {
         "the original makes",
     "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_23":
         "teacher.to(None) instead of .to(dtype): same as above",
+    "crossdistill.losses.rsd.x_batch_standardize__mutmut_6":
+        "the batch mean without keepdim=True: a mean over dimension 0 broadcasts against x the same with or "
+        "without the leading 1 (broadcasting aligns trailing dimensions)",
+    "crossdistill.losses.rsd.x_batch_standardize__mutmut_8": "the batch mean with keepdim=False: same as above",
+    "crossdistill.losses.rsd.x_batch_standardize__mutmut_13": "the batch variance without keepdim=True: same as above",
+    "crossdistill.losses.rsd.x_batch_standardize__mutmut_17": "the batch variance with keepdim=False: same as above",
+    "crossdistill.losses.kd.x_kd_loss__mutmut_22":
+        "autocast enabled (by default) around the loss: none of its ops (log_softmax, exp, sub, mul, sum, mean) is on "
+        "autocast's lower-precision lists (CPU or CUDA), and the float32/float64 inputs it computes on are never cast "
+        "down; the guard is defensive, as in fitnet_loss",
+    "crossdistill.losses.kd.x_kd_loss__mutmut_23": "autocast enabled=True around the loss: same as above",
+    "crossdistill.losses.ofa.x_ofa_loss__mutmut_23":
+        "autocast enabled (by default) around the loss: softmax, log_softmax and pow are on CUDA's float32 list, "
+        "which leaves float32 as it is and never touches float64; the rest is on no list: same as kd_loss",
+    "crossdistill.losses.ofa.x_ofa_loss__mutmut_24": "autocast enabled=True around the loss: same as above",
+    "crossdistill.losses.ofa.x_ofa_loss__mutmut_50":
+        "sum(dim=+1) for sum(dim=-1): the logits are checked to be 2-D, so the last dimension is dimension 1",
+    "crossdistill.losses.sdd.x_sdd_kd_loss__mutmut_24":
+        "autocast enabled (by default) around the loss: same as kd_loss (argmax, where and ones, the weights' "
+        "ops, are on no list either)",
+    "crossdistill.losses.sdd.x_sdd_kd_loss__mutmut_25": "autocast enabled=True around the loss: same as above",
+    "crossdistill.losses.sdd.x_sdd_kd_loss__mutmut_53":
+        "region weights not cast to the loss dtype: they are float32 or float64 (loss_dtype of the teacher) and never "
+        "wider than the per-region losses, so the product promotes them to the loss dtype, the same cast",
+    "crossdistill.losses.dkd.x_decouple_target__mutmut_30":
+        "the column indices [K-1] not expanded to [..., K-1]: adding (columns >= label) with label [..., 1] "
+        "broadcasts them to that shape anyway",
+    "crossdistill.losses.dkd.x_dkd_loss__mutmut_37":
+        "autocast enabled (by default) around the loss: same as kd_loss (gather, cat and logsumexp included: cat "
+        "only promotes to the widest of its inputs, all of one dtype here)",
+    "crossdistill.losses.dkd.x_dkd_loss__mutmut_38": "autocast enabled=True around the loss: same as above",
+    "crossdistill.losses.dist.x_dist_loss__mutmut_24":
+        "autocast enabled (by default) around the loss: same as kd_loss (norm is on CUDA's float32 list, which leaves "
+        "float32 as it is)",
+    "crossdistill.losses.dist.x_dist_loss__mutmut_25": "autocast enabled=True around the loss: same as above",
+    "crossdistill.losses.sdd.x_complementary_mask__mutmut_12":
+        "argmax != label for argmax == label: every flag is negated, and the mask compares each region's flag with "
+        "the global one (an exclusive or), which negating both leaves unchanged",
+    "crossdistill.losses.sdd.x_sdd_dkd_loss__mutmut_25":
+        "labels.to(None) for labels.to(the logits' device): decouple_target moves the labels to the logits' device "
+        "itself",
+    "crossdistill.losses.sdd.x_sdd_dkd_loss__mutmut_38":
+        "autocast enabled (by default) around the loss: same as kd_loss (gather, cat and logsumexp included: cat "
+        "only promotes to the widest of its inputs, all of one dtype here)",
+    "crossdistill.losses.sdd.x_sdd_dkd_loss__mutmut_39": "autocast enabled=True around the loss: same as above",
+    "crossdistill.losses.sdd.x_sdd_dkd_loss__mutmut_84": "region weights not cast to the loss dtype: same as sdd_kd_loss",
+    "crossdistill.models.adapter.x__final_map__mutmut_6":
+        'getattr(model, "output_fmt", None) for the default "NCHW": the value is only compared with "NHWC", which '
+        "neither default equals",
+    "crossdistill.models.adapter.x__final_map__mutmut_12": 'the default "XXNCHWXX": same as above',
+    "crossdistill.models.adapter.x__final_map__mutmut_13": 'the default "nchw": same as above',
+    "crossdistill.models.adapter.x_num_prefix_tokens__mutmut_5":
+        'getattr(model, "num_prefix_tokens", None) for the default 0: both are turned into 0 by the `or 0` that follows',
     "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_7":
         "_shift starts as \"\" instead of None: it is read only when _scale is set, which sets _shift too",
     "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_28":
@@ -223,7 +280,7 @@ def run_module(name: str, module: Module, *, mode: str = "run") -> dict[str, str
     "report" (only read the last run's results)."""
     fresh = mode == "run"
     work = prepare(name, module) if fresh else WORK / name
-    if not (work / "mutants").is_dir():
+    if not fresh and not (work / "mutants").is_dir():
         raise SystemExit(f"no earlier run of {name} in {work}: run it first")
     with open(WORK / f"{name}.log", "w" if fresh else "a") as log:
         if fresh:

@@ -1,5 +1,7 @@
 """kd_loss, dkd_loss and dist_loss against independent float64 numpy implementations of their formulas."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -220,6 +222,21 @@ def test_dkd_losses_make_no_host_device_sync():
     assert torch.equal(other, expected)
 
 
+def test_float_class_indices_are_refused():
+    with pytest.raises(ValueError, match=r"^class-index targets must be integers, got torch.float32$"):
+        hard_labels(torch.zeros(4), 5)
+
+
+def test_decouple_target_works_on_the_logits_device():
+    """Labels on another device than the logits (CPU labels, GPU logits) are moved to the logits' device, and
+    the column indices are made there; "meta" stands in for a GPU."""
+    from crossdistill.losses.dkd import decouple_target
+
+    binary, other = decouple_target(torch.randn(4, 6, device="meta"), torch.tensor([0, 5, 2, 3]))
+    assert binary.device.type == other.device.type == "meta"
+    assert binary.shape == (4, 2) and other.shape == (4, 5)
+
+
 def test_dkd_warmup_factor_follows_the_original_schedule():
     # mdistiller: min(epoch / warmup, 1) with 1-based epochs == min((epoch + 1) / warmup, 1) 0-based
     assert [dkd_warmup_factor(e, 20) for e in (0, 1, 9, 18, 19, 20, 299)] == [0.05, 0.1, 0.5, 0.95, 1.0, 1.0, 1.0]
@@ -330,14 +347,46 @@ def test_gradients_flow_only_to_the_student(name):
     assert zs.grad is not None and zs.grad.abs().sum() > 0 and zt.grad is None
 
 
+def test_defaults_are_the_papers():
+    """KD at T = 1; DKD with alpha 1, beta 2, T 1 (OFA/RSD's settings); DIST with beta = gamma = tau = 1."""
+    zs, zt = random_logits(8, 10, seed=22)
+    s, t = torch.tensor(zs), torch.tensor(zt)
+    y = torch.tensor(random_labels(zt, seed=22))
+    assert kd_loss(s, t) == kd_loss(s, t, temperature=1.0)
+    assert dkd_loss(s, t, y) == dkd_loss(s, t, y, alpha=1.0, beta=2.0, temperature=1.0)
+    assert dist_loss(s, t) == dist_loss(s, t, beta=1.0, gamma=1.0, tau=1.0)
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_shape_and_temperature_errors(name):
+    """Each message names the loss that refused its inputs; a temperature of exactly 0 is refused."""
     y = torch.zeros(4, dtype=torch.long)
-    with pytest.raises(ValueError, match="same classes"):
+    loss = f"{name}_loss"
+    with pytest.raises(ValueError, match=rf"^{loss}: student logits \(4, 10\) and teacher logits \(4, 12\) differ in "
+                                         r"shape; teacher and student must have the same classes$"):
         LOSSES[name](torch.randn(4, 10), torch.randn(4, 12), y)
-    with pytest.raises(ValueError, match="2-D logits"):
-        LOSSES[name](torch.randn(4, 10, 1), torch.randn(4, 10, 1), y)
-    with pytest.raises(ValueError, match="must be > 0"):
-        {"kd": lambda: kd_loss(torch.randn(4, 3), torch.randn(4, 3), 0.0),
-         "dkd": lambda: dkd_loss(torch.randn(4, 3), torch.randn(4, 3), y, temperature=-1.0),
-         "dist": lambda: dist_loss(torch.randn(4, 3), torch.randn(4, 3), tau=0.0)}[name]()
+    for student, teacher in (((4, 10, 1), (4, 10, 1)), ((4, 10), (4, 10, 1)), ((4, 10, 1), (4, 10))):
+        # either side not 2-D is named as such, not reported as a class mismatch
+        with pytest.raises(ValueError, match=rf"^{loss} expects 2-D logits \[B, K\], got "
+                                             rf"{re.escape(str(student))} and {re.escape(str(teacher))}$"):
+            LOSSES[name](torch.randn(student), torch.randn(teacher), y)
+    temperature = "tau" if name == "dist" else "temperature"
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"^{loss}: {temperature} must be > 0, got {bad}$"):
+            {"kd": lambda: kd_loss(torch.randn(4, 3), torch.randn(4, 3), bad),
+             "dkd": lambda: dkd_loss(torch.randn(4, 3), torch.randn(4, 3), y, temperature=bad),
+             "dist": lambda: dist_loss(torch.randn(4, 3), torch.randn(4, 3), tau=bad)}[name]()
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("wide", ["student", "teacher"])
+def test_one_float64_input_makes_the_loss_float64(name, wide):
+    """Either side in float64 computes the whole loss in float64: a float64 teacher is not rounded to a
+    float32 student's precision, nor the reverse (the float32 side's values are exact in float64)."""
+    zs, zt = random_logits(8, 10, seed=21)
+    y = random_labels(zt, seed=21)
+    s, t = torch.tensor(zs), torch.tensor(zt)
+    s, t = (s, t.float()) if wide == "student" else (s.float(), t)
+    got = LOSSES[name](s, t, torch.tensor(y))
+    assert got.dtype == torch.float64
+    assert rel_err(got, REFERENCES[name](zs, zt, y)) < 1e-10

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,30 @@ def test_bad_inputs_are_clear_errors():
         ofa_target_mask(torch.rand(4, 6), 5)
     with pytest.raises(ValueError, match="targets must be"):
         ofa_target_mask(torch.zeros(4, 5, 1), 5)
+
+
+def test_target_mask_is_a_long_one_hot_on_the_labels_device():
+    mask = ofa_target_mask(torch.tensor([2, 0, 1]), 4)
+    assert mask.dtype == torch.long  # what F.one_hot gives, which the scatter replaces
+    assert mask.tolist() == [[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0]]
+    # built where the labels are (a GPU batch gets a GPU mask); "meta" stands in for a second device
+    assert ofa_target_mask(torch.tensor([2, 0, 1], device="meta"), 4).device.type == "meta"
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float64, torch.float16])
+def test_the_mask_dtype_changes_neither_the_value_nor_the_dtype_of_the_loss(mask_dtype):
+    """The loss dtype follows the student logits (float32 here), whatever the mask is stored as."""
+    z_s, z_t, labels = random_case(seed=11)
+    mask = ofa_target_mask(labels, 11)
+    want = ofa_loss(z_s, z_t, mask, 1.5, 2.0)
+    got = ofa_loss(z_s, z_t, mask.to(mask_dtype), 1.5, 2.0)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want)
+
+
+def test_the_loss_warns_nothing():
+    """Softmax over the classes is asked for by dim: torch warns (every step) when the dim is left implicit."""
+    z_s, z_t, labels = random_case(seed=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ofa_loss(z_s, z_t, ofa_target_mask(labels, 11), 1.5, 2.0)

@@ -260,3 +260,123 @@ def test_gradient_reaches_student_only_and_shapes_are_checked():
         sdd_kd_loss(zs[0], zt[0], t["target"])
     with pytest.raises(ValueError):
         sdd_dkd_loss(zs, zt, t["target"][:2])
+
+
+SDD_LOSSES = {"sdd_kd_loss": sdd_kd_loss, "sdd_dkd_loss": sdd_dkd_loss}
+
+
+def test_defaults_are_the_official_ones():
+    """T = 4 and complementary weight 2 for both (``KD.py``, ``SDD_DKD.py``), alpha 1 and beta 8 for SD-DKD."""
+    _, _, _, t = random_problem((1, 2), seed=6)
+    zs, zt = torch_region_logits(t, (1, 2))
+    y = t["target"]
+    assert sdd_kd_loss(zs, zt, y) == sdd_kd_loss(zs, zt, y, temperature=4.0, complementary_weight=2.0)
+    assert sdd_dkd_loss(zs, zt, y) == sdd_dkd_loss(zs, zt, y, alpha=1.0, beta=8.0, temperature=4.0,
+                                                   complementary_weight=2.0)
+
+
+@pytest.mark.parametrize("name", sorted(SDD_LOSSES))
+def test_errors_name_the_loss(name):
+    """Each message names the loss that refused its inputs; a temperature of exactly 0 is refused."""
+    zs, zt, y = torch.randn(6, 5, 3), torch.randn(6, 5, 3), torch.zeros(6, dtype=torch.long)
+    loss = SDD_LOSSES[name]
+    with pytest.raises(ValueError, match=rf"^{name} expects student and teacher region logits of one shape "
+                                         r"\[B, N, K\], got \(6, 5, 3\) and \(6, 4, 3\)$"):
+        loss(zs, zt[:, :4], y)
+    with pytest.raises(ValueError, match=rf"^{name}: 6 samples of region logits but 2 targets$"):
+        loss(zs, zt, y[:2])
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"^{name}: temperature must be > 0, got {bad}$"):
+            loss(zs, zt, y, temperature=bad)
+
+
+def float64_region_problem(seed):
+    """Region logits in float64 whose values are all float32 numbers (so a float32 copy is exact)."""
+    _, _, _, t = random_problem((1, 2, 4), seed=seed)
+    zs, zt = torch_region_logits(t, (1, 2, 4))
+    return zs.float().double(), zt.float().double(), t["target"]
+
+
+@pytest.mark.parametrize("name", sorted(SDD_LOSSES))
+@pytest.mark.parametrize("wide", ["student", "teacher"])
+def test_one_float64_input_makes_the_loss_float64(name, wide):
+    """Either side in float64 computes the loss in float64: nothing is rounded to the float32 side's precision."""
+    zs, zt, y = float64_region_problem(seed=7)
+    want = SDD_LOSSES[name](zs, zt, y)
+    zs, zt = (zs, zt.float()) if wide == "student" else (zs.float(), zt)
+    got = SDD_LOSSES[name](zs, zt, y)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason="sdd_region_weights takes its dtype from the teacher logits alone: with a "
+                                       "float32 teacher and a float64 student the weight is rounded to float32 "
+                                       "(reported to the lead, issue 20; src/ is not changed in this branch)")
+@pytest.mark.parametrize("name", sorted(SDD_LOSSES))
+def test_a_float32_teacher_does_not_round_the_complementary_weight_of_a_float64_loss(name):
+    zs, zt, y = float64_region_problem(seed=7)
+    want = SDD_LOSSES[name](zs, zt, y, complementary_weight=0.3)  # 0.3 is not a float32 number
+    got = SDD_LOSSES[name](zs, zt.float(), y, complementary_weight=0.3)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(SDD_LOSSES))
+def test_bfloat16_region_logits_are_computed_in_float32(name):
+    """Half-precision inputs, with or without autocast, are widened before the softmaxes: the loss is the
+    float32 loss of the same values, not a bfloat16 computation (relative errors ~1e-2)."""
+    _, _, _, t = random_problem((1, 2), seed=8, classes=10)
+    zs, zt = torch_region_logits(t, (1, 2))
+    zs16, zt16 = zs.bfloat16(), zt.bfloat16()
+    got = SDD_LOSSES[name](zs16, zt16, t["target"])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, SDD_LOSSES[name](zs16.float(), zt16.float(), t["target"]))
+
+
+def test_sdd_dkd_needs_two_classes_and_takes_two():
+    y = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^sdd_dkd_loss needs at least 2 classes, got 1$"):
+        sdd_dkd_loss(torch.randn(3, 5, 1), torch.randn(3, 5, 1), y)
+    # two classes: the non-target distribution has one class, so NCKD is 0 and the loss is the TCKD
+    zs, zt = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
+    assert sdd_dkd_loss(zs, zt, y, alpha=1.0, beta=8.0).item() == pytest.approx(
+        sdd_dkd_loss(zs, zt, y, alpha=1.0, beta=0.0).item(), rel=1e-12)
+    assert sdd_dkd_loss(zs, zt, y).item() > 0
+
+
+@pytest.mark.parametrize("scales,pool_grid,message", [
+    ((), 4, r"SDD needs at least one scale, e\.g\. \(1, 2, 4\)"),
+    ((1, 2.0), 4, r"SDD scales must be positive integers, got \(1, 2\.0\)"),
+    ((True, 2), 4, r"SDD scales must be positive integers, got \(True, 2\)"),  # True == 1, but not a scale
+    ((1, 0), 4, r"SDD scales must be positive integers, got \(1, 0\)"),
+    ((2, 4), 4, r"SDD scales must start with 1 \(region 0 is the global region\), got \(2, 4\)"),
+    ((1, 4, 2), 4, r"SDD scales must be strictly increasing, got \(1, 4, 2\)"),
+    ((1, 2, 8), 4, r"SDD pool_grid must be >= the largest scale \(8\), got 4"),
+    ((1,), 0, r"SDD pool_grid must be >= the largest scale \(1\), got 0"),
+])
+def test_scale_errors_say_what_is_wrong(scales, pool_grid, message):
+    with pytest.raises(ValueError, match=rf"^{message}$"):
+        check_scales(scales, pool_grid)
+    if scales:  # region_pool checks its scales against its grid the same way
+        with pytest.raises(ValueError, match=rf"^{message}$"):
+            region_pool(torch.zeros(1, 2, 8, 8), scales, pool_grid)
+
+
+def test_a_one_cell_grid_takes_the_global_scale():
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert check_scales((1,), 1) == (1,)
+    torch.testing.assert_close(region_pool(x, (1,), 1)[:, 0], x.mean(dim=(2, 3)))
+
+
+def test_region_pool_needs_a_4d_map():
+    with pytest.raises(ValueError, match=r"^region_pool expects a \[B, C, H, W\] map, got shape \(2, 3, 5\)$"):
+        region_pool(torch.zeros(2, 3, 5))
+
+
+def test_region_weights_have_the_loss_dtype_and_the_teacher_device():
+    _, _, _, t = random_problem((1, 2), seed=5, batch=8)
+    _, zt = torch_region_logits(t, (1, 2))
+    weights = sdd_region_weights(zt, t["target"], 0.3)
+    assert weights.dtype == torch.float64 and set(weights.unique().tolist()) == {0.3, 1.0}  # 0.3 not rounded
+    assert sdd_region_weights(zt.bfloat16(), t["target"]).dtype == torch.float32
+    on_meta = sdd_region_weights(zt.to("meta"), t["target"].to("meta"))  # "meta" stands in for a GPU
+    assert on_meta.device.type == "meta"
