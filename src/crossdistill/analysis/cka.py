@@ -39,7 +39,7 @@ import torch
 
 from ..errors import CrossDistillError
 from ..files import RERUN_HINT, write_path_atomic, write_text_atomic
-from ..models import FINAL, default_stages
+from ..models import FINAL, TeacherRequest, default_stages
 from ..models.adapter import num_prefix_tokens
 from ..plots import new_figure
 
@@ -280,7 +280,7 @@ class LayerSet:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, pool: str) -> list[torch.Tensor]:
-        out = self.wrapper(images, logits=False, stages=self.stages or None)
+        out = self.wrapper.outputs(images, TeacherRequest(embedding=True, stages=tuple(self.stages)))
         prefix = num_prefix_tokens(self.wrapper.model)
         return [pool_features(s, prefix, pool).double().cpu() for s in out.stages] + [out.embedding.double().cpu()]
 
