@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -19,24 +18,24 @@ import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from ..checkpoint import RESUME_HINT, load_weights_file, remove_torn_files, save_atomic, write_text_atomic
 from ..config import RunConfig, with_absolute_paths
 from ..errors import CrossDistillError
 from .distributed import (DistEnv, all_ranks_ok, all_reduce_sum, barrier, broadcast_from_main, init_distributed,
                           shutdown)
+from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_everything, unwrap_worker_error
 from .metrics import MetricsLog, topk_correct
 from .preemption import EXIT_PREEMPTED, Preempted, StopSignal
 from .rundir import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, LATEST, STEP_DIR, SUMMARY, RunDirLock,
                      inspect_run_dir, remove_run_files, step_checkpoints)
-from .sampling import ResumableSampler, SampleSeededDataset
 from .setup import autocast_dtype, build_run, check_run_config, count_parameters
 from .snapshot import TensorSnapshot
 from ..data.device_augment import DeviceAugment
 from ..models import is_token_model
 from ..version import __version__
-from .teacher_cache import TeacherCache, WithIndex, cache_key, cache_widths
+from .teacher_cache import TeacherCache, cache_key, cache_widths
 from .teacher_runner import TeacherRunner
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "RunSummary", "StepResult", "TrainStep", "Trainer", "build_optimizer",
@@ -57,30 +56,6 @@ class RunSummary:
     extra_parameters: int = 0
     student_parameters: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class ShardSampler(Sampler[int]):
-    """Evaluation indices ``rank::world`` (every sample exactly once across ranks, no padding)."""
-
-    def __init__(self, length: int, rank: int, world_size: int):
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """A distinct, reproducible seed per (run seed, epoch, rank): resuming at an epoch boundary is exact."""
-    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**31)
 
 
 def rng_state() -> dict[str, Any]:
@@ -123,22 +98,6 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
 
 
-def unwrap_worker_error(err: CrossDistillError) -> CrossDistillError:
-    """The error a DataLoader worker raised, as the user should see it.
-
-    torch re-raises a worker's exception in the main process as the same type, with the worker's whole
-    traceback as its message ("Caught CrossDistillError in DataLoader worker process 0. Original
-    Traceback ..."); the one-line message is after the traceback's last ``<module>.<class>: ``."""
-    text = str(err)
-    if not text.startswith("Caught ") or "Original Traceback" not in text:
-        return err
-    kind = type(err)
-    last = None
-    for last in re.finditer(rf"^{re.escape(f'{kind.__module__}.{kind.__qualname__}')}: ", text, re.M):
-        pass
-    return kind(text[last.end():].strip()) if last is not None else err
-
-
 FUSED_OPTIMIZERS = ("sgd", "nesterov", "momentum", "adam", "adamw")
 """timm optimiser names that map to a torch optimiser with a fused kernel (``fused=True``)."""
 FUSED_DEVICES = ("cpu", "cuda")
@@ -164,26 +123,6 @@ def build_optimizer(module: nn.Module, o, lr: float, device: torch.device) -> to
         return create_optimizer_v2(module, opt=o.opt, lr=lr, weight_decay=o.weight_decay, **kwargs)
     except (ValueError, AssertionError) as err:
         raise CrossDistillError(f"optim.opt={o.opt!r}: {err}") from None
-
-
-def build_train_loader(dataset, *, seed: int, batch_size: int, num_workers: int, world_size: int = 1, rank: int = 0,
-                       pin_memory: bool = False, teacher_cache: TeacherCache | None = None):
-    """The training loader as the engine builds it: ``(train_set, sampler, generator, loader)``.
-
-    Every sample is augmented from its own seed (run seed, epoch, index), the sampler shards and
-    shuffles per epoch and can skip into an epoch, the last incomplete batch is dropped. With a
-    ``teacher_cache``, items are ``(image, target, index, stored rows, ok)``: the workers read the
-    cache (see :class:`~crossdistill.engine.teacher_cache.WithIndex`).
-    """
-    train_set = SampleSeededDataset(dataset, seed)
-    sampler = ResumableSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    generator = torch.Generator()
-    loader = DataLoader(
-        WithIndex(train_set, teacher_cache) if teacher_cache is not None else train_set, batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers, drop_last=True, pin_memory=pin_memory, generator=generator,
-    )
-    return train_set, sampler, generator, loader
 
 
 DEFAULT_FINITE_CHECK_EVERY_CUDA = 20
@@ -714,10 +653,9 @@ class Trainer:
             self.data.train, seed=cfg.train.seed, batch_size=cfg.train.batch_size, num_workers=workers,
             world_size=env.world_size, rank=env.rank, pin_memory=pin, teacher_cache=self.teacher_cache,
         )
-        self.eval_loader = DataLoader(
-            self.data.eval, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-            sampler=ShardSampler(len(self.data.eval), env.rank, env.world_size), num_workers=workers,
-            pin_memory=pin,
+        self.eval_loader = build_eval_loader(
+            self.data.eval, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size, num_workers=workers,
+            world_size=env.world_size, rank=env.rank, pin_memory=pin,
         )
         self.steps_per_epoch = len(self.train_loader)
 
