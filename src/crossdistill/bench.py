@@ -52,7 +52,7 @@ from .engine.distributed import resolve_device
 from .engine.setup import autocast_dtype, make_criterion
 from .engine.teacher_cache import TeacherCache, cache_widths
 from .engine.teacher_runner import TeacherRunner
-from .engine.trainer import TrainStep, build_optimizer, finite_check_interval, make_scaler, use_channels_last
+from .engine.step import TrainStep, build_optimizer, finite_check_interval, make_scaler, use_channels_last
 from .errors import CrossDistillError
 from .models import AADProjector, Teacher, TeacherOutputs, check_model_name, embedding_dim, is_token_model
 from .params import _parse_args

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..checkpoint import RESUME_HINT, load_weights_file, remove_torn_files, save_atomic, write_text_atomic
@@ -27,19 +26,17 @@ from .distributed import (DistEnv, all_ranks_ok, all_reduce_sum, barrier, broadc
                           shutdown)
 from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_everything, unwrap_worker_error
 from .metrics import MetricsLog, topk_correct
-from .preemption import EXIT_PREEMPTED, Preempted, StopSignal
+from .preemption import Preempted, StopSignal
 from .rundir import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, LATEST, STEP_DIR, SUMMARY, RunDirLock,
                      inspect_run_dir, remove_run_files, step_checkpoints)
 from .setup import autocast_dtype, build_run, check_run_config, count_parameters
 from .snapshot import TensorSnapshot
+from .step import build_train_step, collect_nonfinite_now
 from ..data.device_augment import DeviceAugment
-from ..models import is_token_model
 from ..version import __version__
 from .teacher_cache import TeacherCache, cache_key, cache_widths
-from .teacher_runner import TeacherRunner
 
-__all__ = ["EXIT_PREEMPTED", "Preempted", "RunSummary", "StepResult", "TrainStep", "Trainer", "build_optimizer",
-           "build_train_loader", "evaluate", "make_scaler", "train"]
+__all__ = ["RunSummary", "Trainer", "evaluate", "train"]
 
 
 @dataclass
@@ -98,79 +95,6 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
 
 
-FUSED_OPTIMIZERS = ("sgd", "nesterov", "momentum", "adam", "adamw")
-"""timm optimiser names that map to a torch optimiser with a fused kernel (``fused=True``)."""
-FUSED_DEVICES = ("cpu", "cuda")
-"""Devices where torch has the fused (and foreach-norm) kernels."""
-
-
-def build_optimizer(module: nn.Module, o, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """The optimiser of optim config ``o`` over ``module``'s trainable parameters, as timm builds it
-    (no weight decay on biases and norms unless ``o.decay_bias_and_norm``), with torch's fused kernel
-    where the optimiser has one: one pass over all parameters instead of several ops per tensor (measured on CPU: SGD step
-    2x faster than the default per-tensor loop; on CUDA one launch instead of hundreds), and the
-    fused kernels can skip a non-finite step on the device (``train.finite_check_every``)."""
-    from timm.optim import create_optimizer_v2
-
-    kwargs = {"momentum": o.momentum} if o.opt.lower() in ("sgd", "momentum", "nesterov", "rmsprop") else {}
-    kwargs["filter_bias_and_bn"] = not o.decay_bias_and_norm
-    try:
-        if device.type in FUSED_DEVICES and o.opt.lower() in FUSED_OPTIMIZERS:
-            try:
-                return create_optimizer_v2(module, opt=o.opt, lr=lr, weight_decay=o.weight_decay, fused=True, **kwargs)
-            except (TypeError, RuntimeError, ValueError):
-                pass  # this torch/timm has no fused variant: the default below
-        return create_optimizer_v2(module, opt=o.opt, lr=lr, weight_decay=o.weight_decay, **kwargs)
-    except (ValueError, AssertionError) as err:
-        raise CrossDistillError(f"optim.opt={o.opt!r}: {err}") from None
-
-
-DEFAULT_FINITE_CHECK_EVERY_CUDA = 20
-
-
-def finite_check_interval(t, device: torch.device) -> int:
-    """``train.finite_check_every``, resolved: null means 1 on CPU (a sync is free there) and 20 on CUDA."""
-    if t.finite_check_every is not None:
-        return t.finite_check_every
-    return DEFAULT_FINITE_CHECK_EVERY_CUDA if device.type == "cuda" else 1
-
-
-def use_channels_last(distiller: nn.Module) -> bool:
-    """Put the convolutional models of ``distiller`` in channels_last (NHWC) memory format; returns
-    whether the student (and so the input batches) should be channels_last.
-
-    Only models that are not isotropic token models (ViT, DeiT, Mixer, ResMLP) are converted:
-    measured on CPU, NHWC makes a ResNet-18 forward 16% faster but a DeiT-Tiny training step 7%
-    slower when its input is NHWC; on GPUs NHWC is what tensor-core convolutions want. The
-    student's extra modules (projectors) follow the student.
-    """
-    student_cl = not is_token_model(distiller.student)
-    if student_cl:
-        distiller.to(memory_format=torch.channels_last)  # the student, its projectors (and the teacher)
-    teacher = getattr(distiller, "teacher", None)
-    if teacher is not None:
-        model = teacher.model
-        model.to(memory_format=torch.contiguous_format if is_token_model(model) else torch.channels_last)
-    return student_cl
-
-
-def collect_nonfinite_now(pending: int, every: int, *, global_step: int, last_step: bool, checkpoint_now: bool,
-                          report_now: bool, stop_requested: bool, watching_stop: bool, distributed: bool) -> bool:
-    """Whether to read the deferred finiteness flags after this step (one host sync).
-
-    Under DDP every rank must collect at the same steps: collecting may stop the run (too many
-    non-finite steps), and a rank that stops early leaves the others waiting in a collective. So
-    only steps every rank knows are used there: every ``every`` pending steps, the epoch's last
-    step, a checkpoint, and the stop-signal check every 10 steps, not rank 0's progress-bar
-    updates or a signal only one rank received.
-    """
-    if pending >= every or last_step or checkpoint_now:
-        return True
-    if distributed:
-        return watching_stop and (global_step + 1) % 10 == 0
-    return report_now or stop_requested
-
-
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 """Optimiser group options that choose a kernel, not the maths: this run's choice, not the checkpoint's."""
 
@@ -183,253 +107,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     optimizer.load_state_dict(state)
     for group, flags in zip(optimizer.param_groups, chosen):
         group.update(flags)
-
-
-def use_sync_batchnorm(distiller: nn.Module) -> int:
-    """Turn the BatchNorm layers of the trainable modules of ``distiller`` (student, projectors; not the
-    frozen teacher, which keeps its running statistics) into SyncBatchNorm; returns how many."""
-    count = 0
-    for name, child in list(distiller.named_children()):
-        if name == "teacher":
-            continue
-        before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules())
-        converted = nn.SyncBatchNorm.convert_sync_batchnorm(child)
-        if converted is not child:
-            setattr(distiller, name, converted)
-        count += before
-    return count
-
-
-def make_scaler(amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
-    """The loss scaler fp16 autocast needs (bf16 and fp32 need none)."""
-    return torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-
-@dataclass
-class StepResult:
-    output: Any
-    """The method's :class:`~crossdistill.distillers.DistillOutput` (logits and loss terms)."""
-    loss: torch.Tensor
-    grad_norm: torch.Tensor | None
-    finite: bool = True
-    """False when ``check_finite`` found a non-finite loss or gradient: nothing was updated, the buffers are restored."""
-    scaler_skipped: torch.Tensor | None = None
-    """fp16 only: a 0-d tensor, 1 when the GradScaler found inf/NaN gradients and skipped the update."""
-    ok: torch.Tensor | None = None
-    """Deferred finiteness check only: a 0-d bool device tensor, False when the update was skipped on the device."""
-
-    @property
-    def skipped_on_device(self) -> torch.Tensor | None:
-        """A 0-d bool device tensor, True when the device skipped this step (deferred check or fp16 scaler);
-        None when the host already knows (``finite``)."""
-        if self.ok is not None:
-            return ~self.ok
-        if self.scaler_skipped is not None:
-            return self.scaler_skipped > 0
-        return None
-
-
-class TrainStep:
-    """One optimiser step exactly as the engine runs it; shared by :class:`Trainer` and ``crossdistill bench``.
-
-    Under autocast when ``amp_dtype`` is set: the teacher outputs the method reads (``teacher``: computed
-    in inference mode, or read from the teacher cache), then ``model(images, target, teacher outputs,
-    indices)`` (the distiller, or its DDP / ``torch.compile`` wrapper); then
-    ``zero_grad`` (to None), backward (through the fp16 GradScaler when there is one), gradient
-    clipping (``clip_grad``) or, when ``check_finite``, the total gradient norm, and the optimiser step.
-
-    Host-device synchronisation: none in the step, except for the finiteness check (``check_finite``)
-    when ``finite_check_every`` is 1: deciding on the host whether to skip the update costs one sync
-    per step (free on CPU, where nothing is queued; on a GPU it keeps the host from queueing the next
-    step while this one runs). With ``finite_check_every`` N > 1 and an optimiser that can skip an
-    update on the device (torch's fused kernels take a ``found_inf`` flag, as the GradScaler uses
-    them), a non-finite step is skipped on the device with no sync; the host learns of it at most N
-    steps later (:meth:`collect_nonfinite`), for the warning, the count and ``max_nonfinite_steps``.
-    The trade-off: the stop on too many non-finite steps comes up to N steps late. The fp16 path is
-    sync-free: the scaler skips on the device.
-
-    A skipped step changes nothing, on every path: not the weights, not the optimiser state, and not
-    the buffers (BatchNorm statistics) the forward already updated: they are saved before the forward
-    (:class:`~crossdistill.engine.snapshot.TensorSnapshot`, ``buffers``: by default all of ``model``'s,
-    which for a distiller means the student's and its extra modules', not the frozen teacher's) and
-    put back, by a ``torch.where`` on the device flag where the host does not know. The EMA is the
-    caller's (:class:`Trainer` leaves it unchanged on a skipped step, see
-    :attr:`StepResult.skipped_on_device`). The learning-rate schedule still advances on a skipped step,
-    on every path: timm's schedulers are functions of the step's position in the run (the update count
-    the engine passes is the global step), so a skipped step uses up its place in the schedule like a
-    step of an epoch that ends early; the deferred path could not do otherwise without a sync.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                 amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-                 channels_last: bool = False, clip_grad: float | None = None, check_finite: bool = True,
-                 distributed: bool = False, trainable: list[torch.Tensor] | None = None,
-                 teacher: TeacherRunner | None = None,
-                 finite_check_every: int = 1, device_augment: DeviceAugment | None = None,
-                 buffers: list[torch.Tensor] | None = None):
-        self.model, self.optimizer, self.device = model, optimizer, device
-        self.device_augment = device_augment
-        self.teacher = teacher
-        self.amp_dtype, self.scaler = amp_dtype, scaler
-        self.channels_last, self.clip_grad, self.check_finite = channels_last, clip_grad, check_finite
-        self.distributed = distributed
-        if trainable is None:
-            trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self.trainable = trainable
-        self.buffers = TensorSnapshot(model.buffers() if buffers is None else buffers)
-        can_skip_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-        self.finite_check_every = finite_check_every if can_skip_on_device and scaler is None else 1
-        self.pending: list[tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = []
-        self.updates = 0
-        self._state_ready = False
-
-    @property
-    def deferred(self) -> bool:
-        """Whether non-finite steps are skipped on the device and reported later (no per-step sync)."""
-        return self.check_finite and self.finite_check_every > 1
-
-    def collect_nonfinite(self) -> list[tuple[Any, dict[str, float]]]:
-        """(tag, loss terms) of the deferred steps that were skipped as non-finite since the last call; one sync."""
-        pending, self.pending = self.pending, []
-        if not pending:
-            return []
-        flags = torch.stack([bad for _, bad, _ in pending]).cpu().tolist()
-        return [(tag, {k: float(v.float()) for k, v in terms.items()}) for (tag, _, terms), bad in zip(pending, flags)
-                if bad]
-
-    def to_device(self, images, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move a loader batch to the device (asynchronously from pinned memory), channels_last if asked.
-        With ``device_augment``, ``images`` is the loader's ``(uint8 images, crop parameters)``: augmented here."""
-        if self.device_augment is not None:
-            pixels, params = images
-            images = self.device_augment(pixels.to(self.device, non_blocking=True),
-                                         params.to(self.device, non_blocking=True))
-        else:
-            images = images.to(self.device, non_blocking=True)
-        target = target.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, target
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def __call__(self, images: torch.Tensor, target: torch.Tensor, indices: torch.Tensor | None = None,
-                 tag: Any = None, prefetched=None) -> StepResult:
-        """One step on a device batch; ``indices``: the samples' dataset indices and ``prefetched``
-        the cache rows the loader read (teacher cache); ``tag``: how a deferred non-finite step is
-        named in :meth:`collect_nonfinite`."""
-        restore_buffers = len(self.buffers) > 0 and (self.check_finite or self.scaler is not None)
-        if restore_buffers:
-            self.buffers.take()
-        with self.autocast():
-            teacher = self.teacher(images, indices, prefetched) if self.teacher is not None else None
-            output = self.model(images, target, teacher, indices)
-        loss = output.loss
-        optimizer = self.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            scaler = self.scaler
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = self.clip_or_norm()
-            before = self._scale()
-            scaler.step(optimizer)
-            scaler.update()
-            skipped = self._scale() < before
-            if restore_buffers:
-                self.buffers.restore(where=skipped)
-            return StepResult(output, loss, grad_norm, scaler_skipped=skipped.float())
-        loss.backward()
-        grad_norm = self.clip_or_norm()
-        if self.deferred and self.optimizer_state_ready():
-            bad = self.nonfinite_flag(loss, grad_norm)
-            optimizer.found_inf, optimizer.grad_scale = bad.float(), None
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.found_inf, optimizer.grad_scale
-            if restore_buffers:
-                self.buffers.restore(where=bad)
-            self.pending.append((tag, bad, {k: v.detach() for k, v in output.losses.items()}))
-            return StepResult(output, loss, grad_norm, ok=~bad)
-        if self.check_finite and not self.finite(loss, grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            if restore_buffers:
-                self.buffers.restore()
-            return StepResult(output, loss, grad_norm, finite=False)
-        optimizer.step()
-        self.updates += 1
-        return StepResult(output, loss, grad_norm)
-
-    def optimizer_state_ready(self) -> bool:
-        """Whether every parameter with a gradient already has its optimiser state (momentum, Adam moments).
-
-        A fused optimiser creates that state on a parameter's first update; told to skip that update
-        (``found_inf``) it leaves the state uninitialised, and the next step uses garbage. So a
-        parameter's first update always takes the per-step (host) check; once every trainable parameter
-        has its state, the answer is cached."""
-        if self._state_ready:
-            return True
-        state, stateless_sgd = self.optimizer.state, isinstance(self.optimizer, torch.optim.SGD)
-        missing = first_update = False
-        for group in self.optimizer.param_groups:
-            if stateless_sgd and not group.get("momentum", 0):
-                continue  # plain SGD keeps no state
-            for p in group["params"]:
-                if p in state and state[p]:
-                    continue
-                missing = True
-                first_update = first_update or p.grad is not None
-        self._state_ready = not missing
-        return not first_update
-
-    def _scale(self) -> torch.Tensor:
-        """The scaler's current scale as a device tensor (a copy: ``update`` changes it in place), no sync."""
-        get = getattr(self.scaler, "_get_scale_async", None)
-        scale = get() if get is not None else None
-        if scale is None:
-            return torch.tensor(self.scaler.get_scale(), device=self.device)
-        return scale.detach().clone()
-
-    def clip_or_norm(self) -> torch.Tensor | None:
-        """Clip to ``clip_grad``, or just measure the total gradient norm when finiteness is checked."""
-        # foreach: one kernel for all gradients (on CPU torch would otherwise loop per tensor: ~6x slower)
-        foreach = True if self.device.type in FUSED_DEVICES else None
-        if self.clip_grad:
-            return torch.nn.utils.clip_grad_norm_(self.trainable, self.clip_grad, foreach=foreach)
-        if self.check_finite:
-            grads = [p.grad for p in self.trainable if p.grad is not None]
-            if not grads:
-                return None
-            if hasattr(torch.nn.utils, "get_total_norm"):
-                return torch.nn.utils.get_total_norm(grads, foreach=foreach)
-            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        return None
-
-    def finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        """Whether loss and gradient norm are finite (on every rank under DDP): one host sync."""
-        flag = torch.isfinite(loss.detach()).float()
-        if grad_norm is not None:
-            flag = flag * torch.isfinite(grad_norm).float()
-        if self.distributed:  # all ranks must agree to skip
-            flag = flag.clone()
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def nonfinite_flag(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
-        """A 0-d bool device tensor, True when the loss or the gradient norm is not finite (on any rank); no sync."""
-        ok = torch.isfinite(loss.detach())
-        if grad_norm is not None:
-            ok = ok & torch.isfinite(grad_norm)
-        bad = ~ok
-        if self.distributed:
-            flag = bad.float()
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad = flag > 0
-        return bad
 
 
 class Trainer:
@@ -459,19 +136,9 @@ class Trainer:
         self.data, self.num_classes = built.data, built.num_classes
         self.device = self.env.device
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
-        self.distiller = built.distiller.to(self.device)
-        self.channels_last_input = use_channels_last(self.distiller) if cfg.train.channels_last else False
+        self.distiller = built.distiller
         self.student = self.distiller.student
-        self.teacher_runner, self.teacher_cache = self._setup_teacher()
-        self.model: nn.Module = self.distiller
-        if self.env.distributed:
-            if cfg.train.sync_bn:
-                use_sync_batchnorm(self.distiller)
-            self.model = DistributedDataParallel(
-                self.distiller, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        if cfg.train.compile:
-            self.model = torch.compile(self.model)
+        self.teacher_cache = self._setup_teacher_cache()
         self._build_loaders()
         self._build_optimisation()
         self.ema = None
@@ -497,14 +164,15 @@ class Trainer:
             self.log_file.truncate_after(self.start_epoch)
 
     # ------------------------------------------------------------ setup
-    def _setup_teacher(self) -> tuple[TeacherRunner | None, TeacherCache | None]:
-        """What the method reads from its teacher, computed by the engine (inference mode) or read from the cache."""
+    def _setup_teacher_cache(self) -> TeacherCache | None:
+        """The cache of the teacher outputs the method reads, where ``train.teacher_cache`` asks for one and
+        they can be stored; else None (the step's teacher runner computes them every step)."""
         cfg, distiller = self.cfg, self.distiller
         cache_dir = cfg.train.teacher_cache
         if distiller.teacher is None or distiller.teacher_request().empty:
             if cache_dir:
                 self.print(f"teacher cache not used: method {cfg.method!r} reads nothing from a teacher")
-            return None, None
+            return None
         cache = None
         if not cache_dir:
             pass
@@ -517,7 +185,7 @@ class Trainer:
                        "not stored samples; the teacher runs every step")
         else:
             cache = self._open_teacher_cache(cache_dir, distiller.teacher_request().outputs)
-        return TeacherRunner(distiller, cache, compile=cfg.train.compile), cache
+        return cache
 
     def _open_teacher_cache(self, cache_dir: str, outputs: tuple[str, ...]) -> TeacherCache:
         cfg, teacher = self.cfg, self.distiller.teacher
@@ -668,7 +336,13 @@ class Trainer:
         if o.scale_lr == "linear":
             self.lr_factor = self.effective_batch / t.reference_batch
         lr, min_lr, warmup_lr = o.lr * self.lr_factor, o.min_lr * self.lr_factor, o.warmup_lr * self.lr_factor
-        self.optimizer = build_optimizer(self.distiller, o, lr, self.device)
+        device_augment = None
+        if self.cfg.data.device_augment:
+            device_augment = DeviceAugment(self.cfg.data.img_size, self.data.mean, self.data.std)
+        self.step_fn = build_train_step(self.distiller, t, o, self.device, lr=lr, distributed=self.env.distributed,
+                                        cache=self.teacher_cache, device_augment=device_augment)
+        self.model, self.optimizer, self.scaler = self.step_fn.model, self.step_fn.optimizer, self.step_fn.scaler
+        self.teacher_runner = self.step_fn.teacher
         self.scheduler = None
         if o.sched != "none":
             try:
@@ -681,16 +355,6 @@ class Trainer:
                 raise CrossDistillError(f"optim.sched={o.sched!r}: {err}") from None
             if self.scheduler is None:
                 raise CrossDistillError(f"optim.sched={o.sched!r} is not a timm scheduler (cosine, step, ...)")
-        self.scaler = make_scaler(self.amp_dtype)
-        self.trainable = [p for p in self.distiller.parameters() if p.requires_grad]
-        self.step_fn = TrainStep(
-            self.model, self.optimizer, device=self.device, amp_dtype=self.amp_dtype, scaler=self.scaler,
-            channels_last=self.channels_last_input, clip_grad=o.clip_grad, check_finite=t.check_finite,
-            distributed=self.env.distributed, trainable=self.trainable, teacher=self.teacher_runner,
-            finite_check_every=finite_check_interval(t, self.device),
-            device_augment=(DeviceAugment(self.cfg.data.img_size, self.data.mean, self.data.std)
-                            if self.cfg.data.device_augment else None),
-        )
 
     # ------------------------------------------------------------ checkpoints
     def _state(self, epoch: int, step: int = 0, partial: dict[str, Any] | None = None) -> dict[str, Any]:
