@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -13,27 +11,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import RESUME_HINT, load_weights_file, remove_torn_files, save_atomic, write_text_atomic
+from ..checkpoint import RESUME_HINT, write_text_atomic
 from ..config import RunConfig, with_absolute_paths
 from ..errors import CrossDistillError
-from .distributed import (DistEnv, all_ranks_ok, all_reduce_sum, barrier, broadcast_from_main, init_distributed,
-                          shutdown)
+from .checkpointing import Checkpointer, Resumed
+from .claim import RunDirClaim
+from .distributed import DistEnv, all_ranks_ok, all_reduce_sum, init_distributed, shutdown
 from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_everything, unwrap_worker_error
 from .metrics import MetricsLog, topk_correct
 from .preemption import Preempted, StopSignal
-from .rundir import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, LATEST, STEP_DIR, SUMMARY, RunDirLock,
-                     inspect_run_dir, remove_run_files, step_checkpoints)
+from .rundir import CHECKPOINT, SUMMARY
 from .setup import autocast_dtype, build_run, check_run_config, count_parameters
 from .snapshot import TensorSnapshot
 from .step import build_train_step, collect_nonfinite_now
 from ..data.device_augment import DeviceAugment
-from ..version import __version__
 from .teacher_cache import TeacherCache, cache_key, cache_widths
 
 __all__ = ["RunSummary", "Trainer", "evaluate", "train"]
@@ -55,60 +50,6 @@ class RunSummary:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def gathered_rng_states(env: DistEnv) -> list[dict[str, Any]] | None:
-    """Every rank's RNG state, in rank order (all ranks must call it); None in one process."""
-    if not env.distributed:
-        return None
-    states: list[Any] = [None] * env.world_size
-    torch.distributed.all_gather_object(states, rng_state())
-    return states
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def default_run_name(cfg: RunConfig) -> str:
-    teacher = cfg.teacher.name if cfg.teacher is not None else "none"
-    return f"{cfg.method}-{teacher}-{cfg.student.name}".replace(os.sep, "_")  # hf-hub:org/name: one folder
-
-
-def run_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
-
-
-IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
-"""Optimiser group options that choose a kernel, not the maths: this run's choice, not the checkpoint's."""
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """``optimizer.load_state_dict(state)``, keeping the kernel choice of ``optimizer`` (fused or not):
-    torch copies the checkpoint's flags into the groups, so a checkpoint written with a non-fused optimiser
-    (another device, an older version) would silently turn fusion, and skipping steps on the device, off."""
-    chosen = [{k: group[k] for k in IMPLEMENTATION_FLAGS if k in group} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, flags in zip(optimizer.param_groups, chosen):
-        group.update(flags)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, env: DistEnv | None = None,
                  out=None):
@@ -119,14 +60,13 @@ class Trainer:
         if cfg.train.sync_bn and self.env.distributed and self.env.device.type != "cuda":
             raise CrossDistillError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
                                     "set train.sync_bn=false")
-        self.run_dir = run_dir_of(cfg)
-        self.run_lock = RunDirLock(self.run_dir) if self.env.is_main else None
-        self.started_over_run = False  # the folder of an earlier run: removed again if this one fails at once
-        self.resume = self._check_run_dir(resume, overwrite)
+        self.run_dir_claim = RunDirClaim(cfg, self.env, self.print)
+        self.run_dir = self.run_dir_claim.run_dir
+        self.resume = self.run_dir_claim.claim(resume, overwrite)
         try:
             self._set_up()
         except BaseException:
-            self._release_run_dir(failed=True)
+            self.run_dir_claim.release(failed=True)
             raise
 
     def _set_up(self) -> None:
@@ -156,12 +96,31 @@ class Trainer:
         self.wall_before = 0.0  # seconds of training in earlier sessions of this run (resumed)
         self.session_started: float | None = None
         self.epochs_changed_from: int | None = None
+        self.checkpoints = Checkpointer(
+            self.run_dir, self.env, cfg, distiller=self.distiller, ema=self.ema, optimizer=self.optimizer,
+            scheduler=self.scheduler, scaler=self.scaler, steps_per_epoch=self.steps_per_epoch, data=self.data,
+            num_classes=self.num_classes, progress=self._progress_to_save, log=self.print)
         if resume:
-            self._load_checkpoint()
-        self._create_run_dir(resume)
+            self._resume(self.checkpoints.load())
+        self.run_dir_claim.create(resume, self.epochs_changed_from)
         self.log_file = MetricsLog(self.run_dir, cfg.train.tensorboard) if self.env.is_main else None
         if self.log_file is not None and resume:
             self.log_file.truncate_after(self.start_epoch)
+
+    def _progress_to_save(self) -> dict[str, Any]:
+        return {"best": self.best, "history": self.history, "wall_time_s": self.wall_time()}
+
+    def _resume(self, resumed: Resumed) -> None:
+        self.best, self.history = resumed.best, resumed.history
+        self.start_epoch, self.start_step = resumed.epoch, resumed.step
+        self.resume_partial = resumed.partial_epoch
+        self.resumed_from = resumed.path
+        self.wall_before = resumed.wall_time_s
+        self.epochs_changed_from = resumed.epochs_changed_from
+
+    def latest_checkpoint(self) -> Path:
+        """The newest complete checkpoint of the run (epoch or step)."""
+        return self.checkpoints.latest()
 
     # ------------------------------------------------------------ setup
     def _setup_teacher_cache(self) -> TeacherCache | None:
@@ -199,119 +158,6 @@ class Trainer:
                              log=lambda message: print(rank + message, file=self.out, flush=True))
         self.print(cache.describe())
         return cache
-
-    def _check_run_dir(self, resume: bool, overwrite: bool) -> bool:
-        """Lock the run directory (rank 0) and decide what to do with what it holds, before anything is built
-        or written. Returns whether to resume from a checkpoint (else the run starts from the beginning: what
-        an earlier run wrote there is replaced once this one is set up, see :meth:`_create_run_dir`)."""
-        decision: dict[str, Any] = {}
-        if self.env.is_main:
-            try:
-                decision = {"resume": self._claim_run_dir(resume, overwrite)}
-            except CrossDistillError as err:
-                decision = {"error": str(err)}
-        decision = broadcast_from_main(self.env, decision)
-        if "error" in decision:
-            raise CrossDistillError(decision["error"])
-        return decision["resume"]
-
-    def _claim_run_dir(self, resume: bool, overwrite: bool) -> bool:
-        found = inspect_run_dir(self.run_dir)
-        if found.exists and not found.is_run and not found.empty:
-            raise CrossDistillError(
-                f"{self.run_dir} is not a crossdistill run directory (it holds {found.describe_foreign()}) and is "
-                "left as it is; choose another train.run_name / train.output_dir (an empty or new directory)")
-        self.run_lock.acquire()
-        self.started_over_run = found.is_run
-        try:
-            contents = inspect_run_dir(self.run_dir, own_lock=True)
-            if contents.impostors and not (resume and contents.has_checkpoint):
-                names = ", ".join(p.relative_to(self.run_dir).as_posix() for p in contents.impostors[:3])
-                raise CrossDistillError(
-                    f"{self.run_dir} holds {names} under the name of a file a run writes, but not as a run writes it "
-                    "(unreadable, or another tool's file): a run would replace it. Move it out of the directory, "
-                    "or choose another train.run_name / train.output_dir")
-            if contents.has_checkpoint:
-                if resume:
-                    return True
-                if overwrite:
-                    return False
-                raise CrossDistillError(
-                    f"run directory {self.run_dir} already holds a run; pass --resume to continue it, "
-                    "--overwrite to replace it, or choose another train.run_name / train.output_dir")
-            if found.is_run or contents.is_run:
-                self.print(f"{self.run_dir} holds no checkpoint (an earlier attempt stopped before its first one): "
-                           "starting the run from the beginning")
-                return False
-            if resume:
-                raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
-            return False
-        except CrossDistillError:
-            self._release_run_dir(failed=True)
-            raise
-
-    def _release_run_dir(self, failed: bool = False) -> None:
-        """Unlock the run directory. After a failure before the run's first checkpoint, also remove what it
-        wrote (and the folders it made): a failed run leaves no run directory behind, and the same command
-        starts it again."""
-        lock = self.run_lock
-        if lock is None or not lock.held:
-            return
-        remove_run_dir = False
-        if failed:
-            try:
-                contents = inspect_run_dir(self.run_dir)
-                if not contents.has_checkpoint:
-                    remove_run_files(contents)
-                    remove_run_dir = self.started_over_run
-            except (OSError, CrossDistillError):
-                pass  # the failure being raised is the one to report
-        lock.release(remove_created=failed)
-        if remove_run_dir:
-            try:
-                self.run_dir.rmdir()
-            except OSError:
-                pass  # it holds files a run does not write: they stay
-
-    def _create_run_dir(self, resume: bool) -> None:
-        """Called once everything is built: a run that fails on bad input leaves no directory behind."""
-        if resume:
-            if self.env.is_main:
-                torn = remove_torn_files(self.run_dir) + remove_torn_files(self.run_dir / STEP_DIR)
-                if torn:
-                    self.print(f"removed {len(torn)} unfinished checkpoint write(s) of the interrupted run: "
-                               + ", ".join(p.name for p in torn))
-                if self.epochs_changed_from is not None:
-                    self._record_epochs()
-            return
-        barrier(self.env)
-        if self.env.is_main:
-            contents = inspect_run_dir(self.run_dir)
-            removed = remove_run_files(contents)
-            if removed:
-                self.print(f"removed the {len(removed)} file(s) of the earlier run in {self.run_dir}")
-            if contents.foreign:
-                self.print(f"kept what a run does not write in {self.run_dir}: {contents.describe_foreign()}")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._write_config(self.run_dir / CONFIG)
-        barrier(self.env)
-
-    def _record_epochs(self) -> None:
-        """Write the changed ``train.epochs`` into the run's config.yaml (the rest of it stays as it was)."""
-        path = self.run_dir / CONFIG
-        try:
-            saved = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            saved = None
-        if isinstance(saved, dict) and isinstance(saved.get("train"), dict):
-            saved["train"]["epochs"] = self.cfg.train.epochs
-            write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
-        else:
-            self._write_config(path)
-
-    def _write_config(self, path: Path) -> None:
-        write_text_atomic(path, self.cfg.to_yaml(),
-                          hint="Free some space (or choose another train.output_dir) and run the command again.")
 
     def _build_loaders(self) -> None:
         cfg, env = self.cfg, self.env
@@ -355,197 +201,6 @@ class Trainer:
                 raise CrossDistillError(f"optim.sched={o.sched!r}: {err}") from None
             if self.scheduler is None:
                 raise CrossDistillError(f"optim.sched={o.sched!r} is not a timm scheduler (cosine, step, ...)")
-
-    # ------------------------------------------------------------ checkpoints
-    def _state(self, epoch: int, step: int = 0, partial: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Everything needed to continue exactly: ``epoch`` epochs done, plus ``step`` steps of the next."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "crossdistill_version": __version__,
-            "epoch": epoch,
-            "step": step,
-            "global_step": epoch * self.steps_per_epoch + step,
-            "partial_epoch": partial or {},
-            "student": self.student.state_dict(),
-            "extras": {name: m.state_dict() for name, m in self.distiller.extra_modules().items()},
-            "student_ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_state(),
-            "best": dict(self.best),
-            "history": self.history,
-            "config": self.cfg.to_dict(),
-            "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
-            "classes": list(self.data.classes),
-            "num_classes": self.num_classes,
-            "world_size": self.env.world_size,
-            "wall_time_s": self.wall_time(),
-        }
-
-    def _write_latest(self, path: Path, epoch: int, step: int) -> None:
-        pointer = {"file": str(path.relative_to(self.run_dir)), "epoch": epoch, "step": step,
-                   "global_step": epoch * self.steps_per_epoch + step}
-        write_text_atomic(self.run_dir / LATEST, json.dumps(pointer), hint=self._disk_full_hint())
-
-    def _has_checkpoint(self) -> bool:
-        return (self.run_dir / CHECKPOINT).exists() or bool(step_checkpoints(self.run_dir / STEP_DIR))
-
-    def _disk_full_hint(self) -> str:
-        if self._has_checkpoint():
-            return RESUME_HINT
-        return ("Free some space (or move train.output_dir) and run the same command again "
-                "(the run has no checkpoint yet: it starts from the beginning).")
-
-    def _on_main_then_agree(self, write) -> None:
-        """Run ``write`` on the main rank, then let every rank learn whether it succeeded: a failure there
-        (a full disk) stops every rank instead of leaving the others waiting in the next collective."""
-        error = None
-        if self.env.is_main:
-            try:
-                write()
-            except Exception as err:
-                error = err
-        if not all_ranks_ok(self.env, error is None):
-            if error is not None:
-                raise error
-            raise CrossDistillError(f"writing to {self.run_dir} failed on rank 0 (see its message)")
-
-    def _refuse_nonfinite_weights(self, when: str, file: str) -> None:
-        """Stop every rank before writing ``file`` when the student, its extra modules or the EMA hold inf/NaN
-        (weights or buffers): a run that diverged must not end as a success, and the last good checkpoint stays."""
-        named = {f"student.{k}": v for k, v in self.student.state_dict().items()}
-        for module_name, module in self.distiller.extra_modules().items():
-            named.update({f"{module_name}.{k}": v for k, v in module.state_dict().items()})
-        if self.ema is not None:
-            named.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
-        floating = [(k, v) for k, v in named.items() if v.is_floating_point()]
-        finite = torch.stack([torch.isfinite(v).all() for _, v in floating]).tolist() if floating else []
-        bad = [name for (name, _), ok in zip(floating, finite) if not ok]
-        if all_ranks_ok(self.env, not bad):
-            return
-        if not bad:
-            raise CrossDistillError(f"stopping: another rank holds non-finite weights {when} (see its message)")
-        if self._has_checkpoint():
-            kept = f"the last good checkpoint is kept in {self.run_dir}"
-            example = f"crossdistill train --resume {self.run_dir} optim.clip_grad=1.0"
-        else:
-            kept, example = "the run has no checkpoint yet", "the same command with optim.clip_grad=1.0"
-        raise CrossDistillError(
-            f"stopping: non-finite weights {when} (inf/NaN in {len(bad)} tensor(s): {', '.join(bad[:3])}"
-            f"{', ...' if len(bad) > 3 else ''}); {file} was not written and {kept}. The training diverged: "
-            f"lower optim.lr or set optim.clip_grad (e.g. {example})"
-        )
-
-    def _save(self, epoch: int, improved: bool, row: dict[str, Any] | None = None) -> None:
-        """End-of-epoch checkpoint (last.pt, and best.pt when the top-1 improved), then the metrics row."""
-        def write() -> None:
-            state = self._state(epoch)
-            save_atomic(state, self.run_dir / CHECKPOINT, hint=self._disk_full_hint())
-            self._write_latest(self.run_dir / CHECKPOINT, epoch, 0)
-            if improved:
-                keys = ("format", "epoch", "student", "student_ema", "config", "normalization", "classes", "num_classes")
-                save_atomic({k: state[k] for k in keys}, self.run_dir / BEST, hint=self._disk_full_hint())
-            if row is not None and self.log_file is not None:
-                self.log_file.write(row)
-
-        self._on_main_then_agree(write)
-
-    def _save_step(self, epoch: int, step: int, partial: dict[str, Any]) -> Path:
-        """Mid-epoch checkpoint under checkpoints/, keeping the newest ``train.keep_step_checkpoints``."""
-        folder = self.run_dir / STEP_DIR
-        path = folder / f"step-{epoch * self.steps_per_epoch + step:09d}.pt"
-        self._refuse_nonfinite_weights(f"at epoch {epoch + 1}, step {step}", str(path.relative_to(self.run_dir)))
-        per_rank = gathered_rng_states(self.env)  # mid-epoch: each rank continues its own random streams
-
-        def write() -> None:
-            state = self._state(epoch, step, partial)
-            if per_rank is not None:
-                state["rng_per_rank"] = per_rank
-            save_atomic(state, path, hint=self._disk_full_hint())
-            self._write_latest(path, epoch, step)
-            for old in step_checkpoints(folder)[: -self.cfg.train.keep_step_checkpoints]:
-                old.unlink(missing_ok=True)
-
-        self._on_main_then_agree(write)
-        return path
-
-    def latest_checkpoint(self) -> Path:
-        """The newest complete checkpoint of the run (epoch or step)."""
-        candidates = []
-        pointer = self.run_dir / LATEST
-        if pointer.exists():
-            try:
-                candidates.append(self.run_dir / json.loads(pointer.read_text())["file"])
-            except (ValueError, KeyError):
-                pass
-        candidates += step_checkpoints(self.run_dir / STEP_DIR)[::-1]
-        candidates.append(self.run_dir / CHECKPOINT)
-        for path in candidates:
-            if path.exists():
-                return path
-        raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
-
-    def _load_checkpoint(self) -> None:
-        path = self.latest_checkpoint()
-        state = load_weights_file(path)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CrossDistillError(f"{path} is not a crossdistill run checkpoint (format {state.get('format')!r})")
-        saved_world = int(state.get("world_size", self.env.world_size))
-        if int(state.get("step", 0)) and saved_world != self.env.world_size:
-            raise CrossDistillError(
-                f"{path} was written in the middle of an epoch by {saved_world} process(es), and this run has "
-                f"{self.env.world_size}: the samples already trained on are counted per process, so a mid-epoch "
-                f"resume needs the same number. Resume with {saved_world} process(es), or delete "
-                f"{self.run_dir / STEP_DIR} and {self.run_dir / LATEST} to restart from the last epoch-end "
-                f"checkpoint ({CHECKPOINT}).")
-        self.student.load_state_dict(state["student"])
-        extras = self.distiller.extra_modules()
-        if set(extras) != set(state["extras"]):
-            raise CrossDistillError(
-                f"{path} holds modules {sorted(state['extras'])} but method {self.cfg.method!r} has {sorted(extras)}: "
-                "the config changed since the checkpoint was written"
-            )
-        for name, module in extras.items():
-            module.load_state_dict(state["extras"][name])
-        if self.ema is not None and state.get("student_ema") is not None:
-            self.ema.module.load_state_dict(state["student_ema"])
-        saved_epochs = int(((state.get("config") or {}).get("train") or {}).get("epochs", self.cfg.train.epochs))
-        done = int(state["epoch"])
-        if saved_epochs != self.cfg.train.epochs and self.cfg.train.epochs <= done:
-            raise CrossDistillError(
-                f"train.epochs={self.cfg.train.epochs}, but the run in {self.run_dir} has already trained {done} of its "
-                f"{saved_epochs} epochs; resume it with its own train.epochs ({saved_epochs}), or a larger value to "
-                "train it longer")
-        load_optimizer_state(self.optimizer, state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None and saved_epochs == self.cfg.train.epochs:
-            self.scheduler.load_state_dict(state["scheduler"])  # else: re-planned below
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        per_rank = state.get("rng_per_rank")
-        set_rng_state(per_rank[self.env.rank] if per_rank and len(per_rank) == self.env.world_size else state["rng"])
-        self.best = dict(state["best"])
-        self.history = list(state.get("history", []))
-        self.start_epoch = int(state["epoch"])
-        self.start_step = int(state.get("step", 0))
-        self.resume_partial = dict(state.get("partial_epoch") or {})
-        self.resumed_from = path
-        self.wall_before = float(state.get("wall_time_s", 0.0))
-        if saved_epochs != self.cfg.train.epochs:
-            self._replan_schedule(saved_epochs)
-
-    def _replan_schedule(self, saved_epochs: int) -> None:
-        """``train.epochs`` changed on resume: the lr schedule continues as if planned for the new length."""
-        before = self.optimizer.param_groups[0]["lr"]
-        if self.scheduler is not None:
-            self.scheduler.step(self.start_epoch)  # epoch-based schedules
-            self.scheduler.step_update(self.start_epoch * self.steps_per_epoch + self.start_step)  # per-step ones
-        epochs = self.cfg.train.epochs
-        self.epochs_changed_from = saved_epochs
-        self.print(f"train.epochs changed from {saved_epochs} to {epochs}: the run continues after epoch "
-                   f"{self.start_epoch} with its lr schedule ({self.cfg.optim.sched}) re-planned over {epochs} epochs "
-                   f"(lr {before:g} -> {self.optimizer.param_groups[0]['lr']:g}); config.yaml records "
-                   f"train.epochs={epochs}")
 
     # ------------------------------------------------------------ loop
     def print(self, *args) -> None:
@@ -595,16 +250,16 @@ class Trainer:
         except Preempted:
             raise
         except CrossDistillError as err:
-            self._release_run_dir(failed=True)
+            self.run_dir_claim.release(failed=True)
             unwrapped = unwrap_worker_error(err)
             if unwrapped is err:
                 raise
             raise unwrapped from err
         except BaseException:
-            self._release_run_dir(failed=True)
+            self.run_dir_claim.release(failed=True)
             raise
         finally:
-            self._release_run_dir()
+            self.run_dir_claim.release()
 
     def _fit(self, stop_after: int | None) -> RunSummary:
         cfg = self.cfg
@@ -650,7 +305,7 @@ class Trainer:
     def _run_epoch(self, epoch: int, mixup, stop: StopSignal) -> None:
         cfg = self.cfg
         train_stats = self.train_one_epoch(epoch, mixup, stop)
-        self._refuse_nonfinite_weights(f"after epoch {epoch + 1}", CHECKPOINT)
+        self.checkpoints.refuse_nonfinite_weights(f"after epoch {epoch + 1}", CHECKPOINT)
         epoch_time = train_stats.pop("_time")
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
         improved = False
@@ -668,7 +323,8 @@ class Trainer:
             self.scheduler.step(epoch + 1, row.get("eval_top1"))
         row["epoch_time_s"] = round(epoch_time, 2)
         self.history.append(row)
-        self._save(epoch + 1, improved, row)
+        log_row = (lambda: self.log_file.write(row)) if self.log_file is not None else None
+        self.checkpoints.save_epoch(epoch + 1, improved, then=log_row)
         self.print(self._format_row(row))
 
     def _mixup(self):
@@ -750,10 +406,10 @@ class Trainer:
                     progress.set_postfix({k: f"{v.item() / max(steps, 1):.4g}" for k, v in sums.items()
                                           if k != "grad_norm"})
             if checkpoint_now:
-                self._save_step(epoch, step + 1, self._partial(sums, steps))
+                self.checkpoints.save_step(epoch, step + 1, self._partial(sums, steps))
             if (stop is not None and not last_step and (not self.env.distributed or (global_step + 1) % 10 == 0)
                     and self._stop_requested(stop)):
-                path = self._save_step(epoch, step + 1, self._partial(sums, steps))
+                path = self.checkpoints.save_step(epoch, step + 1, self._partial(sums, steps))
                 if progress is not None:
                     progress.close()
                 raise Preempted(
