@@ -6,23 +6,20 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
 from ..checkpoint import RESUME_HINT, write_text_atomic
 from ..config import RunConfig, with_absolute_paths
 from ..errors import CrossDistillError
 from .checkpointing import Checkpointer, Resumed
 from .claim import RunDirClaim
-from .distributed import DistEnv, all_ranks_ok, all_reduce_sum, init_distributed, shutdown
+from .distributed import DistEnv, all_ranks_ok, init_distributed, shutdown
 from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_everything, unwrap_worker_error
-from .metrics import MetricsLog, topk_correct
+from .metrics import EpochTotals, MetricsLog, evaluate
 from .preemption import Preempted, StopSignal
 from .rundir import CHECKPOINT, SUMMARY
 from .setup import autocast_dtype, build_run, check_run_config, count_parameters
@@ -337,7 +334,30 @@ class Trainer:
                      label_smoothing=t.label_smoothing, num_classes=self.num_classes)
 
     def train_one_epoch(self, epoch: int, mixup=None, stop: StopSignal | None = None) -> dict[str, float]:
-        cfg, device = self.cfg, self.device
+        first_step = self._begin_epoch(epoch)
+        totals = EpochTotals(self.device, self.resume_partial if first_step else None)
+        start = time.time()
+        progress = self._progress(epoch, first_step)
+        if self.teacher_cache is not None:
+            self.teacher_cache.begin_epoch(epoch)
+            hits, misses = self.teacher_cache.hits, self.teacher_cache.misses
+        for step, batch in enumerate(self.train_loader, start=first_step):
+            self._train_step(epoch, step, batch, totals, mixup, stop, progress)
+        if progress is not None:
+            progress.close()
+        if self.teacher_cache is not None:
+            self.teacher_cache.close()
+            read, computed = self.teacher_cache.hits - hits, self.teacher_cache.misses - misses
+            self.print(f"teacher cache, epoch {epoch + 1}: {read} samples read, {computed} computed by the teacher")
+        self.train_sampler.skip = 0
+        self.start_step = 0
+        stats = totals.reduce(self.env)
+        stats["_time"] = time.time() - start
+        return stats
+
+    def _begin_epoch(self, epoch: int) -> int:
+        """Seed the epoch's random streams and position the sampler; returns the step the epoch starts at."""
+        cfg = self.cfg
         first_step = 0
         if epoch == self.start_epoch and self.start_step:
             first_step = self.start_step  # RNG state was restored from the mid-epoch checkpoint
@@ -349,89 +369,55 @@ class Trainer:
         self.train_set.set_epoch(epoch)
         self.distiller.on_epoch_start(epoch, cfg.train.epochs)
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        steps = 0
-        if first_step:
-            sums = {k: torch.tensor(v, device=device) for k, v in self.resume_partial.get("sums", {}).items()}
-            steps = int(self.resume_partial.get("steps", 0))
-        skipped = torch.zeros((), device=device)
-        start = time.time()
-        progress = self._progress(epoch, first_step)
-        every = cfg.train.checkpoint_every_steps
-        if self.teacher_cache is not None:
-            self.teacher_cache.begin_epoch(epoch)
-            hits, misses = self.teacher_cache.hits, self.teacher_cache.misses
-        for step, batch in enumerate(self.train_loader, start=first_step):
-            global_step = epoch * self.steps_per_epoch + step
-            images, target = self.step_fn.to_device(batch[0], batch[1])
-            if mixup is not None:
-                images, target = mixup(images, target)
-            cached = self.teacher_cache is not None
-            result = self.step_fn(images, target, batch[2] if cached else None, tag=(epoch, step),
-                                  prefetched=(batch[3], batch[4]) if cached and len(batch) == 5 else None)
-            output, loss, grad_norm = result.output, result.loss, result.grad_norm
-            if result.scaler_skipped is not None:
-                skipped += result.scaler_skipped  # the scaler found inf/NaN gradients and skipped this step
-            if self.scheduler is not None:  # by position in the run, skipped or not (see TrainStep)
-                self.scheduler.step_update(global_step + 1)
-            if not result.finite:
-                self._on_nonfinite(epoch, step, {k: float(v.detach().float()) for k, v in output.losses.items()})
-                skipped += 1
-                continue
-            if self.ema is not None:
-                self._update_ema(global_step, result.skipped_on_device)
-            terms = {**output.losses, "loss": loss}
-            if grad_norm is not None:
-                terms["grad_norm"] = grad_norm
-            for name, value in terms.items():
-                value = value.detach().float()
-                if result.ok is not None:  # deferred finiteness check: a skipped step adds nothing
-                    value = torch.where(result.ok, value, torch.zeros_like(value))
-                sums[name] = sums.get(name, 0) + value
-            steps += 1
-            last_step = step + 1 == self.steps_per_epoch
-            checkpoint_now = bool(every and (global_step + 1) % every == 0 and not last_step)
-            report_now = progress is not None and (step % 20 == 0 or last_step)
-            if self.step_fn.pending and collect_nonfinite_now(
-                    len(self.step_fn.pending), self.step_fn.finite_check_every, global_step=global_step,
-                    last_step=last_step, checkpoint_now=checkpoint_now, report_now=report_now,
-                    stop_requested=stop is not None and stop.requested, watching_stop=stop is not None,
-                    distributed=self.env.distributed):
-                found = self._collect_nonfinite()  # deferred check: one sync every N steps
-                steps -= found
-                skipped += found
-            if progress is not None:
-                progress.update(1)
-                if report_now:
-                    progress.set_postfix({k: f"{v.item() / max(steps, 1):.4g}" for k, v in sums.items()
-                                          if k != "grad_norm"})
-            if checkpoint_now:
-                self.checkpoints.save_step(epoch, step + 1, self._partial(sums, steps))
-            if (stop is not None and not last_step and (not self.env.distributed or (global_step + 1) % 10 == 0)
-                    and self._stop_requested(stop)):
-                path = self.checkpoints.save_step(epoch, step + 1, self._partial(sums, steps))
-                if progress is not None:
-                    progress.close()
-                raise Preempted(
-                    f"stop signal received: saved {path} at epoch {epoch + 1}, step {step + 1}/{self.steps_per_epoch}; "
-                    f"continue with: crossdistill train --resume {self.run_dir}", str(path))
+        return first_step
+
+    def _train_step(self, epoch: int, step: int, batch, totals: EpochTotals, mixup, stop: StopSignal | None,
+                    progress) -> None:
+        """One step of the loop: the step itself, the schedule, EMA, totals, non-finite steps, checkpoint, stop."""
+        global_step = epoch * self.steps_per_epoch + step
+        images, target = self.step_fn.to_device(batch[0], batch[1])
+        if mixup is not None:
+            images, target = mixup(images, target)
+        cached = self.teacher_cache is not None
+        result = self.step_fn(images, target, batch[2] if cached else None, tag=(epoch, step),
+                              prefetched=(batch[3], batch[4]) if cached and len(batch) == 5 else None)
+        if result.scaler_skipped is not None:
+            totals.skipped += result.scaler_skipped  # the scaler found inf/NaN gradients and skipped this step
+        if self.scheduler is not None:  # by position in the run, skipped or not (see TrainStep)
+            self.scheduler.step_update(global_step + 1)
+        if not result.finite:
+            self._on_nonfinite(epoch, step, {k: float(v.detach().float()) for k, v in result.output.losses.items()})
+            totals.skipped += 1
+            return
+        if self.ema is not None:
+            self._update_ema(global_step, result.skipped_on_device)
+        totals.add(result)
+        every = self.cfg.train.checkpoint_every_steps
+        last_step = step + 1 == self.steps_per_epoch
+        checkpoint_now = bool(every and (global_step + 1) % every == 0 and not last_step)
+        report_now = progress is not None and (step % 20 == 0 or last_step)
+        if self.step_fn.pending and collect_nonfinite_now(
+                len(self.step_fn.pending), self.step_fn.finite_check_every, global_step=global_step,
+                last_step=last_step, checkpoint_now=checkpoint_now, report_now=report_now,
+                stop_requested=stop is not None and stop.requested, watching_stop=stop is not None,
+                distributed=self.env.distributed):
+            found = self._collect_nonfinite()  # deferred check: one sync every N steps
+            totals.steps -= found
+            totals.skipped += found
         if progress is not None:
-            progress.close()
-        if self.teacher_cache is not None:
-            self.teacher_cache.close()
-            read, computed = self.teacher_cache.hits - hits, self.teacher_cache.misses - misses
-            self.print(f"teacher cache, epoch {epoch + 1}: {read} samples read, {computed} computed by the teacher")
-        self.train_sampler.skip = 0
-        self.start_step = 0
-        names = sorted(sums)
-        totals = torch.stack([torch.as_tensor(sums[n], device=device) for n in names] + [skipped])
-        all_reduce_sum(totals, self.env)
-        counted = max(steps, 1) * self.env.world_size
-        means = (totals[:-1] / counted).tolist()
-        stats = {f"train_{n}": v for n, v in zip(names, means)}
-        stats["skipped_steps"] = int(totals[-1].item())
-        stats["_time"] = time.time() - start
-        return stats
+            progress.update(1)
+            if report_now:
+                progress.set_postfix(totals.running_means())
+        if checkpoint_now:
+            self.checkpoints.save_step(epoch, step + 1, totals.partial())
+        if (stop is not None and not last_step and (not self.env.distributed or (global_step + 1) % 10 == 0)
+                and self._stop_requested(stop)):
+            path = self.checkpoints.save_step(epoch, step + 1, totals.partial())
+            if progress is not None:
+                progress.close()
+            raise Preempted(
+                f"stop signal received: saved {path} at epoch {epoch + 1}, step {step + 1}/{self.steps_per_epoch}; "
+                f"continue with: crossdistill train --resume {self.run_dir}", str(path))
 
     def _update_ema(self, global_step: int, skipped: torch.Tensor | None) -> None:
         """Move the EMA towards the student, unless the device skipped this step (``skipped``, a 0-d bool
@@ -444,10 +430,6 @@ class Trainer:
         self.ema_snapshot.take()
         self.ema.update(self.student, step=global_step)
         self.ema_snapshot.restore(where=skipped)
-
-    @staticmethod
-    def _partial(sums: dict[str, torch.Tensor], steps: int) -> dict[str, Any]:
-        return {"sums": {k: float(v) for k, v in sums.items()}, "steps": steps}
 
     def _collect_nonfinite(self) -> int:
         """Report the steps the deferred finiteness check skipped on the device; returns how many."""
@@ -515,28 +497,6 @@ class Trainer:
                 f"(epoch {summary.best_epoch}) | {wall:.1f}s | {self.run_dir}"
             )
         return summary
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, env: DistEnv | None = None,
-             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) of ``model`` on ``loader`` (sharded across ranks under DDP)."""
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, device=device, dtype=torch.float64)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    for images, target in loader:
-        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast:
-            logits = model(images)
-        top1, top5 = topk_correct(logits.float(), target)
-        counts += torch.stack([top1, top5, torch.tensor(target.shape[0], device=device)]).double()
-    if env is not None:
-        all_reduce_sum(counts, env)
-    model.train(was_training)
-    total = max(counts[2].item(), 1.0)
-    return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total,
-            "samples": int(counts[2].item())}
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, out=None) -> RunSummary:
