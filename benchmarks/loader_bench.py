@@ -1,6 +1,6 @@
 """Images/s of the engine's training DataLoader alone (no model), e.g. CIFAR-10 at 224 px from memory.
 
-The loader is built exactly as the engine builds it (``crossdistill.engine.trainer.build_train_loader``:
+The loader is built exactly as the engine builds it (``crossdistill.engine.loaders.build_train_loader``:
 per-sample seeded augmentation, sharded resumable sampler, drop_last, pinned memory on CUDA) over
 the dataset and transforms ``crossdistill.data.build_data`` gives (timm's RandomResizedCrop, flip,
 ToTensor, Normalize on PIL images of an in-memory uint8 array dataset).
@@ -34,7 +34,7 @@ from crossdistill.config import DataConfig
 from crossdistill.data import build_data
 from crossdistill.engine.setup import student_data_config
 from crossdistill.config import ModelConfig
-from crossdistill.engine.trainer import build_train_loader
+from crossdistill.engine.loaders import build_train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cifar10_jpg.tar.gz"

@@ -72,7 +72,9 @@ def train_one(config_path: str | Path, log_path: str | Path) -> dict[str, Any]:
     import study_models  # noqa: F401  (registers resmlp_cifar)
 
     from crossdistill.config import load_config
-    from crossdistill.engine.trainer import CHECKPOINT, STEP_DIR, run_dir_of, train
+    from crossdistill.engine.claim import run_dir_of
+    from crossdistill.engine.rundir import CHECKPOINT, STEP_DIR
+    from crossdistill.engine.trainer import train
 
     cfg = load_config(config_path)
     run_dir = run_dir_of(cfg)

@@ -4,7 +4,8 @@ Variants, each with its own models and optimiser, timed interleaved on random da
 times each variant once, the variants of a ratio next to each other, the order reversed every
 other round), median over many steps after warm-up:
 
-* ``ours``: the step exactly as the engine runs it (:class:`~crossdistill.engine.trainer.TrainStep`:
+* ``ours``: the step exactly as the engine runs it (:class:`~crossdistill.engine.step.TrainStep`, built by
+  :func:`~crossdistill.engine.step.build_train_step` as the Trainer builds it:
   teacher outputs in inference mode, autocast per ``--amp``, channels_last, ``torch.compile``,
   fused optimiser on CUDA, the finiteness check);
 * ``reference``: RSD as the official code runs it: fp32, eager, teacher under ``no_grad`` in eval
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import platform
 import resource
@@ -52,10 +54,10 @@ from .engine.distributed import resolve_device
 from .engine.setup import autocast_dtype, make_criterion
 from .engine.teacher_cache import TeacherCache, cache_widths
 from .engine.teacher_runner import TeacherRunner
-from .engine.trainer import TrainStep, build_optimizer, finite_check_interval, make_scaler, use_channels_last
+from .engine.step import TrainStep, build_train_step
 from .errors import CrossDistillError
-from .models import AADProjector, Teacher, TeacherOutputs, check_model_name, embedding_dim, is_token_model
-from .params import _parse_args
+from .models import AADProjector, Teacher, TeacherOutputs, check_model_name, embedding_dim
+from .params import parse_method_args
 
 STD_EPS = 1e-5
 
@@ -143,7 +145,7 @@ class Variant:
 class _GivenTeacher(TeacherRunner):
     """A runner that returns fixed, precomputed outputs (the method's own cost, teacher excluded)."""
 
-    def __init__(self, distiller, given: TeacherOutputs):
+    def __init__(self, distiller, cache=None, compile: bool = False, *, given: TeacherOutputs):
         super().__init__(distiller)
         self.given = given
 
@@ -152,20 +154,12 @@ class _GivenTeacher(TeacherRunner):
 
 
 def _engine_step(distiller: nn.Module, train: TrainConfig, optim: OptimConfig, device: torch.device,
-                 *, runner_factory=None, cache: TeacherCache | None = None) -> TrainStep:
-    """Wire ``distiller`` as the engine does (device, channels_last, teacher runner, compile, optimiser, scaler)."""
-    distiller = distiller.to(device)
-    channels_last_input = use_channels_last(distiller) if train.channels_last else False
-    runner = None
-    if distiller.teacher is not None and not distiller.teacher_request().empty:
-        runner = runner_factory(distiller) if runner_factory else TeacherRunner(distiller, cache, compile=train.compile)
-    model = torch.compile(distiller) if train.compile else distiller
-    amp = autocast_dtype(train.amp, device)
-    optimizer = build_optimizer(distiller, optim, optim.lr, device)
-    distiller.train()
-    return TrainStep(model, optimizer, device=device, amp_dtype=amp, scaler=make_scaler(amp),
-                     channels_last=channels_last_input, clip_grad=optim.clip_grad, check_finite=train.check_finite,
-                     teacher=runner, finite_check_every=finite_check_interval(train, device))
+                 **settings) -> TrainStep:
+    """The engine's step for ``distiller`` (:func:`~crossdistill.engine.step.build_train_step`, as the Trainer
+    builds it), in training mode as the loop puts it at each epoch's start."""
+    step = build_train_step(distiller, train, optim, device, **settings)
+    step.model.train()
+    return step
 
 
 def _as_engine(step: TrainStep, images, target, indices=None, prefetched=None) -> None:
@@ -252,10 +246,8 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
     # (a method without a teacher: RSD's teacher forward, the embedding)
     teacher_reader = build_distiller(method if ours.teacher is not None else "rsd", copy.deepcopy(student_model),
                                      fresh_teacher(), cfg_args if ours.teacher is not None else rsd_defaults,
-                                     criterion=criterion).to(dev)
-    if channels_last and not is_token_model(teacher_reader.teacher.model):
-        teacher_reader.teacher.model.to(memory_format=torch.channels_last)
-    teacher_runner = TeacherRunner(teacher_reader, compile=compile)
+                                     criterion=criterion)
+    teacher_runner = _engine_step(teacher_reader, train, optim, dev).teacher
     x_t, _ = ours.to_device(images, target)
 
     def teacher_only():
@@ -265,16 +257,18 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
     variants.append(Variant("teacher_forward", teacher_only))
 
     tmp = None
-    if ours.teacher is not None and precomputed:
+    # only outputs a cache can hold (embedding, logits) are given: a method reading teacher stage features
+    # or computing something else from the teacher has no precomputed or cached variant (nor an overhead)
+    if ours.teacher is not None and ours_distiller.teacher_cacheable and precomputed:
         with ours.autocast():
             given = teacher_runner.compute(x_t).map(lambda t: t.float() if t.is_floating_point() else t)
         pre_distiller = build_distiller(method, copy.deepcopy(student_model), fresh_teacher(), cfg_args,
                                         criterion=criterion)
-        pre = _engine_step(pre_distiller, train, optim, dev, runner_factory=lambda d: _GivenTeacher(d, given))
+        pre = _engine_step(pre_distiller, train, optim, dev, runner=functools.partial(_GivenTeacher, given=given))
         x_p, y_p = pre.to_device(images, target)
         variants.append(Variant("ours_precomputed_teacher", lambda: _as_engine(pre, x_p, y_p)))
 
-        if cache and ours_distiller.teacher_cacheable:
+        if cache:
             outputs = ours_distiller.teacher_request().outputs
             tmp = tempfile.TemporaryDirectory(prefix="crossdistill-bench-cache-")
             blocks = 8
@@ -473,7 +467,7 @@ def format_result(result: dict[str, Any]) -> str:
 def _cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(
         args.teacher, args.student, img_size=args.img_size, batch_size=args.batch_size, method=args.method,
-        method_args=_parse_args(args.set), num_classes=args.num_classes, steps=args.steps, warmup=args.warmup,
+        method_args=parse_method_args(args.set), num_classes=args.num_classes, steps=args.steps, warmup=args.warmup,
         block=args.block, device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         check_finite=not args.no_check_finite, cache=not args.no_cache, precomputed=not args.no_precomputed,
         max_seconds=args.max_seconds, seed=args.seed, threads=args.threads,

@@ -13,7 +13,8 @@ from .errors import CrossDistillError, shorten
 from .models import Teacher, check_model_name
 
 
-def _parse_args(items: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+def parse_method_args(items: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Method arguments as ``KEY=VALUE`` strings (values parsed as in a config override), or a mapping, as a dict."""
     if isinstance(items, Mapping):
         return dict(items)
     args = {}
@@ -37,7 +38,7 @@ def count_method_parameters(
     check_model_name(teacher)
     if num_classes < 1:
         raise CrossDistillError(f"--num-classes must be >= 1, got {num_classes}")
-    cfg = method_config(method, _parse_args(method_args))
+    cfg = method_config(method, parse_method_args(method_args))
     with torch.device("meta"):
         student_model = timm.create_model(student, pretrained=False, num_classes=num_classes)
         teacher_model = timm.create_model(teacher, pretrained=False, num_classes=num_classes)

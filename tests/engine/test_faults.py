@@ -348,7 +348,7 @@ def _train_cli(tmp_path, raw) -> int:
 
 def test_a_run_whose_weights_turn_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """As optim.lr=1e6 does: finite losses, but a BatchNorm running_var overflows to inf in epoch 2."""
-    from crossdistill.engine.trainer import TrainStep
+    from crossdistill.engine.step import TrainStep
 
     run_dir = tmp_path / "runs" / "run"
     original, calls, good = TrainStep.__call__, {"n": 0}, {}
@@ -377,7 +377,7 @@ def test_a_run_whose_weights_turn_non_finite_stops_and_keeps_the_last_good_check
 
 def test_non_finite_weights_before_the_first_checkpoint_advise_the_same_command(tmp_path, monkeypatch, capsys):
     """The run directory is gone then (nothing to resume): the advice must be a command that works."""
-    from crossdistill.engine.trainer import TrainStep
+    from crossdistill.engine.step import TrainStep
 
     original = TrainStep.__call__
 

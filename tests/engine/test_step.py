@@ -71,7 +71,7 @@ def test_a_skipped_step_leaves_weights_buffers_optimiser_and_ema_bitwise_unchang
                                                                                   fused_nan_run, every):
     """The forward of a step whose loss turns out NaN has already moved the BatchNorm statistics (of the
     student and of the AAD projector); skipping the step must undo that, and must not move the EMA."""
-    from crossdistill.engine.trainer import TrainStep
+    from crossdistill.engine.step import TrainStep
 
     before_call: list[dict[str, torch.Tensor]] = []
     original = TrainStep.__call__
@@ -110,7 +110,7 @@ def test_the_check_interval_defaults_and_fallback(tmp_path):
 def test_decay_bias_and_norm_switches_timms_weight_decay_exemption():
     import torch
     from crossdistill.config import OptimConfig
-    from crossdistill.engine.trainer import build_optimizer
+    from crossdistill.engine.step import build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                                 torch.nn.LazyLinear(2))
@@ -127,7 +127,7 @@ def test_sync_batchnorm_converts_the_student_and_projectors_not_the_teacher(tmp_
     import torch
     from crossdistill.config import build_config
     from crossdistill.engine.setup import build_run
-    from crossdistill.engine.trainer import use_sync_batchnorm
+    from crossdistill.engine.step import use_sync_batchnorm
 
     raw = tiny_run(tmp_path, method="rsd", teacher={"name": "test_resnet", "kwargs": {}})  # a CNN teacher: BatchNorm
     distiller = build_run(build_config(raw)).distiller
@@ -153,7 +153,7 @@ def test_sync_bn_under_ddp_on_cpu_is_a_clear_error(tmp_path):
 def test_a_parameters_first_update_is_never_skipped_on_the_device():
     """Fused optimisers create a parameter's state on its first update; skipped there (found_inf) they leave
     it uninitialised. A parameter that gets its first gradient late must take the per-step check."""
-    from crossdistill.engine.trainer import TrainStep
+    from crossdistill.engine.step import TrainStep
 
     early, late = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     model = torch.nn.ModuleList([early, late])
@@ -194,7 +194,7 @@ def test_resume_keeps_this_runs_fused_optimiser_over_the_checkpoints_flags(tmp_p
 def test_under_ddp_nonfinite_flags_are_collected_only_where_every_rank_does():
     """Rank 0 alone updates the progress bar; collecting there could stop rank 0 (too many non-finite
     steps) while the other ranks wait in the next collective."""
-    from crossdistill.engine.trainer import collect_nonfinite_now
+    from crossdistill.engine.step import collect_nonfinite_now
 
     common = dict(global_step=4, last_step=False, checkpoint_now=False, stop_requested=False, watching_stop=True)
     assert collect_nonfinite_now(2, 20, report_now=True, distributed=False, **common)
@@ -224,7 +224,7 @@ class _TinyClassifier(torch.nn.Module):
 @pytest.mark.parametrize("path", ["per-step-check", "deferred-check", "fp16-scaler"])
 def test_one_nan_pixel_leaves_the_model_and_its_batchnorm_statistics_bitwise_unchanged(path):
     from conftest import SYNCING_OPS, ops_called
-    from crossdistill.engine.trainer import TrainStep
+    from crossdistill.engine.step import TrainStep
 
     torch.manual_seed(0)
     model = _TinyClassifier()

@@ -1,17 +1,22 @@
-"""Run logging: a CSV file per run, TensorBoard when installed."""
+"""Run metrics: evaluation accuracy, an epoch's loss totals, and the log (a CSV file per run, TensorBoard when
+installed)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from ..checkpoint import is_disk_full, write_text_atomic
 from ..errors import CrossDistillError
+from .distributed import DistEnv, all_reduce_sum
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
@@ -20,6 +25,73 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
     pred = logits.topk(maxk, dim=1).indices
     hits = pred.eq(target.view(-1, 1))
     return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, env: DistEnv | None = None,
+             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) of ``model`` on ``loader`` (sharded across ranks under DDP)."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, device=device, dtype=torch.float64)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    for images, target in loader:
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        top1, top5 = topk_correct(logits.float(), target)
+        counts += torch.stack([top1, top5, torch.tensor(target.shape[0], device=device)]).double()
+    if env is not None:
+        all_reduce_sum(counts, env)
+    model.train(was_training)
+    total = max(counts[2].item(), 1.0)
+    return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total,
+            "samples": int(counts[2].item())}
+
+
+class EpochTotals:
+    """The sums of an epoch's loss terms over its counted steps, and its skipped steps, kept on the device
+    (no host sync per step); a mid-epoch checkpoint keeps them (:meth:`partial`) and a resume continues them."""
+
+    def __init__(self, device: torch.device, partial: dict[str, Any] | None = None):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        if partial is not None:
+            self.sums = {k: torch.tensor(v, device=device) for k, v in partial.get("sums", {}).items()}
+            self.steps = int(partial.get("steps", 0))
+        self.skipped = torch.zeros((), device=device)
+
+    def add(self, result) -> None:
+        """Count one step's :class:`~crossdistill.engine.step.StepResult` (a step the deferred finiteness
+        check skipped on the device adds nothing)."""
+        terms = {**result.output.losses, "loss": result.loss}
+        if result.grad_norm is not None:
+            terms["grad_norm"] = result.grad_norm
+        for name, value in terms.items():
+            value = value.detach().float()
+            if result.ok is not None:
+                value = torch.where(result.ok, value, torch.zeros_like(value))
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.steps += 1
+
+    def partial(self) -> dict[str, Any]:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps}
+
+    def running_means(self) -> dict[str, str]:
+        """The means so far, for the progress bar (one sync)."""
+        return {k: f"{v.item() / max(self.steps, 1):.4g}" for k, v in self.sums.items() if k != "grad_norm"}
+
+    def reduce(self, env: DistEnv) -> dict[str, Any]:
+        """The epoch's means over every rank (``train_<term>``) and its skipped steps (``skipped_steps``)."""
+        names = sorted(self.sums)
+        totals = torch.stack([torch.as_tensor(self.sums[n], device=self.device) for n in names] + [self.skipped])
+        all_reduce_sum(totals, env)
+        counted = max(self.steps, 1) * env.world_size
+        means = (totals[:-1] / counted).tolist()
+        stats: dict[str, Any] = {f"train_{n}": v for n, v in zip(names, means)}
+        stats["skipped_steps"] = int(totals[-1].item())
+        return stats
 
 
 def _csv_text(fields: list[str], rows: list[dict[str, Any]], header: bool = True) -> str:

@@ -4,43 +4,31 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import re
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
 
-from ..checkpoint import RESUME_HINT, load_weights_file, remove_torn_files, save_atomic, write_text_atomic
+from ..checkpoint import RESUME_HINT, write_text_atomic
 from ..config import RunConfig, with_absolute_paths
 from ..errors import CrossDistillError
-from .distributed import (DistEnv, all_ranks_ok, all_reduce_sum, barrier, broadcast_from_main, init_distributed,
-                          shutdown)
-from .metrics import MetricsLog, topk_correct
-from .preemption import EXIT_PREEMPTED, Preempted, StopSignal
-from .rundir import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, LATEST, STEP_DIR, SUMMARY, RunDirLock,
-                     inspect_run_dir, remove_run_files, step_checkpoints)
-from .sampling import ResumableSampler, SampleSeededDataset
+from .checkpointing import Checkpointer, Resumed
+from .claim import RunDirClaim
+from .distributed import DistEnv, all_ranks_ok, init_distributed, shutdown
+from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_everything, unwrap_worker_error
+from .metrics import EpochTotals, MetricsLog, evaluate
+from .preemption import Preempted, StopSignal
+from .rundir import CHECKPOINT, SUMMARY
 from .setup import autocast_dtype, build_run, check_run_config, count_parameters
 from .snapshot import TensorSnapshot
+from .step import build_train_step, collect_nonfinite_now
 from ..data.device_augment import DeviceAugment
-from ..models import is_token_model
-from ..version import __version__
-from .teacher_cache import TeacherCache, WithIndex, cache_key, cache_widths
-from .teacher_runner import TeacherRunner
+from .teacher_cache import TeacherCache, cache_key, cache_widths
 
-__all__ = ["EXIT_PREEMPTED", "Preempted", "RunSummary", "StepResult", "TrainStep", "Trainer", "build_optimizer",
-           "build_train_loader", "evaluate", "make_scaler", "train"]
+__all__ = ["RunSummary", "Trainer", "evaluate", "train"]
 
 
 @dataclass
@@ -59,440 +47,6 @@ class RunSummary:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class ShardSampler(Sampler[int]):
-    """Evaluation indices ``rank::world`` (every sample exactly once across ranks, no padding)."""
-
-    def __init__(self, length: int, rank: int, world_size: int):
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """A distinct, reproducible seed per (run seed, epoch, rank): resuming at an epoch boundary is exact."""
-    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**31)
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def gathered_rng_states(env: DistEnv) -> list[dict[str, Any]] | None:
-    """Every rank's RNG state, in rank order (all ranks must call it); None in one process."""
-    if not env.distributed:
-        return None
-    states: list[Any] = [None] * env.world_size
-    torch.distributed.all_gather_object(states, rng_state())
-    return states
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def default_run_name(cfg: RunConfig) -> str:
-    teacher = cfg.teacher.name if cfg.teacher is not None else "none"
-    return f"{cfg.method}-{teacher}-{cfg.student.name}".replace(os.sep, "_")  # hf-hub:org/name: one folder
-
-
-def run_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
-
-
-def unwrap_worker_error(err: CrossDistillError) -> CrossDistillError:
-    """The error a DataLoader worker raised, as the user should see it.
-
-    torch re-raises a worker's exception in the main process as the same type, with the worker's whole
-    traceback as its message ("Caught CrossDistillError in DataLoader worker process 0. Original
-    Traceback ..."); the one-line message is after the traceback's last ``<module>.<class>: ``."""
-    text = str(err)
-    if not text.startswith("Caught ") or "Original Traceback" not in text:
-        return err
-    kind = type(err)
-    last = None
-    for last in re.finditer(rf"^{re.escape(f'{kind.__module__}.{kind.__qualname__}')}: ", text, re.M):
-        pass
-    return kind(text[last.end():].strip()) if last is not None else err
-
-
-FUSED_OPTIMIZERS = ("sgd", "nesterov", "momentum", "adam", "adamw")
-"""timm optimiser names that map to a torch optimiser with a fused kernel (``fused=True``)."""
-FUSED_DEVICES = ("cpu", "cuda")
-"""Devices where torch has the fused (and foreach-norm) kernels."""
-
-
-def build_optimizer(module: nn.Module, o, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """The optimiser of optim config ``o`` over ``module``'s trainable parameters, as timm builds it
-    (no weight decay on biases and norms unless ``o.decay_bias_and_norm``), with torch's fused kernel
-    where the optimiser has one: one pass over all parameters instead of several ops per tensor (measured on CPU: SGD step
-    2x faster than the default per-tensor loop; on CUDA one launch instead of hundreds), and the
-    fused kernels can skip a non-finite step on the device (``train.finite_check_every``)."""
-    from timm.optim import create_optimizer_v2
-
-    kwargs = {"momentum": o.momentum} if o.opt.lower() in ("sgd", "momentum", "nesterov", "rmsprop") else {}
-    kwargs["filter_bias_and_bn"] = not o.decay_bias_and_norm
-    try:
-        if device.type in FUSED_DEVICES and o.opt.lower() in FUSED_OPTIMIZERS:
-            try:
-                return create_optimizer_v2(module, opt=o.opt, lr=lr, weight_decay=o.weight_decay, fused=True, **kwargs)
-            except (TypeError, RuntimeError, ValueError):
-                pass  # this torch/timm has no fused variant: the default below
-        return create_optimizer_v2(module, opt=o.opt, lr=lr, weight_decay=o.weight_decay, **kwargs)
-    except (ValueError, AssertionError) as err:
-        raise CrossDistillError(f"optim.opt={o.opt!r}: {err}") from None
-
-
-def build_train_loader(dataset, *, seed: int, batch_size: int, num_workers: int, world_size: int = 1, rank: int = 0,
-                       pin_memory: bool = False, teacher_cache: TeacherCache | None = None):
-    """The training loader as the engine builds it: ``(train_set, sampler, generator, loader)``.
-
-    Every sample is augmented from its own seed (run seed, epoch, index), the sampler shards and
-    shuffles per epoch and can skip into an epoch, the last incomplete batch is dropped. With a
-    ``teacher_cache``, items are ``(image, target, index, stored rows, ok)``: the workers read the
-    cache (see :class:`~crossdistill.engine.teacher_cache.WithIndex`).
-    """
-    train_set = SampleSeededDataset(dataset, seed)
-    sampler = ResumableSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    generator = torch.Generator()
-    loader = DataLoader(
-        WithIndex(train_set, teacher_cache) if teacher_cache is not None else train_set, batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers, drop_last=True, pin_memory=pin_memory, generator=generator,
-    )
-    return train_set, sampler, generator, loader
-
-
-DEFAULT_FINITE_CHECK_EVERY_CUDA = 20
-
-
-def finite_check_interval(t, device: torch.device) -> int:
-    """``train.finite_check_every``, resolved: null means 1 on CPU (a sync is free there) and 20 on CUDA."""
-    if t.finite_check_every is not None:
-        return t.finite_check_every
-    return DEFAULT_FINITE_CHECK_EVERY_CUDA if device.type == "cuda" else 1
-
-
-def use_channels_last(distiller: nn.Module) -> bool:
-    """Put the convolutional models of ``distiller`` in channels_last (NHWC) memory format; returns
-    whether the student (and so the input batches) should be channels_last.
-
-    Only models that are not isotropic token models (ViT, DeiT, Mixer, ResMLP) are converted:
-    measured on CPU, NHWC makes a ResNet-18 forward 16% faster but a DeiT-Tiny training step 7%
-    slower when its input is NHWC; on GPUs NHWC is what tensor-core convolutions want. The
-    student's extra modules (projectors) follow the student.
-    """
-    student_cl = not is_token_model(distiller.student)
-    if student_cl:
-        distiller.to(memory_format=torch.channels_last)  # the student, its projectors (and the teacher)
-    teacher = getattr(distiller, "teacher", None)
-    if teacher is not None:
-        model = teacher.model
-        model.to(memory_format=torch.contiguous_format if is_token_model(model) else torch.channels_last)
-    return student_cl
-
-
-def collect_nonfinite_now(pending: int, every: int, *, global_step: int, last_step: bool, checkpoint_now: bool,
-                          report_now: bool, stop_requested: bool, watching_stop: bool, distributed: bool) -> bool:
-    """Whether to read the deferred finiteness flags after this step (one host sync).
-
-    Under DDP every rank must collect at the same steps: collecting may stop the run (too many
-    non-finite steps), and a rank that stops early leaves the others waiting in a collective. So
-    only steps every rank knows are used there: every ``every`` pending steps, the epoch's last
-    step, a checkpoint, and the stop-signal check every 10 steps, not rank 0's progress-bar
-    updates or a signal only one rank received.
-    """
-    if pending >= every or last_step or checkpoint_now:
-        return True
-    if distributed:
-        return watching_stop and (global_step + 1) % 10 == 0
-    return report_now or stop_requested
-
-
-IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
-"""Optimiser group options that choose a kernel, not the maths: this run's choice, not the checkpoint's."""
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """``optimizer.load_state_dict(state)``, keeping the kernel choice of ``optimizer`` (fused or not):
-    torch copies the checkpoint's flags into the groups, so a checkpoint written with a non-fused optimiser
-    (another device, an older version) would silently turn fusion, and skipping steps on the device, off."""
-    chosen = [{k: group[k] for k in IMPLEMENTATION_FLAGS if k in group} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, flags in zip(optimizer.param_groups, chosen):
-        group.update(flags)
-
-
-def use_sync_batchnorm(distiller: nn.Module) -> int:
-    """Turn the BatchNorm layers of the trainable modules of ``distiller`` (student, projectors; not the
-    frozen teacher, which keeps its running statistics) into SyncBatchNorm; returns how many."""
-    count = 0
-    for name, child in list(distiller.named_children()):
-        if name == "teacher":
-            continue
-        before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules())
-        converted = nn.SyncBatchNorm.convert_sync_batchnorm(child)
-        if converted is not child:
-            setattr(distiller, name, converted)
-        count += before
-    return count
-
-
-def make_scaler(amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
-    """The loss scaler fp16 autocast needs (bf16 and fp32 need none)."""
-    return torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-
-@dataclass
-class StepResult:
-    output: Any
-    """The method's :class:`~crossdistill.distillers.DistillOutput` (logits and loss terms)."""
-    loss: torch.Tensor
-    grad_norm: torch.Tensor | None
-    finite: bool = True
-    """False when ``check_finite`` found a non-finite loss or gradient: nothing was updated, the buffers are restored."""
-    scaler_skipped: torch.Tensor | None = None
-    """fp16 only: a 0-d tensor, 1 when the GradScaler found inf/NaN gradients and skipped the update."""
-    ok: torch.Tensor | None = None
-    """Deferred finiteness check only: a 0-d bool device tensor, False when the update was skipped on the device."""
-
-    @property
-    def skipped_on_device(self) -> torch.Tensor | None:
-        """A 0-d bool device tensor, True when the device skipped this step (deferred check or fp16 scaler);
-        None when the host already knows (``finite``)."""
-        if self.ok is not None:
-            return ~self.ok
-        if self.scaler_skipped is not None:
-            return self.scaler_skipped > 0
-        return None
-
-
-class TrainStep:
-    """One optimiser step exactly as the engine runs it; shared by :class:`Trainer` and ``crossdistill bench``.
-
-    Under autocast when ``amp_dtype`` is set: the teacher outputs the method reads (``teacher``: computed
-    in inference mode, or read from the teacher cache), then ``model(images, target, teacher outputs,
-    indices)`` (the distiller, or its DDP / ``torch.compile`` wrapper); then
-    ``zero_grad`` (to None), backward (through the fp16 GradScaler when there is one), gradient
-    clipping (``clip_grad``) or, when ``check_finite``, the total gradient norm, and the optimiser step.
-
-    Host-device synchronisation: none in the step, except for the finiteness check (``check_finite``)
-    when ``finite_check_every`` is 1: deciding on the host whether to skip the update costs one sync
-    per step (free on CPU, where nothing is queued; on a GPU it keeps the host from queueing the next
-    step while this one runs). With ``finite_check_every`` N > 1 and an optimiser that can skip an
-    update on the device (torch's fused kernels take a ``found_inf`` flag, as the GradScaler uses
-    them), a non-finite step is skipped on the device with no sync; the host learns of it at most N
-    steps later (:meth:`collect_nonfinite`), for the warning, the count and ``max_nonfinite_steps``.
-    The trade-off: the stop on too many non-finite steps comes up to N steps late. The fp16 path is
-    sync-free: the scaler skips on the device.
-
-    A skipped step changes nothing, on every path: not the weights, not the optimiser state, and not
-    the buffers (BatchNorm statistics) the forward already updated: they are saved before the forward
-    (:class:`~crossdistill.engine.snapshot.TensorSnapshot`, ``buffers``: by default all of ``model``'s,
-    which for a distiller means the student's and its extra modules', not the frozen teacher's) and
-    put back, by a ``torch.where`` on the device flag where the host does not know. The EMA is the
-    caller's (:class:`Trainer` leaves it unchanged on a skipped step, see
-    :attr:`StepResult.skipped_on_device`). The learning-rate schedule still advances on a skipped step,
-    on every path: timm's schedulers are functions of the step's position in the run (the update count
-    the engine passes is the global step), so a skipped step uses up its place in the schedule like a
-    step of an epoch that ends early; the deferred path could not do otherwise without a sync.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                 amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-                 channels_last: bool = False, clip_grad: float | None = None, check_finite: bool = True,
-                 distributed: bool = False, trainable: list[torch.Tensor] | None = None,
-                 teacher: TeacherRunner | None = None,
-                 finite_check_every: int = 1, device_augment: DeviceAugment | None = None,
-                 buffers: list[torch.Tensor] | None = None):
-        self.model, self.optimizer, self.device = model, optimizer, device
-        self.device_augment = device_augment
-        self.teacher = teacher
-        self.amp_dtype, self.scaler = amp_dtype, scaler
-        self.channels_last, self.clip_grad, self.check_finite = channels_last, clip_grad, check_finite
-        self.distributed = distributed
-        if trainable is None:
-            trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self.trainable = trainable
-        self.buffers = TensorSnapshot(model.buffers() if buffers is None else buffers)
-        can_skip_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-        self.finite_check_every = finite_check_every if can_skip_on_device and scaler is None else 1
-        self.pending: list[tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = []
-        self.updates = 0
-        self._state_ready = False
-
-    @property
-    def deferred(self) -> bool:
-        """Whether non-finite steps are skipped on the device and reported later (no per-step sync)."""
-        return self.check_finite and self.finite_check_every > 1
-
-    def collect_nonfinite(self) -> list[tuple[Any, dict[str, float]]]:
-        """(tag, loss terms) of the deferred steps that were skipped as non-finite since the last call; one sync."""
-        pending, self.pending = self.pending, []
-        if not pending:
-            return []
-        flags = torch.stack([bad for _, bad, _ in pending]).cpu().tolist()
-        return [(tag, {k: float(v.float()) for k, v in terms.items()}) for (tag, _, terms), bad in zip(pending, flags)
-                if bad]
-
-    def to_device(self, images, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move a loader batch to the device (asynchronously from pinned memory), channels_last if asked.
-        With ``device_augment``, ``images`` is the loader's ``(uint8 images, crop parameters)``: augmented here."""
-        if self.device_augment is not None:
-            pixels, params = images
-            images = self.device_augment(pixels.to(self.device, non_blocking=True),
-                                         params.to(self.device, non_blocking=True))
-        else:
-            images = images.to(self.device, non_blocking=True)
-        target = target.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, target
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def __call__(self, images: torch.Tensor, target: torch.Tensor, indices: torch.Tensor | None = None,
-                 tag: Any = None, prefetched=None) -> StepResult:
-        """One step on a device batch; ``indices``: the samples' dataset indices and ``prefetched``
-        the cache rows the loader read (teacher cache); ``tag``: how a deferred non-finite step is
-        named in :meth:`collect_nonfinite`."""
-        restore_buffers = len(self.buffers) > 0 and (self.check_finite or self.scaler is not None)
-        if restore_buffers:
-            self.buffers.take()
-        with self.autocast():
-            teacher = self.teacher(images, indices, prefetched) if self.teacher is not None else None
-            output = self.model(images, target, teacher, indices)
-        loss = output.loss
-        optimizer = self.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            scaler = self.scaler
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = self.clip_or_norm()
-            before = self._scale()
-            scaler.step(optimizer)
-            scaler.update()
-            skipped = self._scale() < before
-            if restore_buffers:
-                self.buffers.restore(where=skipped)
-            return StepResult(output, loss, grad_norm, scaler_skipped=skipped.float())
-        loss.backward()
-        grad_norm = self.clip_or_norm()
-        if self.deferred and self.optimizer_state_ready():
-            bad = self.nonfinite_flag(loss, grad_norm)
-            optimizer.found_inf, optimizer.grad_scale = bad.float(), None
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.found_inf, optimizer.grad_scale
-            if restore_buffers:
-                self.buffers.restore(where=bad)
-            self.pending.append((tag, bad, {k: v.detach() for k, v in output.losses.items()}))
-            return StepResult(output, loss, grad_norm, ok=~bad)
-        if self.check_finite and not self.finite(loss, grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            if restore_buffers:
-                self.buffers.restore()
-            return StepResult(output, loss, grad_norm, finite=False)
-        optimizer.step()
-        self.updates += 1
-        return StepResult(output, loss, grad_norm)
-
-    def optimizer_state_ready(self) -> bool:
-        """Whether every parameter with a gradient already has its optimiser state (momentum, Adam moments).
-
-        A fused optimiser creates that state on a parameter's first update; told to skip that update
-        (``found_inf``) it leaves the state uninitialised, and the next step uses garbage. So a
-        parameter's first update always takes the per-step (host) check; once every trainable parameter
-        has its state, the answer is cached."""
-        if self._state_ready:
-            return True
-        state, stateless_sgd = self.optimizer.state, isinstance(self.optimizer, torch.optim.SGD)
-        missing = first_update = False
-        for group in self.optimizer.param_groups:
-            if stateless_sgd and not group.get("momentum", 0):
-                continue  # plain SGD keeps no state
-            for p in group["params"]:
-                if p in state and state[p]:
-                    continue
-                missing = True
-                first_update = first_update or p.grad is not None
-        self._state_ready = not missing
-        return not first_update
-
-    def _scale(self) -> torch.Tensor:
-        """The scaler's current scale as a device tensor (a copy: ``update`` changes it in place), no sync."""
-        get = getattr(self.scaler, "_get_scale_async", None)
-        scale = get() if get is not None else None
-        if scale is None:
-            return torch.tensor(self.scaler.get_scale(), device=self.device)
-        return scale.detach().clone()
-
-    def clip_or_norm(self) -> torch.Tensor | None:
-        """Clip to ``clip_grad``, or just measure the total gradient norm when finiteness is checked."""
-        # foreach: one kernel for all gradients (on CPU torch would otherwise loop per tensor: ~6x slower)
-        foreach = True if self.device.type in FUSED_DEVICES else None
-        if self.clip_grad:
-            return torch.nn.utils.clip_grad_norm_(self.trainable, self.clip_grad, foreach=foreach)
-        if self.check_finite:
-            grads = [p.grad for p in self.trainable if p.grad is not None]
-            if not grads:
-                return None
-            if hasattr(torch.nn.utils, "get_total_norm"):
-                return torch.nn.utils.get_total_norm(grads, foreach=foreach)
-            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        return None
-
-    def finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        """Whether loss and gradient norm are finite (on every rank under DDP): one host sync."""
-        flag = torch.isfinite(loss.detach()).float()
-        if grad_norm is not None:
-            flag = flag * torch.isfinite(grad_norm).float()
-        if self.distributed:  # all ranks must agree to skip
-            flag = flag.clone()
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def nonfinite_flag(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
-        """A 0-d bool device tensor, True when the loss or the gradient norm is not finite (on any rank); no sync."""
-        ok = torch.isfinite(loss.detach())
-        if grad_norm is not None:
-            ok = ok & torch.isfinite(grad_norm)
-        bad = ~ok
-        if self.distributed:
-            flag = bad.float()
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad = flag > 0
-        return bad
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, env: DistEnv | None = None,
                  out=None):
@@ -503,14 +57,13 @@ class Trainer:
         if cfg.train.sync_bn and self.env.distributed and self.env.device.type != "cuda":
             raise CrossDistillError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
                                     "set train.sync_bn=false")
-        self.run_dir = run_dir_of(cfg)
-        self.run_lock = RunDirLock(self.run_dir) if self.env.is_main else None
-        self.started_over_run = False  # the folder of an earlier run: removed again if this one fails at once
-        self.resume = self._check_run_dir(resume, overwrite)
+        self.run_dir_claim = RunDirClaim(cfg, self.env, self.print)
+        self.run_dir = self.run_dir_claim.run_dir
+        self.resume = self.run_dir_claim.claim(resume, overwrite)
         try:
             self._set_up()
         except BaseException:
-            self._release_run_dir(failed=True)
+            self.run_dir_claim.release(failed=True)
             raise
 
     def _set_up(self) -> None:
@@ -520,19 +73,9 @@ class Trainer:
         self.data, self.num_classes = built.data, built.num_classes
         self.device = self.env.device
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
-        self.distiller = built.distiller.to(self.device)
-        self.channels_last_input = use_channels_last(self.distiller) if cfg.train.channels_last else False
+        self.distiller = built.distiller
         self.student = self.distiller.student
-        self.teacher_runner, self.teacher_cache = self._setup_teacher()
-        self.model: nn.Module = self.distiller
-        if self.env.distributed:
-            if cfg.train.sync_bn:
-                use_sync_batchnorm(self.distiller)
-            self.model = DistributedDataParallel(
-                self.distiller, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        if cfg.train.compile:
-            self.model = torch.compile(self.model)
+        self.teacher_cache = self._setup_teacher_cache()
         self._build_loaders()
         self._build_optimisation()
         self.ema = None
@@ -550,22 +93,42 @@ class Trainer:
         self.wall_before = 0.0  # seconds of training in earlier sessions of this run (resumed)
         self.session_started: float | None = None
         self.epochs_changed_from: int | None = None
+        self.checkpoints = Checkpointer(
+            self.run_dir, self.env, cfg, distiller=self.distiller, ema=self.ema, optimizer=self.optimizer,
+            scheduler=self.scheduler, scaler=self.scaler, steps_per_epoch=self.steps_per_epoch, data=self.data,
+            num_classes=self.num_classes, progress=self._progress_to_save, log=self.print)
         if resume:
-            self._load_checkpoint()
-        self._create_run_dir(resume)
+            self._resume(self.checkpoints.load())
+        self.run_dir_claim.create(resume, self.epochs_changed_from)
         self.log_file = MetricsLog(self.run_dir, cfg.train.tensorboard) if self.env.is_main else None
         if self.log_file is not None and resume:
             self.log_file.truncate_after(self.start_epoch)
 
+    def _progress_to_save(self) -> dict[str, Any]:
+        return {"best": self.best, "history": self.history, "wall_time_s": self.wall_time()}
+
+    def _resume(self, resumed: Resumed) -> None:
+        self.best, self.history = resumed.best, resumed.history
+        self.start_epoch, self.start_step = resumed.epoch, resumed.step
+        self.resume_partial = resumed.partial_epoch
+        self.resumed_from = resumed.path
+        self.wall_before = resumed.wall_time_s
+        self.epochs_changed_from = resumed.epochs_changed_from
+
+    def latest_checkpoint(self) -> Path:
+        """The newest complete checkpoint of the run (epoch or step)."""
+        return self.checkpoints.latest()
+
     # ------------------------------------------------------------ setup
-    def _setup_teacher(self) -> tuple[TeacherRunner | None, TeacherCache | None]:
-        """What the method reads from its teacher, computed by the engine (inference mode) or read from the cache."""
+    def _setup_teacher_cache(self) -> TeacherCache | None:
+        """The cache of the teacher outputs the method reads, where ``train.teacher_cache`` asks for one and
+        they can be stored; else None (the step's teacher runner computes them every step)."""
         cfg, distiller = self.cfg, self.distiller
         cache_dir = cfg.train.teacher_cache
         if distiller.teacher is None or distiller.teacher_request().empty:
             if cache_dir:
                 self.print(f"teacher cache not used: method {cfg.method!r} reads nothing from a teacher")
-            return None, None
+            return None
         cache = None
         if not cache_dir:
             pass
@@ -578,7 +141,7 @@ class Trainer:
                        "not stored samples; the teacher runs every step")
         else:
             cache = self._open_teacher_cache(cache_dir, distiller.teacher_request().outputs)
-        return TeacherRunner(distiller, cache, compile=cfg.train.compile), cache
+        return cache
 
     def _open_teacher_cache(self, cache_dir: str, outputs: tuple[str, ...]) -> TeacherCache:
         cfg, teacher = self.cfg, self.distiller.teacher
@@ -593,119 +156,6 @@ class Trainer:
         self.print(cache.describe())
         return cache
 
-    def _check_run_dir(self, resume: bool, overwrite: bool) -> bool:
-        """Lock the run directory (rank 0) and decide what to do with what it holds, before anything is built
-        or written. Returns whether to resume from a checkpoint (else the run starts from the beginning: what
-        an earlier run wrote there is replaced once this one is set up, see :meth:`_create_run_dir`)."""
-        decision: dict[str, Any] = {}
-        if self.env.is_main:
-            try:
-                decision = {"resume": self._claim_run_dir(resume, overwrite)}
-            except CrossDistillError as err:
-                decision = {"error": str(err)}
-        decision = broadcast_from_main(self.env, decision)
-        if "error" in decision:
-            raise CrossDistillError(decision["error"])
-        return decision["resume"]
-
-    def _claim_run_dir(self, resume: bool, overwrite: bool) -> bool:
-        found = inspect_run_dir(self.run_dir)
-        if found.exists and not found.is_run and not found.empty:
-            raise CrossDistillError(
-                f"{self.run_dir} is not a crossdistill run directory (it holds {found.describe_foreign()}) and is "
-                "left as it is; choose another train.run_name / train.output_dir (an empty or new directory)")
-        self.run_lock.acquire()
-        self.started_over_run = found.is_run
-        try:
-            contents = inspect_run_dir(self.run_dir, own_lock=True)
-            if contents.impostors and not (resume and contents.has_checkpoint):
-                names = ", ".join(p.relative_to(self.run_dir).as_posix() for p in contents.impostors[:3])
-                raise CrossDistillError(
-                    f"{self.run_dir} holds {names} under the name of a file a run writes, but not as a run writes it "
-                    "(unreadable, or another tool's file): a run would replace it. Move it out of the directory, "
-                    "or choose another train.run_name / train.output_dir")
-            if contents.has_checkpoint:
-                if resume:
-                    return True
-                if overwrite:
-                    return False
-                raise CrossDistillError(
-                    f"run directory {self.run_dir} already holds a run; pass --resume to continue it, "
-                    "--overwrite to replace it, or choose another train.run_name / train.output_dir")
-            if found.is_run or contents.is_run:
-                self.print(f"{self.run_dir} holds no checkpoint (an earlier attempt stopped before its first one): "
-                           "starting the run from the beginning")
-                return False
-            if resume:
-                raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
-            return False
-        except CrossDistillError:
-            self._release_run_dir(failed=True)
-            raise
-
-    def _release_run_dir(self, failed: bool = False) -> None:
-        """Unlock the run directory. After a failure before the run's first checkpoint, also remove what it
-        wrote (and the folders it made): a failed run leaves no run directory behind, and the same command
-        starts it again."""
-        lock = self.run_lock
-        if lock is None or not lock.held:
-            return
-        remove_run_dir = False
-        if failed:
-            try:
-                contents = inspect_run_dir(self.run_dir)
-                if not contents.has_checkpoint:
-                    remove_run_files(contents)
-                    remove_run_dir = self.started_over_run
-            except (OSError, CrossDistillError):
-                pass  # the failure being raised is the one to report
-        lock.release(remove_created=failed)
-        if remove_run_dir:
-            try:
-                self.run_dir.rmdir()
-            except OSError:
-                pass  # it holds files a run does not write: they stay
-
-    def _create_run_dir(self, resume: bool) -> None:
-        """Called once everything is built: a run that fails on bad input leaves no directory behind."""
-        if resume:
-            if self.env.is_main:
-                torn = remove_torn_files(self.run_dir) + remove_torn_files(self.run_dir / STEP_DIR)
-                if torn:
-                    self.print(f"removed {len(torn)} unfinished checkpoint write(s) of the interrupted run: "
-                               + ", ".join(p.name for p in torn))
-                if self.epochs_changed_from is not None:
-                    self._record_epochs()
-            return
-        barrier(self.env)
-        if self.env.is_main:
-            contents = inspect_run_dir(self.run_dir)
-            removed = remove_run_files(contents)
-            if removed:
-                self.print(f"removed the {len(removed)} file(s) of the earlier run in {self.run_dir}")
-            if contents.foreign:
-                self.print(f"kept what a run does not write in {self.run_dir}: {contents.describe_foreign()}")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._write_config(self.run_dir / CONFIG)
-        barrier(self.env)
-
-    def _record_epochs(self) -> None:
-        """Write the changed ``train.epochs`` into the run's config.yaml (the rest of it stays as it was)."""
-        path = self.run_dir / CONFIG
-        try:
-            saved = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            saved = None
-        if isinstance(saved, dict) and isinstance(saved.get("train"), dict):
-            saved["train"]["epochs"] = self.cfg.train.epochs
-            write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
-        else:
-            self._write_config(path)
-
-    def _write_config(self, path: Path) -> None:
-        write_text_atomic(path, self.cfg.to_yaml(),
-                          hint="Free some space (or choose another train.output_dir) and run the command again.")
-
     def _build_loaders(self) -> None:
         cfg, env = self.cfg, self.env
         pin = self.device.type == "cuda"
@@ -714,10 +164,9 @@ class Trainer:
             self.data.train, seed=cfg.train.seed, batch_size=cfg.train.batch_size, num_workers=workers,
             world_size=env.world_size, rank=env.rank, pin_memory=pin, teacher_cache=self.teacher_cache,
         )
-        self.eval_loader = DataLoader(
-            self.data.eval, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-            sampler=ShardSampler(len(self.data.eval), env.rank, env.world_size), num_workers=workers,
-            pin_memory=pin,
+        self.eval_loader = build_eval_loader(
+            self.data.eval, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size, num_workers=workers,
+            world_size=env.world_size, rank=env.rank, pin_memory=pin,
         )
         self.steps_per_epoch = len(self.train_loader)
 
@@ -730,7 +179,13 @@ class Trainer:
         if o.scale_lr == "linear":
             self.lr_factor = self.effective_batch / t.reference_batch
         lr, min_lr, warmup_lr = o.lr * self.lr_factor, o.min_lr * self.lr_factor, o.warmup_lr * self.lr_factor
-        self.optimizer = build_optimizer(self.distiller, o, lr, self.device)
+        device_augment = None
+        if self.cfg.data.device_augment:
+            device_augment = DeviceAugment(self.cfg.data.img_size, self.data.mean, self.data.std)
+        self.step_fn = build_train_step(self.distiller, t, o, self.device, lr=lr, distributed=self.env.distributed,
+                                        cache=self.teacher_cache, device_augment=device_augment)
+        self.model, self.optimizer, self.scaler = self.step_fn.model, self.step_fn.optimizer, self.step_fn.scaler
+        self.teacher_runner = self.step_fn.teacher
         self.scheduler = None
         if o.sched != "none":
             try:
@@ -743,207 +198,6 @@ class Trainer:
                 raise CrossDistillError(f"optim.sched={o.sched!r}: {err}") from None
             if self.scheduler is None:
                 raise CrossDistillError(f"optim.sched={o.sched!r} is not a timm scheduler (cosine, step, ...)")
-        self.scaler = make_scaler(self.amp_dtype)
-        self.trainable = [p for p in self.distiller.parameters() if p.requires_grad]
-        self.step_fn = TrainStep(
-            self.model, self.optimizer, device=self.device, amp_dtype=self.amp_dtype, scaler=self.scaler,
-            channels_last=self.channels_last_input, clip_grad=o.clip_grad, check_finite=t.check_finite,
-            distributed=self.env.distributed, trainable=self.trainable, teacher=self.teacher_runner,
-            finite_check_every=finite_check_interval(t, self.device),
-            device_augment=(DeviceAugment(self.cfg.data.img_size, self.data.mean, self.data.std)
-                            if self.cfg.data.device_augment else None),
-        )
-
-    # ------------------------------------------------------------ checkpoints
-    def _state(self, epoch: int, step: int = 0, partial: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Everything needed to continue exactly: ``epoch`` epochs done, plus ``step`` steps of the next."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "crossdistill_version": __version__,
-            "epoch": epoch,
-            "step": step,
-            "global_step": epoch * self.steps_per_epoch + step,
-            "partial_epoch": partial or {},
-            "student": self.student.state_dict(),
-            "extras": {name: m.state_dict() for name, m in self.distiller.extra_modules().items()},
-            "student_ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_state(),
-            "best": dict(self.best),
-            "history": self.history,
-            "config": self.cfg.to_dict(),
-            "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
-            "classes": list(self.data.classes),
-            "num_classes": self.num_classes,
-            "world_size": self.env.world_size,
-            "wall_time_s": self.wall_time(),
-        }
-
-    def _write_latest(self, path: Path, epoch: int, step: int) -> None:
-        pointer = {"file": str(path.relative_to(self.run_dir)), "epoch": epoch, "step": step,
-                   "global_step": epoch * self.steps_per_epoch + step}
-        write_text_atomic(self.run_dir / LATEST, json.dumps(pointer), hint=self._disk_full_hint())
-
-    def _has_checkpoint(self) -> bool:
-        return (self.run_dir / CHECKPOINT).exists() or bool(step_checkpoints(self.run_dir / STEP_DIR))
-
-    def _disk_full_hint(self) -> str:
-        if self._has_checkpoint():
-            return RESUME_HINT
-        return ("Free some space (or move train.output_dir) and run the same command again "
-                "(the run has no checkpoint yet: it starts from the beginning).")
-
-    def _on_main_then_agree(self, write) -> None:
-        """Run ``write`` on the main rank, then let every rank learn whether it succeeded: a failure there
-        (a full disk) stops every rank instead of leaving the others waiting in the next collective."""
-        error = None
-        if self.env.is_main:
-            try:
-                write()
-            except Exception as err:
-                error = err
-        if not all_ranks_ok(self.env, error is None):
-            if error is not None:
-                raise error
-            raise CrossDistillError(f"writing to {self.run_dir} failed on rank 0 (see its message)")
-
-    def _refuse_nonfinite_weights(self, when: str, file: str) -> None:
-        """Stop every rank before writing ``file`` when the student, its extra modules or the EMA hold inf/NaN
-        (weights or buffers): a run that diverged must not end as a success, and the last good checkpoint stays."""
-        named = {f"student.{k}": v for k, v in self.student.state_dict().items()}
-        for module_name, module in self.distiller.extra_modules().items():
-            named.update({f"{module_name}.{k}": v for k, v in module.state_dict().items()})
-        if self.ema is not None:
-            named.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
-        floating = [(k, v) for k, v in named.items() if v.is_floating_point()]
-        finite = torch.stack([torch.isfinite(v).all() for _, v in floating]).tolist() if floating else []
-        bad = [name for (name, _), ok in zip(floating, finite) if not ok]
-        if all_ranks_ok(self.env, not bad):
-            return
-        if not bad:
-            raise CrossDistillError(f"stopping: another rank holds non-finite weights {when} (see its message)")
-        if self._has_checkpoint():
-            kept = f"the last good checkpoint is kept in {self.run_dir}"
-            example = f"crossdistill train --resume {self.run_dir} optim.clip_grad=1.0"
-        else:
-            kept, example = "the run has no checkpoint yet", "the same command with optim.clip_grad=1.0"
-        raise CrossDistillError(
-            f"stopping: non-finite weights {when} (inf/NaN in {len(bad)} tensor(s): {', '.join(bad[:3])}"
-            f"{', ...' if len(bad) > 3 else ''}); {file} was not written and {kept}. The training diverged: "
-            f"lower optim.lr or set optim.clip_grad (e.g. {example})"
-        )
-
-    def _save(self, epoch: int, improved: bool, row: dict[str, Any] | None = None) -> None:
-        """End-of-epoch checkpoint (last.pt, and best.pt when the top-1 improved), then the metrics row."""
-        def write() -> None:
-            state = self._state(epoch)
-            save_atomic(state, self.run_dir / CHECKPOINT, hint=self._disk_full_hint())
-            self._write_latest(self.run_dir / CHECKPOINT, epoch, 0)
-            if improved:
-                keys = ("format", "epoch", "student", "student_ema", "config", "normalization", "classes", "num_classes")
-                save_atomic({k: state[k] for k in keys}, self.run_dir / BEST, hint=self._disk_full_hint())
-            if row is not None and self.log_file is not None:
-                self.log_file.write(row)
-
-        self._on_main_then_agree(write)
-
-    def _save_step(self, epoch: int, step: int, partial: dict[str, Any]) -> Path:
-        """Mid-epoch checkpoint under checkpoints/, keeping the newest ``train.keep_step_checkpoints``."""
-        folder = self.run_dir / STEP_DIR
-        path = folder / f"step-{epoch * self.steps_per_epoch + step:09d}.pt"
-        self._refuse_nonfinite_weights(f"at epoch {epoch + 1}, step {step}", str(path.relative_to(self.run_dir)))
-        per_rank = gathered_rng_states(self.env)  # mid-epoch: each rank continues its own random streams
-
-        def write() -> None:
-            state = self._state(epoch, step, partial)
-            if per_rank is not None:
-                state["rng_per_rank"] = per_rank
-            save_atomic(state, path, hint=self._disk_full_hint())
-            self._write_latest(path, epoch, step)
-            for old in step_checkpoints(folder)[: -self.cfg.train.keep_step_checkpoints]:
-                old.unlink(missing_ok=True)
-
-        self._on_main_then_agree(write)
-        return path
-
-    def latest_checkpoint(self) -> Path:
-        """The newest complete checkpoint of the run (epoch or step)."""
-        candidates = []
-        pointer = self.run_dir / LATEST
-        if pointer.exists():
-            try:
-                candidates.append(self.run_dir / json.loads(pointer.read_text())["file"])
-            except (ValueError, KeyError):
-                pass
-        candidates += step_checkpoints(self.run_dir / STEP_DIR)[::-1]
-        candidates.append(self.run_dir / CHECKPOINT)
-        for path in candidates:
-            if path.exists():
-                return path
-        raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
-
-    def _load_checkpoint(self) -> None:
-        path = self.latest_checkpoint()
-        state = load_weights_file(path)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CrossDistillError(f"{path} is not a crossdistill run checkpoint (format {state.get('format')!r})")
-        saved_world = int(state.get("world_size", self.env.world_size))
-        if int(state.get("step", 0)) and saved_world != self.env.world_size:
-            raise CrossDistillError(
-                f"{path} was written in the middle of an epoch by {saved_world} process(es), and this run has "
-                f"{self.env.world_size}: the samples already trained on are counted per process, so a mid-epoch "
-                f"resume needs the same number. Resume with {saved_world} process(es), or delete "
-                f"{self.run_dir / STEP_DIR} and {self.run_dir / LATEST} to restart from the last epoch-end "
-                f"checkpoint ({CHECKPOINT}).")
-        self.student.load_state_dict(state["student"])
-        extras = self.distiller.extra_modules()
-        if set(extras) != set(state["extras"]):
-            raise CrossDistillError(
-                f"{path} holds modules {sorted(state['extras'])} but method {self.cfg.method!r} has {sorted(extras)}: "
-                "the config changed since the checkpoint was written"
-            )
-        for name, module in extras.items():
-            module.load_state_dict(state["extras"][name])
-        if self.ema is not None and state.get("student_ema") is not None:
-            self.ema.module.load_state_dict(state["student_ema"])
-        saved_epochs = int(((state.get("config") or {}).get("train") or {}).get("epochs", self.cfg.train.epochs))
-        done = int(state["epoch"])
-        if saved_epochs != self.cfg.train.epochs and self.cfg.train.epochs <= done:
-            raise CrossDistillError(
-                f"train.epochs={self.cfg.train.epochs}, but the run in {self.run_dir} has already trained {done} of its "
-                f"{saved_epochs} epochs; resume it with its own train.epochs ({saved_epochs}), or a larger value to "
-                "train it longer")
-        load_optimizer_state(self.optimizer, state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None and saved_epochs == self.cfg.train.epochs:
-            self.scheduler.load_state_dict(state["scheduler"])  # else: re-planned below
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        per_rank = state.get("rng_per_rank")
-        set_rng_state(per_rank[self.env.rank] if per_rank and len(per_rank) == self.env.world_size else state["rng"])
-        self.best = dict(state["best"])
-        self.history = list(state.get("history", []))
-        self.start_epoch = int(state["epoch"])
-        self.start_step = int(state.get("step", 0))
-        self.resume_partial = dict(state.get("partial_epoch") or {})
-        self.resumed_from = path
-        self.wall_before = float(state.get("wall_time_s", 0.0))
-        if saved_epochs != self.cfg.train.epochs:
-            self._replan_schedule(saved_epochs)
-
-    def _replan_schedule(self, saved_epochs: int) -> None:
-        """``train.epochs`` changed on resume: the lr schedule continues as if planned for the new length."""
-        before = self.optimizer.param_groups[0]["lr"]
-        if self.scheduler is not None:
-            self.scheduler.step(self.start_epoch)  # epoch-based schedules
-            self.scheduler.step_update(self.start_epoch * self.steps_per_epoch + self.start_step)  # per-step ones
-        epochs = self.cfg.train.epochs
-        self.epochs_changed_from = saved_epochs
-        self.print(f"train.epochs changed from {saved_epochs} to {epochs}: the run continues after epoch "
-                   f"{self.start_epoch} with its lr schedule ({self.cfg.optim.sched}) re-planned over {epochs} epochs "
-                   f"(lr {before:g} -> {self.optimizer.param_groups[0]['lr']:g}); config.yaml records "
-                   f"train.epochs={epochs}")
 
     # ------------------------------------------------------------ loop
     def print(self, *args) -> None:
@@ -993,16 +247,16 @@ class Trainer:
         except Preempted:
             raise
         except CrossDistillError as err:
-            self._release_run_dir(failed=True)
+            self.run_dir_claim.release(failed=True)
             unwrapped = unwrap_worker_error(err)
             if unwrapped is err:
                 raise
             raise unwrapped from err
         except BaseException:
-            self._release_run_dir(failed=True)
+            self.run_dir_claim.release(failed=True)
             raise
         finally:
-            self._release_run_dir()
+            self.run_dir_claim.release()
 
     def _fit(self, stop_after: int | None) -> RunSummary:
         cfg = self.cfg
@@ -1048,7 +302,7 @@ class Trainer:
     def _run_epoch(self, epoch: int, mixup, stop: StopSignal) -> None:
         cfg = self.cfg
         train_stats = self.train_one_epoch(epoch, mixup, stop)
-        self._refuse_nonfinite_weights(f"after epoch {epoch + 1}", CHECKPOINT)
+        self.checkpoints.refuse_nonfinite_weights(f"after epoch {epoch + 1}", CHECKPOINT)
         epoch_time = train_stats.pop("_time")
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
         improved = False
@@ -1066,7 +320,8 @@ class Trainer:
             self.scheduler.step(epoch + 1, row.get("eval_top1"))
         row["epoch_time_s"] = round(epoch_time, 2)
         self.history.append(row)
-        self._save(epoch + 1, improved, row)
+        log_row = (lambda: self.log_file.write(row)) if self.log_file is not None else None
+        self.checkpoints.save_epoch(epoch + 1, improved, then=log_row)
         self.print(self._format_row(row))
 
     def _mixup(self):
@@ -1079,7 +334,30 @@ class Trainer:
                      label_smoothing=t.label_smoothing, num_classes=self.num_classes)
 
     def train_one_epoch(self, epoch: int, mixup=None, stop: StopSignal | None = None) -> dict[str, float]:
-        cfg, device = self.cfg, self.device
+        first_step = self._begin_epoch(epoch)
+        totals = EpochTotals(self.device, self.resume_partial if first_step else None)
+        start = time.time()
+        progress = self._progress(epoch, first_step)
+        if self.teacher_cache is not None:
+            self.teacher_cache.begin_epoch(epoch)
+            hits, misses = self.teacher_cache.hits, self.teacher_cache.misses
+        for step, batch in enumerate(self.train_loader, start=first_step):
+            self._train_step(epoch, step, batch, totals, mixup, stop, progress)
+        if progress is not None:
+            progress.close()
+        if self.teacher_cache is not None:
+            self.teacher_cache.close()
+            read, computed = self.teacher_cache.hits - hits, self.teacher_cache.misses - misses
+            self.print(f"teacher cache, epoch {epoch + 1}: {read} samples read, {computed} computed by the teacher")
+        self.train_sampler.skip = 0
+        self.start_step = 0
+        stats = totals.reduce(self.env)
+        stats["_time"] = time.time() - start
+        return stats
+
+    def _begin_epoch(self, epoch: int) -> int:
+        """Seed the epoch's random streams and position the sampler; returns the step the epoch starts at."""
+        cfg = self.cfg
         first_step = 0
         if epoch == self.start_epoch and self.start_step:
             first_step = self.start_step  # RNG state was restored from the mid-epoch checkpoint
@@ -1091,89 +369,55 @@ class Trainer:
         self.train_set.set_epoch(epoch)
         self.distiller.on_epoch_start(epoch, cfg.train.epochs)
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        steps = 0
-        if first_step:
-            sums = {k: torch.tensor(v, device=device) for k, v in self.resume_partial.get("sums", {}).items()}
-            steps = int(self.resume_partial.get("steps", 0))
-        skipped = torch.zeros((), device=device)
-        start = time.time()
-        progress = self._progress(epoch, first_step)
-        every = cfg.train.checkpoint_every_steps
-        if self.teacher_cache is not None:
-            self.teacher_cache.begin_epoch(epoch)
-            hits, misses = self.teacher_cache.hits, self.teacher_cache.misses
-        for step, batch in enumerate(self.train_loader, start=first_step):
-            global_step = epoch * self.steps_per_epoch + step
-            images, target = self.step_fn.to_device(batch[0], batch[1])
-            if mixup is not None:
-                images, target = mixup(images, target)
-            cached = self.teacher_cache is not None
-            result = self.step_fn(images, target, batch[2] if cached else None, tag=(epoch, step),
-                                  prefetched=(batch[3], batch[4]) if cached and len(batch) == 5 else None)
-            output, loss, grad_norm = result.output, result.loss, result.grad_norm
-            if result.scaler_skipped is not None:
-                skipped += result.scaler_skipped  # the scaler found inf/NaN gradients and skipped this step
-            if self.scheduler is not None:  # by position in the run, skipped or not (see TrainStep)
-                self.scheduler.step_update(global_step + 1)
-            if not result.finite:
-                self._on_nonfinite(epoch, step, {k: float(v.detach().float()) for k, v in output.losses.items()})
-                skipped += 1
-                continue
-            if self.ema is not None:
-                self._update_ema(global_step, result.skipped_on_device)
-            terms = {**output.losses, "loss": loss}
-            if grad_norm is not None:
-                terms["grad_norm"] = grad_norm
-            for name, value in terms.items():
-                value = value.detach().float()
-                if result.ok is not None:  # deferred finiteness check: a skipped step adds nothing
-                    value = torch.where(result.ok, value, torch.zeros_like(value))
-                sums[name] = sums.get(name, 0) + value
-            steps += 1
-            last_step = step + 1 == self.steps_per_epoch
-            checkpoint_now = bool(every and (global_step + 1) % every == 0 and not last_step)
-            report_now = progress is not None and (step % 20 == 0 or last_step)
-            if self.step_fn.pending and collect_nonfinite_now(
-                    len(self.step_fn.pending), self.step_fn.finite_check_every, global_step=global_step,
-                    last_step=last_step, checkpoint_now=checkpoint_now, report_now=report_now,
-                    stop_requested=stop is not None and stop.requested, watching_stop=stop is not None,
-                    distributed=self.env.distributed):
-                found = self._collect_nonfinite()  # deferred check: one sync every N steps
-                steps -= found
-                skipped += found
-            if progress is not None:
-                progress.update(1)
-                if report_now:
-                    progress.set_postfix({k: f"{v.item() / max(steps, 1):.4g}" for k, v in sums.items()
-                                          if k != "grad_norm"})
-            if checkpoint_now:
-                self._save_step(epoch, step + 1, self._partial(sums, steps))
-            if (stop is not None and not last_step and (not self.env.distributed or (global_step + 1) % 10 == 0)
-                    and self._stop_requested(stop)):
-                path = self._save_step(epoch, step + 1, self._partial(sums, steps))
-                if progress is not None:
-                    progress.close()
-                raise Preempted(
-                    f"stop signal received: saved {path} at epoch {epoch + 1}, step {step + 1}/{self.steps_per_epoch}; "
-                    f"continue with: crossdistill train --resume {self.run_dir}", str(path))
+        return first_step
+
+    def _train_step(self, epoch: int, step: int, batch, totals: EpochTotals, mixup, stop: StopSignal | None,
+                    progress) -> None:
+        """One step of the loop: the step itself, the schedule, EMA, totals, non-finite steps, checkpoint, stop."""
+        global_step = epoch * self.steps_per_epoch + step
+        images, target = self.step_fn.to_device(batch[0], batch[1])
+        if mixup is not None:
+            images, target = mixup(images, target)
+        cached = self.teacher_cache is not None
+        result = self.step_fn(images, target, batch[2] if cached else None, tag=(epoch, step),
+                              prefetched=(batch[3], batch[4]) if cached and len(batch) == 5 else None)
+        if result.scaler_skipped is not None:
+            totals.skipped += result.scaler_skipped  # the scaler found inf/NaN gradients and skipped this step
+        if self.scheduler is not None:  # by position in the run, skipped or not (see TrainStep)
+            self.scheduler.step_update(global_step + 1)
+        if not result.finite:
+            self._on_nonfinite(epoch, step, {k: float(v.detach().float()) for k, v in result.output.losses.items()})
+            totals.skipped += 1
+            return
+        if self.ema is not None:
+            self._update_ema(global_step, result.skipped_on_device)
+        totals.add(result)
+        every = self.cfg.train.checkpoint_every_steps
+        last_step = step + 1 == self.steps_per_epoch
+        checkpoint_now = bool(every and (global_step + 1) % every == 0 and not last_step)
+        report_now = progress is not None and (step % 20 == 0 or last_step)
+        if self.step_fn.pending and collect_nonfinite_now(
+                len(self.step_fn.pending), self.step_fn.finite_check_every, global_step=global_step,
+                last_step=last_step, checkpoint_now=checkpoint_now, report_now=report_now,
+                stop_requested=stop is not None and stop.requested, watching_stop=stop is not None,
+                distributed=self.env.distributed):
+            found = self._collect_nonfinite()  # deferred check: one sync every N steps
+            totals.steps -= found
+            totals.skipped += found
         if progress is not None:
-            progress.close()
-        if self.teacher_cache is not None:
-            self.teacher_cache.close()
-            read, computed = self.teacher_cache.hits - hits, self.teacher_cache.misses - misses
-            self.print(f"teacher cache, epoch {epoch + 1}: {read} samples read, {computed} computed by the teacher")
-        self.train_sampler.skip = 0
-        self.start_step = 0
-        names = sorted(sums)
-        totals = torch.stack([torch.as_tensor(sums[n], device=device) for n in names] + [skipped])
-        all_reduce_sum(totals, self.env)
-        counted = max(steps, 1) * self.env.world_size
-        means = (totals[:-1] / counted).tolist()
-        stats = {f"train_{n}": v for n, v in zip(names, means)}
-        stats["skipped_steps"] = int(totals[-1].item())
-        stats["_time"] = time.time() - start
-        return stats
+            progress.update(1)
+            if report_now:
+                progress.set_postfix(totals.running_means())
+        if checkpoint_now:
+            self.checkpoints.save_step(epoch, step + 1, totals.partial())
+        if (stop is not None and not last_step and (not self.env.distributed or (global_step + 1) % 10 == 0)
+                and self._stop_requested(stop)):
+            path = self.checkpoints.save_step(epoch, step + 1, totals.partial())
+            if progress is not None:
+                progress.close()
+            raise Preempted(
+                f"stop signal received: saved {path} at epoch {epoch + 1}, step {step + 1}/{self.steps_per_epoch}; "
+                f"continue with: crossdistill train --resume {self.run_dir}", str(path))
 
     def _update_ema(self, global_step: int, skipped: torch.Tensor | None) -> None:
         """Move the EMA towards the student, unless the device skipped this step (``skipped``, a 0-d bool
@@ -1186,10 +430,6 @@ class Trainer:
         self.ema_snapshot.take()
         self.ema.update(self.student, step=global_step)
         self.ema_snapshot.restore(where=skipped)
-
-    @staticmethod
-    def _partial(sums: dict[str, torch.Tensor], steps: int) -> dict[str, Any]:
-        return {"sums": {k: float(v) for k, v in sums.items()}, "steps": steps}
 
     def _collect_nonfinite(self) -> int:
         """Report the steps the deferred finiteness check skipped on the device; returns how many."""
@@ -1257,28 +497,6 @@ class Trainer:
                 f"(epoch {summary.best_epoch}) | {wall:.1f}s | {self.run_dir}"
             )
         return summary
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, env: DistEnv | None = None,
-             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) of ``model`` on ``loader`` (sharded across ranks under DDP)."""
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, device=device, dtype=torch.float64)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    for images, target in loader:
-        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast:
-            logits = model(images)
-        top1, top5 = topk_correct(logits.float(), target)
-        counts += torch.stack([top1, top5, torch.tensor(target.shape[0], device=device)]).double()
-    if env is not None:
-        all_reduce_sum(counts, env)
-    model.train(was_training)
-    total = max(counts[2].item(), 1.0)
-    return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total,
-            "samples": int(counts[2].item())}
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, out=None) -> RunSummary:
