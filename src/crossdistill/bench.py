@@ -257,9 +257,7 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
     variants.append(Variant("teacher_forward", teacher_only))
 
     tmp = None
-    # only outputs a cache can hold (embedding, logits) are given: a method reading teacher stage features
-    # or computing something else from the teacher has no precomputed or cached variant (nor an overhead)
-    if ours.teacher is not None and ours_distiller.teacher_cacheable and precomputed:
+    if ours.teacher is not None and precomputed:
         with ours.autocast():
             given = teacher_runner.compute(x_t).map(lambda t: t.float() if t.is_floating_point() else t)
         pre_distiller = build_distiller(method, copy.deepcopy(student_model), fresh_teacher(), cfg_args,
@@ -268,7 +266,7 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
         x_p, y_p = pre.to_device(images, target)
         variants.append(Variant("ours_precomputed_teacher", lambda: _as_engine(pre, x_p, y_p)))
 
-        if cache:
+        if cache and ours_distiller.teacher_cacheable:
             outputs = ours_distiller.teacher_request().outputs
             tmp = tempfile.TemporaryDirectory(prefix="crossdistill-bench-cache-")
             blocks = 8
