@@ -30,6 +30,8 @@ from crossdistill.config import ModelConfig
 from crossdistill.engine.setup import create_teacher
 from crossdistill.models import create_model
 
+from conftest import run_teacher
+
 SWIN = "swin_tiny_patch4_window7_224"
 CONVNEXT = "convnext_tiny"
 # timm name -> (kwargs of a small variant with the same key layout, input size)
@@ -257,7 +259,7 @@ def test_official_cifar_teacher_through_create_teacher(tmp_path):
     teacher = create_teacher(cfg, CIFAR, CIFAR_MEAN, CIFAR_STD)
     assert not teacher.renormalizes
     assert_same_logits(teacher.model, source, SWIN)
-    assert torch.equal(teacher(inputs(SWIN), logits=True).logits, source(inputs(SWIN)).detach())
+    assert torch.equal(run_teacher(teacher, inputs(SWIN), logits=True).logits, source(inputs(SWIN)).detach())
 
 
 # --- old Swin layouts ------------------------------------------------------------------------------
