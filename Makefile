@@ -20,8 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/crossdistill demo
 
-# lint-imports: the layer and no-cycle contracts of pyproject.toml ([tool.importlinter]).
+# ruff: lint and format check ([tool.ruff]); lint-imports: the layer and no-cycle contracts of
+# pyproject.toml ([tool.importlinter]). `$(BIN)/ruff format src tests benchmarks tools` fixes the format.
+LINTED := src tests benchmarks tools
 test: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 

@@ -34,20 +34,38 @@ DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cifar10_jpg.tar.gz"
 
 
 def _config(work: Path, name: str, method: str, args) -> dict:
-    data = {"dataset": "folder", "root": args.root, "img_size": args.img_size, "train_subset": args.subset,
-            "eval_subset": 100, "num_workers": args.workers}
+    data = {
+        "dataset": "folder",
+        "root": args.root,
+        "img_size": args.img_size,
+        "train_subset": args.subset,
+        "eval_subset": 100,
+        "num_workers": args.workers,
+    }
     if args.synthetic:
-        data = {"dataset": "digits", "img_size": args.img_size, "train_subset": min(args.subset, 1437),
-                "eval_subset": 100, "num_workers": args.workers}
+        data = {
+            "dataset": "digits",
+            "img_size": args.img_size,
+            "train_subset": min(args.subset, 1437),
+            "eval_subset": 100,
+            "num_workers": args.workers,
+        }
     return {
         "student": {"name": args.student, "kwargs": {"img_size": args.img_size} if "deit" in args.student else {}},
         "teacher": {"name": args.teacher} if method != "vanilla" else None,
         "method": method,
         "data": data,
         "optim": {"opt": "sgd", "lr": 0.05, "sched": "none"},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device,
-                  "output_dir": str(work / "runs"), "run_name": name, "tensorboard": False, "progress": False,
-                  "teacher_cache": str(work / "cache") if method != "vanilla" else None},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "device": args.device,
+            "output_dir": str(work / "runs"),
+            "run_name": name,
+            "tensorboard": False,
+            "progress": False,
+            "teacher_cache": str(work / "cache") if method != "vanilla" else None,
+        },
     }
 
 
@@ -89,23 +107,35 @@ def main(argv=None) -> int:
     rate = {k: images / statistics.median(v) for k, v in times.items()}
     rate["fill (uncached + writes)"] = images / statistics.median(fill_times)
     result = {
-        "teacher": args.teacher, "student": args.student, "img_size": args.img_size, "batch_size": args.batch_size,
-        "images_per_epoch": images, "epochs": args.epochs, "threads": torch.get_num_threads(),
-        "workers": args.workers, "data": "digits" if args.synthetic else args.root,
+        "teacher": args.teacher,
+        "student": args.student,
+        "img_size": args.img_size,
+        "batch_size": args.batch_size,
+        "images_per_epoch": images,
+        "epochs": args.epochs,
+        "threads": torch.get_num_threads(),
+        "workers": args.workers,
+        "data": "digits" if args.synthetic else args.root,
         "epoch_s": {k: [round(t, 2) for t in v] for k, v in {**times, "fill": fill_times}.items()},
         "img_per_s": {k: round(v, 1) for k, v in rate.items()},
         "cached_over_student_only": statistics.median(s / c for s, c in zip(times["student"], times["cached"])),
-        "cache_reads": read, "teacher_computed_in_cached_run": computed, "fill_total_s": round(fill_s, 1),
+        "cache_reads": read,
+        "teacher_computed_in_cached_run": computed,
+        "fill_total_s": round(fill_s, 1),
     }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.teacher} -> {args.student}, {args.img_size} px, batch {args.batch_size}, {images} images/epoch, "
-              f"{result['threads']} threads, {args.workers} workers")
+        print(
+            f"{args.teacher} -> {args.student}, {args.img_size} px, batch {args.batch_size}, {images} images/epoch, "
+            f"{result['threads']} threads, {args.workers} workers"
+        )
         for k, v in result["img_per_s"].items():
             print(f"  {k:<26} {v:8.1f} img/s")
-        print(f"  cached epoch / student-only epoch: {result['cached_over_student_only']:.3f} "
-              f"({read} teacher outputs read, {computed} computed in the cached run)")
+        print(
+            f"  cached epoch / student-only epoch: {result['cached_over_student_only']:.3f} "
+            f"({read} teacher outputs read, {computed} computed in the cached run)"
+        )
     return 0
 
 

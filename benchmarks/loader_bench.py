@@ -30,11 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crossdistill.config import DataConfig
+from crossdistill.config import DataConfig, ModelConfig
 from crossdistill.data import build_data
-from crossdistill.engine.setup import student_data_config
-from crossdistill.config import ModelConfig
 from crossdistill.engine.loaders import build_train_loader
+from crossdistill.engine.setup import student_data_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cifar10_jpg.tar.gz"
@@ -65,17 +64,28 @@ def _time_loader(loader, batches: int, warmup: int, device: torch.device, to_dev
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     total = time.perf_counter() - start
-    return {"batches": count, "s_per_batch_median": statistics.median(times) if times else total / max(count, 1),
-            "overall_s": total}
+    return {
+        "batches": count,
+        "s_per_batch_median": statistics.median(times) if times else total / max(count, 1),
+        "overall_s": total,
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=os.environ.get("CROSSDISTILL_CIFAR10_TAR", str(DEFAULT_ROOT)),
-                        help="ImageFolder archive/directory (default: the shared CIFAR-10 JPEG tarball)")
+    parser.add_argument(
+        "--root",
+        default=os.environ.get("CROSSDISTILL_CIFAR10_TAR", str(DEFAULT_ROOT)),
+        help="ImageFolder archive/directory (default: the shared CIFAR-10 JPEG tarball)",
+    )
     parser.add_argument("--dataset", default="folder")
-    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
-                        help="instead of --root: N random 32x32 uint8 images in memory (same cost per image)")
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of --root: N random 32x32 uint8 images in memory (same cost per image)",
+    )
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -83,15 +93,21 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda: also copy each batch to it")
     parser.add_argument("--uint8", action="store_true", help="also time the uint8 + GPU-normalise variant")
-    parser.add_argument("--device-augment", action="store_true",
-                        help="also time the engine's data.device_augment pipeline (uint8 images and crop "
-                             "parameters from the workers; crop, resize, flip, normalise on the device)")
+    parser.add_argument(
+        "--device-augment",
+        action="store_true",
+        help="also time the engine's data.device_augment pipeline (uint8 images and crop "
+        "parameters from the workers; crop, resize, flip, normalise on the device)",
+    )
     parser.add_argument("--student", default="resnet18", help="whose timm data config gives the defaults")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     t0 = time.perf_counter()
     if args.synthetic:
         from crossdistill.data.datasets import ArrayImageDataset
@@ -115,12 +131,21 @@ def main(argv=None) -> int:
     def float_to_device(batch):
         return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
 
-    _, sampler, generator, loader = build_train_loader(train, seed=0, batch_size=args.batch_size,
-                                                       num_workers=args.workers, pin_memory=pin)
+    _, sampler, generator, loader = build_train_loader(
+        train, seed=0, batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin
+    )
     sampler.set_epoch(0)
-    result = {"source": source, "images": len(train), "img_size": args.img_size, "batch_size": args.batch_size,
-              "workers": args.workers, "device": str(device), "cpus": os.cpu_count(), "dataset_load_s": load_s,
-              "torch": torch.__version__}
+    result = {
+        "source": source,
+        "images": len(train),
+        "img_size": args.img_size,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "device": str(device),
+        "cpus": os.cpu_count(),
+        "dataset_load_s": load_s,
+        "torch": torch.__version__,
+    }
     timing = _time_loader(loader, args.batches, args.warmup, device, float_to_device)
     result["float"] = {**timing, "img_per_s": args.batch_size / timing["s_per_batch_median"]}
 
@@ -128,19 +153,34 @@ def main(argv=None) -> int:
         from timm.data import create_transform
         from timm.data.loader import PrefetchLoader, fast_collate
 
-        train.transform = create_transform((3, args.img_size, args.img_size), is_training=True, use_prefetcher=True,
-                                           scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
-                                           interpolation=cfg.train_interpolation)
-        train_set, sampler, generator, loader = build_train_loader(train, seed=0, batch_size=args.batch_size,
-                                                                   num_workers=args.workers, pin_memory=pin)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                             num_workers=args.workers, drop_last=True, pin_memory=pin,
-                                             generator=generator, collate_fn=fast_collate)
+        train.transform = create_transform(
+            (3, args.img_size, args.img_size),
+            is_training=True,
+            use_prefetcher=True,
+            scale=cfg.scale,
+            ratio=cfg.ratio,
+            hflip=cfg.hflip,
+            interpolation=cfg.train_interpolation,
+        )
+        train_set, sampler, generator, loader = build_train_loader(
+            train, seed=0, batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin
+        )
+        loader = torch.utils.data.DataLoader(
+            train_set,
+            batch_size=args.batch_size,
+            sampler=sampler,
+            num_workers=args.workers,
+            drop_last=True,
+            pin_memory=pin,
+            generator=generator,
+            collate_fn=fast_collate,
+        )
         if device.type == "cuda":
             loader = PrefetchLoader(loader, mean=mean, std=std, device=device)
 
             def noop(batch):
                 return batch
+
             to_device = noop
         else:
             mean_t = torch.tensor(mean).view(1, 3, 1, 1) * 255
@@ -148,6 +188,7 @@ def main(argv=None) -> int:
 
             def to_device(batch):
                 return (batch[0].float() - mean_t) / std_t, batch[1]
+
         timing = _time_loader(loader, args.batches, args.warmup, device, to_device)
         result["uint8_gpu_normalise"] = {**timing, "img_per_s": args.batch_size / timing["s_per_batch_median"]}
 
@@ -156,8 +197,9 @@ def main(argv=None) -> int:
 
         train.transform = CropParams(cfg.scale, cfg.ratio, cfg.hflip)
         augment = DeviceAugment(args.img_size, mean, std)
-        _, sampler, generator, loader = build_train_loader(train, seed=0, batch_size=args.batch_size,
-                                                           num_workers=args.workers, pin_memory=pin)
+        _, sampler, generator, loader = build_train_loader(
+            train, seed=0, batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin
+        )
         sampler.set_epoch(0)
 
         def augment_on_device(batch):
@@ -171,8 +213,10 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"loader: {source} ({len(train)} images) at {args.img_size} px, batch {args.batch_size}, "
-              f"{args.workers} workers, to {device}")
+        print(
+            f"loader: {source} ({len(train)} images) at {args.img_size} px, batch {args.batch_size}, "
+            f"{args.workers} workers, to {device}"
+        )
         for key in ("float", "uint8_gpu_normalise", "device_augment"):
             if key in result:
                 print(f"  {key:<22} {result[key]['img_per_s']:10.1f} img/s  ({result[key]['batches']} batches)")

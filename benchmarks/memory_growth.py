@@ -50,27 +50,45 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="crossdistill-memory-"))
     steps_per_epoch = 1437 // args.batch_size
     epochs = math.ceil(args.steps / steps_per_epoch)
-    cfg = build_config({
-        "student": {"name": "test_resnet"},
-        "teacher": {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}},
-        "method": "rsd",
-        "data": {"dataset": "digits", "img_size": 32, "num_workers": 0, "hflip": 0.0, "scale": [0.7, 1.0]},
-        "optim": {"opt": "adamw", "lr": 2e-3, "weight_decay": 0.01, "sched": "cosine"},
-        "train": {"epochs": epochs, "batch_size": args.batch_size, "device": "cpu", "output_dir": str(out),
-                  "run_name": "memory", "tensorboard": False, "progress": False, "checkpoint_every_steps": 500},
-    })
+    cfg = build_config(
+        {
+            "student": {"name": "test_resnet"},
+            "teacher": {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}},
+            "method": "rsd",
+            "data": {"dataset": "digits", "img_size": 32, "num_workers": 0, "hflip": 0.0, "scale": [0.7, 1.0]},
+            "optim": {"opt": "adamw", "lr": 2e-3, "weight_decay": 0.01, "sched": "cosine"},
+            "train": {
+                "epochs": epochs,
+                "batch_size": args.batch_size,
+                "device": "cpu",
+                "output_dir": str(out),
+                "run_name": "memory",
+                "tensorboard": False,
+                "progress": False,
+                "checkpoint_every_steps": 500,
+            },
+        }
+    )
     started = time.time()
     trainer = MeasuredTrainer(cfg, overwrite=True, out=open("/dev/null", "w"))
     trainer.fit()
     warm = next(rss for step, rss in trainer.rss if step >= 0.1 * args.steps)
     peak = max(rss for _, rss in trainer.rss)
     final = trainer.rss[-1][1]
-    print(json.dumps({
-        "steps": trainer.rss[-1][0], "epochs": epochs, "rss_after_warmup_mib": round(warm, 1),
-        "rss_final_mib": round(final, 1), "rss_peak_mib": round(peak, 1),
-        "growth_percent": round(100 * (final - warm) / warm, 2), "wall_time_s": round(time.time() - started, 1),
-        "rss_by_epoch_mib": [round(r, 1) for _, r in trainer.rss],
-    }))
+    print(
+        json.dumps(
+            {
+                "steps": trainer.rss[-1][0],
+                "epochs": epochs,
+                "rss_after_warmup_mib": round(warm, 1),
+                "rss_final_mib": round(final, 1),
+                "rss_peak_mib": round(peak, 1),
+                "growth_percent": round(100 * (final - warm) / warm, 2),
+                "wall_time_s": round(time.time() - started, 1),
+                "rss_by_epoch_mib": [round(r, 1) for _, r in trainer.rss],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,11 +17,26 @@ def tiny_run(tmp_path, method: str = "rsd", **sections) -> dict:
         "student": copy.deepcopy(TINY_STUDENT),
         "teacher": copy.deepcopy(TINY_TEACHER) if method != "vanilla" else None,
         "method": method,
-        "data": {"dataset": "digits", "img_size": 32, "train_subset": 256, "eval_subset": 100, "num_workers": 0,
-                 "hflip": 0.0, "scale": [0.7, 1.0]},
+        "data": {
+            "dataset": "digits",
+            "img_size": 32,
+            "train_subset": 256,
+            "eval_subset": 100,
+            "num_workers": 0,
+            "hflip": 0.0,
+            "scale": [0.7, 1.0],
+        },
         "optim": {"opt": "adamw", "lr": 2e-3, "weight_decay": 0.01, "sched": "cosine", "min_lr": 1e-5},
-        "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "output_dir": str(tmp_path / "runs"),
-                  "run_name": "run", "tensorboard": False, "progress": False, "seed": 7},
+        "train": {
+            "epochs": 2,
+            "batch_size": 32,
+            "device": "cpu",
+            "output_dir": str(tmp_path / "runs"),
+            "run_name": "run",
+            "tensorboard": False,
+            "progress": False,
+            "seed": 7,
+        },
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -59,8 +74,7 @@ def tiny_pair(student=tiny_resnet, teacher=tiny_vit, seed: int = 0):
 def tiny_batch(seed: int = 1, n: int = 8):
     """``n`` random 32 px images and labels in 0..9, from their own generator."""
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, TINY_SIZE, TINY_SIZE, generator=gen),
-            torch.randint(0, TINY_CLASSES, (n,), generator=gen))
+    return (torch.randn(n, 3, TINY_SIZE, TINY_SIZE, generator=gen), torch.randint(0, TINY_CLASSES, (n,), generator=gen))
 
 
 def distill(distiller, images: torch.Tensor, target: torch.Tensor, indices: torch.Tensor | None = None):

@@ -1,7 +1,8 @@
 """The accuracy study's runner (benchmarks/accuracy/run_study.py) end to end on its tiny protocol.
 
 A few hundred real CIFAR-10 images (taken from the shared JPEG tarball into a small archive, so the
-test does not decode all 60,000; synthetic images of the same layout where the tarball is absent), one epoch, one seed, one pair, three methods and a 2 x 2 RSD grid:
+test does not decode all 60,000; synthetic images of the same layout where the tarball is absent), one
+epoch, one seed, one pair, three methods and a 2 x 2 RSD grid:
 it must write the results page with its table and both PNGs, mark it as a smoke test, skip finished
 runs when invoked again, and list the cpu and gpu plans (whose configs must validate). The plan takes
 method defaults and teacher needs from the package, not from copies.
@@ -70,9 +71,12 @@ def synthetic_cifar(path: Path) -> Path:
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run([sys.executable, str(RUNNER), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=env)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -81,8 +85,18 @@ def test_tiny_protocol_end_to_end(tmp_path):
     make = small_cifar if CIFAR_TARBALL.is_file() else synthetic_cifar
     data = make(tmp_path / "cifar10_small.tar.gz")
     out, docs, cache = tmp_path / "runs", tmp_path / "docs", tmp_path / "cache"
-    common = ["--protocol", "tiny", "--out", str(out), "--docs-dir", str(docs), "--data-root", str(data),
-              "--cache-dir", str(cache)]
+    common = [
+        "--protocol",
+        "tiny",
+        "--out",
+        str(out),
+        "--docs-dir",
+        str(docs),
+        "--data-root",
+        str(data),
+        "--cache-dir",
+        str(cache),
+    ]
 
     listed = run(*common, "--dry-list").stdout
     assert "teacher-resnet_t" in listed and "todo" in listed and "estimated" in listed
@@ -156,11 +170,22 @@ def test_method_defaults_and_teacher_needs_come_from_the_package(tmp_path, monke
         temperature: float = 4.0
 
     monkeypatch.setattr(METHODS.get("kd"), "config_cls", HotterKD)
-    monkeypatch.setattr(METHODS.get("kd"), "teacher_request",  # as if KD read teacher stage features
-                        lambda self: TeacherRequest(stages=(-1,)))
-    settings = plan_module.Settings(protocol=protocols.PROTOCOLS["tiny"], out=tmp_path, data_root=str(tmp_path),
-                                    dataset="folder", cache_dir=None, teacher_cache=True, device="cpu",
-                                    methods=("vanilla", "kd", "rsd"), jobs=2)
+    monkeypatch.setattr(
+        METHODS.get("kd"),
+        "teacher_request",  # as if KD read teacher stage features
+        lambda self: TeacherRequest(stages=(-1,)),
+    )
+    settings = plan_module.Settings(
+        protocol=protocols.PROTOCOLS["tiny"],
+        out=tmp_path,
+        data_root=str(tmp_path),
+        dataset="folder",
+        cache_dir=None,
+        teacher_cache=True,
+        device="cpu",
+        methods=("vanilla", "kd", "rsd"),
+        jobs=2,
+    )
     runs = {run.name: run for run in plan_module.build_plan(settings)}
     kd, rsd = runs["resnet-resmlp-kd-s0"], runs["resnet-resmlp-rsd-s0"]
     assert kd.config["method_args"] == {"temperature": 4.0, "weight": 1.0, "ce_weight": 1.0}

@@ -31,10 +31,18 @@ def doc_commands() -> list[list[str]]:
 
 
 def test_the_page_names_its_files_and_commands():
-    assert set(doc_files()) == {"src/crossdistill/losses/cosine.py", "src/crossdistill/distillers/cosine.py",
-                                "tests/distillers/test_cosine.py", "cosine_digits.yaml"}
-    assert [c[:2] for c in doc_commands()] == [["python", "-m"], ["crossdistill", "train"],
-                                               ["crossdistill", "train"], ["crossdistill", "params"]]
+    assert set(doc_files()) == {
+        "src/crossdistill/losses/cosine.py",
+        "src/crossdistill/distillers/cosine.py",
+        "tests/distillers/test_cosine.py",
+        "cosine_digits.yaml",
+    }
+    assert [c[:2] for c in doc_commands()] == [
+        ["python", "-m"],
+        ["crossdistill", "train"],
+        ["crossdistill", "train"],
+        ["crossdistill", "params"],
+    ]
 
 
 @pytest.mark.slow

@@ -12,44 +12,89 @@ from crossdistill import rsd_loss
 from crossdistill.bench import ReferenceStep, create_model_for_size, reference_rsd_loss, run_bench
 from crossdistill.cli import main
 
-TINY = ["--teacher", "test_vit", "--student", "test_resnet", "--img-size", "32", "--batch-size", "4",
-        "--steps", "2", "--warmup", "1", "--num-classes", "10"]
+TINY = [
+    "--teacher",
+    "test_vit",
+    "--student",
+    "test_resnet",
+    "--img-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--num-classes",
+    "10",
+]
 
 
 def test_bench_cli_json_reports_all_variants_and_ratios(capsys):
     assert main(["bench", *TINY, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     variants = result["variants"]
-    assert set(variants) == {"ours", "reference", "student_only", "teacher_forward", "ours_precomputed_teacher",
-                             "ours_cached"}
+    assert set(variants) == {
+        "ours",
+        "reference",
+        "student_only",
+        "teacher_forward",
+        "ours_precomputed_teacher",
+        "ours_cached",
+    }
     for name, v in variants.items():
         assert v["steps"] == 2, name
         assert v["img_per_s"] > 0 and v["step_ms_median"] > 0, name
         assert v["peak_mem_mb"] is None  # CPU: no per-variant memory
     ratios = result["ratios"]
-    for key in ("ours_over_reference", "ours_over_student_only", "cached_over_student_only", "method_overhead",
-                "teacher_share_of_ours"):
+    for key in (
+        "ours_over_reference",
+        "ours_over_student_only",
+        "cached_over_student_only",
+        "method_overhead",
+        "teacher_share_of_ours",
+    ):
         assert ratios[key] is not None and ratios[key] == ratios[key], key  # present and not NaN
     assert result["ratios_of_medians"].keys() == ratios.keys()
     config = result["config"]
-    assert (config["teacher"], config["student"], config["img_size"], config["batch_size"]) == \
-        ("test_vit", "test_resnet", 32, 4)
+    assert (config["teacher"], config["student"], config["img_size"], config["batch_size"]) == (
+        "test_vit",
+        "test_resnet",
+        32,
+        4,
+    )
     assert config["device"] == "cpu" and config["amp"] == "none"
 
 
 def test_bench_text_output_and_a_logit_method(capsys):
     assert main(["bench", *TINY, "--method", "kd", "--set", "temperature=4", "--no-cache"]) == 0
     out = capsys.readouterr().out
-    for label in ("ours (engine step)", "reference (official, fp32 eager)", "student alone (CE)",
-                  "teacher forward alone", "ours_over_reference", "ours_over_student_only", "method_overhead"):
+    for label in (
+        "ours (engine step)",
+        "reference (official, fp32 eager)",
+        "student alone (CE)",
+        "teacher forward alone",
+        "ours_over_reference",
+        "ours_over_student_only",
+        "method_overhead",
+    ):
         assert label in out, label
     assert "teacher cache" not in out  # --no-cache
 
 
 def test_bench_method_that_reads_teacher_stages_is_measured_without_its_teacher_but_never_cached():
     # the engine runs FitNet's teacher too (stage features), so its own cost is measurable; stages are never cached
-    result = run_bench("test_vit", "test_resnet", img_size=32, batch_size=4, method="fitnet", num_classes=10,
-                       steps=1, warmup=0, method_args={"img_size": 32})
+    result = run_bench(
+        "test_vit",
+        "test_resnet",
+        img_size=32,
+        batch_size=4,
+        method="fitnet",
+        num_classes=10,
+        steps=1,
+        warmup=0,
+        method_args={"img_size": 32},
+    )
     assert "ours_precomputed_teacher" in result["variants"] and "ours_cached" not in result["variants"]
     assert result["ratios"]["method_overhead"] > 0 and result["ratios"]["ours_over_reference"] > 0
 

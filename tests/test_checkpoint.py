@@ -35,15 +35,26 @@ def test_a_timm_saver_namespace_loads_and_is_allowed_only_while_loading(tmp_path
     assert argparse.Namespace not in torch.serialization.get_safe_globals()  # torch's global allow-list untouched
 
 
-@pytest.mark.parametrize("lines,reason", [
-    (["\x1b[1mWeights only load failed.\x1b[0m", "", "  \x1b[31mUnsupported global: GLOBAL a.B was not allowed\x1b[0m "],
-     "Unsupported global: GLOBAL a.B was not allowed"),
-    (["Weights only load failed; see the global allow-list", "Trying to load unsupported GLOBAL a.B"],
-     "Trying to load unsupported GLOBAL a.B"),
-    (["Weights only load failed.", "Unsupported global: a.B"], "Unsupported global: a.B"),
-    (["", "  Weights only load failed: \x1b[1mbad opcode\x1b[0m", "more"], "Weights only load failed: bad opcode"),
-    ([""], "unsupported object"),
-])
+@pytest.mark.parametrize(
+    "lines,reason",
+    [
+        (
+            [
+                "\x1b[1mWeights only load failed.\x1b[0m",
+                "",
+                "  \x1b[31mUnsupported global: GLOBAL a.B was not allowed\x1b[0m ",
+            ],
+            "Unsupported global: GLOBAL a.B was not allowed",
+        ),
+        (
+            ["Weights only load failed; see the global allow-list", "Trying to load unsupported GLOBAL a.B"],
+            "Trying to load unsupported GLOBAL a.B",
+        ),
+        (["Weights only load failed.", "Unsupported global: a.B"], "Unsupported global: a.B"),
+        (["", "  Weights only load failed: \x1b[1mbad opcode\x1b[0m", "more"], "Weights only load failed: bad opcode"),
+        ([""], "unsupported object"),
+    ],
+)
 def test_the_refusal_names_the_line_about_the_global_without_terminal_colours(lines, reason):
     assert _refusal_reason(Exception("\n".join(lines))) == reason
 
@@ -79,8 +90,10 @@ def test_a_checkpoint_saved_on_a_gpu_loads_on_a_cpu_only_machine(tmp_path, monke
 def test_foreign_and_truncated_files_are_clear_errors(tmp_path):
     foreign = tmp_path / "foreign.pt"
     foreign.write_bytes(pickle.dumps([1, 2], protocol=2))  # a pickle, not a torch file
-    with pytest.raises(CrossDistillError,
-                       match=f"^{foreign}: not a readable checkpoint \\(truncated or not a torch file\\?\\): RuntimeError: "):
+    with pytest.raises(
+        CrossDistillError,
+        match=f"^{foreign}: not a readable checkpoint \\(truncated or not a torch file\\?\\): RuntimeError: ",
+    ):
         load_weights_file(foreign)
     truncated = tmp_path / "truncated.pt"
     torch.save({"w": torch.ones(100)}, truncated)
@@ -93,7 +106,9 @@ def test_random_bytes_are_a_corrupt_file_not_a_refused_object(tmp_path):
     """torch's weights-only unpickler reports an unknown opcode as a weights-only failure; it is not a code object."""
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(bytes(range(256)) * 8)
-    with pytest.raises(CrossDistillError, match=f"^{garbage}: not a readable checkpoint \\(corrupt or not a torch file\\)"):
+    with pytest.raises(
+        CrossDistillError, match=f"^{garbage}: not a readable checkpoint \\(corrupt or not a torch file\\)"
+    ):
         load_weights_file(garbage)
 
 
@@ -145,8 +160,10 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_file(tmp_path, monk
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(CrossDistillError) as err:
         save_atomic({"w": torch.zeros(3)}, path)
-    assert str(err.value) == (f"no space left on the device while writing {path}; the previous version of this file "
-                              "is intact. Free some space (or move train.output_dir) and resume with --resume.")
+    assert str(err.value) == (
+        f"no space left on the device while writing {path}; the previous version of this file "
+        "is intact. Free some space (or move train.output_dir) and resume with --resume."
+    )
     monkeypatch.undo()
     assert torch.equal(load_weights_file(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

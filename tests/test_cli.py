@@ -9,9 +9,8 @@ import pytest
 import torch
 import yaml
 
-from crossdistill.cli import main
-
 from conftest import tiny_run
+from crossdistill.cli import main
 
 
 def write_config(tmp_path, raw, name="run.yaml"):
@@ -30,7 +29,7 @@ def test_train_then_eval_the_checkpoint(tmp_path, capsys):
     config = write_config(tmp_path, tiny_run(tmp_path, train={"epochs": 1}))
     code, out, _ = run_cli(capsys, "train", "--config", str(config), "train.batch_size=16", "--json")
     assert code == 0
-    summary = json.loads(out[out.index("{"):])
+    summary = json.loads(out[out.index("{") :])
     assert "effective batch 16" in out
     best = tmp_path / "runs" / "run" / "best.pt"
     code, out, _ = run_cli(capsys, "eval", "--checkpoint", str(best), "--json")
@@ -41,8 +40,21 @@ def test_train_then_eval_the_checkpoint(tmp_path, capsys):
     # a plain timm state dict needs the model name and data on the command line
     plain = tmp_path / "plain.pth"
     torch.save(torch.load(best, weights_only=True)["student"], plain)
-    code, out, _ = run_cli(capsys, "eval", "--checkpoint", str(plain), "--model", "test_resnet", "--data", "digits",
-                           "--img-size", "32", "data.eval_subset=100", "data.num_workers=0", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(plain),
+        "--model",
+        "test_resnet",
+        "--data",
+        "digits",
+        "--img-size",
+        "32",
+        "data.eval_subset=100",
+        "data.num_workers=0",
+        "--json",
+    )
     assert code == 0 and json.loads(out)["samples"] == 100
 
 
@@ -88,15 +100,37 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
 
 def test_params_rsd_resnet18_to_swin_tiny(capsys):
-    code, out, _ = run_cli(capsys, "params", "--method", "rsd", "--teacher", "swin_tiny_patch4_window7_224",
-                           "--student", "resnet18", "--num-classes", "100", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "params",
+        "--method",
+        "rsd",
+        "--teacher",
+        "swin_tiny_patch4_window7_224",
+        "--student",
+        "resnet18",
+        "--num-classes",
+        "100",
+        "--json",
+    )
     assert code == 0
     result = json.loads(out)
     assert result["extra_trainable_parameters"] == 1_312_768
     assert result["extra_by_module"] == {"aad": 1_312_768}
     assert result["student_parameters"] == 11_227_812  # resnet18 with a 100-class head
-    code, out, _ = run_cli(capsys, "params", "--method", "rsd", "--teacher", "swin_tiny_patch4_window7_224",
-                           "--student", "resnet18", "--set", "gamma=4", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "params",
+        "--method",
+        "rsd",
+        "--teacher",
+        "swin_tiny_patch4_window7_224",
+        "--student",
+        "resnet18",
+        "--set",
+        "gamma=4",
+        "--json",
+    )
     assert json.loads(out)["extra_trainable_parameters"] == 2_625_536
 
 
@@ -106,8 +140,22 @@ def test_params_convnext_to_swin_nano_text(capsys):
 
 
 def test_python_dash_m_entry_point():
-    done = subprocess.run([sys.executable, "-m", "crossdistill", "params", "--teacher", "resnet50", "--student",
-                           "deit_tiny_patch16_224", "--json"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crossdistill",
+            "params",
+            "--teacher",
+            "resnet50",
+            "--student",
+            "deit_tiny_patch16_224",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["extra_trainable_parameters"] == 192 * 384 + 2 * 384 + 384 * 2048
 
@@ -116,9 +164,23 @@ def test_python_dash_m_entry_point():
 def test_torchrun_two_processes(tmp_path):
     config = write_config(tmp_path, tiny_run(tmp_path, train={"epochs": 1, "batch_size": 16}))
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "crossdistill", "train", "--config", str(config), "--json"],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "crossdistill",
+            "train",
+            "--config",
+            str(config),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x 2 process(es)" in done.stdout and "effective batch 32" in done.stdout
@@ -172,10 +234,11 @@ def test_positionals_may_follow_options(argv, key, expected):
 
 def test_dry_run_applies_the_overrides_on_both_sides_of_it(tmp_path, capsys):
     config = write_config(tmp_path, tiny_run(tmp_path, num_classes=10))
-    code, out, err = run_cli(capsys, "train", "--config", str(config), "train.batch_size=16", "--dry-run",
-                             "train.epochs=5", "optim.lr=1e-3")
+    code, out, err = run_cli(
+        capsys, "train", "--config", str(config), "train.batch_size=16", "--dry-run", "train.epochs=5", "optim.lr=1e-3"
+    )
     assert code == 0, err
-    resolved = yaml.safe_load(out[out.index("# resolved config"):out.index("# run")])
+    resolved = yaml.safe_load(out[out.index("# resolved config") : out.index("# run")])
     assert resolved["train"]["batch_size"] == 16 and resolved["train"]["epochs"] == 5
     assert resolved["optim"]["lr"] == 1e-3
 
@@ -227,8 +290,10 @@ ERRORS_MD_INPUTS = {  # case: (overrides made in a folder, what the message says
     "bad gamma": (lambda d: ["method_args.gamma=0"], "config key 'method_args.gamma': must be >= 1"),
     "bad amp": (lambda d: ["train.amp=fp8"], "config key 'train.amp': must be auto, none, bf16 or fp16"),
     "scale_lr": (lambda d: ["optim.scale_lr=linear"], "linear scaling needs train.reference_batch"),
-    "bad kwargs": (lambda d: ["student.kwargs={nope: [" + ", ".join(["1"] * 5000) + "]}"],
-                   "model test_resnet: bad kwargs {'nope': [1, 1,"),
+    "bad kwargs": (
+        lambda d: ["student.kwargs={nope: [" + ", ".join(["1"] * 5000) + "]}"],
+        "model test_resnet: bad kwargs {'nope': [1, 1,",
+    ),
     # "Batches and data"
     "batch too large": (lambda d: ["train.batch_size=4096", "data.train_subset=null"], "fewer than one batch"),
     "no data root": (lambda d: ["data.dataset=folder", "data.root=/nope"], "data.root '/nope' does not exist"),
@@ -238,14 +303,22 @@ ERRORS_MD_INPUTS = {  # case: (overrides made in a folder, what the message says
     "code in a pickle": (lambda d: [teacher_file(d, lambda s: {**s, "x": _Payload()})], "refused to load"),
     "truncated file": (lambda d: [teacher_file(d, truncate=True)], "not a readable checkpoint"),
     "another model": (lambda d: [teacher_file(d, name="test_resnet")], "does not fit test_vit: missing keys"),
-    "other shapes": (lambda d: [teacher_file(d, embed_dim=32)],
-                     "does not fit test_vit: 79 weight(s) have other shapes"),
-    "head class count": (lambda d: [teacher_file(d, num_classes=7)],
-                         "the checkpoint's classifier (head.weight) has 7 classes, but the run needs 10"),
-    "int8 teacher": (lambda d: [teacher_file(d, floats(lambda v: v.to(torch.int8)))],
-                     "are stored as torch.int8 where test_vit has floating-point weights"),
-    "NaN teacher": (lambda d: [teacher_file(d, floats(lambda v: v * float("nan")))],
-                    "floating-point tensors hold NaN or infinite values"),
+    "other shapes": (
+        lambda d: [teacher_file(d, embed_dim=32)],
+        "does not fit test_vit: 79 weight(s) have other shapes",
+    ),
+    "head class count": (
+        lambda d: [teacher_file(d, num_classes=7)],
+        "the checkpoint's classifier (head.weight) has 7 classes, but the run needs 10",
+    ),
+    "int8 teacher": (
+        lambda d: [teacher_file(d, floats(lambda v: v.to(torch.int8)))],
+        "are stored as torch.int8 where test_vit has floating-point weights",
+    ),
+    "NaN teacher": (
+        lambda d: [teacher_file(d, floats(lambda v: v * float("nan")))],
+        "floating-point tensors hold NaN or infinite values",
+    ),
 }
 
 
@@ -283,8 +356,19 @@ def test_documented_file_errors_print_one_line(tmp_path, capsys):
 
 
 def test_params_reads_method_arguments_in_exponent_notation(capsys):
-    code, out, err = run_cli(capsys, "params", "--teacher", "test_vit", "--student", "test_resnet",
-                             "--set", "kappa=1e-2", "--set", "weight=1e-1", "--json")
+    code, out, err = run_cli(
+        capsys,
+        "params",
+        "--teacher",
+        "test_vit",
+        "--student",
+        "test_resnet",
+        "--set",
+        "kappa=1e-2",
+        "--set",
+        "weight=1e-1",
+        "--json",
+    )
     assert code == 0, err
     assert json.loads(out)["method"] == "rsd"
 
@@ -293,8 +377,12 @@ def test_params_reads_method_arguments_in_exponent_notation(capsys):
 
 
 def quick_config(tmp_path, data=None, **train):
-    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1, **train},
-                   data={"train_subset": 64, "eval_subset": 32, **(data or {})})
+    raw = tiny_run(
+        tmp_path,
+        method="vanilla",
+        train={"epochs": 1, **train},
+        data={"train_subset": 64, "eval_subset": 32, **(data or {})},
+    )
     return write_config(tmp_path, raw)
 
 
@@ -324,8 +412,10 @@ def test_a_directory_that_holds_no_run_is_refused_and_left_alone(tmp_path, capsy
     (notes / "config.yaml").write_text("my: own settings\n")  # not a run's config: a user's file
     for flags in ([], ["--overwrite"], ["--resume"]):
         code, _, err = run_cli(capsys, "train", "--config", str(config), "train.run_name=notes", *flags)
-        assert (f"{notes} is not a crossdistill run directory (it holds a.txt, config.yaml) and is left as it is"
-                in one_error_line(code, err))
+        assert (
+            f"{notes} is not a crossdistill run directory (it holds a.txt, config.yaml) and is left as it is"
+            in one_error_line(code, err)
+        )
     assert sorted(p.name for p in notes.iterdir()) == ["a.txt", "config.yaml"]
     assert (notes / "config.yaml").read_text() == "my: own settings\n"
     (tmp_path / "runs" / "empty").mkdir()
@@ -344,7 +434,9 @@ def test_overwrite_replaces_only_what_a_run_wrote(tmp_path, capsys):
     code, out, err = run_cli(capsys, "train", "--config", str(config), "--overwrite")
     assert code == 0, err
     assert f"kept what a run does not write in {run_dir}: checkpoints/README, notes.txt, plots/" in out
-    assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "checkpoints" / "README").read_text() == "mine too"
+    assert (run_dir / "notes.txt").read_text() == "mine" and (
+        run_dir / "checkpoints" / "README"
+    ).read_text() == "mine too"
     assert (run_dir / "plots").is_dir() and (run_dir / "summary.json").exists()
     events = set((run_dir / "tensorboard").iterdir())
     assert len(events) == 1 and not events & old_events  # the earlier run's curves were replaced
@@ -383,7 +475,9 @@ def test_a_run_whose_checkpoint_was_replaced_by_another_file_keeps_it(tmp_path, 
     torch.save({"model": torch.zeros(3)}, last)
     before = last.read_bytes()
     code, _, err = run_cli(capsys, "train", "--config", str(config), "--overwrite")
-    assert "holds last.pt under the name of a file a run writes, but not as a run writes it" in one_error_line(code, err)
+    assert "holds last.pt under the name of a file a run writes, but not as a run writes it" in one_error_line(
+        code, err
+    )
     code, _, err = run_cli(capsys, "train", "--config", str(config), "--resume")
     assert "is not a crossdistill run checkpoint" in one_error_line(code, err)
     assert last.read_bytes() == before
@@ -393,8 +487,10 @@ def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys,
     config = quick_config(tmp_path)
     (tmp_path / "out.txt").write_text("a file")
     code, _, err = run_cli(capsys, "train", "--config", str(config), f"train.output_dir={tmp_path / 'out.txt'}")
-    assert (f"cannot create the run directory {tmp_path / 'out.txt' / 'run'}: {tmp_path / 'out.txt'} is a file, "
-            "not a directory" in one_error_line(code, err))
+    assert (
+        f"cannot create the run directory {tmp_path / 'out.txt' / 'run'}: {tmp_path / 'out.txt'} is a file, "
+        "not a directory" in one_error_line(code, err)
+    )
     assert (tmp_path / "out.txt").read_text() == "a file"
 
     read_only = tmp_path / "read-only"
@@ -408,8 +504,10 @@ def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys,
 
     monkeypatch.setattr(Path, "mkdir", refuse_inside_read_only)
     code, _, err = run_cli(capsys, "train", "--config", str(config), f"train.output_dir={read_only / 'runs'}")
-    assert (f"cannot write the run directory {read_only / 'runs' / 'run'}: Permission denied; choose a writable "
-            "train.output_dir" in one_error_line(code, err))
+    assert (
+        f"cannot write the run directory {read_only / 'runs' / 'run'}: Permission denied; choose a writable "
+        "train.output_dir" in one_error_line(code, err)
+    )
 
 
 def image_folder(root, per_class=8):
@@ -428,8 +526,17 @@ def image_folder(root, per_class=8):
 def test_a_corrupt_image_found_mid_run_is_one_line_and_leaves_no_run_directory(tmp_path, capsys, workers):
     root = image_folder(tmp_path / "images")
     (root / "train" / "dog" / "0003.png").write_bytes(b"not an image")
-    config = quick_config(tmp_path, batch_size=4, data={"dataset": "folder", "root": str(root), "num_workers": workers,
-                                                        "train_subset": None, "eval_subset": None})
+    config = quick_config(
+        tmp_path,
+        batch_size=4,
+        data={
+            "dataset": "folder",
+            "root": str(root),
+            "num_workers": workers,
+            "train_subset": None,
+            "eval_subset": None,
+        },
+    )
     code, _, err = run_cli(capsys, "train", "--config", str(config))
     line = one_error_line(code, err)
     assert f"cannot decode image file '{root / 'train' / 'dog' / '0003.png'}'" in line and "Caught" not in line
@@ -456,7 +563,7 @@ def test_resuming_a_finished_run_says_so_and_keeps_its_summary(tmp_path, capsys)
     assert code == 0, err
     assert "is already finished (1/1 epochs trained): nothing to do. To train it longer" in out
     assert summary.read_text() == before
-    assert json.loads(out[out.index("{"):])["wall_time_s"] == json.loads(before)["wall_time_s"]
+    assert json.loads(out[out.index("{") :])["wall_time_s"] == json.loads(before)["wall_time_s"]
 
 
 def test_extending_a_finished_run_replans_its_schedule_and_records_it(tmp_path, capsys):
@@ -465,16 +572,20 @@ def test_extending_a_finished_run_replans_its_schedule_and_records_it(tmp_path, 
     run_dir = tmp_path / "runs" / "run"
     code, out, err = run_cli(capsys, "train", "--resume", str(run_dir), "train.epochs=2")
     assert code == 0, err
-    assert ("train.epochs changed from 1 to 2: the run continues after epoch 1 with its lr schedule (cosine) "
-            "re-planned over 2 epochs (lr 1e-05 -> 0.001005); config.yaml records train.epochs=2") in out
+    assert (
+        "train.epochs changed from 1 to 2: the run continues after epoch 1 with its lr schedule (cosine) "
+        "re-planned over 2 epochs (lr 1e-05 -> 0.001005); config.yaml records train.epochs=2"
+    ) in out
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 2
     rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
     header = rows[0].split(",")
     assert float(rows[2].split(",")[header.index("lr")]) == pytest.approx(1e-5 + 0.5 * (2e-3 - 1e-5))
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
     code, _, err = run_cli(capsys, "train", "--resume", str(run_dir), "train.epochs=1")
-    assert ("train.epochs=1, but the run in " in one_error_line(code, err)
-            and "has already trained 2 of its 2 epochs" in err)
+    assert (
+        "train.epochs=1, but the run in " in one_error_line(code, err)
+        and "has already trained 2 of its 2 epochs" in err
+    )
 
 
 def test_resume_followed_by_an_override_keeps_the_override(tmp_path, capsys):
@@ -482,7 +593,7 @@ def test_resume_followed_by_an_override_keeps_the_override(tmp_path, capsys):
     config = write_config(tmp_path, tiny_run(tmp_path, num_classes=10))
     code, out, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "--resume", "train.epochs=5")
     assert code == 0, err
-    resolved = yaml.safe_load(out[out.index("# resolved config"):out.index("# run")])
+    resolved = yaml.safe_load(out[out.index("# resolved config") : out.index("# run")])
     assert resolved["train"]["epochs"] == 5
 
 

@@ -1,12 +1,11 @@
 import pytest
 import yaml
 
+from conftest import tiny_run
 from crossdistill.config import RunConfig, apply_overrides, build_config, load_config
 from crossdistill.distillers.rsd import RSDConfig
 from crossdistill.engine.setup import check_run_config
 from crossdistill.errors import ConfigError
-
-from conftest import tiny_run
 
 
 def test_defaults_and_typed_sections(tmp_path):
@@ -55,8 +54,16 @@ def test_method_needing_a_teacher_without_one(tmp_path):
 
 
 def test_overrides_parse_yaml_values_and_create_sections(tmp_path):
-    raw = apply_overrides(tiny_run(tmp_path), ["train.epochs=5", "data.scale=[0.5, 1.0]", "train.ema_decay=0.999",
-                                               "method_args.kappa=0.02", "teacher.checkpoint=/x/y.pt"])
+    raw = apply_overrides(
+        tiny_run(tmp_path),
+        [
+            "train.epochs=5",
+            "data.scale=[0.5, 1.0]",
+            "train.ema_decay=0.999",
+            "method_args.kappa=0.02",
+            "teacher.checkpoint=/x/y.pt",
+        ],
+    )
     cfg = build_config(raw)
     assert cfg.train.epochs == 5 and cfg.data.scale == (0.5, 1.0) and cfg.train.ema_decay == 0.999
     assert cfg.method_args == {"kappa": 0.02} and cfg.teacher.checkpoint == "/x/y.pt"
@@ -133,8 +140,9 @@ def alias_bomb(levels: int = 10, width: int = 4) -> str:
 
 def test_yaml_alias_bomb_is_refused_while_loading(tmp_path):
     path = tmp_path / "bomb.yaml"
-    path.write_text(yaml.safe_dump(tiny_run(tmp_path)) + "student:\n  name: test_resnet\n  kwargs: "
-                    + alias_bomb() + "\n")
+    path.write_text(
+        yaml.safe_dump(tiny_run(tmp_path)) + "student:\n  name: test_resnet\n  kwargs: " + alias_bomb() + "\n"
+    )
     assert path.stat().st_size < 2000
     with pytest.raises(ConfigError, match=r"bomb\.yaml expands to more than 100,000 values"):
         load_config(path)
@@ -150,8 +158,9 @@ def test_yaml_alias_bomb_is_refused_while_loading(tmp_path):
     with pytest.raises(ConfigError, match="more than"):
         load_config(path)
     # a config with a few aliases is fine
-    path.write_text("base: base.yaml\ndata: {scale: &range [0.5, 1.0], ratio: *range}\n"
-                    "train: {epochs: &n 3, eval_every: *n}\n")
+    path.write_text(
+        "base: base.yaml\ndata: {scale: &range [0.5, 1.0], ratio: *range}\ntrain: {epochs: &n 3, eval_every: *n}\n"
+    )
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_run(tmp_path)))
     cfg = load_config(path)
     assert cfg.data.ratio == cfg.data.scale == (0.5, 1.0) and cfg.train.eval_every == cfg.train.epochs == 3
@@ -163,8 +172,11 @@ def test_text_that_is_not_a_config_gives_one_clear_line(tmp_path):
         ("a: " + "[" * 2000 + "]" * 2000, "cannot parse .*nests"),
         ("a: " + "[" * 60 + "]" * 60, "nests mappings or lists more than 50 levels"),
         ("a: " + "1" * 5000, "cannot parse"),
-        ("student: [a, b\ntrain: {", r"cannot parse .*: while parsing a flow sequence \(line 1, column 10\): "
-                                     r"expected ',' or '\]', but got ':' \(line 2, column 6\)$"),
+        (
+            "student: [a, b\ntrain: {",
+            r"cannot parse .*: while parsing a flow sequence \(line 1, column 10\): "
+            r"expected ',' or '\]', but got ':' \(line 2, column 6\)$",
+        ),
     ]:
         path.write_text(content)
         with pytest.raises(ConfigError, match=match) as info:

@@ -15,14 +15,13 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY_STUDENT, TINY_TEACHER, tiny_run
 from crossdistill.checkpoint import load_weights_file
 from crossdistill.cli import main
 from crossdistill.config import build_config
 from crossdistill.engine import train
 from crossdistill.errors import CrossDistillError
 from crossdistill.export import export_run
-
-from conftest import TINY_STUDENT, TINY_TEACHER, tiny_run
 
 SMALL_DATA = {"train_subset": 64, "eval_subset": 40}
 
@@ -47,8 +46,9 @@ def cnn_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
     """test_resnet teacher -> test_vit student (img_size 32, patch 8), RSD, no EMA."""
-    run_dir, _ = _train(tmp_path_factory.mktemp("vit"), student=dict(TINY_TEACHER),
-                        teacher={**TINY_STUDENT, "kwargs": {}})
+    run_dir, _ = _train(
+        tmp_path_factory.mktemp("vit"), student=dict(TINY_TEACHER), teacher={**TINY_STUDENT, "kwargs": {}}
+    )
     return run_dir
 
 
@@ -81,8 +81,9 @@ def _check_round_trip(run_dir, out_dir, state_key, exporter):
     assert not any(k.startswith(prefixes) or "aad" in k for k in tensors)  # ... which is not exported
     for key, value in ckpt[state_key].items():
         assert torch.equal(tensors[key], value), key
-    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(st_path), num_classes=n),
-                              num_classes=n, **kwargs)
+    model = timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(st_path), num_classes=n), num_classes=n, **kwargs
+    )
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), reference, atol=1e-6, rtol=0)
 
@@ -127,8 +128,9 @@ def _check_round_trip(run_dir, out_dir, state_key, exporter):
 
 def test_cnn_student_round_trip_with_ema(cnn_run, tmp_path):
     out = io.StringIO()
-    result = export_run(cnn_run, formats=["safetensors", "timm", "onnx"], out=tmp_path / "ema",
-                        onnx_exporter="torchscript", stream=out)
+    result = export_run(
+        cnn_run, formats=["safetensors", "timm", "onnx"], out=tmp_path / "ema", onnx_exporter="torchscript", stream=out
+    )
     assert result.weights == "ema" and result.checkpoint.name == "last.pt"  # default: EMA when the run kept one
     assert result.dropped == ["aad"]
     assert result.onnx_exporter == "torchscript"
@@ -140,8 +142,14 @@ def test_cnn_student_round_trip_with_ema(cnn_run, tmp_path):
     ema_tensors = _check_round_trip(cnn_run, tmp_path / "ema", "student_ema", "torchscript")
 
     # --weights best exports best.pt's student, which differs from the EMA
-    result = export_run(cnn_run, formats="safetensors,timm,onnx", weights="best", out=tmp_path / "best",
-                        onnx_exporter="torchscript", stream=io.StringIO())
+    result = export_run(
+        cnn_run,
+        formats="safetensors,timm,onnx",
+        weights="best",
+        out=tmp_path / "best",
+        onnx_exporter="torchscript",
+        stream=io.StringIO(),
+    )
     assert result.weights == "best"
     best_tensors = _check_round_trip(cnn_run, tmp_path / "best", "student", "torchscript")
     floats = [k for k in ema_tensors if ema_tensors[k].is_floating_point()]
@@ -256,8 +264,9 @@ def test_a_kill_mid_onnx_export_leaves_the_previous_file_whole(tmp_path):
 
     path = tmp_path / "model.onnx"
     path.write_bytes(b"the previous export")
-    killed = subprocess.run([sys.executable, "-c", KILLED_MID_EXPORT, str(path)], capture_output=True, text=True,
-                            timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_EXPORT, str(path)], capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert killed.stdout.strip() == crossdistill.__file__  # the child ran these sources
     assert path.read_bytes() == b"the previous export"
@@ -274,7 +283,10 @@ def test_a_failed_onnx_export_keeps_the_previous_file_and_leaves_no_temporary(tm
     path = tmp_path / "model.onnx"
     path.write_bytes(b"the previous export")
     monkeypatch.setattr(torch.onnx, "export", half_then_fails)
-    with pytest.raises(CrossDistillError, match=r"^ONNX export failed \(torchscript exporter\): RuntimeError: "
-                                                r"unsupported operator\. Export safetensors/timm instead"):
+    with pytest.raises(
+        CrossDistillError,
+        match=r"^ONNX export failed \(torchscript exporter\): RuntimeError: "
+        r"unsupported operator\. Export safetensors/timm instead",
+    ):
         export_onnx(torch.nn.Linear(4, 2), torch.zeros(2, 4), path, "torchscript")
     assert path.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

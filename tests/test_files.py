@@ -41,8 +41,9 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(NoSpaceError) as raised:
         write_atomic(tmp_path / "new.bin", full, hint=HINT)
     assert isinstance(raised.value, CrossDistillError)
-    assert str(raised.value) == (f"no space left on the device while writing {tmp_path / 'new.bin'}; the file was "
-                                 f"not written. {HINT}")
+    assert str(raised.value) == (
+        f"no space left on the device while writing {tmp_path / 'new.bin'}; the file was not written. {HINT}"
+    )
     assert not os.listdir(tmp_path)
 
 

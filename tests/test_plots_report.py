@@ -7,13 +7,12 @@ import statistics
 
 import pytest
 
+from conftest import tiny_run
 from crossdistill.cli import main
 from crossdistill.config import build_config
 from crossdistill.engine import train
 from crossdistill.plots import is_loss_term, plot_runs, read_metrics, run_labels
 from crossdistill.report import group_runs, mean_std, read_run, report_rows
-
-from conftest import tiny_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -24,8 +23,11 @@ def seeds(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seeds")
     dirs = []
     for seed in (1, 2):
-        cfg = tiny_run(tmp, train={"epochs": 2, "seed": seed, "run_name": f"rsd-s{seed}", "ema_decay": 0.5},
-                       data={"train_subset": 64, "eval_subset": 40})
+        cfg = tiny_run(
+            tmp,
+            train={"epochs": 2, "seed": seed, "run_name": f"rsd-s{seed}", "ema_decay": 0.5},
+            data={"train_subset": 64, "eval_subset": 40},
+        )
         train(build_config(cfg), out=io.StringIO())
         dirs.append(tmp / "runs" / f"rsd-s{seed}")
     return dirs
@@ -40,14 +42,26 @@ def fake_run(root, name, *, seed, last, best, method="rsd", lr=2e-3, wall=10.0, 
     run_dir = root / "runs" / name
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    summary = {"run_dir": str(run_dir), "epochs": epochs, "last_top1": last, "best_top1": best, "best_epoch": epochs,
-               "last_top5": 99.0, "ema_last_top1": None, "ema_best_top1": None, "wall_time_s": wall,
-               "extra_parameters": 31104 if method == "rsd" else 0, "student_parameters": 373658, "history": []}
+    summary = {
+        "run_dir": str(run_dir),
+        "epochs": epochs,
+        "last_top1": last,
+        "best_top1": best,
+        "best_epoch": epochs,
+        "last_top5": 99.0,
+        "ema_last_top1": None,
+        "ema_best_top1": None,
+        "wall_time_s": wall,
+        "extra_parameters": 31104 if method == "rsd" else 0,
+        "student_parameters": 373658,
+        "history": [],
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     with (run_dir / "metrics.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["epoch", "lr", "train_ce", "train_loss", "train_rsd", "eval_top1", "eval_top5",
-                         "epoch_time_s"])
+        writer.writerow(
+            ["epoch", "lr", "train_ce", "train_loss", "train_rsd", "eval_top1", "eval_top5", "epoch_time_s"]
+        )
         for e in range(1, epochs + 1):
             writer.writerow([e, lr / e, 2.0 / e, 3.0 / e, 1.0 / e, best * e / epochs, 99.0, 1.0])
     return run_dir
@@ -141,7 +155,7 @@ def test_report_mean_std_and_grouping_with_known_numbers(tmp_path):
     assert "kappa=0.02" in by_runs[("kappa-s1",)]["method_args"]
     scratch = by_runs[("scratch-s1", "scratch-s2")]
     assert scratch["teacher"] == "-" and scratch["extra_parameters"] == 0
-    assert scratch["last_top1_mean"] == pytest.approx(52.0) and scratch["last_top1_std"] == pytest.approx(2 ** 1.5)
+    assert scratch["last_top1_mean"] == pytest.approx(52.0) and scratch["last_top1_std"] == pytest.approx(2**1.5)
 
 
 def test_report_markdown_formatting(tmp_path, capsys):
@@ -164,7 +178,7 @@ def test_report_unfinished_run_is_a_clear_error(tmp_path, capsys):
 
 def test_mean_std_of_one_and_none():
     assert mean_std([3.0]) == (3.0, None, 1)
-    assert mean_std([None, float("nan"), 2.0, 4.0])[:2] == (3.0, pytest.approx(2 ** 0.5))
+    assert mean_std([None, float("nan"), 2.0, 4.0])[:2] == (3.0, pytest.approx(2**0.5))
 
 
 def test_missing_matplotlib_is_an_install_hint(seeds, tmp_path, monkeypatch, capsys):
@@ -206,9 +220,14 @@ def test_a_full_disk_under_plot_and_report_is_one_line_and_keeps_the_previous_fi
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
     monkeypatch.setattr(files, "_open_temporary", full_file)
-    for command, path in ((["plot", str(run), "--out", str(png)], png), (["report", str(run), "--csv", str(table)], table)):
+    for command, path in (
+        (["plot", str(run), "--out", str(png)], png),
+        (["report", str(run), "--csv", str(table)], table),
+    ):
         assert main(command) == 2
         err = capsys.readouterr().err
-        assert err == (f"crossdistill: error: no space left on the device while writing {path}; the previous version "
-                       "of this file is intact. Free some space (or write to another disk) and run the command again.\n")
+        assert err == (
+            f"crossdistill: error: no space left on the device while writing {path}; the previous version "
+            "of this file is intact. Free some space (or write to another disk) and run the command again.\n"
+        )
     assert png.read_bytes() == b"an earlier plot" and table.read_text() == "an earlier table"

@@ -235,7 +235,8 @@ def test_recipe_resolves_and_builds(path: Path):
 
 
 @pytest.mark.parametrize(
-    "path", sorted((CONFIGS / "cifar100" / "teachers").glob("*.yaml")),
+    "path",
+    sorted((CONFIGS / "cifar100" / "teachers").glob("*.yaml")),
     ids=lambda p: p.name,
 )
 def test_teacher_recipes_fine_tune_imagenet_weights(path: Path):

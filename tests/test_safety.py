@@ -7,13 +7,11 @@ import tarfile
 
 import pytest
 import torch
-import yaml
 
+from conftest import tiny_run
 from crossdistill.config import ModelConfig, build_config, load_config
 from crossdistill.engine import Trainer, train
 from crossdistill.errors import CrossDistillError
-
-from conftest import tiny_run
 
 
 class Payload:
@@ -100,8 +98,16 @@ def test_archive_escapes_are_refused(tmp_path):
         info = tarfile.TarInfo("train/cat/../../../../escaped.jpg")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    raw = tiny_run(tmp_path, data={"dataset": "folder", "root": str(archive), "train_subset": None,
-                                   "eval_subset": None, "cache_dir": str(tmp_path / "cache")})
+    raw = tiny_run(
+        tmp_path,
+        data={
+            "dataset": "folder",
+            "root": str(archive),
+            "train_subset": None,
+            "eval_subset": None,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    )
     with pytest.raises(CrossDistillError, match=r"\.\."):
         train(build_config(raw))
     assert not list(tmp_path.parent.glob("**/escaped.jpg"))

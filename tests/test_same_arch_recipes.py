@@ -45,12 +45,14 @@ def test_recipe_loads_and_builds_on_meta(path):
         assert cfg.teacher is None
     args = method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)
     with torch.device("meta"):
-        student = timm.create_model(cfg.student.name, pretrained=False, num_classes=cfg.num_classes,
-                                    **cfg.student.kwargs)
+        student = timm.create_model(
+            cfg.student.name, pretrained=False, num_classes=cfg.num_classes, **cfg.student.kwargs
+        )
         teacher = None
         if needs_teacher:
-            teacher = Teacher(timm.create_model(cfg.teacher.name, pretrained=False, num_classes=cfg.num_classes,
-                                                **cfg.teacher.kwargs))
+            teacher = Teacher(
+                timm.create_model(cfg.teacher.name, pretrained=False, num_classes=cfg.num_classes, **cfg.teacher.kwargs)
+            )
         distiller = build_distiller(cfg.method, student, teacher, args)
     assert distiller.student is student
     if cfg.method != "rsd":  # RSD trains its AAD projector; the logit methods add nothing
@@ -82,10 +84,18 @@ def test_step_schedule_decays_at_30_60_90():
     cfg = load_config(ROOT / "r34_r18" / "kd.yaml")
     o = cfg.optim
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr, momentum=o.momentum)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=o.sched, num_epochs=cfg.train.epochs,
-                                       decay_epochs=o.decay_epochs, decay_rate=o.decay_rate, min_lr=o.min_lr,
-                                       warmup_lr=o.warmup_lr, warmup_epochs=o.warmup_epochs, cooldown_epochs=0,
-                                       updates_per_epoch=100)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=o.sched,
+        num_epochs=cfg.train.epochs,
+        decay_epochs=o.decay_epochs,
+        decay_rate=o.decay_rate,
+        min_lr=o.min_lr,
+        warmup_lr=o.warmup_lr,
+        warmup_epochs=o.warmup_epochs,
+        cooldown_epochs=0,
+        updates_per_epoch=100,
+    )
     lrs = {}
     for epoch in range(cfg.train.epochs):
         scheduler.step(epoch)
@@ -100,7 +110,12 @@ def test_sdd_recipes_carry_the_official_per_pair_values(pair, scales, beta):
     sd_dkd = load_config(ROOT / pair / "sd_dkd.yaml")
     args = method_config("sd_dkd", sd_dkd.method_args)
     assert (args.scales, args.beta, args.alpha, args.temperature, args.complementary_weight) == (
-        scales, beta, 1.0, 1.0, 2.0)
+        scales,
+        beta,
+        1.0,
+        1.0,
+        2.0,
+    )
     dkd = method_config("dkd", load_config(ROOT / pair / "dkd.yaml").method_args)
     assert (dkd.beta, dkd.temperature) == (beta, 1.0)
     sd_kd = method_config("sd_kd", load_config(ROOT / pair / "sd_kd.yaml").method_args)

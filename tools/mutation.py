@@ -55,164 +55,118 @@ MODULES: dict[str, Module] = {
     # the key and the store; the loader glue (WithIndex) is not in scope
     "teacher_cache": Module(
         ["engine/teacher_cache.py"],
-        ["tests/engine/test_teacher_cache_store.py",
-         "tests/engine/test_teacher_cache.py::test_the_key_changes_with_teacher_seed_augmentation_and_data",
-         "tests/engine/test_teacher_cache.py::test_lookup_validates_indices",
-         "tests/engine/test_teacher_cache.py::test_a_setup_failure_on_rank_0_stops_every_rank"],
-        functions=["state_dict_sha256", "_file_identity", "cache_key", "key_digest", "_row_crc", "_Store",
-                   "TeacherCache"]),
+        [
+            "tests/engine/test_teacher_cache_store.py",
+            "tests/engine/test_teacher_cache.py::test_the_key_changes_with_teacher_seed_augmentation_and_data",
+            "tests/engine/test_teacher_cache.py::test_lookup_validates_indices",
+            "tests/engine/test_teacher_cache.py::test_a_setup_failure_on_rank_0_stops_every_rank",
+        ],
+        functions=[
+            "state_dict_sha256",
+            "_file_identity",
+            "cache_key",
+            "key_digest",
+            "_row_crc",
+            "_Store",
+            "TeacherCache",
+        ],
+    ),
     "config": Module(["config.py"], ["tests/test_config.py"]),
 }
 
 EQUIVALENT: dict[str, str] = {
-    "crossdistill.engine.sampling.xǁSampleSeededDatasetǁ__getattr____mutmut_4":
-        "AttributeError(None) for AttributeError('dataset'): the error only tells getattr and unpickling that "
-        "the wrapped dataset is not set yet; its message is never shown",
-    "crossdistill.models.projectors.xǁAADProjectorǁ__init____mutmut_27":
-        "nn.Linear(..., bias=None) for bias=False: nn.Linear only tests `if bias`, None and False alike",
-    "crossdistill.models.projectors.xǁAADProjectorǁ__init____mutmut_35":
-        "nn.Linear(..., bias=None) for bias=False, the second Linear: same as above",
-    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_18":
-        "autocast enabled (by default) around sub, pow and mean: same as enabled=True just below",
-    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_19":
-        "autocast enabled=True around sub, pow and mean: none of them is on autocast's lower-precision lists "
-        "(CPU or CUDA), and float32/float64 inputs are never cast down; the guard is defensive",
-    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_22":
-        "student.to(None) instead of .to(dtype): the subtraction promotes to the wider dtype, exactly the cast "
-        "the original makes",
-    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_23":
-        "teacher.to(None) instead of .to(dtype): same as above",
-    "crossdistill.losses.rsd.x_batch_standardize__mutmut_6":
-        "the batch mean without keepdim=True: a mean over dimension 0 broadcasts against x the same with or "
-        "without the leading 1 (broadcasting aligns trailing dimensions)",
+    "crossdistill.engine.sampling.xǁSampleSeededDatasetǁ__getattr____mutmut_4": "AttributeError(None) for AttributeError('dataset'): the error only tells getattr and unpickling that "
+    "the wrapped dataset is not set yet; its message is never shown",
+    "crossdistill.models.projectors.xǁAADProjectorǁ__init____mutmut_27": "nn.Linear(..., bias=None) for bias=False: nn.Linear only tests `if bias`, None and False alike",
+    "crossdistill.models.projectors.xǁAADProjectorǁ__init____mutmut_35": "nn.Linear(..., bias=None) for bias=False, the second Linear: same as above",
+    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_18": "autocast enabled (by default) around sub, pow and mean: same as enabled=True just below",
+    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_19": "autocast enabled=True around sub, pow and mean: none of them is on autocast's lower-precision lists "
+    "(CPU or CUDA), and float32/float64 inputs are never cast down; the guard is defensive",
+    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_22": "student.to(None) instead of .to(dtype): the subtraction promotes to the wider dtype, exactly the cast "
+    "the original makes",
+    "crossdistill.losses.fitnet.x_fitnet_loss__mutmut_23": "teacher.to(None) instead of .to(dtype): same as above",
+    "crossdistill.losses.rsd.x_batch_standardize__mutmut_6": "the batch mean without keepdim=True: a mean over dimension 0 broadcasts against x the same with or "
+    "without the leading 1 (broadcasting aligns trailing dimensions)",
     "crossdistill.losses.rsd.x_batch_standardize__mutmut_8": "the batch mean with keepdim=False: same as above",
     "crossdistill.losses.rsd.x_batch_standardize__mutmut_13": "the batch variance without keepdim=True: same as above",
     "crossdistill.losses.rsd.x_batch_standardize__mutmut_17": "the batch variance with keepdim=False: same as above",
-    "crossdistill.losses.kd.x_kd_loss__mutmut_22":
-        "autocast enabled (by default) around the loss: none of its ops (log_softmax, exp, sub, mul, sum, mean) is on "
-        "autocast's lower-precision lists (CPU or CUDA), and the float32/float64 inputs it computes on are never cast "
-        "down; the guard is defensive, as in fitnet_loss",
+    "crossdistill.losses.kd.x_kd_loss__mutmut_22": "autocast enabled (by default) around the loss: none of its ops (log_softmax, exp, sub, mul, sum, mean) is on "
+    "autocast's lower-precision lists (CPU or CUDA), and the float32/float64 inputs it computes on are never cast "
+    "down; the guard is defensive, as in fitnet_loss",
     "crossdistill.losses.kd.x_kd_loss__mutmut_23": "autocast enabled=True around the loss: same as above",
-    "crossdistill.losses.ofa.x_ofa_loss__mutmut_23":
-        "autocast enabled (by default) around the loss: softmax, log_softmax and pow are on CUDA's float32 list, "
-        "which leaves float32 as it is and never touches float64; the rest is on no list: same as kd_loss",
+    "crossdistill.losses.ofa.x_ofa_loss__mutmut_23": "autocast enabled (by default) around the loss: softmax, log_softmax and pow are on CUDA's float32 list, "
+    "which leaves float32 as it is and never touches float64; the rest is on no list: same as kd_loss",
     "crossdistill.losses.ofa.x_ofa_loss__mutmut_24": "autocast enabled=True around the loss: same as above",
-    "crossdistill.losses.ofa.x_ofa_loss__mutmut_50":
-        "sum(dim=+1) for sum(dim=-1): the logits are checked to be 2-D, so the last dimension is dimension 1",
-    "crossdistill.losses.sdd.x_sdd_kd_loss__mutmut_24":
-        "autocast enabled (by default) around the loss: same as kd_loss (argmax, where and ones, the weights' "
-        "ops, are on no list either)",
+    "crossdistill.losses.ofa.x_ofa_loss__mutmut_50": "sum(dim=+1) for sum(dim=-1): the logits are checked to be 2-D, so the last dimension is dimension 1",
+    "crossdistill.losses.sdd.x_sdd_kd_loss__mutmut_24": "autocast enabled (by default) around the loss: same as kd_loss (argmax, where and ones, the weights' "
+    "ops, are on no list either)",
     "crossdistill.losses.sdd.x_sdd_kd_loss__mutmut_25": "autocast enabled=True around the loss: same as above",
-    "crossdistill.losses.sdd.x_sdd_kd_loss__mutmut_53":
-        "region weights not cast to the loss dtype: they are float32 or float64 (loss_dtype of the teacher) and never "
-        "wider than the per-region losses, so the product promotes them to the loss dtype, the same cast",
-    "crossdistill.losses.dkd.x_decouple_target__mutmut_30":
-        "the column indices [K-1] not expanded to [..., K-1]: adding (columns >= label) with label [..., 1] "
-        "broadcasts them to that shape anyway",
-    "crossdistill.losses.dkd.x_dkd_loss__mutmut_37":
-        "autocast enabled (by default) around the loss: same as kd_loss (gather, cat and logsumexp included: cat "
-        "only promotes to the widest of its inputs, all of one dtype here)",
+    "crossdistill.losses.sdd.x_sdd_kd_loss__mutmut_53": "region weights not cast to the loss dtype: they are float32 or float64 (loss_dtype of the teacher) and never "
+    "wider than the per-region losses, so the product promotes them to the loss dtype, the same cast",
+    "crossdistill.losses.dkd.x_decouple_target__mutmut_30": "the column indices [K-1] not expanded to [..., K-1]: adding (columns >= label) with label [..., 1] "
+    "broadcasts them to that shape anyway",
+    "crossdistill.losses.dkd.x_dkd_loss__mutmut_37": "autocast enabled (by default) around the loss: same as kd_loss (gather, cat and logsumexp included: cat "
+    "only promotes to the widest of its inputs, all of one dtype here)",
     "crossdistill.losses.dkd.x_dkd_loss__mutmut_38": "autocast enabled=True around the loss: same as above",
-    "crossdistill.losses.dist.x_dist_loss__mutmut_24":
-        "autocast enabled (by default) around the loss: same as kd_loss (norm is on CUDA's float32 list, which leaves "
-        "float32 as it is)",
+    "crossdistill.losses.dist.x_dist_loss__mutmut_24": "autocast enabled (by default) around the loss: same as kd_loss (norm is on CUDA's float32 list, which leaves "
+    "float32 as it is)",
     "crossdistill.losses.dist.x_dist_loss__mutmut_25": "autocast enabled=True around the loss: same as above",
-    "crossdistill.losses.sdd.x_complementary_mask__mutmut_12":
-        "argmax != label for argmax == label: every flag is negated, and the mask compares each region's flag with "
-        "the global one (an exclusive or), which negating both leaves unchanged",
-    "crossdistill.losses.sdd.x_sdd_dkd_loss__mutmut_25":
-        "labels.to(None) for labels.to(the logits' device): decouple_target moves the labels to the logits' device "
-        "itself",
-    "crossdistill.losses.sdd.x_sdd_dkd_loss__mutmut_38":
-        "autocast enabled (by default) around the loss: same as kd_loss (gather, cat and logsumexp included: cat "
-        "only promotes to the widest of its inputs, all of one dtype here)",
+    "crossdistill.losses.sdd.x_complementary_mask__mutmut_12": "argmax != label for argmax == label: every flag is negated, and the mask compares each region's flag with "
+    "the global one (an exclusive or), which negating both leaves unchanged",
+    "crossdistill.losses.sdd.x_sdd_dkd_loss__mutmut_25": "labels.to(None) for labels.to(the logits' device): decouple_target moves the labels to the logits' device "
+    "itself",
+    "crossdistill.losses.sdd.x_sdd_dkd_loss__mutmut_38": "autocast enabled (by default) around the loss: same as kd_loss (gather, cat and logsumexp included: cat "
+    "only promotes to the widest of its inputs, all of one dtype here)",
     "crossdistill.losses.sdd.x_sdd_dkd_loss__mutmut_39": "autocast enabled=True around the loss: same as above",
     "crossdistill.losses.sdd.x_sdd_dkd_loss__mutmut_84": "region weights not cast to the loss dtype: same as sdd_kd_loss",
-    "crossdistill.models.adapter.x__final_map__mutmut_6":
-        'getattr(model, "output_fmt", None) for the default "NCHW": the value is only compared with "NHWC", which '
-        "neither default equals",
+    "crossdistill.models.adapter.x__final_map__mutmut_6": 'getattr(model, "output_fmt", None) for the default "NCHW": the value is only compared with "NHWC", which '
+    "neither default equals",
     "crossdistill.models.adapter.x__final_map__mutmut_12": 'the default "XXNCHWXX": same as above',
     "crossdistill.models.adapter.x__final_map__mutmut_13": 'the default "nchw": same as above',
-    "crossdistill.models.adapter.x_num_prefix_tokens__mutmut_5":
-        'getattr(model, "num_prefix_tokens", None) for the default 0: both are turned into 0 by the `or 0` that follows',
-    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_7":
-        "_shift starts as \"\" instead of None: it is read only when _scale is set, which sets _shift too",
-    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_28":
-        "_scale viewed [3, 1, 1] instead of [1, 3, 1, 1]: broadcast over a [B, 3, H, W] batch it is the same product, "
-        "and the cache key flattens it",
+    "crossdistill.models.adapter.x_num_prefix_tokens__mutmut_5": 'getattr(model, "num_prefix_tokens", None) for the default 0: both are turned into 0 by the `or 0` that follows',
+    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_7": '_shift starts as "" instead of None: it is read only when _scale is set, which sets _shift too',
+    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_28": "_scale viewed [3, 1, 1] instead of [1, 3, 1, 1]: broadcast over a [B, 3, H, W] batch it is the same product, "
+    "and the cache key flattens it",
     "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_43": "_shift viewed [3, 1, 1]: same as above",
-    "crossdistill.checkpoint.x__umask__mutmut_3":
-        "os.umask(0o023) for os.umask(0o022) while reading the mask: it is put back on the next line, the value "
-        "set in between is never used",
-    "crossdistill.checkpoint.x_save_atomic__mutmut_40":
-        "the temporary file's unlink(missing_ok=None) after an OSError: the file always exists there "
-        "(os.replace, the last call that can fail, leaves it in place when it fails)",
+    "crossdistill.checkpoint.x__umask__mutmut_3": "os.umask(0o023) for os.umask(0o022) while reading the mask: it is put back on the next line, the value "
+    "set in between is never used",
+    "crossdistill.checkpoint.x_save_atomic__mutmut_40": "the temporary file's unlink(missing_ok=None) after an OSError: the file always exists there "
+    "(os.replace, the last call that can fail, leaves it in place when it fails)",
     "crossdistill.checkpoint.x_save_atomic__mutmut_42": "unlink(missing_ok=False), same place: same as above",
-    "crossdistill.checkpoint.x_save_atomic__mutmut_48":
-        "unlink(missing_ok=None) after any other exception: the file exists there but in a signal that lands "
-        "between os.replace returning and the try block ending, which no test can aim at",
+    "crossdistill.checkpoint.x_save_atomic__mutmut_48": "unlink(missing_ok=None) after any other exception: the file exists there but in a signal that lands "
+    "between os.replace returning and the try block ending, which no test can aim at",
     "crossdistill.checkpoint.x_save_atomic__mutmut_50": "unlink(missing_ok=False), same place: same as above",
-    "crossdistill.checkpoint.x__allowed_globals__mutmut_9":
-        "add_safe_globals(None) in the torch 2.4 fallback: torch >= 2.5 has safe_globals and never runs that line",
-    "crossdistill.checkpoint.x_load_weights_file__mutmut_26":
-        "the message of an UnpicklingError not about weights-only loading: with weights_only=True, torch >= 2.5 "
-        "reports every unpickling failure as a weights-only one, so the branch only runs on older torch",
-    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_2":
-        "view(None) for view(np.uint8) before zlib.crc32: crc32 reads the row's bytes through the buffer protocol, whatever the view's dtype",
-    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_10":
-        'reshape(N, -2) for reshape(N, -1): numpy takes any negative size as the one to infer',
-    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_12":
-        'np.fromiter(dtype=None) gives float64 CRCs: exact below 2**53, and stored into the int64 check file',
-    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_16":
-        'np.fromiter without count=: count only pre-sizes the array',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁwrite__mutmut_3":
-        'astype(copy=None) for copy=False before writing into the memmap: a copy or not, the same bytes are written',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁwrite__mutmut_5":
-        'astype without copy=: same as above',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁwrite__mutmut_6":
-        'astype(copy=True): same as above',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁclose__mutmut_1":
-        'no flush on close: flush is msync, which only matters if the OS crashes; the pages of a shared file mapping reach other processes and the file without it',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁclose__mutmut_2":
-        'data = check = "" after close instead of None: nothing reads them until begin_epoch makes new stores',
-    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁepoch_complete__mutmut_6":
-        'np.load(mmap_mode=None): the check file read whole instead of mapped, same values',
-    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁepoch_complete__mutmut_8":
-        'np.load without mmap_mode: same as above',
-    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁread_rows__mutmut_5":
-        'np.asarray([index], dtype=None): a Python int list is int64 already',
-    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁread_rows__mutmut_7":
-        'np.asarray([index]) without dtype: same as above',
-    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁ__init____mutmut_27":
-        'the directory name keeps "XX-_.XX" characters instead of "-_.": X is alphanumeric, kept anyway',
-    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_8":
-        "np.asarray(indices.numpy(), dtype=None): torch's index tensors are int64 already",
-    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_10":
-        'np.asarray(indices.numpy()) without dtype: same as above',
-    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_59":
-        'rows kept float64 instead of cast to the store dtype: float32 values widened exactly, then cast once when stored and when copied into the stored rows, the same rounding',
-    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_68":
-        'ok & missing for ok | missing in found[name]: the flags are never read after that line',
-    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_78":
-        ".to(device) without non_blocking=True: the same values, only the copy's overlap with host work differs",
-    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_81":
-        '.to(device, non_blocking=False): same as above',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁ__init____mutmut_7":
-        'data = "" before open() instead of None: nothing reads it before open() sets it (close() runs only on opened stores)',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁ__init____mutmut_8":
-        'check = "" before open(): same as above',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_create__mutmut_20":
-        'tmp.unlink(missing_ok=None) in finally: the temporary file exists there (os.link keeps it)',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_create__mutmut_21":
-        'tmp.unlink(missing_ok=False): same as above',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_8":
-        'np.load(mmap_mode=None) while validating: reads the file whole instead of mapping it, same shape and dtype checks',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_10":
-        'np.load without mmap_mode: same as above',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_15":
-        'the check file loaded with mmap_mode=None: same as above',
-    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_17":
-        'the check file loaded without mmap_mode: same as above',
+    "crossdistill.checkpoint.x__allowed_globals__mutmut_9": "add_safe_globals(None) in the torch 2.4 fallback: torch >= 2.5 has safe_globals and never runs that line",
+    "crossdistill.checkpoint.x_load_weights_file__mutmut_26": "the message of an UnpicklingError not about weights-only loading: with weights_only=True, torch >= 2.5 "
+    "reports every unpickling failure as a weights-only one, so the branch only runs on older torch",
+    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_2": "view(None) for view(np.uint8) before zlib.crc32: crc32 reads the row's bytes through the buffer protocol, whatever the view's dtype",
+    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_10": "reshape(N, -2) for reshape(N, -1): numpy takes any negative size as the one to infer",
+    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_12": "np.fromiter(dtype=None) gives float64 CRCs: exact below 2**53, and stored into the int64 check file",
+    "crossdistill.engine.teacher_cache.x__row_crc__mutmut_16": "np.fromiter without count=: count only pre-sizes the array",
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁwrite__mutmut_3": "astype(copy=None) for copy=False before writing into the memmap: a copy or not, the same bytes are written",
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁwrite__mutmut_5": "astype without copy=: same as above",
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁwrite__mutmut_6": "astype(copy=True): same as above",
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁclose__mutmut_1": "no flush on close: flush is msync, which only matters if the OS crashes; the pages of a shared file mapping reach other processes and the file without it",
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁclose__mutmut_2": 'data = check = "" after close instead of None: nothing reads them until begin_epoch makes new stores',
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁepoch_complete__mutmut_6": "np.load(mmap_mode=None): the check file read whole instead of mapped, same values",
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁepoch_complete__mutmut_8": "np.load without mmap_mode: same as above",
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁread_rows__mutmut_5": "np.asarray([index], dtype=None): a Python int list is int64 already",
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁread_rows__mutmut_7": "np.asarray([index]) without dtype: same as above",
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁ__init____mutmut_27": 'the directory name keeps "XX-_.XX" characters instead of "-_.": X is alphanumeric, kept anyway',
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_8": "np.asarray(indices.numpy(), dtype=None): torch's index tensors are int64 already",
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_10": "np.asarray(indices.numpy()) without dtype: same as above",
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_59": "rows kept float64 instead of cast to the store dtype: float32 values widened exactly, then cast once when stored and when copied into the stored rows, the same rounding",
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_68": "ok & missing for ok | missing in found[name]: the flags are never read after that line",
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_78": ".to(device) without non_blocking=True: the same values, only the copy's overlap with host work differs",
+    "crossdistill.engine.teacher_cache.xǁTeacherCacheǁlookup__mutmut_81": ".to(device, non_blocking=False): same as above",
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ__init____mutmut_7": 'data = "" before open() instead of None: nothing reads it before open() sets it (close() runs only on opened stores)',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ__init____mutmut_8": 'check = "" before open(): same as above',
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_create__mutmut_20": "tmp.unlink(missing_ok=None) in finally: the temporary file exists there (os.link keeps it)",
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_create__mutmut_21": "tmp.unlink(missing_ok=False): same as above",
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_8": "np.load(mmap_mode=None) while validating: reads the file whole instead of mapping it, same shape and dtype checks",
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_10": "np.load without mmap_mode: same as above",
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_15": "the check file loaded with mmap_mode=None: same as above",
+    "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_17": "the check file loaded without mmap_mode: same as above",
 }
 """mutant name -> why no test can tell it from the original (it behaves identically)."""
 
@@ -222,8 +176,12 @@ NOT_CHECKED = "not checked"  # an interrupted run: left out of the score, counte
 
 def mutmut(*args: str, cwd: Path, log) -> str:
     """Run the mutmut CLI of this interpreter in ``cwd``; its output goes to ``log`` and is returned."""
-    command = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.argv[0] = 'mutmut'; cli()",
-               *args]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from mutmut.__main__ import cli; sys.argv[0] = 'mutmut'; cli()",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     # mutmut puts mutants/src first on sys.path; a src/ on PYTHONPATH would shadow the mutated copy
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and not (cwd / p).resolve().name == "src"]
@@ -287,8 +245,11 @@ def run_module(name: str, module: Module, *, mode: str = "run") -> dict[str, str
             mutmut("run", "--max-children", "1", *mutant_globs(module), cwd=work, log=log)
         elif mode == "survivors":
             last = (WORK / f"{name}.txt").read_text().splitlines()
-            alive = [line.split(": ")[0] for line in last
-                     if line.split(": ")[1] not in KILLED | {NOT_CHECKED} and line.split(": ")[0] not in EQUIVALENT]
+            alive = [
+                line.split(": ")[0]
+                for line in last
+                if line.split(": ")[1] not in KILLED | {NOT_CHECKED} and line.split(": ")[0] not in EQUIVALENT
+            ]
             if alive:
                 mutmut("run", "--max-children", "1", *alive, cwd=work, log=log)
         listing = mutmut("results", "--all", "true", cwd=work, log=log)
@@ -325,10 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"default: all of {', '.join(MODULES)}")
     parser.add_argument("--list", action="store_true", help="list the modules and their tests, then stop")
-    parser.add_argument("--report-only", action="store_true",
-                        help="do not run: tabulate the results already in build/mutation/ (e.g. of an interrupted run)")
-    parser.add_argument("--survivors", action="store_true",
-                        help="rerun only the last run's survivors (after adding tests), then tabulate")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="do not run: tabulate the results already in build/mutation/ (e.g. of an interrupted run)",
+    )
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="rerun only the last run's survivors (after adding tests), then tabulate",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for name, module in MODULES.items():
@@ -344,21 +311,25 @@ def main(argv: list[str] | None = None) -> int:
         mode = "report" if args.report_only else "survivors" if args.survivors else "run"
         results[name] = run_module(name, MODULES[name], mode=mode)
     rows, survivors = score_rows(results)
-    equivalents = [f"- `{k}`: {reason}" for status in results.values() for k, reason in EQUIVALENT.items() if k in status]
-    report = "\n".join([
-        f"Run on {datetime.date.today().isoformat()} with mutmut, `make mutation`.",
-        "",
-        "| module | mutants | equivalent | killed | survived | score |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *rows,
-        "",
-        "Survivors:" if survivors else "No survivors.",
-        *survivors,
-        "",
-        "Equivalent mutants:" if equivalents else "No equivalent mutants.",
-        *equivalents,
-        "",
-    ])
+    equivalents = [
+        f"- `{k}`: {reason}" for status in results.values() for k, reason in EQUIVALENT.items() if k in status
+    ]
+    report = "\n".join(
+        [
+            f"Run on {datetime.date.today().isoformat()} with mutmut, `make mutation`.",
+            "",
+            "| module | mutants | equivalent | killed | survived | score |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            "Survivors:" if survivors else "No survivors.",
+            *survivors,
+            "",
+            "Equivalent mutants:" if equivalents else "No equivalent mutants.",
+            *equivalents,
+            "",
+        ]
+    )
     (WORK / "report.md").write_text(report)
     print(report)
     return 0

@@ -83,30 +83,49 @@ from study_run import (  # noqa: E402
     machine_info,
 )
 
-
 # ------------------------------------------------------------------------------------------ main
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Protocols:\n" + "\n".join(f"  {k}: {v.summary}" for k, v in PROTOCOLS.items()))
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Protocols:\n" + "\n".join(f"  {k}: {v.summary}" for k, v in PROTOCOLS.items()),
+    )
     ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
-    ap.add_argument("--out", type=Path, default=None, help="output folder of the runs (default runs/accuracy-<protocol>)")
-    ap.add_argument("--docs-dir", type=Path, default=None,
-                    help="where RESULTS*.md and the PNGs go (default docs/; the tiny protocol: <out>/docs)")
-    ap.add_argument("--data-root", default=None,
-                    help=f"CIFAR-10 ImageFolder tree or .tar.gz of one, or a torchvision CIFAR folder "
-                         f"(default {DEFAULT_DATA})")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="output folder of the runs (default runs/accuracy-<protocol>)"
+    )
+    ap.add_argument(
+        "--docs-dir",
+        type=Path,
+        default=None,
+        help="where RESULTS*.md and the PNGs go (default docs/; the tiny protocol: <out>/docs)",
+    )
+    ap.add_argument(
+        "--data-root",
+        default=None,
+        help=f"CIFAR-10 ImageFolder tree or .tar.gz of one, or a torchvision CIFAR folder (default {DEFAULT_DATA})",
+    )
     ap.add_argument("--dataset", default="auto", choices=("auto", "folder", "cifar10", "cifar100"))
     ap.add_argument("--cache-dir", default=None, help="data.cache_dir: where decoded archives are cached")
-    ap.add_argument("--only", action="append", default=[], metavar="SEL",
-                    help="train only these runs: teachers | cells | sensitivity | pair=NAME | method=NAME | seed=N | "
-                         "run=NAME (repeat or comma-separate; different keys must all match)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="SEL",
+        help="train only these runs: teachers | cells | sensitivity | pair=NAME | method=NAME | seed=N | "
+        "run=NAME (repeat or comma-separate; different keys must all match)",
+    )
     ap.add_argument("--methods", default=None, help="comma-separated methods instead of the protocol's")
-    ap.add_argument("--dry-list", action="store_true", help="print the planned runs and the estimated time; train nothing")
-    ap.add_argument("--check-build", action="store_true",
-                    help="validate every planned config and build each model/method combination once (no data)")
+    ap.add_argument(
+        "--dry-list", action="store_true", help="print the planned runs and the estimated time; train nothing"
+    )
+    ap.add_argument(
+        "--check-build",
+        action="store_true",
+        help="validate every planned config and build each model/method combination once (no data)",
+    )
     ap.add_argument("--report-only", action="store_true", help="only (re)write the results page from finished runs")
     ap.add_argument("--no-report", action="store_true", help="do not write the results page")
     ap.add_argument("--calibrate", action="store_true", help="time one short epoch of every combination")
@@ -115,9 +134,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the protocol's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the protocol's)")
     ap.add_argument("--no-teacher-cache", action="store_true", help="run the teacher every step")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key in every run (e.g. train.epochs=1 for a quick check); the results "
-                         "page then says that these are not the protocol's settings")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key in every run (e.g. train.epochs=1 for a quick check); the results "
+        "page then says that these are not the protocol's settings",
+    )
     ap.add_argument("--lane-worker", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -142,10 +166,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = args.jobs or protocol.jobs
     threads = args.threads or protocol.threads
     device = args.device or protocol.device
-    settings = Settings(protocol=protocol, out=out, data_root=data_root, dataset=dataset, cache_dir=args.cache_dir,
-                        teacher_cache=(protocol.teacher_cache and not args.no_teacher_cache
-                                       and teacher_cache_supported()),
-                        device=device, methods=methods, jobs=jobs, threads=threads, overrides=tuple(args.set))
+    settings = Settings(
+        protocol=protocol,
+        out=out,
+        data_root=data_root,
+        dataset=dataset,
+        cache_dir=args.cache_dir,
+        teacher_cache=(protocol.teacher_cache and not args.no_teacher_cache and teacher_cache_supported()),
+        device=device,
+        methods=methods,
+        jobs=jobs,
+        threads=threads,
+        overrides=tuple(args.set),
+    )
     if threads and (jobs <= 1 or args.calibrate):
         import torch
 
@@ -168,8 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.report_only:
         if not Path(data_root).exists():
-            raise SystemExit(f"data not found: {data_root}; pass --data-root (an ImageFolder tree, a .tar.gz of one, "
-                             "or a torchvision CIFAR-10 folder)")
+            raise SystemExit(
+                f"data not found: {data_root}; pass --data-root (an ImageFolder tree, a .tar.gz of one, "
+                "or a torchvision CIFAR-10 folder)"
+            )
         for run in selected:
             check_existing(run)
         todo = [r for r in selected if not is_done(r)]
@@ -182,8 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if threads:
             machine["torch_threads"] = threads
         machine["jobs"] = jobs
-        append_log(out, {"event": "invocation", "invocation": invocation, "argv": sys.argv[1:],
-                         "machine": machine, "load": loadavg(), "todo": len(todo)})
+        append_log(
+            out,
+            {
+                "event": "invocation",
+                "invocation": invocation,
+                "argv": sys.argv[1:],
+                "machine": machine,
+                "load": loadavg(),
+                "todo": len(todo),
+            },
+        )
         try:
             execute(settings, todo, invocation)
         except KeyboardInterrupt:
@@ -195,8 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_PREEMPTED
             raise
         finally:
-            append_log(out, {"event": "invocation_end", "invocation": invocation,
-                             "seconds": round(time.time() - t0, 1)})
+            append_log(
+                out, {"event": "invocation_end", "invocation": invocation, "seconds": round(time.time() - t0, 1)}
+            )
     if not args.no_report:
         path = write_report(settings, plan, Path(docs_dir))
         print(f"wrote {path}", flush=True)

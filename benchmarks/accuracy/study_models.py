@@ -27,19 +27,28 @@ if not timm.is_model(NAME):
     from timm.models import generate_default_cfgs, register_model
     from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, _create_mixer
 
-    default_cfgs = generate_default_cfgs({
-        f"{NAME}.untrained": {
-            "num_classes": 10, "input_size": (3, 32, 32), "pool_size": None, "crop_pct": 1.0,
-            "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-            "first_conv": "stem.proj", "classifier": "head",
-        },
-    })
+    default_cfgs = generate_default_cfgs(
+        {
+            f"{NAME}.untrained": {
+                "num_classes": 10,
+                "input_size": (3, 32, 32),
+                "pool_size": None,
+                "crop_pct": 1.0,
+                "interpolation": "bilinear",
+                "mean": IMAGENET_DEFAULT_MEAN,
+                "std": IMAGENET_DEFAULT_STD,
+                "first_conv": "stem.proj",
+                "classifier": "head",
+            },
+        }
+    )
 
     @register_model
     def resmlp_cifar(pretrained: bool = False, **kwargs) -> MlpMixer:
         """ResMLP (Touvron et al. 2021) for 32 px inputs: 4-pixel patches (64 tokens), 6 blocks of width 128
         by default; ``patch_size``, ``num_blocks``, ``embed_dim``, ``mlp_ratio``, ``img_size`` overridable."""
-        args = dict(img_size=32, patch_size=4, num_blocks=6, embed_dim=128, mlp_ratio=4,
-                    block_layer=ResBlock, norm_layer=Affine)
+        args = dict(
+            img_size=32, patch_size=4, num_blocks=6, embed_dim=128, mlp_ratio=4, block_layer=ResBlock, norm_layer=Affine
+        )
         args.update(kwargs)
         return _create_mixer(NAME, pretrained=pretrained, **args)

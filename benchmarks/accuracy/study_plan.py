@@ -32,12 +32,12 @@ from study_protocols import (
 @dataclass
 class Run:
     name: str
-    part: str                   # teachers | cells | sensitivity
+    part: str  # teachers | cells | sensitivity
     method: str
     seed: int
-    student: str                # MODELS key
-    teacher: str | None         # MODELS key
-    pairs: tuple[str, ...]      # pairs this run belongs to (a scratch run: every pair with its student)
+    student: str  # MODELS key
+    teacher: str | None  # MODELS key
+    pairs: tuple[str, ...]  # pairs this run belongs to (a scratch run: every pair with its student)
     config: dict[str, Any]
     needs: tuple[str, ...] = ()  # run names that must have finished first
     grid: tuple[float, float] | None = None  # (lambda, kappa) of an RSD run
@@ -107,20 +107,26 @@ def grid_run_name(pair: str, weight: float, kappa: float, seed: int) -> str:
     return f"sens-{pair}-w{weight:g}-k{kappa:g}-s{seed}"
 
 
-def run_config(s: Settings, name: str, student: str, teacher: str | None, method: str,
-               method_args: dict[str, Any], seed: int) -> dict[str, Any]:
+def run_config(
+    s: Settings, name: str, student: str, teacher: str | None, method: str, method_args: dict[str, Any], seed: int
+) -> dict[str, Any]:
     p = s.protocol
     spec = MODELS[student]
     is_teacher_run = name.startswith("teacher-")
     mean_std = {} if s.dataset == "cifar100" else {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
     data = {
-        "dataset": s.dataset, "root": s.data_root, "img_size": 32,
+        "dataset": s.dataset,
+        "root": s.data_root,
+        "img_size": 32,
         "train_subset": p.teacher_train_subset if is_teacher_run else p.train_subset,
         "eval_subset": p.eval_subset,
-        "scale": list(p.scale), "hflip": 0.5, "train_interpolation": "bilinear",
-        "interpolation": "bilinear", "crop_pct": 1.0, **mean_std,
-        "num_workers": p.teacher_num_workers if is_teacher_run and p.teacher_num_workers is not None
-        else p.num_workers,
+        "scale": list(p.scale),
+        "hflip": 0.5,
+        "train_interpolation": "bilinear",
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        **mean_std,
+        "num_workers": p.teacher_num_workers if is_teacher_run and p.teacher_num_workers is not None else p.num_workers,
     }
     if p.device_augment:
         data["device_augment"] = True
@@ -128,9 +134,16 @@ def run_config(s: Settings, name: str, student: str, teacher: str | None, method
         data["cache_dir"] = s.cache_dir
     train = {
         "epochs": p.teacher_epochs if is_teacher_run else p.epochs,
-        "batch_size": p.batch_size, "seed": seed, "device": s.device, "amp": p.amp,
-        "label_smoothing": 0.1, "output_dir": str(s.out), "run_name": name,
-        "tensorboard": False, "progress": False, "eval_every": 1,
+        "batch_size": p.batch_size,
+        "seed": seed,
+        "device": s.device,
+        "amp": p.amp,
+        "label_smoothing": 0.1,
+        "output_dir": str(s.out),
+        "run_name": name,
+        "tensorboard": False,
+        "progress": False,
+        "eval_every": 1,
     }
     # channels_last: 1.5-2.5x faster ResNet training under oneDNN on 2 CPU cores (calibration below), and the
     # layout GPUs prefer for convolutions; set whenever a CNN is involved (student or teacher).
@@ -152,8 +165,11 @@ def run_config(s: Settings, name: str, student: str, teacher: str | None, method
         cfg["optim"]["warmup_epochs"] = 0
     if teacher is not None and method != "vanilla":
         t = MODELS[teacher]
-        cfg["teacher"] = {"name": t.name, "kwargs": copy.deepcopy(t.kwargs),
-                          "checkpoint": str(s.out / teacher_run_name(teacher) / "last.pt")}
+        cfg["teacher"] = {
+            "name": t.name,
+            "kwargs": copy.deepcopy(t.kwargs),
+            "checkpoint": str(s.out / teacher_run_name(teacher) / "last.pt"),
+        }
     return cfg
 
 
@@ -174,9 +190,16 @@ def build_plan(s: Settings) -> list[Run]:
             teachers.append(t)
     for t in teachers:
         name = teacher_run_name(t)
-        runs[name] = Run(name, "teachers", "vanilla", 0, t, None,
-                         tuple(pp for pp in p.pairs if PAIRS[pp][0] == t),
-                         run_config(s, name, t, None, "vanilla", {}, 0))
+        runs[name] = Run(
+            name,
+            "teachers",
+            "vanilla",
+            0,
+            t,
+            None,
+            tuple(pp for pp in p.pairs if PAIRS[pp][0] == t),
+            run_config(s, name, t, None, "vanilla", {}, 0),
+        )
     for pair in p.pairs:
         teacher, student = PAIRS[pair]
         for seed in p.seeds:
@@ -187,10 +210,18 @@ def build_plan(s: Settings) -> list[Run]:
                     continue
                 args = method_args_for(method, student)
                 t = None if method == "vanilla" else teacher
-                runs[name] = Run(name, "cells", method, seed, student, t, (pair,),
-                                 run_config(s, name, student, t, method, args, seed),
-                                 needs=(teacher_run_name(teacher),) if t else (),
-                                 grid=rsd_default() if method == "rsd" else None)
+                runs[name] = Run(
+                    name,
+                    "cells",
+                    method,
+                    seed,
+                    student,
+                    t,
+                    (pair,),
+                    run_config(s, name, student, t, method, args, seed),
+                    needs=(teacher_run_name(teacher),) if t else (),
+                    grid=rsd_default() if method == "rsd" else None,
+                )
     if "rsd" in s.methods and p.grid_weights and p.grid_kappas:
         teacher, student = PAIRS[p.sens_pair]
         for weight in p.grid_weights:
@@ -199,9 +230,18 @@ def build_plan(s: Settings) -> list[Run]:
                 if name in runs:
                     continue
                 args = dict(method_args_for("rsd", student), weight=weight, kappa=kappa)
-                runs[name] = Run(name, "sensitivity", "rsd", p.sens_seed, student, teacher, (p.sens_pair,),
-                                 run_config(s, name, student, teacher, "rsd", args, p.sens_seed),
-                                 needs=(teacher_run_name(teacher),), grid=(weight, kappa))
+                runs[name] = Run(
+                    name,
+                    "sensitivity",
+                    "rsd",
+                    p.sens_seed,
+                    student,
+                    teacher,
+                    (p.sens_pair,),
+                    run_config(s, name, student, teacher, "rsd", args, p.sens_seed),
+                    needs=(teacher_run_name(teacher),),
+                    grid=(weight, kappa),
+                )
     plan = list(runs.values())
     if s.overrides:
         from crossdistill.config import apply_overrides
@@ -216,8 +256,12 @@ def grid_runs(plan: Sequence[Run], protocol: Protocol) -> dict[tuple[float, floa
     """The runs of the sensitivity grid, by (lambda, kappa) (the default cell's run included)."""
     out = {}
     for run in plan:
-        if (run.method == "rsd" and run.grid is not None and protocol.sens_pair in run.pairs
-                and run.seed == protocol.sens_seed):
+        if (
+            run.method == "rsd"
+            and run.grid is not None
+            and protocol.sens_pair in run.pairs
+            and run.seed == protocol.sens_seed
+        ):
             out[run.grid] = run
     return {k: v for k, v in out.items() if k[0] in protocol.grid_weights and k[1] in protocol.grid_kappas}
 
@@ -408,28 +452,42 @@ def dry_list(s: Settings, plan: Sequence[Run], selected: Sequence[Run]) -> None:
         check_run_config(build_config(copy.deepcopy(run.config)))
     print(f"protocol {p.name}: {p.summary}")
     print(f"output {s.out}; data {s.data_root} ({s.dataset}); device {s.device}; {s.jobs} run(s) at a time")
-    print(f"methods: {', '.join(s.methods)}" + (
-        f" (not in this installation: {', '.join(m for m in p.methods if m not in s.methods)})"
-        if set(p.methods) - set(s.methods) else ""))
+    print(
+        f"methods: {', '.join(s.methods)}"
+        + (
+            f" (not in this installation: {', '.join(m for m in p.methods if m not in s.methods)})"
+            if set(p.methods) - set(s.methods)
+            else ""
+        )
+    )
     print(f"{'status':7s} {'run':36s} {'part':11s} {'epochs':>6s} {'images':>7s} {'est':>8s}")
     todo_s = 0.0
     for run in selected:
         status = "done" if is_done(run) else ("partial" if run.run_dir.exists() else "todo")
         if status != "done":
             todo_s += run.est_s
-        print(f"{status:7s} {run.name:36s} {run.part:11s} {run.config['train']['epochs']:6d} "
-              f"{_train_images(run):7d} {fmt_min(run.est_s):>8s}")
+        print(
+            f"{status:7s} {run.name:36s} {run.part:11s} {run.config['train']['epochs']:6d} "
+            f"{_train_images(run):7d} {fmt_min(run.est_s):>8s}"
+        )
     left = simulate_makespan(s, selected)
     total_work = sum(r.est_s for r in plan)
     makespan = plan_makespan(s, plan)
     parts = {}
     for run in plan:
         parts[run.part] = parts.get(run.part, 0.0) + run.est_s
-    print(f"\n{len(selected)} runs listed, {sum(is_done(r) for r in selected)} done; "
-          f"estimated wall time of what is left: {fmt_min(left)}")
-    print(f"whole study (estimate, free machine): work {', '.join(f'{k} {fmt_min(v)}' for k, v in parts.items())} "
-          f"= {fmt_min(total_work)} of run time; {s.jobs} at a time: total {fmt_min(makespan)}"
-          + (f" (limit {p.budget_min:g} min: {'fits' if makespan <= p.budget_min * 60 else 'OVER'})"
-             if p.budget_min else ""))
+    print(
+        f"\n{len(selected)} runs listed, {sum(is_done(r) for r in selected)} done; "
+        f"estimated wall time of what is left: {fmt_min(left)}"
+    )
+    print(
+        f"whole study (estimate, free machine): work {', '.join(f'{k} {fmt_min(v)}' for k, v in parts.items())} "
+        f"= {fmt_min(total_work)} of run time; {s.jobs} at a time: total {fmt_min(makespan)}"
+        + (
+            f" (limit {p.budget_min:g} min: {'fits' if makespan <= p.budget_min * 60 else 'OVER'})"
+            if p.budget_min
+            else ""
+        )
+    )
     if p.speed == "gpu":
         print(GPU_NOTE)

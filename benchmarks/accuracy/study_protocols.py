@@ -22,8 +22,17 @@ CIFAR10_MEAN = (0.4913, 0.4821, 0.4465)  # of the JPEG copy's training set (shar
 CIFAR10_STD = (0.2452, 0.2428, 0.2606)
 
 STUDY_METHODS = ("vanilla", "kd", "dkd", "dist", "fitnet", "ofa", "rsd")
-METHOD_LABELS = {"vanilla": "Scratch", "kd": "KD", "dkd": "DKD", "dist": "DIST", "fitnet": "FitNet",
-                 "ofa": "OFA", "rsd": "RSD", "sd_kd": "SD-KD", "sd_dkd": "SD-DKD"}
+METHOD_LABELS = {
+    "vanilla": "Scratch",
+    "kd": "KD",
+    "dkd": "DKD",
+    "dist": "DIST",
+    "fitnet": "FitNet",
+    "ofa": "OFA",
+    "rsd": "RSD",
+    "sd_kd": "SD-KD",
+    "sd_dkd": "SD-DKD",
+}
 
 # Method hyper-parameters: each method's own defaults, read from its typed config (crossdistill.distillers, e.g.
 # KDConfig), which are the official cross-architecture code's defaults (OFA / RSD train.py flags, as the recipes in
@@ -70,23 +79,51 @@ class ModelSpec:
     kwargs: dict[str, Any]
 
 
-MODELS: dict[str, ModelSpec] = {m.key: m for m in (
-    ModelSpec("resnet_t", "ResNet-18 (widths 32-256)", "cnn", "resnet18",
-              {"channels": [32, 64, 128, 256], "stem_width": 32}),
-    ModelSpec("vit_t", "ViT (patch 4, 128-d, 4 blocks)", "vit", "vit_tiny_patch16_224",
-              {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 4, "num_heads": 4}),
-    ModelSpec("resnet_s", "ResNet-18 (widths 16-128)", "cnn", "resnet18",
-              {"channels": [16, 32, 64, 128], "stem_width": 16}),
-    ModelSpec("vit_s", "ViT (patch 4, 64-d, 4 blocks)", "vit", "vit_tiny_patch16_224",
-              {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2}),
-    ModelSpec("resmlp_s", "ResMLP (patch 4, 64-d, 4 blocks)", "mlp", "resmlp_cifar",
-              {"img_size": 32, "patch_size": 4, "embed_dim": 64, "num_blocks": 4}),
-)}
+MODELS: dict[str, ModelSpec] = {
+    m.key: m
+    for m in (
+        ModelSpec(
+            "resnet_t",
+            "ResNet-18 (widths 32-256)",
+            "cnn",
+            "resnet18",
+            {"channels": [32, 64, 128, 256], "stem_width": 32},
+        ),
+        ModelSpec(
+            "vit_t",
+            "ViT (patch 4, 128-d, 4 blocks)",
+            "vit",
+            "vit_tiny_patch16_224",
+            {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 4, "num_heads": 4},
+        ),
+        ModelSpec(
+            "resnet_s",
+            "ResNet-18 (widths 16-128)",
+            "cnn",
+            "resnet18",
+            {"channels": [16, 32, 64, 128], "stem_width": 16},
+        ),
+        ModelSpec(
+            "vit_s",
+            "ViT (patch 4, 64-d, 4 blocks)",
+            "vit",
+            "vit_tiny_patch16_224",
+            {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2},
+        ),
+        ModelSpec(
+            "resmlp_s",
+            "ResMLP (patch 4, 64-d, 4 blocks)",
+            "mlp",
+            "resmlp_cifar",
+            {"img_size": 32, "patch_size": 4, "embed_dim": 64, "num_blocks": 4},
+        ),
+    )
+}
 
 # pair name -> (teacher model, student model)
 PAIRS: dict[str, tuple[str, str]] = {
-    "resnet-vit": ("resnet_t", "vit_s"),       # CNN -> token model
-    "vit-resnet": ("vit_t", "resnet_s"),       # token model -> CNN
+    "resnet-vit": ("resnet_t", "vit_s"),  # CNN -> token model
+    "vit-resnet": ("vit_t", "resnet_s"),  # token model -> CNN
     "resnet-resmlp": ("resnet_t", "resmlp_s"),  # CNN -> MLP
 }
 PAIR_LABELS = {"resnet-vit": "ResNet → ViT", "vit-resnet": "ViT → ResNet", "resnet-resmlp": "ResNet → ResMLP"}
@@ -96,10 +133,26 @@ PAIR_LABELS = {"resnet-vit": "ResNet → ViT", "vit-resnet": "ViT → ResNet", "
 # (regularisers for 300 epochs that a short schedule cannot afford; mixup would also disable the teacher
 # cache), AdamW at 1e-3 (paper 5e-4 at 300 epochs) for the token models.
 OPTIM = {
-    "cnn": {"opt": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 2.0e-3, "sched": "cosine",
-            "min_lr": 1.0e-4, "warmup_epochs": 1, "warmup_lr": 1.0e-3},
-    "vit": {"opt": "adamw", "lr": 1.0e-3, "weight_decay": 0.05, "sched": "cosine", "min_lr": 1.0e-5,
-            "warmup_epochs": 1, "warmup_lr": 1.0e-5, "clip_grad": 5.0},
+    "cnn": {
+        "opt": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 2.0e-3,
+        "sched": "cosine",
+        "min_lr": 1.0e-4,
+        "warmup_epochs": 1,
+        "warmup_lr": 1.0e-3,
+    },
+    "vit": {
+        "opt": "adamw",
+        "lr": 1.0e-3,
+        "weight_decay": 0.05,
+        "sched": "cosine",
+        "min_lr": 1.0e-5,
+        "warmup_epochs": 1,
+        "warmup_lr": 1.0e-5,
+        "clip_grad": 5.0,
+    },
 }
 OPTIM["mlp"] = OPTIM["vit"]
 
@@ -110,10 +163,10 @@ OPTIM["mlp"] = OPTIM["vit"]
 class Protocol:
     name: str
     summary: str
-    train_subset: int | None       # students' training images (class-balanced, fixed); None = all
+    train_subset: int | None  # students' training images (class-balanced, fixed); None = all
     teacher_train_subset: int | None
-    eval_subset: int | None        # test images evaluated after every epoch (class-balanced, fixed); None = all
-    epochs: int                    # students
+    eval_subset: int | None  # test images evaluated after every epoch (class-balanced, fixed); None = all
+    epochs: int  # students
     teacher_epochs: int
     batch_size: int
     seeds: tuple[int, ...]
@@ -127,15 +180,15 @@ class Protocol:
     amp: str = "none"
     num_workers: int = 0
     teacher_num_workers: int | None = None  # data-loading workers of the teacher runs (default: num_workers)
-    jobs: int = 1                  # runs at a time (worker processes)
-    threads: int | None = None     # torch threads per run (None: torch's default)
-    teacher_cache: bool = True     # cache teacher outputs between runs (train.teacher_cache) where supported
-    device_augment: bool = False   # data.device_augment: crop/flip/normalise on the GPU, workers ship uint8
+    jobs: int = 1  # runs at a time (worker processes)
+    threads: int | None = None  # torch threads per run (None: torch's default)
+    teacher_cache: bool = True  # cache teacher outputs between runs (train.teacher_cache) where supported
+    device_augment: bool = False  # data.device_augment: crop/flip/normalise on the GPU, workers ship uint8
     scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale at 32 px
     budget_min: float | None = None  # the protocol's time limit (the plan is checked against it)
-    docs_suffix: str = ""          # RESULTS{suffix}.md, results{suffix}_accuracy.png, ...
-    results: bool = True           # False: a smoke test, never presented as results
-    speed: str = "cpu"             # which calibration table estimates its time
+    docs_suffix: str = ""  # RESULTS{suffix}.md, results{suffix}_accuracy.png, ...
+    results: bool = True  # False: a smoke test, never presented as results
+    speed: str = "cpu"  # which calibration table estimates its time
 
 
 # How the cpu protocol was sized: with the speeds of SPEEDS["cpu"] (images/s of every student/teacher/method
@@ -148,32 +201,69 @@ PROTOCOLS: dict[str, Protocol] = {
     "cpu": Protocol(
         name="cpu",
         summary="2 CPU cores, at most 90 minutes for everything",
-        train_subset=5000, teacher_train_subset=5000, eval_subset=5000,
-        epochs=6, teacher_epochs=15, batch_size=128,
-        seeds=(0, 1, 2), pairs=("resnet-vit", "vit-resnet", "resnet-resmlp"), methods=STUDY_METHODS,
-        grid_weights=(0.02, 0.1, 0.5), grid_kappas=(0.002, 0.01, 0.05), sens_pair="resnet-resmlp",
-        jobs=2, threads=1, budget_min=90.0,
+        train_subset=5000,
+        teacher_train_subset=5000,
+        eval_subset=5000,
+        epochs=6,
+        teacher_epochs=15,
+        batch_size=128,
+        seeds=(0, 1, 2),
+        pairs=("resnet-vit", "vit-resnet", "resnet-resmlp"),
+        methods=STUDY_METHODS,
+        grid_weights=(0.02, 0.1, 0.5),
+        grid_kappas=(0.002, 0.01, 0.05),
+        sens_pair="resnet-resmlp",
+        jobs=2,
+        threads=1,
+        budget_min=90.0,
     ),
     "gpu": Protocol(
         name="gpu",
         summary="one GPU (H100), under 9 minutes, several runs at a time",
-        train_subset=None, teacher_train_subset=None, eval_subset=None,
-        epochs=3, teacher_epochs=10, batch_size=256,
-        seeds=(0, 1, 2), pairs=("resnet-vit", "vit-resnet", "resnet-resmlp"), methods=STUDY_METHODS,
-        grid_weights=(0.02, 0.1, 0.5), grid_kappas=(0.002, 0.01, 0.05), sens_pair="resnet-resmlp",
-        device="cuda", amp="bf16", num_workers=1, teacher_num_workers=6, jobs=12, threads=1, teacher_cache=False,
+        train_subset=None,
+        teacher_train_subset=None,
+        eval_subset=None,
+        epochs=3,
+        teacher_epochs=10,
+        batch_size=256,
+        seeds=(0, 1, 2),
+        pairs=("resnet-vit", "vit-resnet", "resnet-resmlp"),
+        methods=STUDY_METHODS,
+        grid_weights=(0.02, 0.1, 0.5),
+        grid_kappas=(0.002, 0.01, 0.05),
+        sens_pair="resnet-resmlp",
+        device="cuda",
+        amp="bf16",
+        num_workers=1,
+        teacher_num_workers=6,
+        jobs=12,
+        threads=1,
+        teacher_cache=False,
         device_augment=True,
         budget_min=9.0,
-        docs_suffix="_gpu", speed="gpu",
+        docs_suffix="_gpu",
+        speed="gpu",
     ),
     "tiny": Protocol(
         name="tiny",
         summary="smoke test: a few hundred images, one epoch, one seed, one pair, three methods",
-        train_subset=320, teacher_train_subset=320, eval_subset=200,
-        epochs=1, teacher_epochs=1, batch_size=64,
-        seeds=(0,), pairs=("resnet-resmlp",), methods=("vanilla", "kd", "rsd"),
-        grid_weights=(0.1, 0.5), grid_kappas=(0.01, 0.05), sens_pair="resnet-resmlp",
-        jobs=2, threads=1, budget_min=None, docs_suffix="_tiny", results=False,
+        train_subset=320,
+        teacher_train_subset=320,
+        eval_subset=200,
+        epochs=1,
+        teacher_epochs=1,
+        batch_size=64,
+        seeds=(0,),
+        pairs=("resnet-resmlp",),
+        methods=("vanilla", "kd", "rsd"),
+        grid_weights=(0.1, 0.5),
+        grid_kappas=(0.01, 0.05),
+        sens_pair="resnet-resmlp",
+        jobs=2,
+        threads=1,
+        budget_min=None,
+        docs_suffix="_tiny",
+        results=False,
     ),
 }
 
@@ -206,15 +296,28 @@ MARGIN = 0.8
 SPEEDS: dict[str, dict[str, Any]] = {
     "cpu": {
         "train": {
-            "resnet_t|-|vanilla": 930.9, "vit_t|-|vanilla": 170.7,
-            "vit_s|-|vanilla": 457.1, "vit_s|resnet_t|kd": 435.7, "vit_s|resnet_t|dkd": 423.1,
-            "vit_s|resnet_t|dist": 419.7, "vit_s|resnet_t|fitnet": 359.3, "vit_s|resnet_t|ofa": 163.3,
+            "resnet_t|-|vanilla": 930.9,
+            "vit_t|-|vanilla": 170.7,
+            "vit_s|-|vanilla": 457.1,
+            "vit_s|resnet_t|kd": 435.7,
+            "vit_s|resnet_t|dkd": 423.1,
+            "vit_s|resnet_t|dist": 419.7,
+            "vit_s|resnet_t|fitnet": 359.3,
+            "vit_s|resnet_t|ofa": 163.3,
             "vit_s|resnet_t|rsd": 414.6,
-            "resnet_s|-|vanilla": 1625.4, "resnet_s|vit_t|kd": 408.0, "resnet_s|vit_t|dkd": 424.9,
-            "resnet_s|vit_t|dist": 371.0, "resnet_s|vit_t|fitnet": 330.3, "resnet_s|vit_t|ofa": 408.0,
+            "resnet_s|-|vanilla": 1625.4,
+            "resnet_s|vit_t|kd": 408.0,
+            "resnet_s|vit_t|dkd": 424.9,
+            "resnet_s|vit_t|dist": 371.0,
+            "resnet_s|vit_t|fitnet": 330.3,
+            "resnet_s|vit_t|ofa": 408.0,
             "resnet_s|vit_t|rsd": 421.4,
-            "resmlp_s|-|vanilla": 701.4, "resmlp_s|resnet_t|kd": 605.9, "resmlp_s|resnet_t|dkd": 578.5,
-            "resmlp_s|resnet_t|dist": 616.9, "resmlp_s|resnet_t|fitnet": 480.8, "resmlp_s|resnet_t|ofa": 199.6,
+            "resmlp_s|-|vanilla": 701.4,
+            "resmlp_s|resnet_t|kd": 605.9,
+            "resmlp_s|resnet_t|dkd": 578.5,
+            "resmlp_s|resnet_t|dist": 616.9,
+            "resmlp_s|resnet_t|fitnet": 480.8,
+            "resmlp_s|resnet_t|ofa": 199.6,
             "resmlp_s|resnet_t|rsd": 591.9,
         },
         "forward": {"resnet_t": 4400.0, "vit_t": 545.0},

@@ -41,9 +41,10 @@ def read_summary(run: Run) -> dict[str, Any] | None:
 
 
 def param_count(spec: ModelSpec) -> int:
-    import study_models  # noqa: F401
     import timm
     import torch
+
+    import study_models  # noqa: F401
 
     with torch.device("meta"):
         model = timm.create_model(spec.name, num_classes=10, **spec.kwargs)
@@ -71,8 +72,9 @@ def _pm(stats, digits: int = 2) -> str:
     return text if n == 0 or n >= 3 else f"{text} (n={n})"
 
 
-def plot_accuracy(path: Path, protocol: Protocol, methods: Sequence[str], plan: Sequence[Run],
-                  teacher_acc: dict[str, float]) -> None:
+def plot_accuracy(
+    path: Path, protocol: Protocol, methods: Sequence[str], plan: Sequence[Run], teacher_acc: dict[str, float]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,17 +96,38 @@ def plot_accuracy(path: Path, protocol: Protocol, methods: Sequence[str], plan: 
                 lows.append(mean - (std or 0.0))
         x = np.arange(len(pairs)) + (j - (len(methods) - 1) / 2) * width
         edge = "black" if method == "rsd" else "none"
-        ax.bar(x, means, width * 0.92, yerr=stds, capsize=2.5, label=METHOD_LABELS.get(method, method),
-               color=colors(j % 10), edgecolor=edge, linewidth=1.2 if method == "rsd" else 0)
+        ax.bar(
+            x,
+            means,
+            width * 0.92,
+            yerr=stds,
+            capsize=2.5,
+            label=METHOD_LABELS.get(method, method),
+            color=colors(j % 10),
+            edgecolor=edge,
+            linewidth=1.2 if method == "rsd" else 0,
+        )
     for i, pair in enumerate(pairs):
         acc = teacher_acc.get(PAIRS[pair][0])
         if acc is not None and math.isfinite(acc):
-            ax.hlines(acc, i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1.2,
-                      label="teacher" if i == 0 else None)
+            ax.hlines(
+                acc,
+                i - 0.45,
+                i + 0.45,
+                colors="black",
+                linestyles="dashed",
+                linewidth=1.2,
+                label="teacher" if i == 0 else None,
+            )
             lows.append(acc)
     ax.set_xticks(np.arange(len(pairs)))
-    ax.set_xticklabels([f"{PAIR_LABELS.get(p, p)}\nteacher: {MODELS[PAIRS[p][0]].label}\n"
-                        f"student: {MODELS[PAIRS[p][1]].label}" for p in pairs], fontsize=8)
+    ax.set_xticklabels(
+        [
+            f"{PAIR_LABELS.get(p, p)}\nteacher: {MODELS[PAIRS[p][0]].label}\nstudent: {MODELS[PAIRS[p][1]].label}"
+            for p in pairs
+        ],
+        fontsize=8,
+    )
     n_seeds = len(protocol.seeds)
     ax.set_ylabel(f"top-1 (%), last epoch, mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}")
     title = f"CIFAR-10 at 32 px, {protocol.name} protocol: top-1 of each student by distillation method"
@@ -121,8 +144,9 @@ def plot_accuracy(path: Path, protocol: Protocol, methods: Sequence[str], plan: 
     plt.close(fig)
 
 
-def plot_sensitivity(path: Path, protocol: Protocol, grid: dict[tuple[float, float], Run],
-                     reference: dict[str, float]) -> None:
+def plot_sensitivity(
+    path: Path, protocol: Protocol, grid: dict[tuple[float, float], Run], reference: dict[str, float]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,15 +166,21 @@ def plot_sensitivity(path: Path, protocol: Protocol, grid: dict[tuple[float, flo
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if vmax - vmin < 1e-6:
         vmin, vmax = vmin - 0.5, vmax + 0.5
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=vmin, vmax=vmax, origin="lower",
-                      aspect="auto")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
     for i in range(len(weights)):
         for j in range(len(kappas)):
             v = values[i, j]
             text = "not run" if not np.isfinite(v) else f"{v:.2f}"
             dark = np.isfinite(v) and (v - vmin) / (vmax - vmin) > 0.6
-            ax.text(j, i, text, ha="center", va="center", fontsize=10, color="black" if dark else "white"
-                    if np.isfinite(v) else "gray")
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=10,
+                color="black" if dark else "white" if np.isfinite(v) else "gray",
+            )
             if (weights[i], kappas[j]) == rsd_default():
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     ax.set_xticks(range(len(kappas)))
@@ -161,8 +191,10 @@ def plot_sensitivity(path: Path, protocol: Protocol, grid: dict[tuple[float, flo
     ax.set_ylabel("lambda (weight of the RSD loss)")
     pair = protocol.sens_pair
     weight, kappa = rsd_default()
-    title = (f"RSD sensitivity, {PAIR_LABELS.get(pair, pair)} (seed {protocol.sens_seed}), last-epoch top-1 (%)\n"
-             f"red box: released defaults (lambda {weight:g}, kappa {kappa:g})")
+    title = (
+        f"RSD sensitivity, {PAIR_LABELS.get(pair, pair)} (seed {protocol.sens_seed}), last-epoch top-1 (%)\n"
+        f"red box: released defaults (lambda {weight:g}, kappa {kappa:g})"
+    )
     refs = ", ".join(f"{k} {v:.2f}" for k, v in reference.items() if v is not None and math.isfinite(v))
     if refs:
         title += f"; same seed: {refs}"
@@ -196,7 +228,7 @@ def _rel(path: Path) -> str:
 
 
 def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
-    from crossdistill.report import format_seconds, mean_std, method_args_of
+    from crossdistill.report import format_seconds, method_args_of
 
     p = s.protocol
     docs_dir.mkdir(parents=True, exist_ok=True)
@@ -219,8 +251,12 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
             teacher_acc[run.student] = summary["last_top1"]
         teacher_rows.append(
             f"| {spec.label} (`{spec.name}`) | {param_count(spec) / 1e6:.2f}M | {run.config['train']['epochs']} | "
-            + (f"{summary['last_top1']:.2f} | {summary['best_top1']:.2f} (epoch {summary['best_epoch']}) | "
-               f"{format_seconds(summary['wall_time_s'])} |" if summary else "not run | - | - |")
+            + (
+                f"{summary['last_top1']:.2f} | {summary['best_top1']:.2f} (epoch {summary['best_epoch']}) | "
+                f"{format_seconds(summary['wall_time_s'])} |"
+                if summary
+                else "not run | - | - |"
+            )
         )
     plot_accuracy(bar_path, p, methods, plan, teacher_acc)
     grid = grid_runs(plan, p)
@@ -239,8 +275,11 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     latest_seconds: dict[str, float] = {}
     for record in run_records:
         latest_seconds[record["run"]] = record["seconds"]
-    wall_runs = sum(latest_seconds.get(n, (summaries[n] or {}).get("wall_time_s", 0.0))
-                    for n in summaries if summaries[n] is not None)
+    wall_runs = sum(
+        latest_seconds.get(n, (summaries[n] or {}).get("wall_time_s", 0.0))
+        for n in summaries
+        if summaries[n] is not None
+    )
     loads = [x for r in run_records for x in (r.get("load_before"), r.get("load_after")) if x is not None]
     machine = next((r["machine"] for r in reversed(invocations) if r.get("machine")), None)
     if machine is None:  # no invocation recorded (runs copied from elsewhere): describe this machine
@@ -254,42 +293,71 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         title += f" ({p.name} protocol)"
     L.append(f"# {title}\n")
     if not p.results:
-        L.append("> **SMOKE TEST OUTPUT, NOT RESULTS.** This file was written by the `tiny` protocol (a few hundred "
-                 "images, one epoch, one seed), which only checks that the study's runner works end to end. Its "
-                 "numbers mean nothing about the methods.\n")
+        L.append(
+            "> **SMOKE TEST OUTPUT, NOT RESULTS.** This file was written by the `tiny` protocol (a few hundred "
+            "images, one epoch, one seed), which only checks that the study's runner works end to end. Its "
+            "numbers mean nothing about the methods.\n"
+        )
     if s.overrides:
-        L.append(f"> **Not the {p.name} protocol:** every run was changed with `--set {' '.join(s.overrides)}`; the "
-                 "setup below describes the protocol, not these runs.\n")
+        L.append(
+            f"> **Not the {p.name} protocol:** every run was changed with `--set {' '.join(s.overrides)}`; the "
+            "setup below describes the protocol, not these runs.\n"
+        )
     total = len(plan)
     if n_done < total:
         missing = [r.name for r in plan if summaries[r.name] is None]
-        L.append(f"> **Incomplete: {n_done} of {total} runs finished.** Missing: {', '.join(missing[:12])}"
-                 + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
-                 + ". Cells with fewer than 3 seeds show n; re-run the command below to finish them.\n")
-    L.append(f"Generated {datetime.date.today().isoformat()} by `benchmarks/accuracy/run_study.py` from the run "
-             f"directories in `{_rel(s.out)}/` (each holds config.yaml, summary.json and metrics.csv).\n")
+        L.append(
+            f"> **Incomplete: {n_done} of {total} runs finished.** Missing: {', '.join(missing[:12])}"
+            + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+            + ". Cells with fewer than 3 seeds show n; re-run the command below to finish them.\n"
+        )
+    L.append(
+        f"Generated {datetime.date.today().isoformat()} by `benchmarks/accuracy/run_study.py` from the run "
+        f"directories in `{_rel(s.out)}/` (each holds config.yaml, summary.json and metrics.csv).\n"
+    )
 
     L.append("## Setup\n")
     subset = "all 50,000" if p.train_subset is None else f"{p.train_subset:,} (class-balanced, fixed)"
-    tsubset = "all 50,000" if p.teacher_train_subset is None else f"{p.teacher_train_subset:,} (the same subset)" \
-        if p.teacher_train_subset == p.train_subset else f"{p.teacher_train_subset:,}"
-    esubset = "all 10,000 test images" if p.eval_subset is None else \
-        f"a fixed class-balanced subset of {p.eval_subset:,} test images"
-    L.append(f"- Data: CIFAR-10 ({_rel(Path(s.data_root))}, dataset `{s.dataset}`) at its native 32 px. Students "
-             f"train on {subset} training images, teachers on {tsubset}; every epoch is evaluated on {esubset}.")
-    L.append(f"- Augmentation: RandomResizedCrop(32, scale {tuple(p.scale)}) + horizontal flip; evaluation on the "
-             "unchanged 32 px image; CIFAR-10 mean/std; label smoothing 0.1; no mixup, cutmix, RandAugment or "
-             "random erasing.")
-    L.append(f"- Schedule: students {p.epochs} epochs, teachers {p.teacher_epochs} epochs, batch {p.batch_size}, "
-             "cosine learning rate with 1 warm-up epoch. CNN students: SGD (momentum 0.9) lr 0.05, weight decay "
-             "2e-3 (the paper's CNN recipe); ViT and ResMLP: AdamW lr 1e-3, weight decay 0.05, gradient clipping 5.")
-    L.append(f"- Seeds {', '.join(map(str, p.seeds))} for every cell (a seed sets the initialisation, the data "
-             "order and the augmentation); teachers: one run each (seed 0), from scratch, no pre-training; "
-             "students use the teacher's last-epoch weights.")
-    L.append(f"- Device `{s.device}`, precision `{p.amp}`, {s.jobs} run(s) at a time"
-             + (f" with {s.threads} torch thread(s) each." if s.threads else ".")
-             + (" Teacher outputs cached between runs with the same teacher and seed (`train.teacher_cache`, "
-                "fp16)." if s.teacher_cache else ""))
+    tsubset = (
+        "all 50,000"
+        if p.teacher_train_subset is None
+        else f"{p.teacher_train_subset:,} (the same subset)"
+        if p.teacher_train_subset == p.train_subset
+        else f"{p.teacher_train_subset:,}"
+    )
+    esubset = (
+        "all 10,000 test images"
+        if p.eval_subset is None
+        else f"a fixed class-balanced subset of {p.eval_subset:,} test images"
+    )
+    L.append(
+        f"- Data: CIFAR-10 ({_rel(Path(s.data_root))}, dataset `{s.dataset}`) at its native 32 px. Students "
+        f"train on {subset} training images, teachers on {tsubset}; every epoch is evaluated on {esubset}."
+    )
+    L.append(
+        f"- Augmentation: RandomResizedCrop(32, scale {tuple(p.scale)}) + horizontal flip; evaluation on the "
+        "unchanged 32 px image; CIFAR-10 mean/std; label smoothing 0.1; no mixup, cutmix, RandAugment or "
+        "random erasing."
+    )
+    L.append(
+        f"- Schedule: students {p.epochs} epochs, teachers {p.teacher_epochs} epochs, batch {p.batch_size}, "
+        "cosine learning rate with 1 warm-up epoch. CNN students: SGD (momentum 0.9) lr 0.05, weight decay "
+        "2e-3 (the paper's CNN recipe); ViT and ResMLP: AdamW lr 1e-3, weight decay 0.05, gradient clipping 5."
+    )
+    L.append(
+        f"- Seeds {', '.join(map(str, p.seeds))} for every cell (a seed sets the initialisation, the data "
+        "order and the augmentation); teachers: one run each (seed 0), from scratch, no pre-training; "
+        "students use the teacher's last-epoch weights."
+    )
+    L.append(
+        f"- Device `{s.device}`, precision `{p.amp}`, {s.jobs} run(s) at a time"
+        + (f" with {s.threads} torch thread(s) each." if s.threads else ".")
+        + (
+            " Teacher outputs cached between runs with the same teacher and seed (`train.teacher_cache`, fp16)."
+            if s.teacher_cache
+            else ""
+        )
+    )
     L.append("")
     L.append("| role | model | timm name and kwargs | parameters |")
     L.append("|---|---|---|---|")
@@ -303,8 +371,10 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         kw = ", ".join(f"{k}={v}" for k, v in spec.kwargs.items())
         L.append(f"| {role} | {spec.label} | `{spec.name}` ({kw}) | {param_count(spec) / 1e6:.2f}M |")
     L.append("")
-    L.append("Method hyper-parameters (the official cross-architecture code's defaults, the same in every pair; "
-             "nothing was tuned):\n")
+    L.append(
+        "Method hyper-parameters (the official cross-architecture code's defaults, the same in every pair; "
+        "nothing was tuned):\n"
+    )
     L.append("| method | arguments |")
     L.append("|---|---|")
     for method in methods:
@@ -337,25 +407,34 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
                 text = _pm(stats[m])
                 cells.append(f"**{text}**" if m == best else text)
             tacc = teacher_acc.get(t)
-            L.append(f"| {PAIR_LABELS.get(pair, pair)} | {tacc:.2f} | " if tacc is not None else
-                     f"| {PAIR_LABELS.get(pair, pair)} | - | ")
+            L.append(
+                f"| {PAIR_LABELS.get(pair, pair)} | {tacc:.2f} | "
+                if tacc is not None
+                else f"| {PAIR_LABELS.get(pair, pair)} | - | "
+            )
             L[-1] += " | ".join(cells) + " |"
         L.append("")
         if key == "last_top1":
-            L.append(f"Bold: the highest mean in the row. Sample standard deviation (n - 1) over seeds "
-                     f"{', '.join(map(str, p.seeds))}. Bar chart of the last-epoch table (dashed line: the "
-                     "teacher):\n")
+            L.append(
+                f"Bold: the highest mean in the row. Sample standard deviation (n - 1) over seeds "
+                f"{', '.join(map(str, p.seeds))}. Bar chart of the last-epoch table (dashed line: the "
+                "teacher):\n"
+            )
             L.append(f"![top-1 by pair and method]({bar_path.name})\n")
         else:
-            L.append("Best epoch: the highest of the per-epoch evaluations on the same test images (as the "
-                     "paper reports), an optimistic number; the last-epoch table is the primary one.\n")
+            L.append(
+                "Best epoch: the highest of the per-epoch evaluations on the same test images (as the "
+                "paper reports), an optimistic number; the last-epoch table is the primary one.\n"
+            )
 
     L.append("## RSD sensitivity: lambda x kappa\n")
     if grid:
         weight, kappa = rsd_default()
-        L.append(f"Pair {PAIR_LABELS.get(p.sens_pair, p.sens_pair)}, seed {p.sens_seed}, last-epoch top-1 (%); "
-                 "rows lambda (`method_args.weight`), columns kappa (`method_args.kappa`); the released default "
-                 f"is ({weight:g}, {kappa:g}).\n")
+        L.append(
+            f"Pair {PAIR_LABELS.get(p.sens_pair, p.sens_pair)}, seed {p.sens_seed}, last-epoch top-1 (%); "
+            "rows lambda (`method_args.weight`), columns kappa (`method_args.kappa`); the released default "
+            f"is ({weight:g}, {kappa:g}).\n"
+        )
         L.append("| lambda \\ kappa | " + " | ".join(f"{k:g}" for k in p.grid_kappas) + " |")
         L.append("|---|" + "|".join("---" for _ in p.grid_kappas) + "|")
         for w in p.grid_weights:
@@ -367,8 +446,11 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
             L.append(f"| {w:g} | " + " | ".join(row) + " |")
         L.append("")
         if ref:
-            L.append("Same pair and seed without RSD: " + ", ".join(
-                f"{k} {v:.2f}" if v is not None else f"{k} not run" for k, v in ref.items()) + ".\n")
+            L.append(
+                "Same pair and seed without RSD: "
+                + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} not run" for k, v in ref.items())
+                + ".\n"
+            )
         L.append(f"![RSD lambda x kappa heat map]({heat_path.name})\n")
     else:
         L.append("No grid (RSD is not among the methods of this installation).\n")
@@ -381,17 +463,21 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         "- **Teachers.** The paper distils ImageNet-pretrained teachers fine-tuned on CIFAR-100 (ViT-S 92.4%, "
         "Swin-T, ConvNeXt-T, Mixer-B/16). Ours are small models trained here from scratch on the same "
         "training images as the students, for a few epochs: weak teachers, and a token-model teacher trained "
-        "from scratch on little data is weaker than a CNN (no locality prior).")
+        "from scratch on little data is weaker than a CNN (no locality prior)."
+    )
     L.append(
         "- **Resolution.** The paper upsamples CIFAR to 224 px (RandomResizedCrop); we train at the native "
-        "32 px, so the ViT and ResMLP see 8 x 8 tokens of 4 px and the ResNet's last stage is 1 x 1.")
+        "32 px, so the ViT and ResMLP see 8 x 8 tokens of 4 px and the ResNet's last stage is 1 x 1."
+    )
     L.append(
         f"- **Schedule and data.** The paper trains 300 epochs on all 50,000 CIFAR-100 images with mixup, cutmix "
         f"and RandAugment for the token students; here {p.epochs} epochs on {subset.split(' (')[0]} CIFAR-10 "
-        "images without them. Method hyper-parameters are the paper's defaults, not re-tuned for this regime.")
+        "images without them. Method hyper-parameters are the paper's defaults, not re-tuned for this regime."
+    )
     L.append(
         "- **Dataset.** CIFAR-10 (10 classes) instead of CIFAR-100 / ImageNet-1k: logit-based methods have "
-        "less dark knowledge to transfer with 10 classes.")
+        "less dark knowledge to transfer with 10 classes."
+    )
     L.append("")
 
     L.append("## Reproduce\n")
@@ -405,38 +491,55 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     L.append(study_command(p, s, "--only sensitivity"))
     L.append(study_command(p, s, "--report-only") + "   # rewrite this page from the finished runs")
     L.append("```\n")
-    L.append("Each run's resolved YAML is in `configs/` of the output folder (`crossdistill train --config` "
-             "reruns one alone; the ResMLP student is registered by `benchmarks/accuracy/study_models.py`). "
-             "Runs are deterministic for a given seed, machine and torch build, on CPU and on CUDA. Checked: a second "
-             "invocation of the gpu protocol into a fresh output folder on the same H100 gave the same training "
-             "losses and accuracies in all 73 runs; on the CPU, two cells rerun into a fresh folder (a cold teacher "
-             "cache) matched every logged loss and accuracy. Another machine or torch build can differ in the last "
-             "digits, within the reported std.\n")
+    L.append(
+        "Each run's resolved YAML is in `configs/` of the output folder (`crossdistill train --config` "
+        "reruns one alone; the ResMLP student is registered by `benchmarks/accuracy/study_models.py`). "
+        "Runs are deterministic for a given seed, machine and torch build, on CPU and on CUDA. Checked: a second "
+        "invocation of the gpu protocol into a fresh output folder on the same H100 gave the same training "
+        "losses and accuracies in all 73 runs; on the CPU, two cells rerun into a fresh folder (a cold teacher "
+        "cache) matched every logged loss and accuracy. Another machine or torch build can differ in the last "
+        "digits, within the reported std.\n"
+    )
     archive = RESULTS_ARCHIVE / p.name
     if (archive / "study_log.jsonl").exists():
-        L.append(f"The run directories behind this page (config.yaml, metrics.csv, summary.json; no checkpoints) "
-                 f"and the runner's log are kept in `{_rel(archive)}/`: "
-                 f"`{study_command(p, s, '--report-only').replace('--report-only', f'--out {_rel(archive)} --report-only')}` "
-                 "rewrites this page from them.")
+        archived_report = f"--out {_rel(archive)} --report-only"
+        L.append(
+            f"The run directories behind this page (config.yaml, metrics.csv, summary.json; no checkpoints) "
+            f"and the runner's log are kept in `{_rel(archive)}/`: "
+            f"`{study_command(p, s, '--report-only').replace('--report-only', archived_report)}` "
+            "rewrites this page from them."
+        )
     L.append("")
 
     L.append("## Machine and time\n")
-    L.append(f"- CPU: {machine.get('cpu')}, {machine.get('cores')} cores visible; {machine.get('jobs', s.jobs)} run(s) at "
-             f"a time with {machine.get('torch_threads')} torch thread(s) each"
-             + (f"; GPU: {machine['gpu']}" if machine.get("gpu") else ""))
-    L.append(f"- torch {machine.get('torch')}, timm {machine.get('timm')}, crossdistill {machine.get('crossdistill')}, "
-             f"Python {machine.get('python')}")
+    L.append(
+        f"- CPU: {machine.get('cpu')}, {machine.get('cores')} cores visible; {machine.get('jobs', s.jobs)} run(s) at "
+        f"a time with {machine.get('torch_threads')} torch thread(s) each"
+        + (f"; GPU: {machine['gpu']}" if machine.get("gpu") else "")
+    )
+    L.append(
+        f"- torch {machine.get('torch')}, timm {machine.get('timm')}, crossdistill {machine.get('crossdistill')}, "
+        f"Python {machine.get('python')}"
+    )
     ends = [r for r in log if r.get("event") == "invocation_end"]
     wall_clock = sum(r.get("seconds", 0.0) for r in ends)
-    L.append(f"- Wall-clock time of the study: {fmt_min(wall_clock)} over {len(ends)} invocation(s) of the runner "
-             f"(each run's own time, summed over the {n_done} finished runs: {fmt_min(wall_runs)}; several runs "
-             "go at a time)"
-             + (f"; 1-minute load average during the runs {min(loads):.1f} to {max(loads):.1f} "
-                f"({machine.get('cores')} cores, {machine.get('jobs', s.jobs)} run(s) at a time; a load well above "
-                "what the runs themselves make means other work shared the machine and the times are inflated)"
-                if loads else "") + ".")
-    L.append(f"- Planned time of the whole study on a free machine: {fmt_min(plan_makespan(s, plan))}"
-             + (f" (limit of the {p.name} protocol: {p.budget_min:g} min)." if p.budget_min else "."))
+    L.append(
+        f"- Wall-clock time of the study: {fmt_min(wall_clock)} over {len(ends)} invocation(s) of the runner "
+        f"(each run's own time, summed over the {n_done} finished runs: {fmt_min(wall_runs)}; several runs "
+        "go at a time)"
+        + (
+            f"; 1-minute load average during the runs {min(loads):.1f} to {max(loads):.1f} "
+            f"({machine.get('cores')} cores, {machine.get('jobs', s.jobs)} run(s) at a time; a load well above "
+            "what the runs themselves make means other work shared the machine and the times are inflated)"
+            if loads
+            else ""
+        )
+        + "."
+    )
+    L.append(
+        f"- Planned time of the whole study on a free machine: {fmt_min(plan_makespan(s, plan))}"
+        + (f" (limit of the {p.name} protocol: {p.budget_min:g} min)." if p.budget_min else ".")
+    )
     L.append("")
     md_path.write_text("\n".join(L) + "\n")
     return md_path
@@ -460,8 +563,10 @@ def findings(p: Protocol, plan: Sequence[Run], methods: Sequence[str], teacher_a
         order = sorted(have, key=lambda m: have[m][0], reverse=True)
         first = order[0]
         first_counts[first] = first_counts.get(first, 0) + 1
-        text = (f"- **{PAIR_LABELS.get(pair, pair)}**: first {METHOD_LABELS.get(first, first)} "
-                f"({_pm(have[first])}); order " + " > ".join(METHOD_LABELS.get(m, m) for m in order) + ".")
+        text = (
+            f"- **{PAIR_LABELS.get(pair, pair)}**: first {METHOD_LABELS.get(first, first)} "
+            f"({_pm(have[first])}); order " + " > ".join(METHOD_LABELS.get(m, m) for m in order) + "."
+        )
         if "rsd" in have:
             rsd = have["rsd"]
             others = [m for m in order if m not in ("rsd", "vanilla")]
@@ -470,44 +575,58 @@ def findings(p: Protocol, plan: Sequence[Run], methods: Sequence[str], teacher_a
                 bo = have[best_other]
                 delta = rsd[0] - bo[0]
                 spread = math.sqrt((rsd[1] or 0.0) ** 2 + (bo[1] or 0.0) ** 2)
-                verdict = ("within the seed-to-seed spread" if abs(delta) <= spread else
-                           "beyond the seed-to-seed spread")
-                text += (f" RSD ranks {order.index('rsd') + 1} of {len(order)}: {rsd[0]:.2f} vs "
-                         f"{METHOD_LABELS.get(best_other, best_other)} {bo[0]:.2f}, "
-                         f"{'+' if delta >= 0 else ''}{delta:.2f} points ({verdict}, "
-                         f"sqrt(std² + std²) = {spread:.2f}).")
+                verdict = "within the seed-to-seed spread" if abs(delta) <= spread else "beyond the seed-to-seed spread"
+                text += (
+                    f" RSD ranks {order.index('rsd') + 1} of {len(order)}: {rsd[0]:.2f} vs "
+                    f"{METHOD_LABELS.get(best_other, best_other)} {bo[0]:.2f}, "
+                    f"{'+' if delta >= 0 else ''}{delta:.2f} points ({verdict}, "
+                    f"sqrt(std² + std²) = {spread:.2f})."
+                )
             if "vanilla" in have:
                 gain = rsd[0] - have["vanilla"][0]
                 text += f" RSD vs scratch: {'+' if gain >= 0 else ''}{gain:.2f} points."
         lines.append(text)
     if first_counts:
-        summary = ", ".join(f"{METHOD_LABELS.get(m, m)} in {n}" for m, n in
-                            sorted(first_counts.items(), key=lambda kv: -kv[1]))
-        lines.append(f"- First place by pair: {summary} of {len(p.pairs)} pair(s)."
-                     + ("" if complete else " (The table is incomplete: these rankings are provisional.)"))
+        summary = ", ".join(
+            f"{METHOD_LABELS.get(m, m)} in {n}" for m, n in sorted(first_counts.items(), key=lambda kv: -kv[1])
+        )
+        lines.append(
+            f"- First place by pair: {summary} of {len(p.pairs)} pair(s)."
+            + ("" if complete else " (The table is incomplete: these rankings are provisional.)")
+        )
         rsd_first = first_counts.get("rsd", 0)
         if rsd_first < len(p.pairs):
-            lines.append(f"- **RSD does not come first in {len(p.pairs) - rsd_first} of {len(p.pairs)} pairs at this "
-                         "scale.** The protocol was fixed before the runs and has not been tuned afterwards; the "
-                         "section below lists what differs from the paper's setting.")
+            lines.append(
+                f"- **RSD does not come first in {len(p.pairs) - rsd_first} of {len(p.pairs)} pairs at this "
+                "scale.** The protocol was fixed before the runs and has not been tuned afterwards; the "
+                "section below lists what differs from the paper's setting."
+            )
         else:
             lines.append("- RSD comes first in every pair at this scale.")
     # teacher vs scratch students
     for pair in p.pairs:
         t, st = PAIRS[pair]
         tacc = teacher_acc.get(t)
-        scratch = cell_stats(plan, pair, "vanilla", p.seeds, "last_top1") if "vanilla" in methods else (math.nan, None, 0)
+        scratch = (
+            cell_stats(plan, pair, "vanilla", p.seeds, "last_top1") if "vanilla" in methods else (math.nan, None, 0)
+        )
         if tacc is None or not scratch[2]:
             continue
         if tacc > scratch[0]:
-            lines.append(f"- Teacher check, {PAIR_LABELS.get(pair, pair)}: the teacher ({tacc:.2f}) is more accurate "
-                         f"than the scratch student ({scratch[0]:.2f}).")
+            lines.append(
+                f"- Teacher check, {PAIR_LABELS.get(pair, pair)}: the teacher ({tacc:.2f}) is more accurate "
+                f"than the scratch student ({scratch[0]:.2f})."
+            )
         else:
-            lines.append(f"- **Teacher check, {PAIR_LABELS.get(pair, pair)}: the teacher ({tacc:.2f}) is NOT more "
-                         f"accurate than the student trained from scratch ({scratch[0]:.2f}).** "
-                         + ("A ViT trained from scratch on a few thousand 32 px images has no locality prior and "
-                            "learns more slowly than a CNN; the paper's teachers are pre-trained on ImageNet. "
-                            if MODELS[t].family != "cnn" else
-                            "The teacher's schedule is too short for its width at this scale. ")
-                         + "Distilling from a weaker teacher is part of what this pair measures.")
+            lines.append(
+                f"- **Teacher check, {PAIR_LABELS.get(pair, pair)}: the teacher ({tacc:.2f}) is NOT more "
+                f"accurate than the student trained from scratch ({scratch[0]:.2f}).** "
+                + (
+                    "A ViT trained from scratch on a few thousand 32 px images has no locality prior and "
+                    "learns more slowly than a CNN; the paper's teachers are pre-trained on ImageNet. "
+                    if MODELS[t].family != "cnn"
+                    else "The teacher's schedule is too short for its width at this scale. "
+                )
+                + "Distilling from a weaker teacher is part of what this pair measures."
+            )
     return lines

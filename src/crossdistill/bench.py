@@ -43,8 +43,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import timm
 import numpy as np
+import timm
 import torch
 from torch import nn
 
@@ -52,9 +52,9 @@ from .config import OptimConfig, RunConfig, TrainConfig
 from .distillers import METHODS, build_distiller, method_config
 from .engine.distributed import resolve_device
 from .engine.setup import autocast_dtype, make_criterion
+from .engine.step import TrainStep, build_train_step
 from .engine.teacher_cache import TeacherCache, cache_widths
 from .engine.teacher_runner import TeacherRunner
-from .engine.step import TrainStep, build_train_step
 from .errors import CrossDistillError
 from .models import AADProjector, Teacher, TeacherOutputs, check_model_name, embedding_dim
 from .params import parse_method_args
@@ -80,9 +80,19 @@ def reference_rsd_loss(z_s: torch.Tensor, z_t: torch.Tensor, kappa: float = 0.01
 class ReferenceStep:
     """fp32 eager RSD step as the official code runs it."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, *, weight: float = 0.1, kappa: float = 0.01,
-                 gamma: int = 2, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 2e-3,
-                 label_smoothing: float = 0.1):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        weight: float = 0.1,
+        kappa: float = 0.01,
+        gamma: int = 2,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 2e-3,
+        label_smoothing: float = 0.1,
+    ):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student.train()
         device = next(student.parameters()).device
@@ -153,8 +163,9 @@ class _GivenTeacher(TeacherRunner):
         return self.given
 
 
-def _engine_step(distiller: nn.Module, train: TrainConfig, optim: OptimConfig, device: torch.device,
-                 **settings) -> TrainStep:
+def _engine_step(
+    distiller: nn.Module, train: TrainConfig, optim: OptimConfig, device: torch.device, **settings
+) -> TrainStep:
     """The engine's step for ``distiller`` (:func:`~crossdistill.engine.step.build_train_step`, as the Trainer
     builds it), in training mode as the loop puts it at each epoch's start."""
     step = build_train_step(distiller, train, optim, device, **settings)
@@ -174,13 +185,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: int = 32, method: str = "rsd",
-              method_args: dict[str, Any] | None = None, num_classes: int = 100, steps: int | None = None,
-              warmup: int | None = None, block: int | None = None, device: str = "auto", amp: str = "auto",
-              channels_last: bool | None = None, compile: bool = False, check_finite: bool = True,
-              cache: bool = True, precomputed: bool = True, max_seconds: float | None = None, seed: int = 0,
-              threads: int | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_bench(
+    teacher: str,
+    student: str,
+    *,
+    img_size: int = 224,
+    batch_size: int = 32,
+    method: str = "rsd",
+    method_args: dict[str, Any] | None = None,
+    num_classes: int = 100,
+    steps: int | None = None,
+    warmup: int | None = None,
+    block: int | None = None,
+    device: str = "auto",
+    amp: str = "auto",
+    channels_last: bool | None = None,
+    compile: bool = False,
+    check_finite: bool = True,
+    cache: bool = True,
+    precomputed: bool = True,
+    max_seconds: float | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Time the variants (see the module doc) and return the results as a JSON-able dict."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     started = time.perf_counter()
@@ -222,8 +250,13 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
     variants: list[Variant] = []
 
     # ours
-    ours_distiller = build_distiller(method, copy.deepcopy(student_model),
-                                     fresh_teacher() if method_cls.needs_teacher else None, cfg_args, criterion=criterion)
+    ours_distiller = build_distiller(
+        method,
+        copy.deepcopy(student_model),
+        fresh_teacher() if method_cls.needs_teacher else None,
+        cfg_args,
+        criterion=criterion,
+    )
     ours = _engine_step(ours_distiller, train, optim, dev)
     x_ours, y_ours = ours.to_device(images, target)
     variants.append(Variant("ours", lambda: _as_engine(ours, x_ours, y_ours)))
@@ -231,8 +264,13 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
     # reference: fp32, eager, official RSD
     rsd_defaults = method_config("rsd", {})
     ref_args = cfg_args if method == "rsd" else rsd_defaults
-    reference = ReferenceStep(copy.deepcopy(teacher_model).to(dev), copy.deepcopy(student_model).to(dev),
-                              weight=ref_args.weight, kappa=ref_args.kappa, gamma=ref_args.gamma)
+    reference = ReferenceStep(
+        copy.deepcopy(teacher_model).to(dev),
+        copy.deepcopy(student_model).to(dev),
+        weight=ref_args.weight,
+        kappa=ref_args.kappa,
+        gamma=ref_args.gamma,
+    )
     x_ref, y_ref = images.to(dev), target.to(dev)
     variants.append(Variant("reference", lambda: reference(x_ref, y_ref)))
 
@@ -244,9 +282,13 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
 
     # teacher forward alone, as ours runs it
     # (a method without a teacher: RSD's teacher forward, the embedding)
-    teacher_reader = build_distiller(method if ours.teacher is not None else "rsd", copy.deepcopy(student_model),
-                                     fresh_teacher(), cfg_args if ours.teacher is not None else rsd_defaults,
-                                     criterion=criterion)
+    teacher_reader = build_distiller(
+        method if ours.teacher is not None else "rsd",
+        copy.deepcopy(student_model),
+        fresh_teacher(),
+        cfg_args if ours.teacher is not None else rsd_defaults,
+        criterion=criterion,
+    )
     teacher_runner = _engine_step(teacher_reader, train, optim, dev).teacher
     x_t, _ = ours.to_device(images, target)
 
@@ -260,8 +302,9 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
     if ours.teacher is not None and precomputed:
         with ours.autocast():
             given = teacher_runner.compute(x_t).map(lambda t: t.float() if t.is_floating_point() else t)
-        pre_distiller = build_distiller(method, copy.deepcopy(student_model), fresh_teacher(), cfg_args,
-                                        criterion=criterion)
+        pre_distiller = build_distiller(
+            method, copy.deepcopy(student_model), fresh_teacher(), cfg_args, criterion=criterion
+        )
         pre = _engine_step(pre_distiller, train, optim, dev, runner=functools.partial(_GivenTeacher, given=given))
         x_p, y_p = pre.to_device(images, target)
         variants.append(Variant("ours_precomputed_teacher", lambda: _as_engine(pre, x_p, y_p)))
@@ -272,16 +315,25 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
             blocks = 8
             rows = blocks * batch_size
             widths = cache_widths(outputs, ours_distiller.teacher, num_classes)
-            store = TeacherCache(tmp.name, {"teacher": {"name": teacher}, "bench": True}, outputs, widths, rows,
-                                 store_dtype="fp16", log=log)
+            store = TeacherCache(
+                tmp.name,
+                {"teacher": {"name": teacher}, "bench": True},
+                outputs,
+                widths,
+                rows,
+                store_dtype="fp16",
+                log=log,
+            )
             store.begin_epoch(0)
             random_out = lambda x: TeacherOutputs(  # noqa: E731 - fill with random rows: only the read speed matters
                 embedding=torch.randn(x.shape[0], widths["embedding"]) if "embedding" in widths else None,
-                logits=torch.randn(x.shape[0], widths["logits"]) if "logits" in widths else None)
+                logits=torch.randn(x.shape[0], widths["logits"]) if "logits" in widths else None,
+            )
             for b in range(blocks):
                 store.lookup(torch.arange(b * batch_size, (b + 1) * batch_size), images, random_out)
-            cached_distiller = build_distiller(method, copy.deepcopy(student_model), fresh_teacher(), cfg_args,
-                                               criterion=criterion)
+            cached_distiller = build_distiller(
+                method, copy.deepcopy(student_model), fresh_teacher(), cfg_args, criterion=criterion
+            )
             cached = _engine_step(cached_distiller, train, optim, dev, cache=store)
             x_c, y_c = cached.to_device(images, target)
             # as in training: the loader's workers read the rows (WithIndex) and pin them with the batch;
@@ -289,12 +341,16 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
             row_order = torch.randperm(rows).tolist()
             loaded = []
             for b in range(blocks):
-                items = [store.read_rows(i) for i in row_order[b * batch_size:(b + 1) * batch_size]]
+                items = [store.read_rows(i) for i in row_order[b * batch_size : (b + 1) * batch_size]]
                 batch_rows = {k: torch.from_numpy(np.stack([r[k] for r, _ in items])) for k in outputs}
                 if on_cuda:
                     batch_rows = {k: v.pin_memory() for k, v in batch_rows.items()}
-                loaded.append((torch.tensor(row_order[b * batch_size:(b + 1) * batch_size]),
-                               (batch_rows, torch.tensor([ok for _, ok in items]))))
+                loaded.append(
+                    (
+                        torch.tensor(row_order[b * batch_size : (b + 1) * batch_size]),
+                        (batch_rows, torch.tensor([ok for _, ok in items])),
+                    )
+                )
             counter = {"i": 0}
 
             def cached_step():
@@ -305,9 +361,11 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
             variants.append(Variant("ours_cached", cached_step))
 
     # warm-up (compiles, allocator, oneDNN primitives)
-    log(f"bench: {teacher} -> {student} ({method}), batch {batch_size}, {img_size} px, {dev}"
+    log(
+        f"bench: {teacher} -> {student} ({method}), batch {batch_size}, {img_size} px, {dev}"
         f"{' (' + torch.cuda.get_device_name(dev) + ')' if on_cuda else ''}, amp {autocast or 'off'}, "
-        f"channels_last {channels_last}, compile {compile}; warm-up {warmup} step(s) per variant")
+        f"channels_last {channels_last}, compile {compile}; warm-up {warmup} step(s) per variant"
+    )
     for variant in variants:
         for _ in range(warmup):
             variant.fn()
@@ -350,10 +408,13 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
         ratio = pick("ours_precomputed_teacher", "student_only")
         return None if ratio is None else 1.0 / ratio - 1.0
 
-    pairs = {"ours_over_reference": ("ours", "reference"), "ours_over_student_only": ("ours", "student_only"),
-             "cached_over_student_only": ("ours_cached", "student_only"),
-             "cached_over_reference": ("ours_cached", "reference"),
-             "teacher_forward_over_ours": ("teacher_forward", "ours")}
+    pairs = {
+        "ours_over_reference": ("ours", "reference"),
+        "ours_over_student_only": ("ours", "student_only"),
+        "cached_over_student_only": ("ours_cached", "student_only"),
+        "cached_over_reference": ("ours_cached", "reference"),
+        "teacher_forward_over_ours": ("teacher_forward", "ours"),
+    }
     ratios = {k: paired(*v) for k, v in pairs.items()}
     ratios["method_overhead"] = overhead(paired)
     medians = {k: of_medians(*v) for k, v in pairs.items()}
@@ -371,14 +432,28 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
         tmp.cleanup()
     return {
         "config": {
-            "teacher": teacher, "student": student, "method": method, "method_args": dict(cfg_args.__dict__),
-            "img_size": img_size, "batch_size": batch_size, "num_classes": num_classes,
-            "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if on_cuda else platform.processor()
-            or platform.machine(), "threads": torch.get_num_threads(), "amp": str(autocast).replace("torch.", "")
-            if autocast else "none", "channels_last": channels_last, "compile": compile,
-            "check_finite": check_finite, "steps": rounds, "warmup": warmup, "block": block,
-            "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-            "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "teacher": teacher,
+            "student": student,
+            "method": method,
+            "method_args": dict(cfg_args.__dict__),
+            "img_size": img_size,
+            "batch_size": batch_size,
+            "num_classes": num_classes,
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if on_cuda else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "amp": str(autocast).replace("torch.", "") if autocast else "none",
+            "channels_last": channels_last,
+            "compile": compile,
+            "check_finite": check_finite,
+            "steps": rounds,
+            "warmup": warmup,
+            "block": block,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+            "host": platform.node(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
         "variants": result_variants,
         "ratios": ratios,
@@ -386,11 +461,13 @@ def run_bench(teacher: str, student: str, *, img_size: int = 224, batch_size: in
         "ratios_cpu_time": cpu_ratios,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if not on_cuda else None,
         "wall_s": time.perf_counter() - started,
-        "notes": ("ratios: median over rounds of paired ratios (images/s of the first over the second); "
-                  "ratios_cpu_time (CPU only): the same on the process's CPU time, robust to other processes "
-                  "sharing the machine; "
-                  "method_overhead: step time of ours with a precomputed teacher over student_only, minus 1; "
-                  "teacher_share_of_ours: teacher forward time over our step time"),
+        "notes": (
+            "ratios: median over rounds of paired ratios (images/s of the first over the second); "
+            "ratios_cpu_time (CPU only): the same on the process's CPU time, robust to other processes "
+            "sharing the machine; "
+            "method_overhead: step time of ours with a precomputed teacher over student_only, minus 1; "
+            "teacher_share_of_ours: teacher forward time over our step time"
+        ),
     }
 
 
@@ -443,8 +520,11 @@ def format_result(result: dict[str, Any]) -> str:
         mem = "n/a" if v["peak_mem_mb"] is None else f"{v['peak_mem_mb']:.0f}"
         lines.append(f"{LABELS.get(name, name):<36}{v['img_per_s']:>10.1f}{v['step_ms_median']:>11.1f}{mem:>11}")
     cpu = result.get("ratios_cpu_time")
-    lines.append("ratios (median of per-round ratios; of medians in brackets"
-                 + ("; on CPU time, robust to other processes, after the bar" if cpu else "") + "):")
+    lines.append(
+        "ratios (median of per-round ratios; of medians in brackets"
+        + ("; on CPU time, robust to other processes, after the bar" if cpu else "")
+        + "):"
+    )
 
     def show(key, value):
         if value is None:
@@ -457,18 +537,35 @@ def format_result(result: dict[str, Any]) -> str:
             line += f" | {show(key, cpu.get(key))}"
         lines.append(line)
     if result.get("peak_rss_mb") is not None:
-        lines.append(f"process peak RSS {result['peak_rss_mb']:.0f} MiB (per-variant memory: n/a on CPU) | "
-                     f"wall {result['wall_s']:.0f}s")
+        lines.append(
+            f"process peak RSS {result['peak_rss_mb']:.0f} MiB (per-variant memory: n/a on CPU) | "
+            f"wall {result['wall_s']:.0f}s"
+        )
     return "\n".join(lines)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(
-        args.teacher, args.student, img_size=args.img_size, batch_size=args.batch_size, method=args.method,
-        method_args=parse_method_args(args.set), num_classes=args.num_classes, steps=args.steps, warmup=args.warmup,
-        block=args.block, device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-        check_finite=not args.no_check_finite, cache=not args.no_cache, precomputed=not args.no_precomputed,
-        max_seconds=args.max_seconds, seed=args.seed, threads=args.threads,
+        args.teacher,
+        args.student,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        method=args.method,
+        method_args=parse_method_args(args.set),
+        num_classes=args.num_classes,
+        steps=args.steps,
+        warmup=args.warmup,
+        block=args.block,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        check_finite=not args.no_check_finite,
+        cache=not args.no_cache,
+        precomputed=not args.no_precomputed,
+        max_seconds=args.max_seconds,
+        seed=args.seed,
+        threads=args.threads,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -479,11 +576,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "bench", help="time a distillation training step against the official-code reference step",
+        "bench",
+        help="time a distillation training step against the official-code reference step",
         description="Time one training step (forward, backward, optimiser) of a method for a teacher/student pair "
-                    "on random data, interleaved with the official RSD step (fp32 eager), the student alone, the "
-                    "teacher forward alone, and our step with a precomputed / cached teacher output. "
-                    "See docs/PERFORMANCE.md.",
+        "on random data, interleaved with the official RSD step (fp32 eager), the student alone, the "
+        "teacher forward alone, and our step with a precomputed / cached teacher output. "
+        "See docs/PERFORMANCE.md.",
     )
     p.add_argument("--teacher", required=True, help="timm model name")
     p.add_argument("--student", required=True, help="timm model name")
@@ -494,23 +592,46 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 20 on CPU, 50 on GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default 2 CPU, 5 GPU)")
-    p.add_argument("--block", type=int, default=None,
-                   help="consecutive steps per timing (default 1 on CPU, 4 on GPU: lets the host queue ahead)")
-    p.add_argument("--max-seconds", type=float, default=None,
-                   help="stop timing rounds after this long, set-up and warm-up not counted (at least 3 rounds; "
-                        "default 75 on CPU, 120 on GPU)")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="consecutive steps per timing (default 1 on CPU, 4 on GPU: lets the host queue ahead)",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop timing rounds after this long, set-up and warm-up not counted (at least 3 rounds; "
+        "default 75 on CPU, 120 on GPU)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
-                   help="autocast of our step (auto: bf16 on GPUs that have it, fp16 on others, off on CPU)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=TrainConfig().channels_last,
-                   help="channels_last memory format in our step (default: the engine's, train.channels_last)")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "none", "bf16", "fp16"),
+        help="autocast of our step (auto: bf16 on GPUs that have it, fp16 on others, off on CPU)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=TrainConfig().channels_last,
+        help="channels_last memory format in our step (default: the engine's, train.channels_last)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile our step's models")
     p.add_argument("--no-check-finite", action="store_true", help="our step without train.check_finite")
     p.add_argument("--no-cache", action="store_true", help="skip the teacher-cache variant")
-    p.add_argument("--no-precomputed", action="store_true",
-                   help="skip the precomputed-teacher and teacher-cache variants (and the method overhead)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (torch.set_num_threads); 1 makes CPU-time ratios robust on a shared machine")
+    p.add_argument(
+        "--no-precomputed",
+        action="store_true",
+        help="skip the precomputed-teacher and teacher-cache variants (and the method overhead)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (torch.set_num_threads); 1 makes CPU-time ratios robust on a shared machine",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON (ratios.ours_over_reference, ...)")
     p.set_defaults(func=_cmd_bench)

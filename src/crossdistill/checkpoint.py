@@ -24,7 +24,6 @@ from . import files
 from .errors import SHOWN_CHARS, CrossDistillError, one_line
 from .files import NO_SPACE_ERRNOS, is_disk_full  # noqa: F401  (re-exported: the engine and export use them)
 
-
 # Plain attribute containers that timm's CheckpointSaver stores beside the weights (the run's
 # argparse arguments): the official OFA/RSD teacher files hold one. Rebuilding them runs no code.
 SAFE_GLOBALS = (argparse.Namespace,)
@@ -100,7 +99,7 @@ RESUME_HINT = "Free some space (or move train.output_dir) and resume with --resu
 
 
 def no_space_error(path: str | Path, hint: str = RESUME_HINT) -> CrossDistillError:
-    """The one-line error for a write to ``path`` that found the disk full; see :func:`crossdistill.files.no_space_error`."""
+    """The one-line error for a write to ``path`` that found the disk full (see ``files.no_space_error``)."""
     return files.no_space_error(path, hint)
 
 
@@ -111,7 +110,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], *, hint:
 
 
 def save_atomic(obj: Any, path: str | Path, *, hint: str = RESUME_HINT) -> None:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename); a full disk is one line, see :func:`write_atomic`."""
+    """``torch.save`` to ``path`` atomically (temp file, fsync, rename); a full disk is one line."""
     files.write_atomic(path, lambda handle: torch.save(obj, handle), hint=hint)
 
 

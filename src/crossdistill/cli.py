@@ -32,7 +32,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise CrossDistillError(
                 f"--resume {args.resume} with --config: give one of them. --resume RUN_DIR alone continues a run with "
                 "its own config.yaml; --config FILE --resume continues the run that FILE's train.output_dir and "
-                "train.run_name name")
+                "train.run_name name"
+            )
     if config is None:
         if not isinstance(args.resume, str):
             raise CrossDistillError("train needs --config FILE.yaml (or --resume RUN_DIR to continue a run)")
@@ -51,28 +52,46 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(
-        args.checkpoint, model=args.model, config=args.config, overrides=args.overrides, dataset=args.data,
-        root=args.data_root, img_size=args.img_size, use_ema=args.ema, batch_size=args.batch_size, device=args.device,
+        args.checkpoint,
+        model=args.model,
+        config=args.config,
+        overrides=args.overrides,
+        dataset=args.data,
+        root=args.data_root,
+        img_size=args.img_size,
+        use_ema=args.ema,
+        batch_size=args.batch_size,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['model']} on {result['dataset']} ({result['samples']} images): "
-              f"top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f}")
+        print(
+            f"{result['model']} on {result['dataset']} ({result['samples']} images): "
+            f"top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f}"
+        )
     return 0
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
     result = count_method_parameters(
-        args.method, args.teacher, args.student, args.num_classes, method_args=args.set,
+        args.method,
+        args.teacher,
+        args.student,
+        args.num_classes,
+        method_args=args.set,
     )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"method {result['method']}: {result['teacher']} -> {result['student']} ({result['num_classes']} classes)")
+        print(
+            f"method {result['method']}: {result['teacher']} -> {result['student']} ({result['num_classes']} classes)"
+        )
         print(f"  student parameters       {result['student_parameters'] / 1e6:9.3f}M")
-        print(f"  extra trainable params   {result['extra_trainable_parameters'] / 1e6:9.3f}M"
-              f"  ({result['extra_over_student']:.2f}x the student)")
+        print(
+            f"  extra trainable params   {result['extra_trainable_parameters'] / 1e6:9.3f}M"
+            f"  ({result['extra_over_student']:.2f}x the student)"
+        )
         for name, count in result["extra_by_module"].items():
             print(f"    {name:<22} {count / 1e6:9.3f}M")
         if result.get("teacher_parameters") is not None:
@@ -110,16 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
-    p = sub.add_parser("train", help="train one run from a YAML config",
-                       description="Train one run. Overrides use dotted keys: train.epochs=3 method_args.kappa=0.02")
+    p = sub.add_parser(
+        "train",
+        help="train one run from a YAML config",
+        description="Train one run. Overrides use dotted keys: train.epochs=3 method_args.kappa=0.02",
+    )
     p.add_argument("--config", "-c", help="run config (YAML)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=64")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
-                   help="continue the run from its last checkpoint (RUN_DIR alone re-uses its saved config)")
-    p.add_argument("--overwrite", action="store_true", help="start an existing run again (deletes only the files a run wrote there)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the config: print it resolved, the effective batch, parameter counts and one step's "
-                        "losses on random data (random weights; no data, no run directory)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run from its last checkpoint (RUN_DIR alone re-uses its saved config)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start an existing run again (deletes only the files a run wrote there)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config: print it resolved, the effective batch, parameter counts and one step's "
+        "losses on random data (random weights; no data, no run directory)",
+    )
     p.add_argument("--json", action="store_true", help="print the run summary as JSON at the end")
     p.set_defaults(func=_cmd_train)
 

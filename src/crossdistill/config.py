@@ -21,10 +21,9 @@ checked by :func:`crossdistill.engine.setup.check_run_config`, which every run c
 
 from __future__ import annotations
 
-import math
-
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -290,9 +289,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
-    return ConfigError(
-        f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {shorten(value)}"
-    )
+    return ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {shorten(value)}")
 
 
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -365,8 +362,10 @@ def check_config_size(data: Any, source: str) -> None:
                 "hundred: aliases (*name) or shared references repeat a part of it; write the values out plainly"
             )
         if depth > MAX_CONFIG_DEPTH:
-            raise ConfigError(f"{source} nests mappings or lists more than {MAX_CONFIG_DEPTH} levels deep "
-                              "(a run config needs about 4); is it a run config?")
+            raise ConfigError(
+                f"{source} nests mappings or lists more than {MAX_CONFIG_DEPTH} levels deep "
+                "(a run config needs about 4); is it a run config?"
+            )
         if isinstance(value, Mapping):
             pending.extend((item, depth + 1) for pair in value.items() for item in pair)
         elif isinstance(value, (list, tuple, set, frozenset)):
@@ -525,29 +524,48 @@ def validate(cfg: RunConfig) -> None:
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
-    _check(t.amp in ("auto", "none", "bf16", "fp16"), "train.amp",
-           f"must be auto, none, bf16 or fp16, got {shorten(t.amp)}")
+    _check(
+        t.amp in ("auto", "none", "bf16", "fp16"),
+        "train.amp",
+        f"must be auto, none, bf16 or fp16, got {shorten(t.amp)}",
+    )
     _check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
     _check(t.mixup >= 0 and t.cutmix >= 0, "train.mixup", "mixup and cutmix alphas must be >= 0")
     _check(t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")
     _check(t.eval_every >= 1, "train.eval_every", "must be >= 1")
-    _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps",
-           "must be >= 1 (or null)")
+    _check(
+        t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1,
+        "train.checkpoint_every_steps",
+        "must be >= 1 (or null)",
+    )
     _check(t.keep_step_checkpoints >= 1, "train.keep_step_checkpoints", "must be >= 1")
     _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
-    _check(t.finite_check_every is None or t.finite_check_every >= 1, "train.finite_check_every",
-           "must be >= 1 (or null)")
-    _check(t.teacher_cache_dtype in ("fp16", "fp32"), "train.teacher_cache_dtype",
-           f"must be fp16 or fp32, got {shorten(t.teacher_cache_dtype)}")
-    _check(t.teacher_cache is None or bool(t.teacher_cache.strip()), "train.teacher_cache",
-           "must be a directory path (or null)")
-    _check(t.run_name is None or _is_plain_name(t.run_name), "train.run_name",
-           f"must be one folder name inside train.output_dir (not empty, '.' or '..', no '/'), got {t.run_name!r}")
+    _check(
+        t.finite_check_every is None or t.finite_check_every >= 1, "train.finite_check_every", "must be >= 1 (or null)"
+    )
+    _check(
+        t.teacher_cache_dtype in ("fp16", "fp32"),
+        "train.teacher_cache_dtype",
+        f"must be fp16 or fp32, got {shorten(t.teacher_cache_dtype)}",
+    )
+    _check(
+        t.teacher_cache is None or bool(t.teacher_cache.strip()),
+        "train.teacher_cache",
+        "must be a directory path (or null)",
+    )
+    _check(
+        t.run_name is None or _is_plain_name(t.run_name),
+        "train.run_name",
+        f"must be one folder name inside train.output_dir (not empty, '.' or '..', no '/'), got {t.run_name!r}",
+    )
     _check(0 < o.lr < math.inf, "optim.lr", f"must be > 0 and finite, got {o.lr}")
     _check(o.scale_lr in ("none", "linear"), "optim.scale_lr", f"must be none or linear, got {shorten(o.scale_lr)}")
     _check(t.reference_batch is None or t.reference_batch >= 1, "train.reference_batch", "must be >= 1")
-    _check(o.scale_lr == "none" or t.reference_batch is not None, "optim.scale_lr",
-           "linear scaling needs train.reference_batch (the effective batch the lr was tuned for)")
+    _check(
+        o.scale_lr == "none" or t.reference_batch is not None,
+        "optim.scale_lr",
+        "linear scaling needs train.reference_batch (the effective batch the lr was tuned for)",
+    )
     _check(0 <= o.weight_decay < math.inf, "optim.weight_decay", f"must be >= 0 and finite, got {o.weight_decay}")
     _check(0 <= o.min_lr < math.inf, "optim.min_lr", "must be >= 0 and finite")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")

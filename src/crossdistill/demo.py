@@ -30,15 +30,22 @@ def run_demo(output_dir: str = "demo_runs", epochs: int | None = None, overwrite
     say("\n== 3/3 the same student distilled from the ViT with RSD ==")
     rsd = train(
         load_config(recipe("demo/rsd.yaml"), common + [f"teacher.checkpoint={teacher_ckpt}"]),
-        overwrite=overwrite, out=out,
+        overwrite=overwrite,
+        out=out,
     )
     wall = time.time() - started
-    rows = [("teacher  (ViT, vanilla)", teacher), ("student  (ResNet, scratch)", scratch), ("student  (ResNet, RSD)", rsd)]
+    rows = [
+        ("teacher  (ViT, vanilla)", teacher),
+        ("student  (ResNet, scratch)", scratch),
+        ("student  (ResNet, RSD)", rsd),
+    ]
     say("\n== crossdistill demo: digits test accuracy (360 images) ==")
     say(f"{'run':<28} {'last top-1':>10} {'best top-1':>10}  run directory")
     for label, summary in rows:
         say(f"{label:<28} {summary.last_top1:>10.2f} {summary.best_top1:>10.2f}  {summary.run_dir}")
-    say(f"RSD - scratch (last epoch): {rsd.last_top1 - scratch.last_top1:+.2f} points; "
-        f"RSD adds {rsd.extra_parameters / 1e3:.1f}k trainable parameters (AAD), dropped after training")
+    say(
+        f"RSD - scratch (last epoch): {rsd.last_top1 - scratch.last_top1:+.2f} points; "
+        f"RSD adds {rsd.extra_parameters / 1e3:.1f}k trainable parameters (AAD), dropped after training"
+    )
     say(f"total time {wall:.1f}s")
     return {"teacher": teacher, "scratch": scratch, "rsd": rsd, "wall_time_s": wall}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_weights_file
-from .config import ModelConfig, RunConfig, apply_overrides, build_config, check_config_size, load_config
+from .config import ModelConfig, apply_overrides, build_config, check_config_size, load_config
 from .data import build_data
 from .engine.distributed import resolve_device
 from .engine.setup import student_data_config
@@ -55,8 +54,11 @@ def evaluate_checkpoint(
     name = model or run_cfg.student.name
     kwargs = run_cfg.student.kwargs if name == run_cfg.student.name else {}
     data_cfg = run_cfg.data
-    changes = {k: v for k, v in (("dataset", dataset), ("root", root), ("img_size", img_size),
-                                 ("num_workers", num_workers)) if v is not None}
+    changes = {
+        k: v
+        for k, v in (("dataset", dataset), ("root", root), ("img_size", img_size), ("num_workers", num_workers))
+        if v is not None
+    }
     normalization = loaded.get("normalization")
     if isinstance(normalization, dict) and data_cfg.mean is None:
         changes.update(mean=tuple(normalization["mean"]), std=tuple(normalization["std"]))

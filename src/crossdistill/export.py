@@ -146,11 +146,14 @@ def require_onnx(exporter: str = "auto") -> str:
 
 def _check_run_dir(run_dir: Path) -> None:
     if not run_dir.exists():
-        raise CrossDistillError(f"run directory {run_dir} does not exist; pass the directory `crossdistill train` "
-                                "wrote (<train.output_dir>/<train.run_name>)")
+        raise CrossDistillError(
+            f"run directory {run_dir} does not exist; pass the directory `crossdistill train` "
+            "wrote (<train.output_dir>/<train.run_name>)"
+        )
     if not run_dir.is_dir():
-        raise CrossDistillError(f"{run_dir} is a file, not a run directory; pass the directory that holds "
-                                "config.yaml, best.pt and last.pt")
+        raise CrossDistillError(
+            f"{run_dir} is a file, not a run directory; pass the directory that holds config.yaml, best.pt and last.pt"
+        )
     if not any((run_dir / name).is_file() for name in ("config.yaml", "best.pt", "last.pt")):
         raise CrossDistillError(
             f"{run_dir} is not a crossdistill run directory (no config.yaml, best.pt or last.pt in it); pass the "
@@ -185,8 +188,9 @@ def _run_uses_ema(run_dir: Path) -> bool:
 def select_checkpoint(run_dir: Path, weights: str | None) -> tuple[str, Path, dict[str, Any], dict[str, torch.Tensor]]:
     """(weights kind, checkpoint path, checkpoint dict, student state dict) for ``weights``."""
     if weights is not None and weights not in WEIGHTS:
-        raise CrossDistillError(f"unknown --weights {weights!r}; choose from {', '.join(WEIGHTS)}."
-                                + suggest(weights, WEIGHTS))
+        raise CrossDistillError(
+            f"unknown --weights {weights!r}; choose from {', '.join(WEIGHTS)}." + suggest(weights, WEIGHTS)
+        )
     best, last = run_dir / "best.pt", run_dir / "last.pt"
     if weights is None or weights == "ema":
         if (weights == "ema" or _run_uses_ema(run_dir)) and last.is_file():
@@ -203,8 +207,11 @@ def select_checkpoint(run_dir: Path, weights: str | None) -> tuple[str, Path, di
     path = best if weights == "best" else last
     if not path.is_file():
         other = "last" if weights == "best" else "best"
-        hint = (f"; pass --weights {other} to export {other}.pt" if (run_dir / f"{other}.pt").is_file()
-                else "; train (or resume) the run until it has evaluated at least once")
+        hint = (
+            f"; pass --weights {other} to export {other}.pt"
+            if (run_dir / f"{other}.pt").is_file()
+            else "; train (or resume) the run until it has evaluated at least once"
+        )
         raise CrossDistillError(f"{run_dir} has no {path.name}{hint}")
     state = _load_run_checkpoint(path)
     return weights, path, state, state["student"]
@@ -270,8 +277,14 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict
     write_bytes_atomic(path, data, hint=EXPORT_DISK_HINT)
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: str = "auto",
-                opset: int | None = None, say: Callable[[str], None] = lambda s: None) -> str:
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    exporter: str = "auto",
+    opset: int | None = None,
+    say: Callable[[str], None] = lambda s: None,
+) -> str:
     """Export ``model`` (eval mode) to ONNX with a dynamic batch axis; returns the exporter used.
 
     ``auto`` uses torch's default exporter (``dynamo=True``, torch.export + onnxscript) and falls
@@ -290,14 +303,28 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             # a big model's weights go to target + ".data", which the temporary folder holds too
-            torch.onnx.export(model, (example,), str(target), dynamo=True, dynamic_shapes=({0: batch},),
-                              external_data=big, verbose=False, **kwargs)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(target),
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                external_data=big,
+                verbose=False,
+                **kwargs,
+            )
 
     def torchscript(target: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation and tracer warnings about shape-dependent branches
-            torch.onnx.export(model, (example,), str(target), dynamo=False,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(target),
+                dynamo=False,
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                **kwargs,
+            )
 
     if exporter in ("auto", "dynamo"):
         try:
@@ -311,8 +338,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
                     f"the dynamo ONNX exporter failed on this model ({_first_line(err)}); "
                     "pass --onnx-exporter torchscript"
                 ) from None
-            say(f"  note: torch's dynamo ONNX exporter failed ({_first_line(err)[:200]}); "
-                "falling back to the TorchScript exporter (dynamo=False)")
+            say(
+                f"  note: torch's dynamo ONNX exporter failed ({_first_line(err)[:200]}); "
+                "falling back to the TorchScript exporter (dynamo=False)"
+            )
     try:
         write_path_atomic(path, torchscript, hint=EXPORT_DISK_HINT)
     except NoSpaceError:
@@ -340,8 +369,9 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def _timm_logits_from_safetensors(name: str, kwargs: dict[str, Any], path: Path, num_classes: int,
-                                  x: torch.Tensor) -> torch.Tensor:
+def _timm_logits_from_safetensors(
+    name: str, kwargs: dict[str, Any], path: Path, num_classes: int, x: torch.Tensor
+) -> torch.Tensor:
     import timm
 
     # exactly what a user of plain timm writes; num_classes in the overlay keeps the classifier
@@ -438,20 +468,36 @@ def export_run(
     try:
         model.load_state_dict(student_state, strict=True)
     except RuntimeError as err:
-        raise CrossDistillError(f"{ckpt_path}: the student weights do not fit {name} {shorten(kwargs)}: "
-                                f"{one_line(err)[:2 * SHOWN_CHARS]}") from None
+        raise CrossDistillError(
+            f"{ckpt_path}: the student weights do not fit {name} {shorten(kwargs)}: {one_line(err)[: 2 * SHOWN_CHARS]}"
+        ) from None
     model.eval()
     preprocessing = eval_preprocessing(cfg, state.get("normalization"))
     dropped = sorted((state.get("extras") or {}).keys())
-    result = ExportResult(out_dir=out_dir, model=name, num_classes=num_classes, weights=kind, checkpoint=ckpt_path,
-                          epoch=state.get("epoch"), dropped=dropped)
+    result = ExportResult(
+        out_dir=out_dir,
+        model=name,
+        num_classes=num_classes,
+        weights=kind,
+        checkpoint=ckpt_path,
+        epoch=state.get("epoch"),
+        dropped=dropped,
+    )
     label = {"ema": "EMA weights", "best": "best-epoch weights", "last": "last-epoch weights"}[kind]
     say(f"export: {ckpt_path} ({label}, epoch {result.epoch}) -> {out_dir}")
-    say(f"  student {name}{' ' + json.dumps(kwargs) if kwargs else ''}: {num_classes} classes, "
+    say(
+        f"  student {name}{' ' + json.dumps(kwargs) if kwargs else ''}: {num_classes} classes, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, input {preprocessing['input_size']}, "
-        f"mean {preprocessing['mean']} std {preprocessing['std']}")
-    say("  " + (f"dropped (training only): {', '.join(dropped)}" if dropped
-                else "student weights only (this checkpoint holds no AAD/projector)"))
+        f"mean {preprocessing['mean']} std {preprocessing['std']}"
+    )
+    say(
+        "  "
+        + (
+            f"dropped (training only): {', '.join(dropped)}"
+            if dropped
+            else "student weights only (this checkpoint holds no AAD/projector)"
+        )
+    )
 
     x, result.check_input = check_batch(cfg, state.get("normalization"), check_size)
     with torch.no_grad():
@@ -474,8 +520,11 @@ def export_run(
         result.files[fmt] = path
         if fmt == "safetensors":
             write_safetensors(exported, path, {"architecture": name, "num_classes": str(num_classes)})
-            check(fmt, _max_diff(_timm_logits_from_safetensors(name, kwargs, path, num_classes, x), reference),
-                  "timm.create_model(pretrained_cfg_overlay=dict(file=...))")
+            check(
+                fmt,
+                _max_diff(_timm_logits_from_safetensors(name, kwargs, path, num_classes, x), reference),
+                "timm.create_model(pretrained_cfg_overlay=dict(file=...))",
+            )
             how = "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=N))"
         elif fmt == "timm":
             save_atomic(exported, path, hint=EXPORT_DISK_HINT)
@@ -491,10 +540,11 @@ def export_run(
             for batch, logits in _onnx_logits(path, x):
                 with torch.no_grad():
                     check(fmt, _max_diff(logits, model(batch)), f"onnxruntime, batch {len(batch)}")
-            how = (f"onnxruntime CPU, batches of {len(x)} and 1 ({result.onnx_exporter} exporter, "
-                   "dynamic batch axis)")
-        say(f"  {fmt:<12} {path}  logits equal the checkpoint's: max abs diff {result.max_abs_diff[fmt]:.3g} "
-            f"<= {TOLERANCE[fmt]:g} via {how}")
+            how = f"onnxruntime CPU, batches of {len(x)} and 1 ({result.onnx_exporter} exporter, dynamic batch axis)"
+        say(
+            f"  {fmt:<12} {path}  logits equal the checkpoint's: max abs diff {result.max_abs_diff[fmt]:.3g} "
+            f"<= {TOLERANCE[fmt]:g} via {how}"
+        )
 
     model_config = build_sidecar(cfg, name, kwargs, num_classes, classes, preprocessing, model, result, state, run_dir)
     result.sidecar = out_dir / SIDECAR
@@ -506,8 +556,10 @@ def export_run(
             if local is not None:
                 diff = _max_diff(local, reference)
                 check("safetensors", diff, f"timm.create_model('local-dir:{out_dir}', pretrained=True)")
-                say(f"  {'local-dir':<12} timm.create_model('local-dir:{out_dir}', pretrained=True) loads "
-                    f"{SIDECAR} + {FORMATS['safetensors']}: max abs diff {diff:.3g}")
+                say(
+                    f"  {'local-dir':<12} timm.create_model('local-dir:{out_dir}', pretrained=True) loads "
+                    f"{SIDECAR} + {FORMATS['safetensors']}: max abs diff {diff:.3g}"
+                )
         except BaseException:
             result.sidecar.unlink(missing_ok=True)
             raise
@@ -517,9 +569,18 @@ def export_run(
     return result
 
 
-def build_sidecar(cfg, name: str, kwargs: dict[str, Any], num_classes: int, classes: list[str],
-                  preprocessing: dict[str, Any], model: nn.Module, result: ExportResult, state: dict[str, Any],
-                  run_dir: Path) -> dict[str, Any]:
+def build_sidecar(
+    cfg,
+    name: str,
+    kwargs: dict[str, Any],
+    num_classes: int,
+    classes: list[str],
+    preprocessing: dict[str, Any],
+    model: nn.Module,
+    result: ExportResult,
+    state: dict[str, Any],
+    run_dir: Path,
+) -> dict[str, Any]:
     """What crossdistill adds to timm's ``config.json`` (the ``model_config`` of :func:`write_sidecar`): the
     eval preprocessing and head of the run, the class names, and a ``crossdistill`` provenance section."""
     timm_cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -548,16 +609,26 @@ def build_sidecar(cfg, name: str, kwargs: dict[str, Any], num_classes: int, clas
         "teacher": cfg.teacher.name if cfg.teacher is not None else None,
         "dropped": result.dropped,
         "files": {fmt: path.name for fmt, path in result.files.items()},
-        "onnx": {"exporter": result.onnx_exporter, "input": "input", "output": "logits",
-                 "dynamic_axes": {"input": [0], "logits": [0]}} if result.onnx_exporter else None,
-        "checks": {"input": result.check_input,
-                   "max_abs_diff": result.max_abs_diff, "tolerance": {f: TOLERANCE[f] for f in result.files}},
+        "onnx": {
+            "exporter": result.onnx_exporter,
+            "input": "input",
+            "output": "logits",
+            "dynamic_axes": {"input": [0], "logits": [0]},
+        }
+        if result.onnx_exporter
+        else None,
+        "checks": {
+            "input": result.check_input,
+            "max_abs_diff": result.max_abs_diff,
+            "tolerance": {f: TOLERANCE[f] for f in result.files},
+        },
     }
     return model_config
 
 
-def write_sidecar(path: Path, model: nn.Module, kwargs: dict[str, Any], model_config: dict[str, Any],
-                  preprocessing: dict[str, Any]) -> None:
+def write_sidecar(
+    path: Path, model: nn.Module, kwargs: dict[str, Any], model_config: dict[str, Any], preprocessing: dict[str, Any]
+) -> None:
     """Write ``config.json`` with timm's own ``save_config_for_hf`` (atomically): architecture, num_classes,
     num_features, global_pool, label_names, model_args (the run's kwargs and, in newer timm, the arguments
     it reads off the model to rebuild it) and pretrained_cfg, plus the keys of ``model_config`` it does not
@@ -579,9 +650,16 @@ def write_sidecar(path: Path, model: nn.Module, kwargs: dict[str, Any], model_co
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    result = export_run(args.run_dir, formats=args.format, weights=args.weights, out=args.out,
-                        onnx_exporter=args.onnx_exporter, opset=args.opset, check_size=args.check_size,
-                        stream=sys.stderr if args.json else sys.stdout)
+    result = export_run(
+        args.run_dir,
+        formats=args.format,
+        weights=args.weights,
+        out=args.out,
+        onnx_exporter=args.onnx_exporter,
+        opset=args.opset,
+        check_size=args.check_size,
+        stream=sys.stderr if args.json else sys.stdout,
+    )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     return 0
@@ -589,19 +667,32 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "export", help="write a run's student alone as safetensors / timm state dict / ONNX, checked",
+        "export",
+        help="write a run's student alone as safetensors / timm state dict / ONNX, checked",
         description="Write the student of a run (AAD/projectors dropped) as files plain timm or onnxruntime "
-                    "loads, plus config.json; each file's logits are checked against the checkpoint's.",
+        "loads, plus config.json; each file's logits are checked against the checkpoint's.",
     )
     p.add_argument("run_dir", help="a run directory written by `crossdistill train`")
-    p.add_argument("--weights", default=None, metavar="{best,last,ema}",
-                   help="which weights: best.pt, last.pt, or the EMA in last.pt (default: ema if the run kept one, "
-                        "else best)")
-    p.add_argument("--format", nargs="+", default=None, metavar="FORMAT",
-                   help=f"one or more of {', '.join(FORMATS)} (default: {' '.join(DEFAULT_FORMATS)})")
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="{best,last,ema}",
+        help="which weights: best.pt, last.pt, or the EMA in last.pt (default: ema if the run kept one, else best)",
+    )
+    p.add_argument(
+        "--format",
+        nargs="+",
+        default=None,
+        metavar="FORMAT",
+        help=f"one or more of {', '.join(FORMATS)} (default: {' '.join(DEFAULT_FORMATS)})",
+    )
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export)")
-    p.add_argument("--onnx-exporter", default="auto", choices=ONNX_EXPORTERS,
-                   help="auto: torch's dynamo exporter, falling back to TorchScript if it fails")
+    p.add_argument(
+        "--onnx-exporter",
+        default="auto",
+        choices=ONNX_EXPORTERS,
+        help="auto: torch's dynamo exporter, falling back to TorchScript if it fails",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--check-size", type=int, default=8, help="images in the logits check batch")
     p.add_argument("--json", action="store_true", help="print the result as JSON (log lines go to stderr)")

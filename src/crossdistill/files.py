@@ -51,7 +51,7 @@ def is_disk_full(err: BaseException) -> bool:
 
 def no_space_error(path: str | Path, hint: str) -> NoSpaceError:
     """The one-line error for a write to ``path`` that found the disk full (call it before anything is removed)."""
-    kept = ("the previous version of this file is intact" if Path(path).exists() else "the file was not written")
+    kept = "the previous version of this file is intact" if Path(path).exists() else "the file was not written"
     return NoSpaceError(f"no space left on the device while writing {path}; {kept}. {hint}")
 
 
@@ -117,8 +117,7 @@ def write_text_atomic(path: str | Path, text: str, *, hint: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"), hint=hint)
 
 
-def write_path_atomic(path: str | Path, write: Callable[[Path], object], *, hint: str,
-                      exclusive: bool = False) -> bool:
+def write_path_atomic(path: str | Path, write: Callable[[Path], object], *, hint: str, exclusive: bool = False) -> bool:
     """Call ``write(target)`` for a library that writes to a path, then move what it wrote to ``path`` atomically.
 
     ``target`` has ``path``'s own name, inside a fresh temporary folder beside ``path``

@@ -27,7 +27,10 @@ def parse_method_args(items: Sequence[str] | Mapping[str, Any]) -> dict[str, Any
 
 
 def count_method_parameters(
-    method: str, teacher: str, student: str, num_classes: int = 1000,
+    method: str,
+    teacher: str,
+    student: str,
+    num_classes: int = 1000,
     method_args: Sequence[str] | Mapping[str, Any] = (),
 ) -> dict[str, Any]:
     """Student parameters and the method's extra trainable parameters (projectors, AAD, aligners).

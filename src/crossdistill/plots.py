@@ -94,7 +94,7 @@ DIAGNOSTIC_WORDS = ("grad", "time", "skipped", "nonfinite", "throughput", "lr")
 
 
 def is_loss_term(key: str) -> bool:
-    return key.startswith("train_") and not any(word in key[len("train_"):] for word in DIAGNOSTIC_WORDS)
+    return key.startswith("train_") and not any(word in key[len("train_") :] for word in DIAGNOSTIC_WORDS)
 
 
 def _train_columns(all_rows: Sequence[Sequence[dict[str, float]]]) -> tuple[list[str], list[str]]:
@@ -118,8 +118,9 @@ def _series(rows: Sequence[dict[str, float]], key: str) -> tuple[list[float], li
 # ---------------------------------------------------------------- the figure
 
 
-def plot_runs(run_dirs: Sequence[str | Path], out: str | Path = CURVES, labels: Sequence[str] | None = None,
-              dpi: int = 150) -> Path:
+def plot_runs(
+    run_dirs: Sequence[str | Path], out: str | Path = CURVES, labels: Sequence[str] | None = None, dpi: int = 150
+) -> Path:
     """Draw the curves of ``run_dirs`` into the PNG ``out``; returns its path."""
     if not run_dirs:
         raise CrossDistillError("plot needs at least one run directory")
@@ -129,8 +130,11 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path = CURVES, labels: 
     labels = list(labels) if labels else run_labels(run_dirs)
     terms, diagnostics = _train_columns(all_rows)
     has_ema = any("ema_top1" in r for rows in all_rows for r in rows)
-    panels: list[tuple[str, str]] = ([(term, "loss") for term in terms] + [("top1", "acc"), ("lr", "lr")]
-                                     + [(key, "diagnostic") for key in diagnostics])
+    panels: list[tuple[str, str]] = (
+        [(term, "loss") for term in terms]
+        + [("top1", "acc"), ("lr", "lr")]
+        + [(key, "diagnostic") for key in diagnostics]
+    )
     epochs = [r["epoch"] for rows in all_rows for r in rows]
     first, last = min(epochs), max(epochs)
     pad = max(0.5, 0.03 * (last - first))
@@ -157,13 +161,14 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path = CURVES, labels: 
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
         if kind == "loss":
-            term = key[len("train_"):]
+            term = key[len("train_") :]
             # the logged terms are the weighted contributions that sum to the total
-            ax.set_title("total training loss" if term == "loss" else f"loss term: {term} (as added to the total)",
-                         fontsize=10)
+            ax.set_title(
+                "total training loss" if term == "loss" else f"loss term: {term} (as added to the total)", fontsize=10
+            )
             ax.set_ylabel(f"train {term}")
         elif kind == "diagnostic":
-            term = key[len("train_"):]
+            term = key[len("train_") :]
             ax.set_title(f"training diagnostic: {term} (epoch mean)", fontsize=10)
             ax.set_ylabel(term)
         elif kind == "acc":
@@ -172,9 +177,14 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path = CURVES, labels: 
             if has_ema:
                 from matplotlib.lines import Line2D
 
-                ax.legend(handles=[Line2D([], [], color="0.3", label="eval"),
-                                   Line2D([], [], color="0.3", linestyle="--", label="EMA")],
-                          fontsize=8, loc="best")
+                ax.legend(
+                    handles=[
+                        Line2D([], [], color="0.3", label="eval"),
+                        Line2D([], [], color="0.3", linestyle="--", label="EMA"),
+                    ],
+                    fontsize=8,
+                    loc="best",
+                )
         else:
             ax.set_title("learning rate (end of epoch)", fontsize=10)
             ax.set_ylabel("lr")
@@ -185,14 +195,21 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path = CURVES, labels: 
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.set_xlim(first - pad, last + pad)  # one epoch range for every panel, also for single-epoch runs
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside upper center", ncols=min(len(names), 4), fontsize=9,
-               title="run", title_fontsize=9, frameon=False)
+    fig.legend(
+        handles,
+        names,
+        loc="outside upper center",
+        ncols=min(len(names), 4),
+        fontsize=9,
+        title="run",
+        title_fontsize=9,
+        frameon=False,
+    )
     out = Path(out)
-    write_path_atomic(out, lambda target: fig.savefig(target, dpi=dpi, format=out.suffix[1:] or "png"),
-                      hint=RERUN_HINT)
+    write_path_atomic(out, lambda target: fig.savefig(target, dpi=dpi, format=out.suffix[1:] or "png"), hint=RERUN_HINT)
     return out
 
 
@@ -211,9 +228,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "plot", help="training curves (loss terms, top-1, lr) of one or more runs",
+        "plot",
+        help="training curves (loss terms, top-1, lr) of one or more runs",
         description="Plot the metrics.csv of one or more runs, overlaid: one panel per loss term, top-1 "
-                    "(eval, EMA dashed), learning rate.",
+        "(eval, EMA dashed), learning rate.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by `crossdistill train`")
     p.add_argument("--out", default=None, help="output directory (or a .png path); default: the current directory")

@@ -28,10 +28,19 @@ from .distillers import method_config
 from .errors import CrossDistillError, one_line
 from .files import RERUN_HINT, write_text_atomic
 
-IGNORED_KEYS = frozenset({
-    "train.seed", "train.run_name", "train.output_dir", "train.device", "train.progress", "train.tensorboard",
-    "train.eval_batch_size", "data.num_workers", "data.cache_dir",
-})
+IGNORED_KEYS = frozenset(
+    {
+        "train.seed",
+        "train.run_name",
+        "train.output_dir",
+        "train.device",
+        "train.progress",
+        "train.tensorboard",
+        "train.eval_batch_size",
+        "data.num_workers",
+        "data.cache_dir",
+    }
+)
 """Config keys that do not define an experiment: runs differing only here are seeds of one group."""
 _SHOWN = ("teacher.name", "student.name", "method", "train.epochs")
 
@@ -199,9 +208,11 @@ def report_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     # settings present in every group, differing between groups, without a column of their own
     common = set.intersection(*(set(g.flat) for g in groups))
     varying = sorted(
-        key for key in common
+        key
+        for key in common
         if len({json.dumps(g.flat[key], default=str) for g in groups}) > 1
-        and key not in _SHOWN and not key.startswith("method_args")
+        and key not in _SHOWN
+        and not key.startswith("method_args")
     )
     has_ema = any(r.summary.get("ema_best_top1") is not None for r in runs)
     rows = []
@@ -215,22 +226,27 @@ def report_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         wall = mean_std([s.get("wall_time_s") for s in summaries])
         extra = [s.get("extra_parameters") for s in summaries if s.get("extra_parameters") is not None]
         margs = method_args_of(config)
-        rows.append({
-            "teacher": teacher.get("name") or "-",
-            "student": (config.get("student") or {}).get("name", "?"),
-            "method": config.get("method", "?"),
-            "method_args": ", ".join(f"{k}={_value(v)}" for k, v in margs.items()) or "-",
-            "epochs": (config.get("train") or {}).get("epochs"),
-            "seeds": [r.seed for r in group.runs],
-            "n": len(group.runs),
-            "last_top1_mean": last[0], "last_top1_std": last[1],
-            "best_top1_mean": best[0], "best_top1_std": best[1],
-            "ema_best_top1_mean": ema[0] if has_ema else None, "ema_best_top1_std": ema[1] if has_ema else None,
-            "wall_time_s_mean": wall[0],
-            "extra_parameters": max(extra) if extra else None,
-            "other": ", ".join(f"{k}={_value(group.flat.get(k, '-'))}" for k in varying),
-            "runs": [str(r.path) for r in group.runs],
-        })
+        rows.append(
+            {
+                "teacher": teacher.get("name") or "-",
+                "student": (config.get("student") or {}).get("name", "?"),
+                "method": config.get("method", "?"),
+                "method_args": ", ".join(f"{k}={_value(v)}" for k, v in margs.items()) or "-",
+                "epochs": (config.get("train") or {}).get("epochs"),
+                "seeds": [r.seed for r in group.runs],
+                "n": len(group.runs),
+                "last_top1_mean": last[0],
+                "last_top1_std": last[1],
+                "best_top1_mean": best[0],
+                "best_top1_std": best[1],
+                "ema_best_top1_mean": ema[0] if has_ema else None,
+                "ema_best_top1_std": ema[1] if has_ema else None,
+                "wall_time_s_mean": wall[0],
+                "extra_parameters": max(extra) if extra else None,
+                "other": ", ".join(f"{k}={_value(group.flat.get(k, '-'))}" for k in varying),
+                "runs": [str(r.path) for r in group.runs],
+            }
+        )
     return rows
 
 
@@ -242,27 +258,54 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header += ["wall time", "extra params"] + (["other settings"] if has_other else []) + ["runs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
-        cells = [r["teacher"], r["student"], r["method"], r["method_args"], str(r["epochs"]),
-                 ", ".join(str(s) for s in r["seeds"]),
-                 format_mean_std(r["last_top1_mean"], r["last_top1_std"]),
-                 format_mean_std(r["best_top1_mean"], r["best_top1_std"])]
+        cells = [
+            r["teacher"],
+            r["student"],
+            r["method"],
+            r["method_args"],
+            str(r["epochs"]),
+            ", ".join(str(s) for s in r["seeds"]),
+            format_mean_std(r["last_top1_mean"], r["last_top1_std"]),
+            format_mean_std(r["best_top1_mean"], r["best_top1_std"]),
+        ]
         if has_ema:
-            cells.append(format_mean_std(r["ema_best_top1_mean"] if r["ema_best_top1_mean"] is not None else math.nan,
-                                         r["ema_best_top1_std"]))
+            cells.append(
+                format_mean_std(
+                    r["ema_best_top1_mean"] if r["ema_best_top1_mean"] is not None else math.nan, r["ema_best_top1_std"]
+                )
+            )
         cells += [format_seconds(r["wall_time_s_mean"]), format_count(r["extra_parameters"])]
         if has_other:
             cells.append(r["other"] or "-")
         cells.append(", ".join(Path(p).name for p in r["runs"]))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines.append("")
-    lines.append("top-1 in %: mean ± sample std (n - 1) over the runs of a row; runs share a row when their configs "
-                 "differ only in the seed (or run name, output directory, device). Wall time: mean per run.")
+    lines.append(
+        "top-1 in %: mean ± sample std (n - 1) over the runs of a row; runs share a row when their configs "
+        "differ only in the seed (or run name, output directory, device). Wall time: mean per run."
+    )
     return "\n".join(lines)
 
 
-CSV_FIELDS = ["teacher", "student", "method", "method_args", "epochs", "seeds", "n", "last_top1_mean", "last_top1_std",
-              "best_top1_mean", "best_top1_std", "ema_best_top1_mean", "ema_best_top1_std", "wall_time_s_mean",
-              "extra_parameters", "other", "runs"]
+CSV_FIELDS = [
+    "teacher",
+    "student",
+    "method",
+    "method_args",
+    "epochs",
+    "seeds",
+    "n",
+    "last_top1_mean",
+    "last_top1_std",
+    "best_top1_mean",
+    "best_top1_std",
+    "ema_best_top1_mean",
+    "ema_best_top1_std",
+    "wall_time_s_mean",
+    "extra_parameters",
+    "other",
+    "runs",
+]
 
 
 def _csv_value(value: Any) -> Any:
@@ -294,12 +337,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "report", help="markdown table across runs (seeds grouped: mean ± std)",
+        "report",
+        help="markdown table across runs (seeds grouped: mean ± std)",
         description="Summarise runs as a markdown table: teacher, student, method, its hyper-parameters, seeds, "
-                    "last/best top-1 as mean ± std over seeds, wall time, extra parameters.",
+        "last/best top-1 as mean ± std over seeds, wall time, extra parameters.",
     )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run directories (a directory holding runs, e.g. runs/, stands for all of them)")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories (a directory holding runs, e.g. runs/, stands for all of them)",
+    )
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
     p.set_defaults(func=_cmd_report)
     return p

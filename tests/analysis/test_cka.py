@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_run
 from crossdistill.analysis import (
     MinibatchCKA,
     cka_matrix,
@@ -20,9 +21,6 @@ from crossdistill.cli import main
 from crossdistill.config import build_config
 from crossdistill.engine import train
 from crossdistill.errors import CrossDistillError
-
-from conftest import tiny_run
-
 
 # ---------------------------------------------------------------- an independent reference (numpy, textbook form)
 
@@ -124,7 +122,7 @@ def test_minibatch_cka_is_close_to_full_cka_on_large_n():
     # the accumulator over several layers gives the same number for the same pair
     acc = MinibatchCKA()
     for start in range(0, 4000, 400):
-        acc.update([x[start:start + 400], y[start:start + 400]], [y[start:start + 400]])
+        acc.update([x[start : start + 400], y[start : start + 400]], [y[start : start + 400]])
     matrix = acc.compute()
     assert matrix.shape == (2, 1)
     assert matrix[0, 0] == pytest.approx(mini, abs=1e-12)
@@ -177,8 +175,10 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cka")
     small = {"train_subset": 64, "eval_subset": 40}
     train(build_config(tiny_run(tmp, train={"epochs": 1, "run_name": "rsd"}, data=small)), out=io.StringIO())
-    train(build_config(tiny_run(tmp, method="vanilla", train={"epochs": 1, "run_name": "scratch"}, data=small)),
-          out=io.StringIO())
+    train(
+        build_config(tiny_run(tmp, method="vanilla", train={"epochs": 1, "run_name": "scratch"}, data=small)),
+        out=io.StringIO(),
+    )
     return tmp / "runs"
 
 
@@ -189,8 +189,21 @@ def _read_csv(path):
 
 def test_analyze_cka_on_a_run_directory_with_compare(runs, tmp_path, capsys):
     out = tmp_path / "cka"
-    code = main(["analyze", "cka", str(runs / "rsd"), "--compare-checkpoint", str(runs / "scratch" / "best.pt"),
-                 "--samples", "48", "--batch-size", "16", "--out", str(out)])
+    code = main(
+        [
+            "analyze",
+            "cka",
+            str(runs / "rsd"),
+            "--compare-checkpoint",
+            str(runs / "scratch" / "best.pt"),
+            "--samples",
+            "48",
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     png, table = out / "cka.png", out / "cka.csv"
@@ -210,9 +223,27 @@ def test_analyze_cka_on_a_run_directory_with_compare(runs, tmp_path, capsys):
 
 def test_analyze_cka_with_explicit_checkpoints_and_minibatch(runs, tmp_path, capsys):
     out = tmp_path / "mb"
-    code = main(["analyze", "cka", "--teacher", "test_vit", "--student-checkpoint", str(runs / "rsd" / "best.pt"),
-                 "--config", str(runs / "rsd" / "config.yaml"), "--samples", "40", "--batch-size", "20",
-                 "--estimator", "minibatch", "--out", str(out), "--json"])
+    code = main(
+        [
+            "analyze",
+            "cka",
+            "--teacher",
+            "test_vit",
+            "--student-checkpoint",
+            str(runs / "rsd" / "best.pt"),
+            "--config",
+            str(runs / "rsd" / "config.yaml"),
+            "--samples",
+            "40",
+            "--batch-size",
+            "20",
+            "--estimator",
+            "minibatch",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     import json

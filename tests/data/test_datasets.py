@@ -472,11 +472,15 @@ def test_archive_skip_corrupt_drops_the_member_and_the_cache_remembers(tmp_path,
     with caplog.at_level("WARNING", logger="crossdistill.data"):
         b = build_data(folder_cfg(archive, cache, skip_corrupt=True), STUDENT)
     assert (len(b.train), len(b.eval)) == (2, 2)
-    assert any("skipped 1 image(s)" in r.getMessage() and "test/dog/broken.jpg" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "skipped 1 image(s)" in r.getMessage() and "test/dog/broken.jpg" in r.getMessage() for r in caplog.records
+    )
     # the decoded cache exists now; without skip_corrupt it is still an error, not a smaller dataset
-    with pytest.raises(CrossDistillError, match=r"1 image\(s\) that cannot be decoded: 'test/dog/broken\.jpg'; "
-                                                r"set data.skip_corrupt=true"):
+    with pytest.raises(
+        CrossDistillError,
+        match=r"1 image\(s\) that cannot be decoded: 'test/dog/broken\.jpg'; "
+        r"set data.skip_corrupt=true",
+    ):
         build_data(folder_cfg(archive, cache), STUDENT)
 
 
@@ -493,10 +497,13 @@ def test_archive_member_over_the_size_limit_is_refused_unread(tmp_path, cache):
     archive = tmp_path / "huge.tar.gz"
     with gzip.open(archive, "wb") as out:  # tar blocks written by hand: 4 kB follow the 1 GiB header
         out.write(small.tobuf() + image.ljust(-(-len(image) // 512) * 512, b"\0") + huge.tobuf() + b"\0" * 4096)
-    with pytest.raises(CrossDistillError, match=r"archive member 'train/cat/huge\.png' of '.*huge\.tar\.gz' as an "
-                                                r"image: it is 1073741824 bytes, more than the 268435456 allowed for "
-                                                r"one image file \(crossdistill.data.archive.MAX_MEMBER_BYTES\); "
-                                                r"downscale or compress it"):
+    with pytest.raises(
+        CrossDistillError,
+        match=r"archive member 'train/cat/huge\.png' of '.*huge\.tar\.gz' as an "
+        r"image: it is 1073741824 bytes, more than the 268435456 allowed for "
+        r"one image file \(crossdistill.data.archive.MAX_MEMBER_BYTES\); "
+        r"downscale or compress it",
+    ):
         build_data(folder_cfg(archive, cache), STUDENT)
 
 
@@ -547,7 +554,11 @@ def test_folder_link_to_an_inner_directory_keeps_the_real_path(tree):
     (cat / "a_link").symlink_to(cat / "z" / "inner", target_is_directory=True)
     b = build_data(folder_cfg(tree), STUDENT)
     assert [Path(p).relative_to(cat).as_posix() for p, y in b.train.samples if y == 0] == [
-        "0000.png", "0001.png", "0002.png", "z/inner/0005.png"]
+        "0000.png",
+        "0001.png",
+        "0002.png",
+        "z/inner/0005.png",
+    ]
 
 
 @pytest.mark.parametrize("kind", ["directory", "archive"])
@@ -560,9 +571,12 @@ def test_folder_empty_class_directory_is_named_as_empty(tmp_path, cache, kind, e
     (root / empty_split / "eel").mkdir()
     if kind == "archive":  # with its directory entries, as `tar czf` writes them
         root = make_tar(root, tmp_path / "t.tar.gz")
-    with pytest.raises(CrossDistillError, match=rf"^class directory '{empty_split}/eel' of '.*t(\.tar\.gz)?' has no "
-                                                rf"images, but the '{other}' split has images of that class; add "
-                                                r"images there or remove the class from both splits$"):
+    with pytest.raises(
+        CrossDistillError,
+        match=rf"^class directory '{empty_split}/eel' of '.*t(\.tar\.gz)?' has no "
+        rf"images, but the '{other}' split has images of that class; add "
+        r"images there or remove the class from both splits$",
+    ):
         build_data(folder_cfg(root, cache), STUDENT)
 
 
@@ -579,8 +593,11 @@ def test_folder_unreadable_directory_is_an_error(tree, monkeypatch):
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    with pytest.raises(CrossDistillError, match=r"^cannot list directory '.*train/cat/sub' of the dataset: .*"
-                                                r"Permission denied.*; make it readable or move it out of data.root$"):
+    with pytest.raises(
+        CrossDistillError,
+        match=r"^cannot list directory '.*train/cat/sub' of the dataset: .*"
+        r"Permission denied.*; make it readable or move it out of data.root$",
+    ):
         build_data(folder_cfg(tree), STUDENT)
 
 
@@ -610,7 +627,9 @@ def test_a_full_disk_while_caching_a_decoded_archive_is_one_line(tmp_path, tree,
     with pytest.raises(CrossDistillError) as raised:
         build_data(folder_cfg(archive, cache), STUDENT)
     folder = next(cache.glob("archives/*"))
-    assert str(raised.value) == (f"no space left on the device while writing {folder / 'split0.npz'}; the file was not "
-                                 "written. Free some space (or point data.cache_dir at another disk) and run the "
-                                 "command again.")
+    assert str(raised.value) == (
+        f"no space left on the device while writing {folder / 'split0.npz'}; the file was not "
+        "written. Free some space (or point data.cache_dir at another disk) and run the "
+        "command again."
+    )
     assert not list(folder.iterdir())  # no meta.json (the cache is not complete), no temporary file

@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
 
+from conftest import tiny_run
 from crossdistill.config import build_config
 from crossdistill.data.device_augment import CropParams, DeviceAugment, check_device_augment
 from crossdistill.engine import Trainer
 from crossdistill.errors import CrossDistillError
-
-from conftest import tiny_run
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -23,8 +22,10 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return (x / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("size,scale,ratio", [((32, 32), (0.08, 1.0), (3 / 4, 4 / 3)), ((32, 48), (0.5, 1.0), (0.5, 2.0)),
-                                              ((8, 8), (0.99, 1.0), (1.0, 1.0))])
+@pytest.mark.parametrize(
+    "size,scale,ratio",
+    [((32, 32), (0.08, 1.0), (3 / 4, 4 / 3)), ((32, 48), (0.5, 1.0), (0.5, 2.0)), ((8, 8), (0.99, 1.0), (1.0, 1.0))],
+)
 def test_crop_draws_are_torchvisions(size, scale, ratio):
     image = np.zeros((*size, 3), dtype=np.uint8)
     transform = CropParams(scale, ratio, hflip=0.0)
@@ -55,7 +56,7 @@ def test_a_sub_crop_matches_crop_then_resize_away_from_its_border():
     pixels = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     top, left, h, w = 5, 9, 12, 16
     out = DeviceAugment(48, MEAN, STD)(pixels, torch.tensor([[top, left, h, w, 0]], dtype=torch.float32))
-    crop = pixels[:, :, top:top + h, left:left + w].float()
+    crop = pixels[:, :, top : top + h, left : left + w].float()
     expected = _normalise(F.interpolate(crop, size=(48, 48), mode="bilinear", align_corners=False))
     # at the crop's border roi_align reads the true neighbouring pixels where resize-after-crop clamps
     torch.testing.assert_close(out[..., 4:-4, 4:-4], expected[..., 4:-4, 4:-4], atol=1e-4, rtol=0)
@@ -81,8 +82,12 @@ def test_crop_params_transform_keeps_the_pixels_and_is_seeded_per_sample():
 
 
 def _fit(tmp_path, name, **data):
-    raw = tiny_run(tmp_path, method="kd", train={"epochs": 1, "run_name": name},
-                   data={"train_subset": 128, "eval_subset": 50, "hflip": 0.5, **data})
+    raw = tiny_run(
+        tmp_path,
+        method="kd",
+        train={"epochs": 1, "run_name": name},
+        data={"train_subset": 128, "eval_subset": 50, "hflip": 0.5, **data},
+    )
     trainer = Trainer(build_config(raw), out=io.StringIO())
     summary = trainer.fit()
     return summary, {k: v.detach().clone() for k, v in trainer.distiller.state_dict().items()}
@@ -115,7 +120,15 @@ def test_device_augment_refuses_images_of_several_sizes(tmp_path):
             folder = tmp_path / "imgs" / split / cls
             folder.mkdir(parents=True)
             Image.new("RGB", (size, size)).save(folder / "x.png")
-    raw = tiny_run(tmp_path, data={"dataset": "folder", "root": str(tmp_path / "imgs"), "device_augment": True,
-                                   "train_subset": None, "eval_subset": None})
+    raw = tiny_run(
+        tmp_path,
+        data={
+            "dataset": "folder",
+            "root": str(tmp_path / "imgs"),
+            "device_augment": True,
+            "train_subset": None,
+            "eval_subset": None,
+        },
+    )
     with pytest.raises(CrossDistillError, match="device_augment needs the training images in memory"):
         Trainer(build_config(raw), out=io.StringIO())

@@ -42,8 +42,12 @@ def rgb16_png(values: np.ndarray) -> bytes:
     height, width, _ = values.shape
     raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(height))
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(raw))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def grey(values) -> np.ndarray:
@@ -69,25 +73,46 @@ def _palette_with_transparency() -> Image.Image:
 
 # name -> (writes the file, the mode PIL opens it in, the expected RGB pixels)
 CASES = {
-    "png_16bit_grey": (lambda d: _save(d, Image.fromarray((LEVELS * 4 * 257).astype(np.uint16)), "g.png"),
-                       "I;16", grey(LEVELS * 4)),
+    "png_16bit_grey": (
+        lambda d: _save(d, Image.fromarray((LEVELS * 4 * 257).astype(np.uint16)), "g.png"),
+        "I;16",
+        grey(LEVELS * 4),
+    ),
     "tiff_16bit_big_endian": (
-        lambda d: _save(d, Image.frombytes("I;16B", (8, 8), (LEVELS * 4 * 257 + 100).astype(">u2").tobytes()),
-                        "g.tif"),
-        "I;16B", grey(LEVELS * 4)),
-    "pgm_16bit": (lambda d: _write(d, b"P5\n8 8\n65535\n" + (LEVELS * 4 * 257).astype(">u2").tobytes(), "g.pgm"),
-                  "I", grey(LEVELS * 4)),
-    "tiff_float_0_1": (lambda d: _save(d, Image.fromarray((LEVELS * 4 / 255).astype(np.float32)), "f.tif"),
-                       "F", grey(LEVELS * 4)),
-    "png_16bit_rgb": (lambda d: _write(d, rgb16_png(np.full((2, 2, 3), [257 * 200, 65535, 300])), "c.png"),
-                      "RGB", np.full((2, 2, 3), [200, 255, 1], dtype=np.uint8)),
-    "png_grey_alpha": (lambda d: _save(d, Image.fromarray(np.dstack([LEVELS * 4, LEVELS]).astype(np.uint8), "LA"),
-                                       "la.png"),
-                       "LA", grey(LEVELS * 4)),
-    "png_palette_transparency": (lambda d: _save(d, _palette_with_transparency(), "p.png"), "P",
-                                 np.array([[[10, 20, 30], [200, 100, 50]], [[200, 100, 50], [10, 20, 30]]], np.uint8)),
-    "tiff_cmyk": (lambda d: _save(d, Image.new("CMYK", (2, 2), (0, 255, 0, 0)), "k.tif"), "CMYK",
-                  np.full((2, 2, 3), [255, 0, 255], dtype=np.uint8)),
+        lambda d: _save(d, Image.frombytes("I;16B", (8, 8), (LEVELS * 4 * 257 + 100).astype(">u2").tobytes()), "g.tif"),
+        "I;16B",
+        grey(LEVELS * 4),
+    ),
+    "pgm_16bit": (
+        lambda d: _write(d, b"P5\n8 8\n65535\n" + (LEVELS * 4 * 257).astype(">u2").tobytes(), "g.pgm"),
+        "I",
+        grey(LEVELS * 4),
+    ),
+    "tiff_float_0_1": (
+        lambda d: _save(d, Image.fromarray((LEVELS * 4 / 255).astype(np.float32)), "f.tif"),
+        "F",
+        grey(LEVELS * 4),
+    ),
+    "png_16bit_rgb": (
+        lambda d: _write(d, rgb16_png(np.full((2, 2, 3), [257 * 200, 65535, 300])), "c.png"),
+        "RGB",
+        np.full((2, 2, 3), [200, 255, 1], dtype=np.uint8),
+    ),
+    "png_grey_alpha": (
+        lambda d: _save(d, Image.fromarray(np.dstack([LEVELS * 4, LEVELS]).astype(np.uint8), "LA"), "la.png"),
+        "LA",
+        grey(LEVELS * 4),
+    ),
+    "png_palette_transparency": (
+        lambda d: _save(d, _palette_with_transparency(), "p.png"),
+        "P",
+        np.array([[[10, 20, 30], [200, 100, 50]], [[200, 100, 50], [10, 20, 30]]], np.uint8),
+    ),
+    "tiff_cmyk": (
+        lambda d: _save(d, Image.new("CMYK", (2, 2), (0, 255, 0, 0)), "k.tif"),
+        "CMYK",
+        np.full((2, 2, 3), [255, 0, 255], dtype=np.uint8),
+    ),
 }
 
 
@@ -112,12 +137,15 @@ def test_sixteen_bit_png_keeps_its_gradient(tmp_path):
     np.testing.assert_array_equal(pixels[..., 0], np.round(LEVELS * 1040 / 257).astype(np.uint8))
 
 
-@pytest.mark.parametrize("mode,values,pattern", [
-    ("I", [[0, 70000]], r"32-bit integer pixel values 0\.\.70000 lie outside 0\.\.65535"),
-    ("I", [[-1, 5]], r"32-bit integer pixel values -1\.\.5"),
-    ("F", [[0.0, 2.5]], r"floating-point pixel values 0\.\.2\.5 lie outside \[0, 1\]"),
-    ("F", [[0.0, np.nan]], r"floating-point pixel values .*outside \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "mode,values,pattern",
+    [
+        ("I", [[0, 70000]], r"32-bit integer pixel values 0\.\.70000 lie outside 0\.\.65535"),
+        ("I", [[-1, 5]], r"32-bit integer pixel values -1\.\.5"),
+        ("F", [[0.0, 2.5]], r"floating-point pixel values 0\.\.2\.5 lie outside \[0, 1\]"),
+        ("F", [[0.0, np.nan]], r"floating-point pixel values .*outside \[0, 1\]"),
+    ],
+)
 def test_values_without_an_8_bit_equivalent_are_rejected(tmp_path, mode, values, pattern):
     dtype = np.int32 if mode == "I" else np.float32
     path = _save(tmp_path, Image.fromarray(np.asarray(values, dtype=dtype), mode), "x.tif")
@@ -133,8 +161,11 @@ def test_pixel_limit_is_checked_from_the_header(tmp_path, monkeypatch):
         raise AssertionError("pixels were decoded")
 
     monkeypatch.setattr(Image.Image, "load", no_decoding)
-    with pytest.raises(ImageRejected, match=r"120 x 100 = 12000 pixels, more than the 11999 allowed for one image "
-                                            r"\(crossdistill.data.images.MAX_IMAGE_PIXELS\); downscale it"):
+    with pytest.raises(
+        ImageRejected,
+        match=r"120 x 100 = 12000 pixels, more than the 11999 allowed for one image "
+        r"\(crossdistill.data.images.MAX_IMAGE_PIXELS\); downscale it",
+    ):
         decode_rgb(str(path))
 
 
@@ -170,8 +201,11 @@ def png_bytes(img: Image.Image) -> bytes:
 def folder_data(tmp_path: Path, kind: str, train_cat: bytes, skip_corrupt: bool = False):
     """build_data of a two-split, one-class folder dataset (a directory or a .tar.gz of one): train/cat holds
     0000.png (an ordinary image) and 0001.png (``train_cat``)."""
-    files = {"train/cat/0000.png": png_bytes(Image.new("RGB", (4, 4), (9, 9, 9))), "train/cat/0001.png": train_cat,
-             "test/cat/0000.png": png_bytes(Image.new("RGB", (4, 4), (7, 7, 7)))}
+    files = {
+        "train/cat/0000.png": png_bytes(Image.new("RGB", (4, 4), (9, 9, 9))),
+        "train/cat/0001.png": train_cat,
+        "test/cat/0000.png": png_bytes(Image.new("RGB", (4, 4), (7, 7, 7))),
+    }
     if kind == "directory":
         root = tmp_path / "tree"
         for name, data in files.items():
@@ -206,9 +240,11 @@ def test_folder_and_archive_scale_16_bit_pngs(tmp_path, kind):
 def test_folder_and_archive_refuse_a_pixel_bomb(tmp_path, kind):
     """12000 x 12000 pixels in 17 kB (a 0.3 kB .tar.gz) decoded to a 432 MB cache: now refused from the header."""
     bomb = bilevel_png(12000, 12000)
-    message = (r"cannot decode (image file|archive member) '.*train/cat/0001\.png'.*: 12000 x 12000 = 144000000 "
-               r"pixels, more than the 89478485 allowed for one image \(crossdistill.data.images.MAX_IMAGE_PIXELS\); "
-               r"downscale it")
+    message = (
+        r"cannot decode (image file|archive member) '.*train/cat/0001\.png'.*: 12000 x 12000 = 144000000 "
+        r"pixels, more than the 89478485 allowed for one image \(crossdistill.data.images.MAX_IMAGE_PIXELS\); "
+        r"downscale it"
+    )
     with pytest.raises(CrossDistillError, match=message):
         data = folder_data(tmp_path, kind, bomb)  # archives decode here
         untransformed(data.train, 1)  # directories when the item is read

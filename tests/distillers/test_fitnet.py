@@ -4,14 +4,12 @@ import pytest
 import timm
 import torch
 
+from conftest import bf16_losses, distill, tiny_batch, tiny_pair, tiny_resnet, tiny_run, tiny_vit
 from crossdistill import METHODS, Teacher, build_distiller
 from crossdistill.distillers import method_config
 from crossdistill.distillers.fitnet import FitNet, FitNetConfig
 from crossdistill.errors import ConfigError
 from crossdistill.models import default_stages, forward_model
-
-from conftest import bf16_losses, distill, tiny_batch, tiny_pair, tiny_resnet, tiny_run, tiny_vit
-
 
 resnet, vit, pair = tiny_resnet, tiny_vit, tiny_pair
 
@@ -30,11 +28,20 @@ def test_registry_and_official_defaults():
     assert (cfg.weight, cfg.w_gt, cfg.stages, cfg.img_size, cfg.norm) == (0.1, 1.0, [1, 2, 3, 4], None, False)
 
 
-@pytest.mark.parametrize("args, key", [
-    ({"stages": [0, 1]}, "stages"), ({"stages": [5]}, "stages"), ({"stages": []}, "stages"),
-    ({"stages": [2, 2]}, "stages"), ({"weight": -1.0}, "weight"), ({"w_gt": float("nan")}, "w_gt"),
-    ({"img_size": 4}, "img_size"), ({"stage": [1]}, "stage"), ({"stages": "1"}, "stages"),
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        ({"stages": [0, 1]}, "stages"),
+        ({"stages": [5]}, "stages"),
+        ({"stages": []}, "stages"),
+        ({"stages": [2, 2]}, "stages"),
+        ({"weight": -1.0}, "weight"),
+        ({"w_gt": float("nan")}, "w_gt"),
+        ({"img_size": 4}, "img_size"),
+        ({"stage": [1]}, "stage"),
+        ({"stages": "1"}, "stages"),
+    ],
+)
 def test_bad_config_values_name_the_key(args, key):
     with pytest.raises(ConfigError, match=key):
         method_config("fitnet", args)
@@ -71,7 +78,11 @@ def test_stage_subset_and_extra_modules():
     fit = build_distiller("fitnet", student, teacher, {"stages": [2, 4], "img_size": 32})
     assert fit.stages_s == [-3, -1] and fit.stages_t == [3, 5]
     assert set(fit.extra_modules()) == {"aligners"} and len(fit.aligners) == 2
-    assert fit.extra_parameter_count() == sum(p.numel() for p in fit.aligners.parameters()) == 48 * 64 + 64 + 96 * 1024 + 1024
+    assert (
+        fit.extra_parameter_count()
+        == sum(p.numel() for p in fit.aligners.parameters())
+        == 48 * 64 + 64 + 96 * 1024 + 1024
+    )
     assert not any(name.startswith("teacher") for name, _ in fit.named_parameters())
 
 
@@ -149,8 +160,15 @@ def test_probing_a_size_the_teacher_cannot_take_says_what_to_set():
 
 
 def test_swin_student_to_vit_teacher():
-    swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=64, window_size=4,
-                             depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), embed_dim=16)
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        num_classes=10,
+        img_size=64,
+        window_size=4,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        embed_dim=16,
+    )
     teacher = Teacher(timm.create_model("test_vit", num_classes=10, img_size=64, patch_size=8))
     fit = build_distiller("fitnet", swin, teacher, {"img_size": 64})
     assert [a.mode for a in fit.aligners] == ["down", "same", "up", "up"]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
+from conftest import bf16_losses, distill, tiny_batch, tiny_pair, tiny_resnet, tiny_vit
 from crossdistill import METHODS, build_distiller
 from crossdistill.distillers.dist import DISTConfig
 from crossdistill.distillers.dkd import DKDConfig
@@ -16,7 +17,6 @@ from crossdistill.errors import ConfigError, CrossDistillError
 from crossdistill.losses.dist import dist_loss
 from crossdistill.losses.dkd import dkd_loss
 from crossdistill.losses.kd import kd_loss
-from conftest import bf16_losses, distill, tiny_batch, tiny_pair, tiny_resnet, tiny_vit
 
 METHOD_NAMES = ["kd", "dkd", "dist"]
 PAIRS = ["cnn_student", "vit_student"]
@@ -55,8 +55,14 @@ def test_registered_with_official_defaults():
     # OFA/RSD train.py: --gt-loss-weight 1, --kd-loss-weight 1, --kd-temperature 1,
     # --dkd-alpha 1 --dkd-beta 2 --dkd-temperature 1 (no warm-up), --dist-beta 1 --dist-gamma 1 --dist-tau 1
     assert dataclasses.asdict(KDConfig()) == {"temperature": 1.0, "weight": 1.0, "ce_weight": 1.0}
-    assert dataclasses.asdict(DKDConfig()) == {"alpha": 1.0, "beta": 2.0, "temperature": 1.0, "weight": 1.0,
-                                               "ce_weight": 1.0, "warmup_epochs": 0}
+    assert dataclasses.asdict(DKDConfig()) == {
+        "alpha": 1.0,
+        "beta": 2.0,
+        "temperature": 1.0,
+        "weight": 1.0,
+        "ce_weight": 1.0,
+        "warmup_epochs": 0,
+    }
     assert dataclasses.asdict(DISTConfig()) == {"beta": 1.0, "gamma": 1.0, "tau": 1.0, "weight": 1.0, "ce_weight": 1.0}
     assert all(METHODS.get(m).needs_teacher for m in METHOD_NAMES)
 
@@ -79,13 +85,15 @@ def test_loss_terms_are_weighted_ce_plus_weighted_distillation(name, pair):
     assert torch.allclose(out.losses["kd"], expected_kd, rtol=1e-5)
     assert torch.allclose(out.loss, out.losses["ce"] + out.losses["kd"])
     # the default weights are 1: the same terms, unweighted
-    plain = build_distiller(name, student, teacher, {k: v for k, v in NON_DEFAULT_ARGS[name].items()
-                                                     if k not in ("weight", "ce_weight")})
+    plain = build_distiller(
+        name, student, teacher, {k: v for k, v in NON_DEFAULT_ARGS[name].items() if k not in ("weight", "ce_weight")}
+    )
     out1 = distill(plain, x, y)
     with torch.no_grad():
         assert torch.allclose(out1.losses["ce"], F.cross_entropy(out1.logits, y), rtol=1e-5)
-        assert torch.allclose(out1.losses["kd"], expected_kd_term(name, plain.cfg, out1.logits, logits_teacher, y),
-                              rtol=1e-5)
+        assert torch.allclose(
+            out1.losses["kd"], expected_kd_term(name, plain.cfg, out1.logits, logits_teacher, y), rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
@@ -176,11 +184,22 @@ def test_bf16_autocast_gives_fp32_losses(name):
 
 
 BAD_VALUES = [
-    ("kd", "temperature", 0.0), ("kd", "temperature", -1.0), ("kd", "weight", -0.1), ("kd", "ce_weight", -1.0),
-    ("kd", "weight", float("nan")), ("kd", "temperature", float("inf")),
-    ("dkd", "alpha", -1.0), ("dkd", "beta", -2.0), ("dkd", "temperature", 0.0), ("dkd", "weight", -1.0),
-    ("dkd", "ce_weight", -1.0), ("dkd", "warmup_epochs", -1),
-    ("dist", "beta", -1.0), ("dist", "gamma", -1.0), ("dist", "tau", 0.0), ("dist", "weight", -1.0),
+    ("kd", "temperature", 0.0),
+    ("kd", "temperature", -1.0),
+    ("kd", "weight", -0.1),
+    ("kd", "ce_weight", -1.0),
+    ("kd", "weight", float("nan")),
+    ("kd", "temperature", float("inf")),
+    ("dkd", "alpha", -1.0),
+    ("dkd", "beta", -2.0),
+    ("dkd", "temperature", 0.0),
+    ("dkd", "weight", -1.0),
+    ("dkd", "ce_weight", -1.0),
+    ("dkd", "warmup_epochs", -1),
+    ("dist", "beta", -1.0),
+    ("dist", "gamma", -1.0),
+    ("dist", "tau", 0.0),
+    ("dist", "weight", -1.0),
     ("dist", "ce_weight", float("nan")),
 ]
 
@@ -235,8 +254,9 @@ def test_dkd_with_mixup_and_warmup_through_the_engine(tmp_path):
     from crossdistill.config import build_config
     from crossdistill.engine import train
 
-    raw = tiny_run(tmp_path, method="dkd", method_args={"warmup_epochs": 2},
-                   train={"epochs": 2, "mixup": 0.8, "cutmix": 1.0})
+    raw = tiny_run(
+        tmp_path, method="dkd", method_args={"warmup_epochs": 2}, train={"epochs": 2, "mixup": 0.8, "cutmix": 1.0}
+    )
     summary = train(build_config(raw))
     _finite_history(summary, ["train_loss", "train_ce", "train_kd"])
 

@@ -5,12 +5,10 @@ device, every step (measured: DKD runs took 1.7x as long as KD runs with four su
 import pytest
 import torch
 
+from conftest import SYNCING_OPS, distill, ops_called, tiny_run
 from crossdistill import METHODS
 from crossdistill.config import build_config
 from crossdistill.engine.setup import build_run
-
-from conftest import SYNCING_OPS, ops_called, tiny_run
-from conftest import distill
 
 
 @pytest.mark.parametrize("method", sorted(METHODS.names()))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 
+from conftest import distill, run_teacher
 from crossdistill import METHODS, Teacher, build_distiller
 from crossdistill.distillers.ofa import OFA, OFAConfig
 from crossdistill.errors import ConfigError
@@ -22,7 +23,6 @@ from crossdistill.models.ofa_branches import (
     probe_input_size,
 )
 from crossdistill.params import count_method_parameters
-from conftest import distill, run_teacher
 
 K = 10
 
@@ -45,14 +45,28 @@ def vit_student(patch_size=2):
 
 def swin_student():
     return timm.create_model(
-        "swin_tiny_patch4_window7_224", num_classes=K, img_size=32, patch_size=2, window_size=4,
-        embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+        "swin_tiny_patch4_window7_224",
+        num_classes=K,
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=8,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
     )
 
 
 def resmlp_student():
-    return MlpMixer(num_classes=K, img_size=32, patch_size=2, num_blocks=4, embed_dim=32,
-                    mlp_ratio=4, block_layer=ResBlock, norm_layer=Affine)
+    return MlpMixer(
+        num_classes=K,
+        img_size=32,
+        patch_size=2,
+        num_blocks=4,
+        embed_dim=32,
+        mlp_ratio=4,
+        block_layer=ResBlock,
+        norm_layer=Affine,
+    )
 
 
 def token_teacher():
@@ -150,23 +164,60 @@ def token_branch(stage, in_dim, dim, merges, k):
 
 # teacher, student, classes, paper total (M), paper per stage (M), exact per stage from the closed forms
 PAPER_ROWS = [
-    ("convnext_tiny", "swin_nano_patch4_window7_224", 1000, 28.19, (12.20, 8.13, 4.19, 3.66),
-     [token_branch(s, e, 512, n, 1000) for s, e, n in zip((1, 2, 3, 4), (64, 128, 256, 512), (3, 2, 1, 0))]),
-    ("swin_tiny_patch4_window7_224", "resnet18", 100, 1.63, (0.41, 0.40, 0.35, 0.47),
-     [cnn_branch(s, c, 768, 100) for s, c in zip((1, 2, 3, 4), (64, 128, 256, 512))]),
-    ("convnext_tiny", "deit_tiny_patch16_224", 100, 3.78, (1.50, 1.06, 0.61, 0.61),
-     [token_branch(s, 192, 192, 1, 100) for s in (1, 2, 3, 4)]),
-    ("convnext_tiny", "resmlp_12_224", 100, 14.94, (5.95, 4.18, 2.40, 2.40),
-     [token_branch(s, 384, 384, 1, 100) for s in (1, 2, 3, 4)]),
-    ("swin_tiny_patch4_window7_224", "mobilenetv2_100", 100, 2.53, (0.28, 0.22, 0.26, 1.77),
-     [cnn_branch(s, c, 1280, 100) for s, c in zip((1, 2, 3, 4), (24, 32, 96, 1280))]),
-    ("convnext_tiny", "swin_pico_patch4_window7_224", 100, 14.86, (6.62, 4.33, 2.11, 1.81),
-     [token_branch(s, e, 384, n, 100) for s, e, n in zip((1, 2, 3, 4), (48, 96, 192, 384), (3, 2, 1, 0))]),
+    (
+        "convnext_tiny",
+        "swin_nano_patch4_window7_224",
+        1000,
+        28.19,
+        (12.20, 8.13, 4.19, 3.66),
+        [token_branch(s, e, 512, n, 1000) for s, e, n in zip((1, 2, 3, 4), (64, 128, 256, 512), (3, 2, 1, 0))],
+    ),
+    (
+        "swin_tiny_patch4_window7_224",
+        "resnet18",
+        100,
+        1.63,
+        (0.41, 0.40, 0.35, 0.47),
+        [cnn_branch(s, c, 768, 100) for s, c in zip((1, 2, 3, 4), (64, 128, 256, 512))],
+    ),
+    (
+        "convnext_tiny",
+        "deit_tiny_patch16_224",
+        100,
+        3.78,
+        (1.50, 1.06, 0.61, 0.61),
+        [token_branch(s, 192, 192, 1, 100) for s in (1, 2, 3, 4)],
+    ),
+    (
+        "convnext_tiny",
+        "resmlp_12_224",
+        100,
+        14.94,
+        (5.95, 4.18, 2.40, 2.40),
+        [token_branch(s, 384, 384, 1, 100) for s in (1, 2, 3, 4)],
+    ),
+    (
+        "swin_tiny_patch4_window7_224",
+        "mobilenetv2_100",
+        100,
+        2.53,
+        (0.28, 0.22, 0.26, 1.77),
+        [cnn_branch(s, c, 1280, 100) for s, c in zip((1, 2, 3, 4), (24, 32, 96, 1280))],
+    ),
+    (
+        "convnext_tiny",
+        "swin_pico_patch4_window7_224",
+        100,
+        14.86,
+        (6.62, 4.33, 2.11, 1.81),
+        [token_branch(s, e, 384, n, 100) for s, e, n in zip((1, 2, 3, 4), (48, 96, 192, 384), (3, 2, 1, 0))],
+    ),
 ]
 
 
-@pytest.mark.parametrize("teacher, student, classes, total, per_stage, exact", PAPER_ROWS,
-                         ids=[f"{r[0]}->{r[1]}@{r[2]}" for r in PAPER_ROWS])
+@pytest.mark.parametrize(
+    "teacher, student, classes, total, per_stage, exact", PAPER_ROWS, ids=[f"{r[0]}->{r[1]}@{r[2]}" for r in PAPER_ROWS]
+)
 def test_parameter_counts_reproduce_the_paper_table(teacher, student, classes, total, per_stage, exact):
     result = count_method_parameters("ofa", teacher, student, classes)
     extra = result["extra_trainable_parameters"]
@@ -222,8 +273,9 @@ def test_mobilenet_like_fourth_stage_is_the_final_conv_head_map():
     assert branches[0].in_chs == student.num_features
 
 
-@pytest.mark.parametrize("make, prefix", [(vit_student, 1), (swin_student, 0), (resmlp_student, 0)],
-                         ids=["vit", "swin", "resmlp"])
+@pytest.mark.parametrize(
+    "make, prefix", [(vit_student, 1), (swin_student, 0), (resmlp_student, 0)], ids=["vit", "swin", "resmlp"]
+)
 def test_token_branches_map_every_stage_to_logits(make, prefix):
     student = make()
     assert not is_cnn_student(student)
@@ -334,8 +386,12 @@ def test_forward_terms_are_the_official_ones():
     torch.manual_seed(0)
     student, teacher = vit_student(), cnn_teacher()
     eps = [1.0, 1.2, 1.4, 1.6, 2.0]
-    ofa = build_distiller("ofa", student, teacher, {"eps": eps, "temperature": 2.0, "w_gt": 0.5, "w_kd": 0.7,
-                                                    "w_ofa": 0.3, "img_size": 32}).eval()
+    ofa = build_distiller(
+        "ofa",
+        student,
+        teacher,
+        {"eps": eps, "temperature": 2.0, "w_gt": 0.5, "w_kd": 0.7, "w_ofa": 0.3, "img_size": 32},
+    ).eval()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, K, (4,))
     out = distill(ofa, x, y)
     assert set(out.losses) == {"ce", "kd", "ofa"} and out.logits.shape == (4, K)
@@ -385,7 +441,10 @@ def test_stage_subset():
     out = distill(ofa, torch.randn(2, 3, 32, 32), torch.randint(0, K, (2,)))
     assert set(out.losses) == {"ce", "kd", "ofa"}
     none = build_distiller("ofa", cnn_student(), token_teacher(), {"stages": []})
-    assert len(none.branches) == 0 and set(distill(none, torch.randn(2, 3, 32, 32), torch.tensor([0, 1])).losses) == {"ce", "kd"}
+    assert len(none.branches) == 0 and set(distill(none, torch.randn(2, 3, 32, 32), torch.tensor([0, 1])).losses) == {
+        "ce",
+        "kd",
+    }
 
 
 def confident(teacher):
@@ -397,8 +456,12 @@ def confident(teacher):
 
 @pytest.mark.parametrize(
     "make_student, make_teacher",
-    [(cnn_student, token_teacher), (lambda: vit_student(patch_size=4), cnn_teacher), (swin_student, cnn_teacher),
-     (resmlp_student, cnn_teacher)],
+    [
+        (cnn_student, token_teacher),
+        (lambda: vit_student(patch_size=4), cnn_teacher),
+        (swin_student, cnn_teacher),
+        (resmlp_student, cnn_teacher),
+    ],
     ids=["cnn<-vit", "vit<-cnn", "swin<-cnn", "resmlp<-cnn"],
 )
 def test_training_lowers_the_loss(make_student, make_teacher):
@@ -425,7 +488,6 @@ def test_training_lowers_the_loss(make_student, make_teacher):
 @pytest.mark.parametrize("pair", ["default", "vit-student"])
 def test_trains_through_the_engine(tmp_path, pair):
     from conftest import tiny_run
-
     from crossdistill.config import build_config
     from crossdistill.engine import train
 

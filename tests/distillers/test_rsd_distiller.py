@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from conftest import distill, run_teacher, tiny_pair
 from crossdistill import METHODS, build_distiller, rsd_loss
 from crossdistill.distillers.rsd import RSDConfig
 from crossdistill.errors import ConfigError
-from conftest import distill, run_teacher, tiny_pair
 
 
 def test_rsd_loss_terms_are_ce_plus_weighted_rsd():

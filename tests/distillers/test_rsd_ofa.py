@@ -2,14 +2,12 @@ import pytest
 import timm
 import torch
 
+from conftest import distill, run_teacher, tiny_pair, tiny_run
 from crossdistill import Teacher, build_distiller, rsd_loss
 from crossdistill.config import build_config
 from crossdistill.engine import train
 from crossdistill.errors import ConfigError
 from crossdistill.params import count_method_parameters
-
-from conftest import distill, run_teacher, tiny_pair, tiny_run
-
 
 pair = tiny_pair
 

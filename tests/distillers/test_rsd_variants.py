@@ -10,14 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import distill, run_teacher, tiny_run
 from crossdistill import Teacher, build_distiller, rsd_loss
 from crossdistill.config import build_config
 from crossdistill.distillers.rsd import global_rsd_loss
 from crossdistill.engine import train
 from crossdistill.errors import ConfigError
-
-from conftest import tiny_run
-from conftest import distill, run_teacher
 
 
 def pair(student="test_resnet", teacher="test_vit"):
@@ -102,8 +100,10 @@ def _global_worker(rank, port, out_dir):
         dist.all_reduce(grad_w)  # what DDP does to parameter gradients: average over ranks
         grad_w /= WORLD
         local_loss = global_rsd_loss(inputs[rows] @ weight.detach().T, teacher[rows], kappa=0.05, global_batch=False)
-        torch.save({"loss": loss.detach(), "grad_w": grad_w, "grad_x": x_local.grad, "local_loss": local_loss},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"loss": loss.detach(), "grad_w": grad_w, "grad_x": x_local.grad, "local_loss": local_loss},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

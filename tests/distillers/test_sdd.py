@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.swin_transformer import SwinTransformer
 
+from conftest import bf16_losses, distill, tiny_batch
 from crossdistill import METHODS, Teacher, build_distiller
 from crossdistill.distillers.sdd import SDDKDConfig, SDKDConfig, region_logits, token_grid
 from crossdistill.errors import ConfigError
@@ -18,7 +19,6 @@ from crossdistill.losses.kd import kd_loss
 from crossdistill.losses.sdd import region_pool, sdd_dkd_loss, sdd_kd_loss
 from crossdistill.models import FINAL, forward_model
 from crossdistill.params import count_method_parameters
-from conftest import bf16_losses, distill, tiny_batch
 
 METHOD_NAMES = ["sd_kd", "sd_dkd"]
 PAIRS = ["cnn", "token", "cnn_student_vit_teacher"]
@@ -52,12 +52,23 @@ def test_registered_with_official_defaults():
     # SDD train.py --M '[1,2,4]'; KD.py / SDD_DKD.py weight 2 on complementary regions; SPP's 4x4 grid;
     # mdistiller CFG.KD (T 4, CE 0.1, KD 0.9) and CFG.DKD (alpha 1, beta 8, T 4, CE 1); no warm-up (train.py)
     assert dataclasses.asdict(SDKDConfig()) == {
-        "scales": (1, 2, 4), "complementary_weight": 2.0, "pool_grid": 4,
-        "temperature": 4.0, "weight": 0.9, "ce_weight": 0.1,
+        "scales": (1, 2, 4),
+        "complementary_weight": 2.0,
+        "pool_grid": 4,
+        "temperature": 4.0,
+        "weight": 0.9,
+        "ce_weight": 0.1,
     }
     assert dataclasses.asdict(SDDKDConfig()) == {
-        "scales": (1, 2, 4), "complementary_weight": 2.0, "pool_grid": 4,
-        "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "weight": 1.0, "ce_weight": 1.0, "warmup_epochs": 0,
+        "scales": (1, 2, 4),
+        "complementary_weight": 2.0,
+        "pool_grid": 4,
+        "alpha": 1.0,
+        "beta": 8.0,
+        "temperature": 4.0,
+        "weight": 1.0,
+        "ce_weight": 1.0,
+        "warmup_epochs": 0,
     }
 
 
@@ -66,8 +77,9 @@ def test_registered_with_official_defaults():
 
 def tiny_swin():
     torch.manual_seed(0)
-    return SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1),
-                           num_heads=(1, 2), num_classes=10)  # NHWC final map, 4x4 at 32 px
+    return SwinTransformer(
+        img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=10
+    )  # NHWC final map, 4x4 at 32 px
 
 
 def tiny_mixer():
@@ -118,8 +130,7 @@ def test_class_token_vit_regions_use_the_patch_grid_after_the_final_norm():
     torch.testing.assert_close(region_logits(model, tokens, x.shape[-2:], (1, 2, 4)), expected)
     # the grid is row-major: region 1 (top-left 2x2 cell) pools tokens 0, 1, 4, 5 of the patch sequence
     top_left = tokens[:, 1:][:, [0, 1, 4, 5]].mean(dim=1)
-    torch.testing.assert_close(region_logits(model, tokens, x.shape[-2:], (1, 2), None)[:, 1],
-                               model.head(top_left))
+    torch.testing.assert_close(region_logits(model, tokens, x.shape[-2:], (1, 2), None)[:, 1], model.head(top_left))
 
 
 def test_swin_final_map_is_pooled_in_its_own_layout():
@@ -186,9 +197,15 @@ def test_student_is_trained_teacher_is_not_and_no_parameters_are_added(name):
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
-@pytest.mark.parametrize("teacher,student", [("resnet34", "resnet18"), ("resnet50", "mobilenetv1_100"),
-                                             ("vit_small_patch16_224", "resnet18"), ("swin_tiny_patch4_window7_224",
-                                                                                      "deit_tiny_patch16_224")])
+@pytest.mark.parametrize(
+    "teacher,student",
+    [
+        ("resnet34", "resnet18"),
+        ("resnet50", "mobilenetv1_100"),
+        ("vit_small_patch16_224", "resnet18"),
+        ("swin_tiny_patch4_window7_224", "deit_tiny_patch16_224"),
+    ],
+)
 def test_count_method_parameters_reports_zero_extra(name, teacher, student):
     report = count_method_parameters(name, teacher, student, num_classes=1000, method_args=["scales=[1,2]"])
     assert report["extra_trainable_parameters"] == 0 and report["extra_by_module"] == {}
@@ -237,13 +254,20 @@ def test_sd_dkd_warmup_follows_the_epoch():
 
 
 BAD = [
-    ("sd_kd", {"scales": [2, 4]}, "scales"), ("sd_kd", {"scales": []}, "scales"),
-    ("sd_kd", {"scales": [1, 4, 2]}, "scales"), ("sd_kd", {"scales": [1, 1]}, "scales"),
-    ("sd_dkd", {"scales": [1, 8]}, "pool_grid"), ("sd_dkd", {"pool_grid": 1}, "pool_grid"),
-    ("sd_kd", {"complementary_weight": -1.0}, "complementary_weight"), ("sd_kd", {"temperature": 0.0}, "temperature"),
-    ("sd_dkd", {"beta": -1.0}, "beta"), ("sd_dkd", {"alpha": float("nan")}, "alpha"),
-    ("sd_dkd", {"warmup_epochs": -1}, "warmup_epochs"), ("sd_kd", {"weight": -0.5}, "weight"),
-    ("sd_kd", {"ce_weight": -0.5}, "ce_weight"), ("sd_kd", {"scales": "1,2"}, "scales"),
+    ("sd_kd", {"scales": [2, 4]}, "scales"),
+    ("sd_kd", {"scales": []}, "scales"),
+    ("sd_kd", {"scales": [1, 4, 2]}, "scales"),
+    ("sd_kd", {"scales": [1, 1]}, "scales"),
+    ("sd_dkd", {"scales": [1, 8]}, "pool_grid"),
+    ("sd_dkd", {"pool_grid": 1}, "pool_grid"),
+    ("sd_kd", {"complementary_weight": -1.0}, "complementary_weight"),
+    ("sd_kd", {"temperature": 0.0}, "temperature"),
+    ("sd_dkd", {"beta": -1.0}, "beta"),
+    ("sd_dkd", {"alpha": float("nan")}, "alpha"),
+    ("sd_dkd", {"warmup_epochs": -1}, "warmup_epochs"),
+    ("sd_kd", {"weight": -0.5}, "weight"),
+    ("sd_kd", {"ce_weight": -0.5}, "ce_weight"),
+    ("sd_kd", {"scales": "1,2"}, "scales"),
     ("sd_dkd", {"scale": [1, 2]}, "scale"),
 ]
 

@@ -12,16 +12,17 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_run
 from crossdistill.checkpoint import load_weights_file, save_atomic
 from crossdistill.config import build_config
 from crossdistill.engine import Trainer
 from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted, StopSignal
 from crossdistill.errors import CrossDistillError
 
-from conftest import tiny_run
-
-SECTIONS = dict(train={"epochs": 3, "checkpoint_every_steps": 3, "keep_step_checkpoints": 2, "ema_decay": 0.9},
-                optim={"warmup_epochs": 1})
+SECTIONS = dict(
+    train={"epochs": 3, "checkpoint_every_steps": 3, "keep_step_checkpoints": 2, "ema_decay": 0.9},
+    optim={"warmup_epochs": 1},
+)
 
 
 def final_weights(trainer):
@@ -80,8 +81,13 @@ def _start(tmp_path, extra=()):
     path.write_text(yaml.safe_dump(cfg))
     # the same thread count as the in-process runs (conftest), so float reductions run in the same order
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.Popen([sys.executable, "-m", "crossdistill", "train", "--config", str(path), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "crossdistill", "train", "--config", str(path), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _wait_for(predicate, proc, timeout=120):
@@ -163,8 +169,10 @@ def test_checkpoints_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
 
 
-BIG = dict(train={"epochs": 2, "checkpoint_every_steps": 2, "keep_step_checkpoints": 1, "batch_size": 64},
-           optim={"warmup_epochs": 0})
+BIG = dict(
+    train={"epochs": 2, "checkpoint_every_steps": 2, "keep_step_checkpoints": 1, "batch_size": 64},
+    optim={"warmup_epochs": 0},
+)
 
 
 def _big_run(tmp_path):
@@ -183,9 +191,13 @@ def test_sigkill_during_a_checkpoint_write(tmp_path):
     work.mkdir()
     path = work / "run.yaml"
     path.write_text(yaml.safe_dump(_big_run(work)))
-    proc = subprocess.Popen([sys.executable, "-m", "crossdistill", "train", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crossdistill", "train", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     run_dir = work / "runs" / "run"
     writes_seen = 0
     deadline = time.time() + 300
@@ -215,8 +227,9 @@ def test_sigkill_during_a_checkpoint_write(tmp_path):
 def test_resume_removes_the_torn_temporary_files_of_a_killed_checkpoint_write(tmp_path):
     import io
 
-    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1, "checkpoint_every_steps": 3},
-                   data={"train_subset": 128})
+    raw = tiny_run(
+        tmp_path, method="vanilla", train={"epochs": 1, "checkpoint_every_steps": 3}, data={"train_subset": 128}
+    )
     Trainer(build_config(raw), out=io.StringIO()).fit()
     run_dir = tmp_path / "runs" / "run"
     torn = [run_dir / ".last.pt.k3j2_x.tmp", run_dir / "checkpoints" / ".step-00000003.pt.q9z1.tmp"]
@@ -243,8 +256,11 @@ def test_mid_epoch_resume_with_another_process_count_is_a_clear_error(tmp_path):
     state.update(step=2, world_size=2)  # as a mid-epoch checkpoint of a 2-process run
     save_atomic(state, path)
     raw["train"]["epochs"] = 2
-    with pytest.raises(CrossDistillError, match=r"middle of an epoch by 2 process\(es\), and this run has 1.*"
-                                                r"Resume with 2 process\(es\), or delete"):
+    with pytest.raises(
+        CrossDistillError,
+        match=r"middle of an epoch by 2 process\(es\), and this run has 1.*"
+        r"Resume with 2 process\(es\), or delete",
+    ):
         Trainer(build_config(raw), resume=True, out=io.StringIO())
 
 
@@ -258,8 +274,12 @@ def test_a_second_run_into_the_same_directory_stops_at_once(tmp_path, capsys):
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tiny_run(tmp_path, train={"epochs": 500}, **QUICK)))
-    first = subprocess.Popen([sys.executable, "-m", "crossdistill", "train", "--config", str(path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "crossdistill", "train", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run_dir = tmp_path / "runs" / "run"
     try:
         _wait_for(lambda: (run_dir / "latest.json").exists(), first)
@@ -290,14 +310,19 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.slow
 @pytest.mark.parametrize("killed_in", ["_build_loaders", "fit"])  # during set-up, before the first checkpoint
 @pytest.mark.parametrize("again", [[], ["--resume"]])
-def test_a_run_killed_before_its_first_checkpoint_is_started_again_by_the_same_command(tmp_path, capsys, killed_in,
-                                                                                      again):
+def test_a_run_killed_before_its_first_checkpoint_is_started_again_by_the_same_command(
+    tmp_path, capsys, killed_in, again
+):
     from crossdistill.cli import main
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tiny_run(tmp_path, train={"epochs": 1}, **QUICK)))
-    killed = subprocess.run([sys.executable, "-c", KILL_AT, killed_in, "train", "--config", str(path)],
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AT, killed_in, "train", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run_dir = tmp_path / "runs" / "run"
     assert run_dir.is_dir() and not (run_dir / "last.pt").exists()
@@ -367,8 +392,11 @@ def test_a_run_whose_weights_turn_non_finite_stops_and_keeps_the_last_good_check
     out, err = capsys.readouterr()
     assert "done:" not in out and err.count("\n") == 1
     assert err.startswith("crossdistill: error: stopping: non-finite weights after epoch 2 (inf/NaN in ")
-    assert "student.bn1.running_var" in err and f"last.pt was not written and the last good checkpoint is kept in " \
-        f"{run_dir}" in err and "optim.clip_grad" in err
+    assert (
+        "student.bn1.running_var" in err
+        and f"last.pt was not written and the last good checkpoint is kept in {run_dir}" in err
+        and "optim.clip_grad" in err
+    )
     assert (run_dir / "last.pt").read_bytes() == good["last.pt"]
     assert not (run_dir / "summary.json").exists()
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 2  # the header and epoch 1
@@ -428,8 +456,10 @@ def test_a_full_disk_under_torchs_writer_is_one_line_and_the_previous_checkpoint
     with pytest.raises(CrossDistillError) as raised:
         save_atomic({"w": torch.zeros(100_000)}, path)
     assert isinstance(raised.value.__context__, RuntimeError) and "unexpected pos" in str(raised.value.__context__)
-    assert str(raised.value) == (f"no space left on the device while writing {path}; the previous version of this file "
-                                 "is intact. Free some space (or move train.output_dir) and resume with --resume.")
+    assert str(raised.value) == (
+        f"no space left on the device while writing {path}; the previous version of this file "
+        "is intact. Free some space (or move train.output_dir) and resume with --resume."
+    )
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
@@ -447,8 +477,10 @@ def test_a_real_enospc_from_the_kernel_is_the_same_line(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("name, nth", [("last.pt", 2), ("latest.json", 2), ("metrics.csv", 2), ("best.pt", 1),
-                                       ("summary.json", 1), ("config.yaml", 1)])
+@pytest.mark.parametrize(
+    "name, nth",
+    [("last.pt", 2), ("latest.json", 2), ("metrics.csv", 2), ("best.pt", 1), ("summary.json", 1), ("config.yaml", 1)],
+)
 def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, capsys, name, nth):
     from crossdistill import files
 
@@ -469,7 +501,8 @@ def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_previous_file(tmp_pa
     assert _train_cli(tmp_path, raw) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(
-        f"crossdistill: error: no space left on the device while writing {run_dir / name}; ")
+        f"crossdistill: error: no space left on the device while writing {run_dir / name}; "
+    )
     if before["bytes"] is None:
         assert "; the file was not written. Free some space" in err and not (run_dir / name).exists()
     else:
@@ -490,8 +523,11 @@ def test_a_full_disk_under_tensorboard_is_one_line(tmp_path):
 
     log = MetricsLog(tmp_path, tensorboard=False)
     log.writer = FullTensorBoard()
-    with pytest.raises(CrossDistillError, match=r"^no space left on the device while writing TensorBoard events to "
-                                                r".*; the checkpoints and metrics.csv are intact\. .*--resume\.$"):
+    with pytest.raises(
+        CrossDistillError,
+        match=r"^no space left on the device while writing TensorBoard events to "
+        r".*; the checkpoints and metrics.csv are intact\. .*--resume\.$",
+    ):
         log.write({"epoch": 1, "train_loss": 0.5})
     log.close()  # the fit loop closes the log on the way out: no second error
     assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,train_loss", "1,0.5"]
@@ -509,11 +545,21 @@ def test_a_full_disk_under_the_teacher_cache_is_one_line_not_a_sigbus(tmp_path, 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
-    cache = TeacherCache(tmp_path, {"teacher": {"name": "t"}}, ("embedding",), {"embedding": 4}, 10,
-                         store_dtype="fp32", log=lambda m: None)
-    with pytest.raises(CrossDistillError, match=r"no space left on the device for the teacher cache file "
-                                                r".*embedding\.npy \(0\.0 MiB\); free some space, point "
-                                                r"train.teacher_cache at another disk, or set train.teacher_cache=null"):
+    cache = TeacherCache(
+        tmp_path,
+        {"teacher": {"name": "t"}},
+        ("embedding",),
+        {"embedding": 4},
+        10,
+        store_dtype="fp32",
+        log=lambda m: None,
+    )
+    with pytest.raises(
+        CrossDistillError,
+        match=r"no space left on the device for the teacher cache file "
+        r".*embedding\.npy \(0\.0 MiB\); free some space, point "
+        r"train.teacher_cache at another disk, or set train.teacher_cache=null",
+    ):
         cache.begin_epoch(0)
     assert reserved and not list((cache.dir / "epoch-0000").iterdir())
 
@@ -526,9 +572,12 @@ def test_a_full_disk_while_exporting_is_one_line_and_the_previous_export_survive
     write_safetensors({"w": torch.ones(10)}, path)
     before = path.read_bytes()
     monkeypatch.setattr(files, "_open_temporary", lambda fd, tmp: DiskFillsUp(os.fdopen(fd, "wb"), room=16))
-    with pytest.raises(CrossDistillError, match=r"^no space left on the device while writing .*model\.safetensors; "
-                                                r"the previous version of this file is intact\. Free some space "
-                                                r"\(or pass --out on another disk\) and run the export again\.$"):
+    with pytest.raises(
+        CrossDistillError,
+        match=r"^no space left on the device while writing .*model\.safetensors; "
+        r"the previous version of this file is intact\. Free some space "
+        r"\(or pass --out on another disk\) and run the export again\.$",
+    ):
         write_safetensors({"w": torch.zeros(1000)}, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
@@ -544,17 +593,25 @@ def test_a_full_disk_while_exporting_onnx_is_one_line_and_the_previous_file_surv
     path = tmp_path / "model.onnx"
     path.write_bytes(b"the previous export")
     monkeypatch.setattr(torch.onnx, "export", fills_the_disk)
-    with pytest.raises(CrossDistillError, match=r"^no space left on the device while writing .*model\.onnx; "
-                                                r"the previous version of this file is intact\. Free some space "
-                                                r"\(or pass --out on another disk\) and run the export again\.$"):
+    with pytest.raises(
+        CrossDistillError,
+        match=r"^no space left on the device while writing .*model\.onnx; "
+        r"the previous version of this file is intact\. Free some space "
+        r"\(or pass --out on another disk\) and run the export again\.$",
+    ):
         export_onnx(torch.nn.Linear(4, 2), torch.zeros(2, 4), path, "auto")
     assert path.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
 def test_pruning_step_checkpoints_keeps_a_users_file_of_a_similar_name(tmp_path):
-    """Only step-NNNNNNNNN.pt files are the run's: a user's step-0-notes.pt (which sorts first) is never pruned or read."""
-    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1, "checkpoint_every_steps": 1, "keep_step_checkpoints": 1},
-                   data={"train_subset": 96, "eval_subset": 20})
+    """Only step-NNNNNNNNN.pt files are the run's: a user's step-0-notes.pt (which sorts first) is never pruned
+    or read."""
+    raw = tiny_run(
+        tmp_path,
+        method="vanilla",
+        train={"epochs": 1, "checkpoint_every_steps": 1, "keep_step_checkpoints": 1},
+        data={"train_subset": 96, "eval_subset": 20},
+    )
     folder = tmp_path / "runs" / "run" / "checkpoints"
     trainer = Trainer(build_config(raw), out=io.StringIO())
     folder.mkdir(parents=True, exist_ok=True)

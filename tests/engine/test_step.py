@@ -5,11 +5,10 @@ import io
 import pytest
 import torch
 
+from conftest import tiny_run
 from crossdistill.config import build_config
 from crossdistill.engine import Trainer
 from crossdistill.errors import CrossDistillError
-
-from conftest import tiny_run
 
 
 @pytest.fixture
@@ -21,8 +20,11 @@ def fused_nan_run(rsd_nan_at_calls_3_and_4):
 def _train(tmp_path, name, every, calls, optim=None, **train):
     calls["n"] = 0
     out = io.StringIO()
-    raw = tiny_run(tmp_path, train={"epochs": 1, "run_name": name, "finite_check_every": every, **train},
-                   optim=optim or {"sched": "none"})
+    raw = tiny_run(
+        tmp_path,
+        train={"epochs": 1, "run_name": name, "finite_check_every": every, **train},
+        optim=optim or {"sched": "none"},
+    )
     trainer = Trainer(build_config(raw), out=out)
     summary = trainer.fit()
     return trainer, summary, out.getvalue()
@@ -58,8 +60,9 @@ def test_deferred_check_skips_on_the_device_like_the_per_step_check(tmp_path, fu
     assert deferred.step_fn.deferred and not sync.step_fn.deferred
     assert deferred.optimizer.defaults.get("fused")
     assert summary.history[0]["skipped_steps"] == sync_summary.history[0]["skipped_steps"] == 2
-    assert {k: v for k, v in summary.history[0].items() if k.startswith("train_")} == \
-        {k: v for k, v in sync_summary.history[0].items() if k.startswith("train_")}
+    assert {k: v for k, v in summary.history[0].items() if k.startswith("train_")} == {
+        k: v for k, v in sync_summary.history[0].items() if k.startswith("train_")
+    }
     assert_bitwise_equal(full_state(sync), full_state(deferred))
     assert sync.optimizer.param_groups[0]["lr"] == deferred.optimizer.param_groups[0]["lr"]
     for text in (out, sync_out):
@@ -67,8 +70,9 @@ def test_deferred_check_skips_on_the_device_like_the_per_step_check(tmp_path, fu
 
 
 @pytest.mark.parametrize("every", [1, 5], ids=["per-step-check", "deferred-check"])
-def test_a_skipped_step_leaves_weights_buffers_optimiser_and_ema_bitwise_unchanged(tmp_path, monkeypatch,
-                                                                                  fused_nan_run, every):
+def test_a_skipped_step_leaves_weights_buffers_optimiser_and_ema_bitwise_unchanged(
+    tmp_path, monkeypatch, fused_nan_run, every
+):
     """The forward of a step whose loss turns out NaN has already moved the BatchNorm statistics (of the
     student and of the AAD projector); skipping the step must undo that, and must not move the EMA."""
     from crossdistill.engine.step import TrainStep
@@ -81,8 +85,12 @@ def test_a_skipped_step_leaves_weights_buffers_optimiser_and_ema_bitwise_unchang
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(TrainStep, "__call__", recording)
-    raw = tiny_run(tmp_path, train={"epochs": 1, "finite_check_every": every, "ema_decay": 0.9},
-                   optim={"sched": "none"}, data={"train_subset": 192})
+    raw = tiny_run(
+        tmp_path,
+        train={"epochs": 1, "finite_check_every": every, "ema_decay": 0.9},
+        optim={"sched": "none"},
+        data={"train_subset": 192},
+    )
     trainer = Trainer(build_config(raw), out=io.StringIO())
     summary = trainer.fit()
     assert trainer.step_fn.deferred == (every > 1)
@@ -109,11 +117,13 @@ def test_the_check_interval_defaults_and_fallback(tmp_path):
 
 def test_decay_bias_and_norm_switches_timms_weight_decay_exemption():
     import torch
+
     from crossdistill.config import OptimConfig
     from crossdistill.engine.step import build_optimizer
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                                torch.nn.LazyLinear(2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+    )
     model(torch.randn(2, 3, 8, 8))
     exempt = build_optimizer(model, OptimConfig(weight_decay=0.1), 0.1, torch.device("cpu"))
     decay = {id(p): g["weight_decay"] for g in exempt.param_groups for p in g["params"]}
@@ -125,6 +135,7 @@ def test_decay_bias_and_norm_switches_timms_weight_decay_exemption():
 
 def test_sync_batchnorm_converts_the_student_and_projectors_not_the_teacher(tmp_path):
     import torch
+
     from crossdistill.config import build_config
     from crossdistill.engine.setup import build_run
     from crossdistill.engine.step import use_sync_batchnorm
@@ -158,8 +169,9 @@ def test_a_parameters_first_update_is_never_skipped_on_the_device():
     early, late = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     model = torch.nn.ModuleList([early, late])
     # one group each: torch's fused SGD cannot mix parameters with and without momentum buffers in a group
-    optimizer = torch.optim.SGD([{"params": early.parameters()}, {"params": late.parameters()}], lr=0.1,
-                                momentum=0.9, fused=True)
+    optimizer = torch.optim.SGD(
+        [{"params": early.parameters()}, {"params": late.parameters()}], lr=0.1, momentum=0.9, fused=True
+    )
     step = TrainStep(model, optimizer, device=torch.device("cpu"), finite_check_every=5)
     early(torch.randn(2, 4)).sum().backward()
     assert step.deferred and not step.optimizer_state_ready()  # the first update of `early`
@@ -211,8 +223,13 @@ class _TinyClassifier(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                                       torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3),
+            torch.nn.BatchNorm2d(4),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * 6 * 6, 3),
+        )
 
     def forward(self, images, target, teacher=None, indices=None):
         from types import SimpleNamespace
@@ -230,14 +247,20 @@ def test_one_nan_pixel_leaves_the_model_and_its_batchnorm_statistics_bitwise_unc
     model = _TinyClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     scaler = torch.amp.GradScaler("cpu") if path == "fp16-scaler" else None
-    step = TrainStep(model, optimizer, device=torch.device("cpu"), scaler=scaler,
-                     finite_check_every=5 if path == "deferred-check" else 1)
+    step = TrainStep(
+        model,
+        optimizer,
+        device=torch.device("cpu"),
+        scaler=scaler,
+        finite_check_every=5 if path == "deferred-check" else 1,
+    )
     images, target = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
     for _ in range(2):  # the optimiser state exists: the deferred path skips on the device from now on
         step(images, target)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer_before = {f"{i}.{k}": torch.as_tensor(v).clone()
-                        for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+    optimizer_before = {
+        f"{i}.{k}": torch.as_tensor(v).clone() for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()
+    }
     poisoned = images.clone()
     poisoned[1, 0, 4, 4] = float("nan")
     if path == "deferred-check":  # and it reads nothing on the host
@@ -248,8 +271,10 @@ def test_one_nan_pixel_leaves_the_model_and_its_batchnorm_statistics_bitwise_unc
         result = step(poisoned, target)
         assert not result.finite if scaler is None else bool(result.skipped_on_device)
     assert_bitwise_equal(before, model.state_dict())
-    assert_bitwise_equal(optimizer_before, {f"{i}.{k}": torch.as_tensor(v)
-                                            for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()})
+    assert_bitwise_equal(
+        optimizer_before,
+        {f"{i}.{k}": torch.as_tensor(v) for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()},
+    )
     step(images, target)  # and the next good step moves them again
     assert not torch.equal(before["net.1.running_mean"], model.state_dict()["net.1.running_mean"])
 

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_run
 from crossdistill.config import build_config
 from crossdistill.engine import Trainer
 from crossdistill.engine.teacher_cache import TeacherCache, cache_key, key_digest
 from crossdistill.engine.teacher_runner import TeacherRunner
 from crossdistill.errors import CrossDistillError
 from crossdistill.models import FINAL, Teacher, TeacherOutputs
-
-from conftest import tiny_run
 
 
 class CountingForward:
@@ -77,9 +76,18 @@ def test_cached_runs_are_bitwise_equal_and_the_second_does_not_run_the_teacher(t
     assert "teacher cache, epoch 2: 128 samples read, 0 computed" in out.getvalue()
 
     # another student and method hyper-parameter, and another batch size: the same cache, no teacher
-    raw = tiny_run(tmp_path, train={"epochs": 1, "run_name": "sweep", "teacher_cache": cache,
-                                    "teacher_cache_dtype": "fp32", "batch_size": 64},
-                   method_args={"kappa": 0.02}, data=SMALL)
+    raw = tiny_run(
+        tmp_path,
+        train={
+            "epochs": 1,
+            "run_name": "sweep",
+            "teacher_cache": cache,
+            "teacher_cache_dtype": "fp32",
+            "batch_size": 64,
+        },
+        method_args={"kappa": 0.02},
+        data=SMALL,
+    )
     Trainer(build_config(raw), out=io.StringIO()).fit()
     assert counter.calls == 0
 
@@ -110,8 +118,15 @@ def test_each_epoch_stores_the_teacher_on_that_epochs_augmentations(tmp_path):
 
 
 def _key(cfg, teacher, **changes):
-    kwargs = dict(num_train=128, data_mean=(0.3,) * 3, data_std=(0.4,) * 3, device_type="cpu", amp_dtype=None,
-                  channels_last=False, store_dtype="fp16")
+    kwargs = dict(
+        num_train=128,
+        data_mean=(0.3,) * 3,
+        data_std=(0.4,) * 3,
+        device_type="cpu",
+        amp_dtype=None,
+        channels_last=False,
+        store_dtype="fp16",
+    )
     kwargs.update(changes)
     return key_digest(cache_key(cfg, teacher, **kwargs))
 
@@ -136,18 +151,27 @@ def test_the_key_changes_with_teacher_seed_augmentation_and_data(tmp_path):
         param.copy_(saved)
     assert _key(cfg, teacher) == base
 
-    for section, change in [("train", {"seed": 8}), ("data", {"hflip": 0.5}), ("data", {"scale": [0.5, 1.0]}),
-                            ("data", {"img_size": 48}), ("data", {"train_subset": 128}),
-                            ("data", {"auto_augment": "rand-m9-mstd0.5"})]:
+    for section, change in [
+        ("train", {"seed": 8}),
+        ("data", {"hflip": 0.5}),
+        ("data", {"scale": [0.5, 1.0]}),
+        ("data", {"img_size": 48}),
+        ("data", {"train_subset": 128}),
+        ("data", {"auto_augment": "rand-m9-mstd0.5"}),
+    ]:
         changed = build_config(tiny_run(tmp_path, **{section: change}))
         assert _key(changed, teacher) != base, change
     assert _key(cfg, teacher, amp_dtype=torch.bfloat16) != base
     assert _key(cfg, teacher, store_dtype="fp32") != base
     assert _key(cfg, Teacher(model, (0.3,) * 3, (0.4,) * 3, (0.5,) * 3, (0.5,) * 3)) != base  # re-normalised input
     # what does not decide the teacher's output is not in the key
-    for section, change in [("train", {"batch_size": 64, "epochs": 5}), ("optim", {"lr": 0.1}),
-                            ("student", {"name": "resnet18"}), ("method_args", {"kappa": 0.5}),
-                            ("data", {"num_workers": 2, "eval_subset": 50})]:
+    for section, change in [
+        ("train", {"batch_size": 64, "epochs": 5}),
+        ("optim", {"lr": 0.1}),
+        ("student", {"name": "resnet18"}),
+        ("method_args", {"kappa": 0.5}),
+        ("data", {"num_workers": 2, "eval_subset": 50}),
+    ]:
         assert _key(build_config(tiny_run(tmp_path, **{section: change})), teacher) == base, change
 
 
@@ -200,8 +224,12 @@ def test_the_cache_is_bypassed_with_a_message_where_it_cannot_apply(tmp_path):
     assert trainer.teacher_cache is None and "with mixup/cutmix the teacher sees batches mixed" in out.getvalue()
 
     out = io.StringIO()
-    raw = tiny_run(tmp_path, method="fitnet", method_args={"img_size": 32},
-                   train={"epochs": 1, "teacher_cache": str(tmp_path / "c"), "run_name": "fitnet"})
+    raw = tiny_run(
+        tmp_path,
+        method="fitnet",
+        method_args={"img_size": 32},
+        train={"epochs": 1, "teacher_cache": str(tmp_path / "c"), "run_name": "fitnet"},
+    )
     trainer = Trainer(build_config(raw), out=out)
     assert trainer.teacher_cache is None and "reads teacher stage features" in out.getvalue()
     assert trainer.teacher_runner.request.stages  # the engine still runs FitNet's teacher, uncached
@@ -214,9 +242,19 @@ def test_every_shipped_method_declares_what_it_reads_from_the_teacher():
 
     from crossdistill.distillers import METHODS, build_distiller
 
-    expected = {"rsd": ("embedding",), "rsd_logits": ("logits",), "kd": ("logits",), "dkd": ("logits",),
-                "dist": ("logits",), "ofa": ("logits",), "rsd_ofa": ("embedding", "logits"), "sd_kd": (),
-                "sd_dkd": (), "fitnet": (), "vanilla": ()}
+    expected = {
+        "rsd": ("embedding",),
+        "rsd_logits": ("logits",),
+        "kd": ("logits",),
+        "dkd": ("logits",),
+        "dist": ("logits",),
+        "ofa": ("logits",),
+        "rsd_ofa": ("embedding", "logits"),
+        "sd_kd": (),
+        "sd_dkd": (),
+        "fitnet": (),
+        "vanilla": (),
+    }
     assert set(METHODS.names()) == set(expected)
     for name, cached in expected.items():
         torch.manual_seed(0)
@@ -228,8 +266,12 @@ def test_every_shipped_method_declares_what_it_reads_from_the_teacher():
         request = distiller.teacher_request()
         assert (distiller.teacher_request().outputs if distiller.teacher_cacheable else ()) == cached, name
         assert request.empty == (name == "vanilla"), name
-    sdd = build_distiller("sd_kd", timm.create_model("test_resnet", num_classes=10),
-                          Teacher(timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8)), {})
+    sdd = build_distiller(
+        "sd_kd",
+        timm.create_model("test_resnet", num_classes=10),
+        Teacher(timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8)),
+        {},
+    )
     assert sdd.teacher_request().stages == (FINAL,)  # its regions: the teacher's final map through its head
 
 
@@ -254,8 +296,10 @@ def test_the_runner_gives_ordinary_tensors_computed_in_eval_and_inference_mode()
     assert out.embedding.shape == (4, teacher.dim) and not out.embedding.is_inference()
     assert out.logits is None and out.stages == []  # only what RSD asked for
     with pytest.raises(ValueError, match="not cacheable"):
-        TeacherRunner(build_distiller("fitnet", timm.create_model("test_resnet", num_classes=10), teacher,
-                                      {"img_size": 32}), cache=object())
+        TeacherRunner(
+            build_distiller("fitnet", timm.create_model("test_resnet", num_classes=10), teacher, {"img_size": 32}),
+            cache=object(),
+        )
 
 
 def test_lookup_validates_indices(tmp_path):
@@ -292,5 +336,13 @@ def test_a_setup_failure_on_rank_0_stops_every_rank(tmp_path):
         TeacherCache(tmp_path, other_key, ("embedding",), {"embedding": 4}, 10, agree=agree, log=lambda m: None)
     assert agreed == [False]
     with pytest.raises(CrossDistillError, match="failed on rank 0"):  # another rank: its own work succeeded
-        TeacherCache(tmp_path, other_key, ("embedding",), {"embedding": 4}, 10, is_main=False,
-                     agree=lambda ok: False, log=lambda m: None)
+        TeacherCache(
+            tmp_path,
+            other_key,
+            ("embedding",),
+            {"embedding": 4},
+            10,
+            is_main=False,
+            agree=lambda ok: False,
+            log=lambda m: None,
+        )

@@ -34,8 +34,15 @@ def _images(indices):
 
 
 def _cache(tmp_path, outputs=("embedding",), store="fp32", log=None, key=KEY):
-    return TeacherCache(tmp_path, key, outputs, {"embedding": WIDTH, "logits": 2}, ROWS, store_dtype=store,
-                        log=log if log is not None else (lambda message: None))
+    return TeacherCache(
+        tmp_path,
+        key,
+        outputs,
+        {"embedding": WIDTH, "logits": 2},
+        ROWS,
+        store_dtype=store,
+        log=log if log is not None else (lambda message: None),
+    )
 
 
 def _lookup(cache, indices, teacher):
@@ -133,8 +140,10 @@ def test_a_damaged_row_is_recomputed_with_one_warning(tmp_path):
     for _ in range(2):
         assert torch.equal(_lookup(cache, [0, 1, 2], teacher).embedding, good)
     assert teacher.calls == 1 and cache.misses == 3 + 1
-    assert messages == [f"warning: teacher cache {cache.dir / 'epoch-0000' / 'embedding.npy'}: 1 row(s) fail their "
-                        "checksum; recomputing them"]
+    assert messages == [
+        f"warning: teacher cache {cache.dir / 'epoch-0000' / 'embedding.npy'}: 1 row(s) fail their "
+        "checksum; recomputing them"
+    ]
 
 
 def test_the_worker_read_gives_each_sample_its_rows_and_whether_they_are_whole(tmp_path):
@@ -208,8 +217,11 @@ def test_the_directory_and_key_json(tmp_path):
     assert json.loads((cache.dir / "key.json").read_text()) == record
     record["digest"] = "f" * 64
     (cache.dir / "key.json").write_text(json.dumps(record))
-    with pytest.raises(CrossDistillError, match=f"^teacher cache directory {cache.dir} holds outputs for another key "
-                                                f"\\(digest '{'f' * 64}'\\); remove that directory"):
+    with pytest.raises(
+        CrossDistillError,
+        match=f"^teacher cache directory {cache.dir} holds outputs for another key "
+        f"\\(digest '{'f' * 64}'\\); remove that directory",
+    ):
         _cache(tmp_path)
 
 
@@ -223,8 +235,11 @@ def test_the_outputs_are_checked_against_the_stored_width(tmp_path):
     cache = _cache(tmp_path)
     cache.begin_epoch(0)
     narrow = lambda x: TeacherOutputs(embedding=torch.zeros(x.shape[0], WIDTH - 1))  # noqa: E731
-    with pytest.raises(CrossDistillError, match=r"^teacher cache: the teacher's embedding has shape \(2, 3\), "
-                                                r"expected \(2, 4\)$"):
+    with pytest.raises(
+        CrossDistillError,
+        match=r"^teacher cache: the teacher's embedding has shape \(2, 3\), "
+        r"expected \(2, 4\)$",
+    ):
         _lookup(cache, [0, 1], narrow)
     with pytest.raises(CrossDistillError, match=r"has shape None, expected \(1, 4\)"):
         _lookup(cache, [0], lambda x: TeacherOutputs(embedding=None))
@@ -236,10 +251,12 @@ def test_the_outputs_are_checked_against_the_stored_width(tmp_path):
 
 def test_describe_names_the_outputs_and_the_size(tmp_path):
     # CIFAR-100 with a 768-d teacher: 50,000 x (768 + 100) x 2 bytes (no file is made before begin_epoch)
-    cache = TeacherCache(tmp_path, KEY, ("embedding", "logits"), {"embedding": 768, "logits": 100}, 50_000,
-                         log=lambda message: None)
-    assert cache.describe() == (f"teacher cache {cache.dir} (embedding, logits; 50000 samples, float16, "
-                                "82.8 MiB per epoch)")
+    cache = TeacherCache(
+        tmp_path, KEY, ("embedding", "logits"), {"embedding": 768, "logits": 100}, 50_000, log=lambda message: None
+    )
+    assert cache.describe() == (
+        f"teacher cache {cache.dir} (embedding, logits; 50000 samples, float16, 82.8 MiB per epoch)"
+    )
 
 
 def test_a_row_whose_checksum_is_zero_is_present(tmp_path, monkeypatch):
@@ -296,31 +313,69 @@ def test_the_key_layout_is_pinned(tmp_path):
     root.write_bytes(b"12345")
     data = SimpleNamespace(**{name: f"<{name}>" for name in DATA_KEY_FIELDS})
     data.root, data.scale = str(root), (0.5, 1.0)
-    cfg = SimpleNamespace(teacher=SimpleNamespace(name="vit_t", kwargs={"img_size": 32}), data=data,
-                          train=SimpleNamespace(seed=11))
+    cfg = SimpleNamespace(
+        teacher=SimpleNamespace(name="vit_t", kwargs={"img_size": 32}), data=data, train=SimpleNamespace(seed=11)
+    )
     model = torch.nn.Linear(2, 2)
     model.num_features = 2
     teacher = RealTeacher(model, (0.5,) * 3, (0.25,) * 3, (0.0,) * 3, (1.0,) * 3)
-    key = cache_key(cfg, teacher, num_train=100, data_mean=(0.5,) * 3, data_std=(0.25,) * 3, device_type="cuda",
-                    amp_dtype=torch.bfloat16, channels_last=1, store_dtype="fp16")
+    key = cache_key(
+        cfg,
+        teacher,
+        num_train=100,
+        data_mean=(0.5,) * 3,
+        data_std=(0.25,) * 3,
+        device_type="cuda",
+        amp_dtype=torch.bfloat16,
+        channels_last=1,
+        store_dtype="fp16",
+    )
     expected_data = {name: f"<{name}>" for name in DATA_KEY_FIELDS}
-    expected_data.update(root=str(root), scale=[0.5, 1.0], num_train=100, resolved_mean=[0.5] * 3,
-                         resolved_std=[0.25] * 3,
-                         root_file={"size": 5, "mtime_ns": root.stat().st_mtime_ns})
+    expected_data.update(
+        root=str(root),
+        scale=[0.5, 1.0],
+        num_train=100,
+        resolved_mean=[0.5] * 3,
+        resolved_std=[0.25] * 3,
+        root_file={"size": 5, "mtime_ns": root.stat().st_mtime_ns},
+    )
     assert key == {
         "format": CACHE_FORMAT,
-        "teacher": {"name": "vit_t", "kwargs": {"img_size": 32}, "sha256": state_dict_sha256(model),
-                    "renormalization": {"scale": [0.25] * 3, "shift": [0.5] * 3}},
+        "teacher": {
+            "name": "vit_t",
+            "kwargs": {"img_size": 32},
+            "sha256": state_dict_sha256(model),
+            "renormalization": {"scale": [0.25] * 3, "shift": [0.5] * 3},
+        },
         "data": expected_data,
         "seed": 11,
-        "compute": {"device": "cuda", "amp": "bfloat16", "channels_last": True, "store": "fp16",
-                    "torch": torch.__version__, "timm": timm.__version__},
-        "code": {"crossdistill": crossdistill.__version__, "torchvision": torchvision.__version__,
-                 "pillow": PIL.__version__, "numpy": np.__version__},
+        "compute": {
+            "device": "cuda",
+            "amp": "bfloat16",
+            "channels_last": True,
+            "store": "fp16",
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+        },
+        "code": {
+            "crossdistill": crossdistill.__version__,
+            "torchvision": torchvision.__version__,
+            "pillow": PIL.__version__,
+            "numpy": np.__version__,
+        },
     }
     data.root = str(tmp_path)  # a folder (or nothing): no file identity
-    plain = cache_key(cfg, RealTeacher(model), num_train=100, data_mean=(0.5,) * 3, data_std=(0.25,) * 3,
-                      device_type="cpu", amp_dtype=None, channels_last=False, store_dtype="fp32")
+    plain = cache_key(
+        cfg,
+        RealTeacher(model),
+        num_train=100,
+        data_mean=(0.5,) * 3,
+        data_std=(0.25,) * 3,
+        device_type="cpu",
+        amp_dtype=None,
+        channels_last=False,
+        store_dtype="fp32",
+    )
     assert plain["data"]["root_file"] is None and plain["teacher"]["renormalization"] is None
     assert plain["compute"]["amp"] == "none" and plain["compute"]["channels_last"] is False
     assert key_digest({"a": 1, "b": [1, 2]}) == key_digest({"b": [1, 2], "a": 1})  # insertion order is no part
@@ -330,7 +385,8 @@ def test_key_json_is_written_for_people(tmp_path):
     cache = _cache(tmp_path)
     assert (cache.dir / "key.json").read_text() == (
         '{\n  "digest": "' + key_digest(KEY) + '",\n  "key": {\n    "seed": 3,\n    "teacher": {\n'
-        '      "name": "vit/tiny:1"\n    }\n  }\n}')
+        '      "name": "vit/tiny:1"\n    }\n  }\n}'
+    )
 
 
 def test_a_damaged_and_a_missing_row_in_one_batch_are_both_computed(tmp_path):

@@ -1,7 +1,7 @@
 """End-to-end training on CPU: loss falls, resume is exact, DDP ranks agree, run directories are safe."""
 
-import json
 import io
+import json
 import os
 import socket
 
@@ -9,11 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import tiny_run
 from crossdistill.config import build_config
 from crossdistill.engine import Trainer, train
 from crossdistill.errors import CrossDistillError
-
-from conftest import tiny_run
 
 
 def test_rsd_training_loss_falls(tmp_path):
@@ -91,8 +90,10 @@ def test_unknown_model_name(tmp_path):
 
 
 def test_missing_dataset_path(tmp_path):
-    raw = tiny_run(tmp_path, data={"dataset": "folder", "root": str(tmp_path / "no-such-dir"), "train_subset": None,
-                                   "eval_subset": None})
+    raw = tiny_run(
+        tmp_path,
+        data={"dataset": "folder", "root": str(tmp_path / "no-such-dir"), "train_subset": None, "eval_subset": None},
+    )
     with pytest.raises(CrossDistillError, match="no-such-dir"):
         train(build_config(raw))
 
@@ -121,8 +122,9 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, raw: dict, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from crossdistill.engine.distributed import init_distributed, shutdown
 
@@ -131,15 +133,18 @@ def _ddp_worker(rank: int, world_size: int, port: int, raw: dict, out_dir: str) 
         trainer = Trainer(build_config(raw), env=env)
         summary = trainer.fit()
         params = {k: v.detach().clone() for k, v in trainer.distiller.named_parameters()}
-        torch.save({"params": params, "top1": summary.last_top1, "steps": trainer.steps_per_epoch},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"params": params, "top1": summary.last_top1, "steps": trainer.steps_per_epoch},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         shutdown(env)
 
 
 def _ddp_run_worker(rank: int, world_size: int, port: int, raw: dict, out_file: str, resume: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from crossdistill.engine.distributed import init_distributed, shutdown
 
@@ -157,15 +162,21 @@ def _ddp_run_worker(rank: int, world_size: int, port: int, raw: dict, out_file: 
 def test_two_process_mid_epoch_resume_is_exact(tmp_path):
     """Each rank continues its own random streams (mixup draws here) after a mid-epoch resume: the
     checkpoint holds every rank's RNG state, not rank 0's for all."""
-    sections = dict(train={"epochs": 1, "batch_size": 8, "mixup": 0.8, "checkpoint_every_steps": 4,
-                           "keep_step_checkpoints": 10},
-                    # a loader worker: with none, the per-sample seeding would reseed the main process's RNGs
-                    data={"train_subset": 128, "num_workers": 1})
+    sections = dict(
+        train={"epochs": 1, "batch_size": 8, "mixup": 0.8, "checkpoint_every_steps": 4, "keep_step_checkpoints": 10},
+        # a loader worker: with none, the per-sample seeding would reseed the main process's RNGs
+        data={"train_subset": 128, "num_workers": 1},
+    )
 
     def run(folder, resume):
         raw = tiny_run(tmp_path / folder, **sections)
-        mp.start_processes(_ddp_run_worker, args=(2, _free_port(), raw, str(tmp_path / f"{folder}.pt"), resume),
-                           nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(
+            _ddp_run_worker,
+            args=(2, _free_port(), raw, str(tmp_path / f"{folder}.pt"), resume),
+            nprocs=2,
+            join=True,
+            start_method="spawn",
+        )
         return torch.load(tmp_path / f"{folder}.pt", weights_only=True)
 
     reference = run("ref", False)
@@ -182,8 +193,9 @@ def test_two_process_mid_epoch_resume_is_exact(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_ranks_end_with_identical_weights(tmp_path):
     raw = tiny_run(tmp_path, train={"epochs": 1, "batch_size": 16})
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), raw, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _ddp_worker, args=(2, _free_port(), raw, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["steps"] == r1["steps"] == 256 // (16 * 2)
@@ -198,10 +210,24 @@ def test_two_process_ddp_ranks_end_with_identical_weights(tmp_path):
 def test_training_options_bf16_channels_last_mixup_ema_clip(tmp_path):
     raw = tiny_run(
         tmp_path,
-        train={"epochs": 2, "amp": "bf16", "channels_last": True, "mixup": 0.8, "cutmix": 1.0, "ema_decay": 0.9,
-               "tensorboard": True},
-        optim={"opt": "sgd", "lr": 0.05, "momentum": 0.9, "sched": "step", "decay_epochs": 1, "warmup_epochs": 1,
-               "clip_grad": 5.0},
+        train={
+            "epochs": 2,
+            "amp": "bf16",
+            "channels_last": True,
+            "mixup": 0.8,
+            "cutmix": 1.0,
+            "ema_decay": 0.9,
+            "tensorboard": True,
+        },
+        optim={
+            "opt": "sgd",
+            "lr": 0.05,
+            "momentum": 0.9,
+            "sched": "step",
+            "decay_epochs": 1,
+            "warmup_epochs": 1,
+            "clip_grad": 5.0,
+        },
     )
     summary = train(build_config(raw))
     for row in summary.history:
@@ -214,8 +240,12 @@ def test_training_options_bf16_channels_last_mixup_ema_clip(tmp_path):
 
 
 def test_scheduler_warmup_then_decay(tmp_path):
-    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 4},
-                   optim={"lr": 0.01, "warmup_epochs": 2, "warmup_lr": 1e-4, "sched": "cosine", "min_lr": 1e-5})
+    raw = tiny_run(
+        tmp_path,
+        method="vanilla",
+        train={"epochs": 4},
+        optim={"lr": 0.01, "warmup_epochs": 2, "warmup_lr": 1e-4, "sched": "cosine", "min_lr": 1e-5},
+    )
     lrs = [row["lr"] for row in train(build_config(raw)).history]
     assert lrs[0] < lrs[1] <= 0.01 and lrs[3] < lrs[2]
 
@@ -224,8 +254,9 @@ def test_effective_batch_warning_and_linear_lr_scaling(tmp_path):
     import io
 
     out = io.StringIO()
-    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1, "reference_batch": 256},
-                   optim={"lr": 0.1, "sched": "none"})
+    raw = tiny_run(
+        tmp_path, method="vanilla", train={"epochs": 1, "reference_batch": 256}, optim={"lr": 0.1, "sched": "none"}
+    )
     trainer = Trainer(build_config(raw), out=out)
     trainer.describe()
     text = out.getvalue()
@@ -234,8 +265,12 @@ def test_effective_batch_warning_and_linear_lr_scaling(tmp_path):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
 
     out = io.StringIO()
-    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1, "reference_batch": 256, "run_name": "scaled"},
-                   optim={"lr": 0.1, "sched": "none", "scale_lr": "linear"})
+    raw = tiny_run(
+        tmp_path,
+        method="vanilla",
+        train={"epochs": 1, "reference_batch": 256, "run_name": "scaled"},
+        optim={"lr": 0.1, "sched": "none", "scale_lr": "linear"},
+    )
     trainer = Trainer(build_config(raw), out=out)
     trainer.describe()
     assert "lr 0.0125 = 0.1 x 32/256" in out.getvalue() and "differs from" not in out.getvalue()

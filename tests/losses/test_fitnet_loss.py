@@ -62,8 +62,10 @@ def test_shape_mismatch_is_an_error_not_a_broadcast(shapes):
 def test_the_shape_error_names_both_shapes_and_the_fix():
     with pytest.raises(ValueError) as err:
         fitnet_loss(torch.randn(2, 3), torch.randn(2, 4))
-    assert str(err.value) == ("fitnet_loss: aligned student feature (2, 3) and teacher feature (2, 4) differ in shape; "
-                              "align the student feature to the teacher's first (crossdistill.models.aligners)")
+    assert str(err.value) == (
+        "fitnet_loss: aligned student feature (2, 3) and teacher feature (2, 4) differ in shape; "
+        "align the student feature to the teacher's first (crossdistill.models.aligners)"
+    )
 
 
 def test_empty_features_are_an_error_and_a_single_element_is_not():

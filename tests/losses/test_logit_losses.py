@@ -88,6 +88,8 @@ def random_labels(zt: np.ndarray, seed: int) -> np.ndarray:
     top = gen.random(zt.shape[0]) < 0.5
     labels[top] = zt.argmax(axis=1)[top]
     return labels
+
+
 TEMPERATURES = [0.5, 1.0, 4.0]
 
 # ---------------------------------------------------------------- KD
@@ -163,8 +165,14 @@ def test_dkd_soft_mixup_targets_use_the_argmax_class(batch, classes):
     labels = soft.argmax(axis=1)  # class a (lam > 0.5), even where a == b
     assert (labels == a).all()
     expected = reference_dkd(zs, zt, labels, 1.0, 2.0, 1.0)
-    got = dkd_loss(torch.tensor(zs, dtype=torch.float32), torch.tensor(zt, dtype=torch.float32),
-                   torch.tensor(soft, dtype=torch.float32), 1.0, 2.0, 1.0)
+    got = dkd_loss(
+        torch.tensor(zs, dtype=torch.float32),
+        torch.tensor(zt, dtype=torch.float32),
+        torch.tensor(soft, dtype=torch.float32),
+        1.0,
+        2.0,
+        1.0,
+    )
     assert rel_err(got, expected) < 1e-5
     # the same as passing the hard labels
     hard = dkd_loss(torch.tensor(zs), torch.tensor(zt), torch.tensor(labels), 1.0, 2.0, 1.0)
@@ -206,10 +214,9 @@ def test_dkd_input_errors():
 def test_dkd_losses_make_no_host_device_sync():
     """DKD and SD-DKD select the non-target logits with computed indices, not masked_select (a GPU sync
     per call, four per loss), and keep their class order."""
+    from conftest import SYNCING_OPS, ops_called
     from crossdistill.losses.dkd import decouple_target
     from crossdistill.losses.sdd import sdd_dkd_loss
-
-    from conftest import SYNCING_OPS, ops_called
 
     torch.manual_seed(0)
     zs, zt, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
@@ -218,7 +225,7 @@ def test_dkd_losses_make_no_host_device_sync():
         called = ops_called(fn, *args)
         assert not [op for op in called if op.startswith(SYNCING_OPS)], sorted(called)
     _, other = decouple_target(zs, y)
-    expected = torch.stack([torch.cat([zs[i, :y[i]], zs[i, y[i] + 1:]]) for i in range(8)])
+    expected = torch.stack([torch.cat([zs[i, : y[i]], zs[i, y[i] + 1 :]]) for i in range(8)])
     assert torch.equal(other, expected)
 
 
@@ -284,7 +291,10 @@ def test_dist_invariance_of_the_teacher_logits():
     # Pearson is applied to the softmax probabilities: the loss ignores a per-sample shift of the
     # teacher's logits (softmax is shift-invariant), but scaling the logits changes the probabilities.
     gen = torch.Generator().manual_seed(5)
-    zs, zt = torch.randn(8, 10, generator=gen, dtype=torch.float64), torch.randn(8, 10, generator=gen, dtype=torch.float64)
+    zs, zt = (
+        torch.randn(8, 10, generator=gen, dtype=torch.float64),
+        torch.randn(8, 10, generator=gen, dtype=torch.float64),
+    )
     base = dist_loss(zs, zt)
     shifted = zt + torch.randn(8, 1, generator=gen, dtype=torch.float64) * 10
     assert torch.allclose(dist_loss(zs, shifted), base, rtol=1e-10)
@@ -362,20 +372,28 @@ def test_shape_and_temperature_errors(name):
     """Each message names the loss that refused its inputs; a temperature of exactly 0 is refused."""
     y = torch.zeros(4, dtype=torch.long)
     loss = f"{name}_loss"
-    with pytest.raises(ValueError, match=rf"^{loss}: student logits \(4, 10\) and teacher logits \(4, 12\) differ in "
-                                         r"shape; teacher and student must have the same classes$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{loss}: student logits \(4, 10\) and teacher logits \(4, 12\) differ in "
+        r"shape; teacher and student must have the same classes$",
+    ):
         LOSSES[name](torch.randn(4, 10), torch.randn(4, 12), y)
     for student, teacher in (((4, 10, 1), (4, 10, 1)), ((4, 10), (4, 10, 1)), ((4, 10, 1), (4, 10))):
         # either side not 2-D is named as such, not reported as a class mismatch
-        with pytest.raises(ValueError, match=rf"^{loss} expects 2-D logits \[B, K\], got "
-                                             rf"{re.escape(str(student))} and {re.escape(str(teacher))}$"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^{loss} expects 2-D logits \[B, K\], got "
+            rf"{re.escape(str(student))} and {re.escape(str(teacher))}$",
+        ):
             LOSSES[name](torch.randn(student), torch.randn(teacher), y)
     temperature = "tau" if name == "dist" else "temperature"
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match=rf"^{loss}: {temperature} must be > 0, got {bad}$"):
-            {"kd": lambda: kd_loss(torch.randn(4, 3), torch.randn(4, 3), bad),
-             "dkd": lambda: dkd_loss(torch.randn(4, 3), torch.randn(4, 3), y, temperature=bad),
-             "dist": lambda: dist_loss(torch.randn(4, 3), torch.randn(4, 3), tau=bad)}[name]()
+            {
+                "kd": lambda: kd_loss(torch.randn(4, 3), torch.randn(4, 3), bad),
+                "dkd": lambda: dkd_loss(torch.randn(4, 3), torch.randn(4, 3), y, temperature=bad),
+                "dist": lambda: dist_loss(torch.randn(4, 3), torch.randn(4, 3), tau=bad),
+            }[name]()
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

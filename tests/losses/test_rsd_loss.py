@@ -11,6 +11,7 @@ from crossdistill import rsd_loss
 
 def reference_rsd(z_s: np.ndarray, z_t: np.ndarray, kappa: float) -> float:
     """The official code's formula, written out in numpy float64."""
+
     def standardise(x):
         return (x - x.mean(axis=0)) / (x.std(axis=0, ddof=0) + 1e-5)
 
@@ -90,14 +91,20 @@ def test_identical_samples_do_not_produce_nan():
 
 
 def test_shape_mismatch_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"^rsd_loss: student \(4, 8\) and teacher \(4, 16\) embeddings differ in shape; "
-                                         r"project the student to the teacher width first \(AADProjector\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^rsd_loss: student \(4, 8\) and teacher \(4, 16\) embeddings differ in shape; "
+        r"project the student to the teacher width first \(AADProjector\)$",
+    ):
         rsd_loss(torch.randn(4, 8), torch.randn(4, 16))
 
 
 @pytest.mark.parametrize("z_s,z_t", [((4, 8, 1), (4, 8)), ((4, 8), (4, 8, 1)), ((8,), (8,))])
 def test_embeddings_that_are_not_2d_are_a_clear_error(z_s, z_t):
     """Either side not [B, D] is named as such, shapes and all (not reported as a width mismatch)."""
-    with pytest.raises(ValueError, match=rf"^rsd_loss expects 2-D embeddings \[B, D\], got "
-                                         rf"{re.escape(str(z_s))} and {re.escape(str(z_t))}$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^rsd_loss expects 2-D embeddings \[B, D\], got "
+        rf"{re.escape(str(z_s))} and {re.escape(str(z_t))}$",
+    ):
         rsd_loss(torch.randn(z_s), torch.randn(z_t))

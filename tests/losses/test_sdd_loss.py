@@ -129,8 +129,12 @@ def random_problem(scales, seed=0, batch=6, classes=3, size=7):
     target[: batch // 2] = global_pred[: batch // 2]
     target[batch // 2 :] = (global_pred[batch // 2 :] + 1) % classes
     torch_in = dict(
-        feat_s=torch.from_numpy(feat_s), feat_t=torch.from_numpy(feat_t),
-        w_s=torch.from_numpy(w_s), b_s=torch.from_numpy(b_s), w_t=torch.from_numpy(w_t), b_t=torch.from_numpy(b_t),
+        feat_s=torch.from_numpy(feat_s),
+        feat_t=torch.from_numpy(feat_t),
+        w_s=torch.from_numpy(w_s),
+        b_s=torch.from_numpy(b_s),
+        w_t=torch.from_numpy(w_t),
+        b_t=torch.from_numpy(b_t),
         target=torch.from_numpy(target),
     )
     return patch_s, patch_t, target, torch_in
@@ -271,8 +275,9 @@ def test_defaults_are_the_official_ones():
     zs, zt = torch_region_logits(t, (1, 2))
     y = t["target"]
     assert sdd_kd_loss(zs, zt, y) == sdd_kd_loss(zs, zt, y, temperature=4.0, complementary_weight=2.0)
-    assert sdd_dkd_loss(zs, zt, y) == sdd_dkd_loss(zs, zt, y, alpha=1.0, beta=8.0, temperature=4.0,
-                                                   complementary_weight=2.0)
+    assert sdd_dkd_loss(zs, zt, y) == sdd_dkd_loss(
+        zs, zt, y, alpha=1.0, beta=8.0, temperature=4.0, complementary_weight=2.0
+    )
 
 
 @pytest.mark.parametrize("name", sorted(SDD_LOSSES))
@@ -280,8 +285,11 @@ def test_errors_name_the_loss(name):
     """Each message names the loss that refused its inputs; a temperature of exactly 0 is refused."""
     zs, zt, y = torch.randn(6, 5, 3), torch.randn(6, 5, 3), torch.zeros(6, dtype=torch.long)
     loss = SDD_LOSSES[name]
-    with pytest.raises(ValueError, match=rf"^{name} expects student and teacher region logits of one shape "
-                                         r"\[B, N, K\], got \(6, 5, 3\) and \(6, 4, 3\)$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name} expects student and teacher region logits of one shape "
+        r"\[B, N, K\], got \(6, 5, 3\) and \(6, 4, 3\)$",
+    ):
         loss(zs, zt[:, :4], y)
     with pytest.raises(ValueError, match=rf"^{name}: 6 samples of region logits but 2 targets$"):
         loss(zs, zt, y[:2])
@@ -309,9 +317,12 @@ def test_one_float64_input_makes_the_loss_float64(name, wide):
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="sdd_region_weights takes its dtype from the teacher logits alone: with a "
-                                       "float32 teacher and a float64 student the weight is rounded to float32 "
-                                       "(reported to the lead, issue 20; src/ is not changed in this branch)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="sdd_region_weights takes its dtype from the teacher logits alone: with a "
+    "float32 teacher and a float64 student the weight is rounded to float32 "
+    "(reported to the lead, issue 20; src/ is not changed in this branch)",
+)
 @pytest.mark.parametrize("name", sorted(SDD_LOSSES))
 def test_a_float32_teacher_does_not_round_the_complementary_weight_of_a_float64_loss(name):
     zs, zt, y = float64_region_problem(seed=7)
@@ -339,20 +350,24 @@ def test_sdd_dkd_needs_two_classes_and_takes_two():
     # two classes: the non-target distribution has one class, so NCKD is 0 and the loss is the TCKD
     zs, zt = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
     assert sdd_dkd_loss(zs, zt, y, alpha=1.0, beta=8.0).item() == pytest.approx(
-        sdd_dkd_loss(zs, zt, y, alpha=1.0, beta=0.0).item(), rel=1e-12)
+        sdd_dkd_loss(zs, zt, y, alpha=1.0, beta=0.0).item(), rel=1e-12
+    )
     assert sdd_dkd_loss(zs, zt, y).item() > 0
 
 
-@pytest.mark.parametrize("scales,pool_grid,message", [
-    ((), 4, r"SDD needs at least one scale, e\.g\. \(1, 2, 4\)"),
-    ((1, 2.0), 4, r"SDD scales must be positive integers, got \(1, 2\.0\)"),
-    ((True, 2), 4, r"SDD scales must be positive integers, got \(True, 2\)"),  # True == 1, but not a scale
-    ((1, 0), 4, r"SDD scales must be positive integers, got \(1, 0\)"),
-    ((2, 4), 4, r"SDD scales must start with 1 \(region 0 is the global region\), got \(2, 4\)"),
-    ((1, 4, 2), 4, r"SDD scales must be strictly increasing, got \(1, 4, 2\)"),
-    ((1, 2, 8), 4, r"SDD pool_grid must be >= the largest scale \(8\), got 4"),
-    ((1,), 0, r"SDD pool_grid must be >= the largest scale \(1\), got 0"),
-])
+@pytest.mark.parametrize(
+    "scales,pool_grid,message",
+    [
+        ((), 4, r"SDD needs at least one scale, e\.g\. \(1, 2, 4\)"),
+        ((1, 2.0), 4, r"SDD scales must be positive integers, got \(1, 2\.0\)"),
+        ((True, 2), 4, r"SDD scales must be positive integers, got \(True, 2\)"),  # True == 1, but not a scale
+        ((1, 0), 4, r"SDD scales must be positive integers, got \(1, 0\)"),
+        ((2, 4), 4, r"SDD scales must start with 1 \(region 0 is the global region\), got \(2, 4\)"),
+        ((1, 4, 2), 4, r"SDD scales must be strictly increasing, got \(1, 4, 2\)"),
+        ((1, 2, 8), 4, r"SDD pool_grid must be >= the largest scale \(8\), got 4"),
+        ((1,), 0, r"SDD pool_grid must be >= the largest scale \(1\), got 0"),
+    ],
+)
 def test_scale_errors_say_what_is_wrong(scales, pool_grid, message):
     with pytest.raises(ValueError, match=rf"^{message}$"):
         check_scales(scales, pool_grid)

@@ -76,8 +76,10 @@ def module_outputs(model: torch.nn.Module, names: list[str]):
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for name in names:
+
         def hook(module, inputs, output, name=name):
             seen[name] = output
+
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     return seen, handles
 

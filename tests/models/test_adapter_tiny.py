@@ -33,8 +33,15 @@ BUILDERS = {
     "convnext": lambda: timm.create_model("test_convnext", num_classes=5),
     "efficientnet": lambda: timm.create_model("test_efficientnet", num_classes=5),
     "mambaout": lambda: timm.create_model("test_mambaout", num_classes=5),
-    "swin": lambda: timm.create_model("swin_tiny_patch4_window7_224", num_classes=5, img_size=32, embed_dim=8,
-                                      depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=2),
+    "swin": lambda: timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        num_classes=5,
+        img_size=32,
+        embed_dim=8,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        window_size=2,
+    ),
     "vit": lambda: timm.create_model("test_vit", num_classes=5, img_size=32, patch_size=8),
     "vit_registers": lambda: timm.create_model("test_vit", num_classes=5, img_size=32, patch_size=8, reg_tokens=1),
     "vit_relpos": lambda: timm.create_model("test_vit_relpos", num_classes=5, img_size=32, patch_size=8),
@@ -80,8 +87,10 @@ class Tiny:
         seen: dict[int, torch.Tensor] = {}
         handles = []
         for i, entry in enumerate(self.model.feature_info):
+
             def hook(module, inputs, output, i=i):
                 seen[i] = output
+
             handles.append(self.model.get_submodule(entry["module"]).register_forward_hook(hook))
         try:
             with torch.no_grad():
@@ -183,10 +192,19 @@ def test_default_stages_of_isotropic_models_around_depth_seven():
     assert default_stages(Stub(feature_info=info(2, 4, 8, 16), conv_head=torch.nn.Identity())) == [-4, -3, -2, "final"]
 
 
-@pytest.mark.parametrize("attributes,depth", [({}, 0), ({"feature_info": None}, 0), ({"feature_info": info(4, 8, 16)}, 3),
-                                              ({"feature_info": info(16, 16, 16)}, 3)])
+@pytest.mark.parametrize(
+    "attributes,depth",
+    [
+        ({}, 0),
+        ({"feature_info": None}, 0),
+        ({"feature_info": info(4, 8, 16)}, 3),
+        ({"feature_info": info(16, 16, 16)}, 3),
+    ],
+)
 def test_default_stages_need_four_feature_info_entries(attributes, depth):
-    with pytest.raises(TypeError, match=rf"^Stub has only {depth} feature_info entries; pass stage indices explicitly$"):
+    with pytest.raises(
+        TypeError, match=rf"^Stub has only {depth} feature_info entries; pass stage indices explicitly$"
+    ):
         default_stages(Stub(**attributes))
 
 
@@ -280,10 +298,16 @@ def test_one_backbone_pass(models):
         tiny = models[name]
         calls = []
         handle = tiny.model.get_submodule(tiny.model.pretrained_cfg["first_conv"]).register_forward_hook(
-            lambda *args: calls.append(1))
+            lambda *args: calls.append(1)
+        )
         try:
-            for kwargs in ({}, {"logits": False}, {"stages": default_stages(tiny.model)}, {"stages": [FINAL]},
-                           {"stages": [0, -1, FINAL]}):
+            for kwargs in (
+                {},
+                {"logits": False},
+                {"stages": default_stages(tiny.model)},
+                {"stages": [FINAL]},
+                {"stages": [0, -1, FINAL]},
+            ):
                 calls.clear()
                 tiny.forward(**kwargs)
                 assert len(calls) == 1, (name, kwargs)
@@ -307,8 +331,11 @@ def test_stages_need_forward_intermediates():
         def forward_head(self, x, pre_logits=False):
             return x
 
-    with pytest.raises(TypeError, match=r"^NoIntermediates has no forward_intermediates\(\); stage features need "
-                                        r"timm >= 1.0 models$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^NoIntermediates has no forward_intermediates\(\); stage features need "
+        r"timm >= 1.0 models$",
+    ):
         forward_model(NoIntermediates(), torch.zeros(1, 3), stages=[0])
     assert forward_model(NoIntermediates(), torch.zeros(1, 3), stages=[]).stages == []
 

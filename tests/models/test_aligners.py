@@ -31,13 +31,29 @@ def resmlp(size=32):  # tokens without prefix: the real ResMLP-S12 (its patch 16
 
 
 def small_resmlp(size=32):  # the same family, small: ResMLP blocks and Affine norms, patch 16, width 48, 6 blocks
-    return MlpMixer(num_classes=10, img_size=size, patch_size=16, num_blocks=6, embed_dim=48, mlp_ratio=4,
-                    block_layer=ResBlock, norm_layer=Affine, stem_norm=False)
+    return MlpMixer(
+        num_classes=10,
+        img_size=size,
+        patch_size=16,
+        num_blocks=6,
+        embed_dim=48,
+        mlp_ratio=4,
+        block_layer=ResBlock,
+        norm_layer=Affine,
+        stem_norm=False,
+    )
 
 
 def swin(size=64):  # maps (NCHW from forward_intermediates), reductions 4..32
-    return timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=size, window_size=4,
-                             depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), embed_dim=16)
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        num_classes=10,
+        img_size=size,
+        window_size=4,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        embed_dim=16,
+    )
 
 
 PAIRS = {
@@ -88,7 +104,12 @@ def test_modes_follow_the_grid_ratio_resnet_to_vit():
     student, teacher = resnet(), vit()
     aligners = build_aligners(student, teacher, default_stages(student), default_stages(teacher), 32)
     # resnet stages 8x8, 4x4, 2x2, 1x1 vs the ViT's 4x4 patch grid
-    assert [(a.mode, a.kernel) for a in aligners] == [("down", (2, 2)), ("same", (1, 1)), ("up", (2, 2)), ("up", (4, 4))]
+    assert [(a.mode, a.kernel) for a in aligners] == [
+        ("down", (2, 2)),
+        ("same", (1, 1)),
+        ("up", (2, 2)),
+        ("up", (4, 4)),
+    ]
     # parameter counts equal the official modules': PatchEmbed(k=2), 1x1 conv, 1x1 conv to Ct*k^2
     counts = [sum(p.numel() for p in a.parameters()) for a in aligners]
     assert counts == [32 * 4 * 64 + 64, 48 * 64 + 64, 192 * 64 * 4 + 64 * 4, 96 * 64 * 16 + 64 * 16]
@@ -149,7 +170,7 @@ def test_down_mode_is_one_linear_map_per_block_numpy():
     expected = np.zeros((2, 5, 2, 3))
     for i in range(2):
         for j in range(3):
-            block = xn[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2]  # [B, 3, 2, 2]
+            block = xn[:, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2]  # [B, 3, 2, 2]
             expected[:, :, i, j] = np.einsum("ocpq,bcpq->bo", w, block) + b
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
@@ -169,8 +190,12 @@ def test_up_mode_predicts_each_teacher_block_from_its_student_position():
             pred = xn[:, :, i, j] @ w.T + b  # [B, 5*2*3]: channel c*6 + p*3 + q -> sub-position (p, q)
             for p in range(2):
                 for q in range(3):
-                    np.testing.assert_allclose(grid[:, 2 * i + p, 3 * j + q], pred[:, [c * 6 + p * 3 + q for c in range(5)]],
-                                               rtol=1e-5, atol=1e-6)
+                    np.testing.assert_allclose(
+                        grid[:, 2 * i + p, 3 * j + q],
+                        pred[:, [c * 6 + p * 3 + q for c in range(5)]],
+                        rtol=1e-5,
+                        atol=1e-6,
+                    )
     square = torch.randn(2, 12, 3, 3)
     assert torch.equal(_depth_to_space(square, 2, 2), F.pixel_shuffle(square, 2))
 

@@ -50,9 +50,19 @@ def assert_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
 
 @pytest.mark.parametrize(
     "name",
-    ["resnet18", "mobilenetv2_100", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "convnext_tiny",
-     "resmlp_12_224", "vit_small_patch16_224", "mixer_b16_224", "resnet50",
-     "swin_pico_patch4_window7_224", "swin_nano_patch4_window7_224"],
+    [
+        "resnet18",
+        "mobilenetv2_100",
+        "deit_tiny_patch16_224",
+        "swin_tiny_patch4_window7_224",
+        "convnext_tiny",
+        "resmlp_12_224",
+        "vit_small_patch16_224",
+        "mixer_b16_224",
+        "resnet50",
+        "swin_pico_patch4_window7_224",
+        "swin_nano_patch4_window7_224",
+    ],
 )
 def test_paper_model_names_are_known(name):
     check_model_name(name)
@@ -109,8 +119,14 @@ WRAPPERS = {
     "raw": lambda sd, other: sd,
     "state_dict": lambda sd, other: {"state_dict": sd, "epoch": 3, "arch": "x"},
     "model": lambda sd, other: {"model": sd, "epoch": 3},
-    "crossdistill_run": lambda sd, other: {"format": 1, "epoch": 2, "student": sd, "student_ema": None,
-                                           "config": {"student": {"name": "x"}}, "classes": ["a"]},
+    "crossdistill_run": lambda sd, other: {
+        "format": 1,
+        "epoch": 2,
+        "student": sd,
+        "student_ema": None,
+        "config": {"student": {"name": "x"}},
+        "classes": ["a"],
+    },
     "module_prefix": lambda sd, other: {f"module.{k}": v for k, v in sd.items()},
     "state_dict_module_prefix": lambda sd, other: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
     "ema_present_but_not_asked": lambda sd, other: {"state_dict": sd, "state_dict_ema": other},
@@ -119,22 +135,23 @@ EMA_WRAPPERS = {
     "state_dict_ema": lambda sd, other: {"state_dict": other, "state_dict_ema": sd},
     "model_ema": lambda sd, other: {"model": other, "model_ema": sd},
     "student_ema": lambda sd, other: {"student": other, "student_ema": sd},
-    "state_dict_ema_module_prefix": lambda sd, other: {"state_dict": other,
-                                                       "state_dict_ema": {f"module.{k}": v for k, v in sd.items()}},
+    "state_dict_ema_module_prefix": lambda sd, other: {
+        "state_dict": other,
+        "state_dict_ema": {f"module.{k}": v for k, v in sd.items()},
+    },
 }
 
 
 @pytest.mark.parametrize("model_name", list(TINY))
-@pytest.mark.parametrize(
-    "wrapper,ema", [(w, False) for w in WRAPPERS] + [(w, True) for w in EMA_WRAPPERS]
-)
+@pytest.mark.parametrize("wrapper,ema", [(w, False) for w in WRAPPERS] + [(w, True) for w in EMA_WRAPPERS])
 def test_loads_every_wrapper_format(tmp_path, model_name, wrapper, ema):
     wanted = random_state(build(model_name), seed=1)
     other = random_state(build(model_name), seed=2)
     path = tmp_path / "weights.pth"
     torch.save({**WRAPPERS, **EMA_WRAPPERS}[wrapper](wanted, other), path)
-    model = create_model(ModelConfig(name=model_name, kwargs=TINY[model_name], checkpoint=str(path),
-                                     checkpoint_ema=ema), CLASSES)
+    model = create_model(
+        ModelConfig(name=model_name, kwargs=TINY[model_name], checkpoint=str(path), checkpoint_ema=ema), CLASSES
+    )
     assert_weights(model, wanted)
 
 

@@ -8,8 +8,8 @@ import timm
 import torch
 
 import crossdistill
-from crossdistill.models import Teacher, embedding_dim, forward_model
 from conftest import distill, run_teacher
+from crossdistill.models import Teacher, embedding_dim, forward_model
 
 B, SIZE, CLASSES = 2, 32, 10
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)

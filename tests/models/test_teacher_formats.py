@@ -25,12 +25,11 @@ import timm
 import torch
 
 import crossdistill  # noqa: F401  (registers swin_pico / swin_nano with timm)
+from conftest import run_teacher
 from crossdistill import CrossDistillError
 from crossdistill.config import ModelConfig
 from crossdistill.engine.setup import create_teacher
 from crossdistill.models import create_model
-
-from conftest import run_teacher
 
 SWIN = "swin_tiny_patch4_window7_224"
 CONVNEXT = "convnext_tiny"
@@ -137,19 +136,37 @@ def to_fb_convnext(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def timm065_saver_file(state: dict[str, torch.Tensor], arch: str) -> dict:
     """What timm 0.6.5's CheckpointSaver writes (``model_best.pth.tar``) for a ``--distiller vanilla`` run."""
-    args = argparse.Namespace(model=arch, distiller="vanilla", num_classes=CIFAR, dataset="cifar100", lr=5e-4,
-                              opt="adamw", epochs=300, ofa_eps=[1.0], model_ema=False, mean=None, amp=True)
+    args = argparse.Namespace(
+        model=arch,
+        distiller="vanilla",
+        num_classes=CIFAR,
+        dataset="cifar100",
+        lr=5e-4,
+        opt="adamw",
+        epochs=300,
+        ofa_eps=[1.0],
+        model_ema=False,
+        mean=None,
+        amp=True,
+    )
     first = next(iter(state.values()))
     return {
         "epoch": 287,
         "arch": arch,
         "state_dict": state,
-        "optimizer": {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(first)}},
-                      "param_groups": [{"lr": 5e-6, "weight_decay": 0.05, "params": [0]}]},
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(first)}},
+            "param_groups": [{"lr": 5e-6, "weight_decay": 0.05, "params": [0]}],
+        },
         "version": 2,
         "args": args,
-        "amp_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                       "_growth_tracker": 0},
+        "amp_scaler": {
+            "scale": 65536.0,
+            "growth_factor": 2.0,
+            "backoff_factor": 0.5,
+            "growth_interval": 2000,
+            "_growth_tracker": 0,
+        },
         "metric": 89.26,
     }
 
@@ -177,9 +194,14 @@ WRAPPERS = {
     "state_dict": lambda sd: {"state_dict": sd, "epoch": 299, "arch": "x"},
     "model": lambda sd: {"model": sd},  # e.g. deit_tiny_patch16_224-a1311bcf.pth
     "module_prefix": lambda sd: prefixed(sd),  # saved from a DDP-wrapped model
-    "crossdistill_run": lambda sd: {"format": 1, "epoch": 300, "student": sd, "student_ema": None,
-                                    "normalization": {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)},
-                                    "config": {"student": {"name": "x"}}},
+    "crossdistill_run": lambda sd: {
+        "format": 1,
+        "epoch": 300,
+        "student": sd,
+        "student_ema": None,
+        "normalization": {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)},
+        "config": {"student": {"name": "x"}},
+    },
 }
 
 
@@ -197,8 +219,15 @@ def test_module_prefixed_ema_dict(tmp_path, name):
     """timm's ``state_dict_ema`` (here with DDP's ``module.`` prefix) next to different live weights."""
     source, other = source_model(name, seed=1), source_model(name, seed=2)
     path = tmp_path / "teacher_ema.pth.tar"
-    torch.save({"epoch": 299, "state_dict": prefixed(other.state_dict()),
-                "state_dict_ema": prefixed(source.state_dict()), "metric": 88.0}, path)
+    torch.save(
+        {
+            "epoch": 299,
+            "state_dict": prefixed(other.state_dict()),
+            "state_dict_ema": prefixed(source.state_dict()),
+            "metric": 88.0,
+        },
+        path,
+    )
     assert_same_logits(load(name, path, checkpoint_ema=True), source, name)
     assert_same_logits(load(name, path), other, name)  # without checkpoint_ema: the live weights
 
@@ -281,8 +310,13 @@ def test_timm065_swin_layout(tmp_path, wrapper):
 def test_timm065_swin_ema(tmp_path):
     source, other = source_model(SWIN, seed=1), source_model(SWIN, seed=2)
     path = tmp_path / "swin_old_ema.pth"
-    torch.save({"state_dict": to_timm065_swin(other.state_dict(), other),
-                "state_dict_ema": prefixed(to_timm065_swin(source.state_dict(), source))}, path)
+    torch.save(
+        {
+            "state_dict": to_timm065_swin(other.state_dict(), other),
+            "state_dict_ema": prefixed(to_timm065_swin(source.state_dict(), source)),
+        },
+        path,
+    )
     assert_same_logits(load(SWIN, path, checkpoint_ema=True), source, SWIN)
 
 
@@ -343,8 +377,12 @@ def test_integer_or_boolean_weights_are_refused(tmp_path, dtype):
     path = tmp_path / "teacher_int.pth"
     torch.save({"state_dict": _floats_as(source_model("resnet50").state_dict(), lambda v: v.to(dtype))}, path)
     with pytest.raises(CrossDistillError, match=rf"stored as {dtype} where resnet50 has floating-point weights"):
-        create_teacher(ModelConfig(name="resnet50", kwargs=dict(SMALL["resnet50"][0]), checkpoint=str(path)),
-                       CIFAR, CIFAR_MEAN, CIFAR_STD)
+        create_teacher(
+            ModelConfig(name="resnet50", kwargs=dict(SMALL["resnet50"][0]), checkpoint=str(path)),
+            CIFAR,
+            CIFAR_MEAN,
+            CIFAR_STD,
+        )
 
 
 @pytest.mark.parametrize("broken", ["all NaN", "all inf", "one tensor NaN", "BatchNorm statistics NaN"])
@@ -353,8 +391,9 @@ def test_non_finite_weights_are_refused(tmp_path, broken):
     if broken == "BatchNorm statistics NaN":  # every step of a run with this teacher would be skipped
         state = {k: torch.full_like(v, float("nan")) if k.endswith("running_var") else v for k, v in state.items()}
     elif broken == "one tensor NaN":
-        state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"].clone().index_fill_(0, torch.tensor([0]),
-                                                                                           float("nan"))
+        state["layer1.0.conv1.weight"] = (
+            state["layer1.0.conv1.weight"].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+        )
     else:
         state = _floats_as(state, lambda v: torch.full_like(v, float("nan" if broken == "all NaN" else "inf")))
     path = tmp_path / "teacher_nan.pth"

@@ -140,8 +140,9 @@ def unbiased_hsic(k: torch.Tensor, l_: torch.Tensor) -> float:
     """
     n = k.shape[0]
     if k.shape != (n, n) or l_.shape != (n, n):
-        raise CrossDistillError(f"unbiased_hsic needs two square Gram matrices of one size, got {tuple(k.shape)} and "
-                                f"{tuple(l_.shape)}")
+        raise CrossDistillError(
+            f"unbiased_hsic needs two square Gram matrices of one size, got {tuple(k.shape)} and {tuple(l_.shape)}"
+        )
     if n < 4:
         raise CrossDistillError(f"the unbiased HSIC estimator needs at least 4 samples per batch, got {n}")
     k = k.to(torch.float64) * (1 - torch.eye(n, dtype=torch.float64, device=k.device))
@@ -178,8 +179,9 @@ class MinibatchCKA:
             self.xy = np.zeros((len(xs), len(ys)))
             self.xx, self.yy = np.zeros(len(xs)), np.zeros(len(ys))
         elif self.xy.shape != (len(xs), len(ys)):
-            raise CrossDistillError(f"MinibatchCKA got {len(xs)} x {len(ys)} representations after "
-                                    f"{self.xy.shape[0]} x {self.xy.shape[1]}")
+            raise CrossDistillError(
+                f"MinibatchCKA got {len(xs)} x {len(ys)} representations after {self.xy.shape[0]} x {self.xy.shape[1]}"
+            )
         grams_x = [x @ x.T for x in xs]
         grams_y = [y @ y.T for y in ys]
         for i, k in enumerate(grams_x):
@@ -303,8 +305,16 @@ class CKAResult:
         for label, matrix in self.matrices.items():
             for i, t_name in enumerate(self.teacher_layers):
                 for j, s_name in enumerate(self.student_layers[label]):
-                    rows.append({"student": label, "student_model": self.students[label], "teacher": self.teacher,
-                                 "teacher_layer": t_name, "student_layer": s_name, "cka": float(matrix[i, j])})
+                    rows.append(
+                        {
+                            "student": label,
+                            "student_model": self.students[label],
+                            "teacher": self.teacher,
+                            "teacher_layer": t_name,
+                            "student_layer": s_name,
+                            "cka": float(matrix[i, j]),
+                        }
+                    )
         return rows
 
     def difference(self) -> np.ndarray | None:
@@ -315,8 +325,15 @@ class CKAResult:
         return self.matrices[labels[0]] - self.matrices[labels[1]]
 
 
-def collect_cka(teacher: LayerSet, students: Sequence[LayerSet], batches: Iterable[torch.Tensor], *,
-                estimator: str = "full", pool: str = "mean", device: torch.device | str = "cpu") -> CKAResult:
+def collect_cka(
+    teacher: LayerSet,
+    students: Sequence[LayerSet],
+    batches: Iterable[torch.Tensor],
+    *,
+    estimator: str = "full",
+    pool: str = "mean",
+    device: torch.device | str = "cpu",
+) -> CKAResult:
     """CKA between the teacher's layers and each student's, over the images in ``batches``.
 
     ``estimator="full"`` keeps every pooled feature and computes exact linear CKA;
@@ -353,9 +370,14 @@ def collect_cka(teacher: LayerSet, students: Sequence[LayerSet], batches: Iterab
         else:
             matrices[s.label] = cka_matrix([torch.cat(f) for f in t_feats], [torch.cat(f) for f in s_feats[s.label]])
     return CKAResult(
-        teacher=teacher.model_name, teacher_layers=list(teacher.names),
-        students={s.label: s.model_name for s in students}, student_layers={s.label: list(s.names) for s in students},
-        matrices=matrices, samples=samples, estimator=estimator, pool=pool,
+        teacher=teacher.model_name,
+        teacher_layers=list(teacher.names),
+        students={s.label: s.model_name for s in students},
+        student_layers={s.label: list(s.names) for s in students},
+        matrices=matrices,
+        samples=samples,
+        estimator=estimator,
+        pool=pool,
     )
 
 
@@ -397,8 +419,10 @@ def format_table(result: CKAResult) -> str:
         width = max(8, *(len(n) for n in s_names))
         corner = "teacher \\ student"
         t_width = max(len(corner), *(len(n) for n in result.teacher_layers))
-        lines.append(f"CKA {result.teacher} (rows) vs {label}: {result.students[label]} (columns), "
-                     f"{result.samples} images, {result.estimator} estimator, {result.pool}-pooled")
+        lines.append(
+            f"CKA {result.teacher} (rows) vs {label}: {result.students[label]} (columns), "
+            f"{result.samples} images, {result.estimator} estimator, {result.pool}-pooled"
+        )
         lines.append(f"{corner:<{t_width}}  " + "  ".join(f"{n:>{width}}" for n in s_names))
         for i, t_name in enumerate(result.teacher_layers):
             lines.append(f"{t_name:<{t_width}}  " + "  ".join(f"{v:>{width}.3f}" for v in matrix[i]))
@@ -448,10 +472,16 @@ def plot_cka(result: CKAResult, path: str, dpi: int = 150) -> None:
         bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         bar.ax.tick_params(labelsize=7)
         bar.set_label("CKA difference" if is_diff else "linear CKA", fontsize=8)
-    fig.suptitle(f"Linear CKA between teacher {result.teacher} and student layers\n{result.samples} images, "
-                 f"{result.estimator} estimator, stage features {result.pool}-pooled over positions", fontsize=10)
-    write_path_atomic(Path(path), lambda target: fig.savefig(target, dpi=dpi, bbox_inches="tight",
-                                                          format=Path(path).suffix[1:] or "png"), hint=RERUN_HINT)
+    fig.suptitle(
+        f"Linear CKA between teacher {result.teacher} and student layers\n{result.samples} images, "
+        f"{result.estimator} estimator, stage features {result.pool}-pooled over positions",
+        fontsize=10,
+    )
+    write_path_atomic(
+        Path(path),
+        lambda target: fig.savefig(target, dpi=dpi, bbox_inches="tight", format=Path(path).suffix[1:] or "png"),
+        hint=RERUN_HINT,
+    )
 
 
 def summary_lines(result: CKAResult) -> list[str]:
@@ -461,14 +491,26 @@ def summary_lines(result: CKAResult) -> list[str]:
         s_layers = result.student_layers[label]
         both = result.teacher_layers[-1] == EMBEDDING and s_layers[-1] == EMBEDDING
         emb = matrix[-1, -1] if both else float("nan")
-        best = ", ".join(f"{s}->{result.teacher_layers[int(np.nanargmax(matrix[:, j]))]}"
-                         for j, s in enumerate(s_layers) if np.isfinite(matrix[:, j]).any())
-        lines.append(f"{label}: pre-logits vs pre-logits CKA {emb:.3f}, mean over all pairs {np.nanmean(matrix):.3f}, "
-                     f"best-matching teacher layer per student layer {best}")
+        best = ", ".join(
+            f"{s}->{result.teacher_layers[int(np.nanargmax(matrix[:, j]))]}"
+            for j, s in enumerate(s_layers)
+            if np.isfinite(matrix[:, j]).any()
+        )
+        lines.append(
+            f"{label}: pre-logits vs pre-logits CKA {emb:.3f}, mean over all pairs {np.nanmean(matrix):.3f}, "
+            f"best-matching teacher layer per student layer {best}"
+        )
     return lines
 
 
 def as_mapping(result: CKAResult) -> Mapping[str, Any]:
-    return {"teacher": result.teacher, "teacher_layers": result.teacher_layers, "students": result.students,
-            "student_layers": result.student_layers, "samples": result.samples, "estimator": result.estimator,
-            "pool": result.pool, "cka": {k: v.tolist() for k, v in result.matrices.items()}}
+    return {
+        "teacher": result.teacher,
+        "teacher_layers": result.teacher_layers,
+        "students": result.students,
+        "student_layers": result.student_layers,
+        "samples": result.samples,
+        "estimator": result.estimator,
+        "pool": result.pool,
+        "cka": {k: v.tolist() for k, v in result.matrices.items()},
+    }

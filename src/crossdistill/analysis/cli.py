@@ -34,7 +34,6 @@ from ..models import Teacher, create_model, load_model_weights
 from ..plots import require_matplotlib
 from .cka import POOLS, LayerSet, as_mapping, collect_cka, format_table, plot_cka, summary_lines, write_csv
 
-
 # ---------------------------------------------------------------- resolving models and data
 
 
@@ -45,8 +44,9 @@ def _load_source(path: str | None):
     p = Path(path)
     if p.is_dir():
         if not (p / "config.yaml").is_file():
-            raise CrossDistillError(f"{p} is not a crossdistill run directory (no config.yaml); pass a run "
-                                    "directory or a run config YAML")
+            raise CrossDistillError(
+                f"{p} is not a crossdistill run directory (no config.yaml); pass a run directory or a run config YAML"
+            )
         return load_config(p / "config.yaml"), p
     if not p.is_file():
         raise CrossDistillError(f"{p} does not exist; pass a run directory or a run config YAML")
@@ -138,8 +138,10 @@ def run_cka(
     use_ema = False
     if student_checkpoint is None:
         if run_dir is None:
-            raise CrossDistillError("analyze cka needs the student's weights: --student-checkpoint FILE, or a run "
-                                    "directory (positional RUN_DIR or --config RUN_DIR)")
+            raise CrossDistillError(
+                "analyze cka needs the student's weights: --student-checkpoint FILE, or a run "
+                "directory (positional RUN_DIR or --config RUN_DIR)"
+            )
         path, use_ema = _student_checkpoint(run_dir, weights)
         if not path.is_file():
             raise CrossDistillError(f"{run_dir} has no {path.name}; train the run first or pass --weights")
@@ -158,8 +160,10 @@ def run_cka(
     elif teacher is not None:
         teacher_cfg = ModelConfig(name=teacher)
     if teacher_cfg is None:
-        raise CrossDistillError("analyze cka needs a teacher: --teacher NAME --teacher-checkpoint FILE, or a run "
-                                "directory / config of a distillation run")
+        raise CrossDistillError(
+            "analyze cka needs a teacher: --teacher NAME --teacher-checkpoint FILE, or a run "
+            "directory / config of a distillation run"
+        )
     if teacher_checkpoint is not None:
         teacher_cfg = dataclasses.replace(teacher_cfg, checkpoint=str(teacher_checkpoint), pretrained=False)
         if not teacher_cfg.kwargs:
@@ -180,48 +184,70 @@ def run_cka(
     pool_ds = data.eval if split == "eval" else data.train
     n = min(samples, len(pool_ds))
     if n < samples:
-        say(f"note: the {split} split of {data_cfg.dataset} has {len(pool_ds)} images; using all of them "
-            f"(asked for {samples})")
+        say(
+            f"note: the {split} split of {data_cfg.dataset} has {len(pool_ds)} images; using all of them "
+            f"(asked for {samples})"
+        )
     subset = pool_ds.select(balanced_subset(pool_ds.targets, n, seed=0, what="--samples"))
     subset.transform = data.eval.transform  # eval transforms for either split: no augmentation in an analysis
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=data_cfg.num_workers)
 
     if not (teacher_cfg.checkpoint or teacher_cfg.pretrained):
-        say("warning: the teacher has no checkpoint and no pretrained weights: it is randomly initialised, so its "
-            "CKA map says nothing about what was learnt (pass --teacher-checkpoint)")
+        say(
+            "warning: the teacher has no checkpoint and no pretrained weights: it is randomly initialised, so its "
+            "CKA map says nothing about what was learnt (pass --teacher-checkpoint)"
+        )
     dev = resolve_device(device)
     teacher_model = create_teacher(teacher_cfg, data.num_classes, data.mean, data.std)
     teacher_model.to(dev)
 
     # --- students
     first_label = labels[0] or _label(loaded, "student")
-    students = [LayerSet.of(first_label, student_cfg.name,
-                            _frozen_student(path, student_cfg, data.num_classes, use_ema, loaded, data).to(dev))]
+    students = [
+        LayerSet.of(
+            first_label,
+            student_cfg.name,
+            _frozen_student(path, student_cfg, data.num_classes, use_ema, loaded, data).to(dev),
+        )
+    ]
     compare_path = None
     if compare_checkpoint is not None:
         compare_path = Path(compare_checkpoint)
         compare_loaded = load_weights_file(compare_path)
         compare_recorded = _recorded_config(compare_loaded)
-        compare_cfg = (_model_config(None, compare_recorded, None, "student") if compare_recorded is not None
-                       else student_cfg)  # a plain weights file: the same architecture as the student
+        compare_cfg = (
+            _model_config(None, compare_recorded, None, "student") if compare_recorded is not None else student_cfg
+        )  # a plain weights file: the same architecture as the student
         second = labels[1] or _label(compare_loaded, "compare")
         if second == first_label:
             first_label, second = f"{first_label} ({path.parent.name})", f"{second} ({compare_path.parent.name})"
             if first_label == second:
                 first_label, second = "student", "compare"
             students[0].label = first_label
-        students.append(LayerSet.of(second, compare_cfg.name,
-                                    _frozen_student(compare_path, compare_cfg, data.num_classes, False,
-                                                    compare_loaded, data).to(dev)))
+        students.append(
+            LayerSet.of(
+                second,
+                compare_cfg.name,
+                _frozen_student(compare_path, compare_cfg, data.num_classes, False, compare_loaded, data).to(dev),
+            )
+        )
     teacher_layers = LayerSet.of("teacher", teacher_cfg.name, teacher_model)
 
-    say(f"CKA: teacher {teacher_cfg.name} vs " + " and ".join(f"{s.label} ({s.model_name})" for s in students)
-        + f" on {n} {split} images of {data_cfg.dataset} ({estimator} linear CKA, features {pool}-pooled)")
-    result = collect_cka(teacher_layers, students, (images for images, _ in loader), estimator=estimator, pool=pool,
-                         device=dev)
-    result.extra.update(teacher_checkpoint=teacher_cfg.checkpoint, student_checkpoint=str(path),
-                        compare_checkpoint=str(compare_path) if compare_path else None, dataset=data_cfg.dataset,
-                        split=split)
+    say(
+        f"CKA: teacher {teacher_cfg.name} vs "
+        + " and ".join(f"{s.label} ({s.model_name})" for s in students)
+        + f" on {n} {split} images of {data_cfg.dataset} ({estimator} linear CKA, features {pool}-pooled)"
+    )
+    result = collect_cka(
+        teacher_layers, students, (images for images, _ in loader), estimator=estimator, pool=pool, device=dev
+    )
+    result.extra.update(
+        teacher_checkpoint=teacher_cfg.checkpoint,
+        student_checkpoint=str(path),
+        compare_checkpoint=str(compare_path) if compare_path else None,
+        dataset=data_cfg.dataset,
+        split=split,
+    )
 
     out_dir = Path(out) if out is not None else (run_dir / "analysis" if run_dir is not None else Path("cka"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,11 +269,25 @@ def _cmd_cka(args: argparse.Namespace) -> int:
     if args.run_dir and args.config and Path(args.run_dir).resolve() != Path(args.config).resolve():
         raise CrossDistillError("give the run either as RUN_DIR or as --config, not two different ones")
     result = run_cka(
-        args.run_dir or args.config, teacher=args.teacher, teacher_checkpoint=args.teacher_checkpoint,
-        student=args.student, student_checkpoint=args.student_checkpoint, compare_checkpoint=args.compare_checkpoint,
-        weights=args.weights, labels=(args.label, args.compare_label), samples=args.samples,
-        batch_size=args.batch_size, split=args.split, pool=args.pool, estimator=args.estimator, dataset=args.data,
-        data_root=args.data_root, img_size=args.img_size, device=args.device, out=args.out, name=args.name,
+        args.run_dir or args.config,
+        teacher=args.teacher,
+        teacher_checkpoint=args.teacher_checkpoint,
+        student=args.student,
+        student_checkpoint=args.student_checkpoint,
+        compare_checkpoint=args.compare_checkpoint,
+        weights=args.weights,
+        labels=(args.label, args.compare_label),
+        samples=args.samples,
+        batch_size=args.batch_size,
+        split=args.split,
+        pool=args.pool,
+        estimator=args.estimator,
+        dataset=args.data,
+        data_root=args.data_root,
+        img_size=args.img_size,
+        device=args.device,
+        out=args.out,
+        name=args.name,
         stream=sys.stderr if args.json else sys.stdout,
     )
     if args.json:
@@ -256,37 +296,59 @@ def _cmd_cka(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("analyze", help="analyses of trained models (cka)",
-                              description="Analyses of trained teachers and students.")
+    p = subparsers.add_parser(
+        "analyze", help="analyses of trained models (cka)", description="Analyses of trained teachers and students."
+    )
     sub = p.add_subparsers(dest="analysis", required=True, metavar="{cka}")
     c = sub.add_parser(
-        "cka", help="linear CKA between teacher and student layers (heat map PNG + CSV)",
+        "cka",
+        help="linear CKA between teacher and student layers (heat map PNG + CSV)",
         description="Linear CKA between the teacher's default stages + pre-logits embedding and the student's, "
-                    "on a sample of the data; with --compare-checkpoint, two students side by side and their "
-                    "difference. Stage features are mean-pooled over positions (--pool flatten keeps them whole).",
+        "on a sample of the data; with --compare-checkpoint, two students side by side and their "
+        "difference. Stage features are mean-pooled over positions (--pool flatten keeps them whole).",
     )
-    c.add_argument("run_dir", nargs="?", default=None, metavar="RUN_DIR",
-                   help="a distillation run directory: teacher, student, weights and data from the run")
+    c.add_argument(
+        "run_dir",
+        nargs="?",
+        default=None,
+        metavar="RUN_DIR",
+        help="a distillation run directory: teacher, student, weights and data from the run",
+    )
     c.add_argument("--config", default=None, help="a run config YAML, or a run directory (same as RUN_DIR)")
     c.add_argument("--teacher", default=None, help="teacher timm name (default: the run's)")
     c.add_argument("--teacher-checkpoint", default=None, help="teacher weights (default: the run's teacher.checkpoint)")
     c.add_argument("--student", default=None, help="student timm name (default: the run's / the checkpoint's)")
     c.add_argument("--student-checkpoint", default=None, help="student weights (default: RUN_DIR/best.pt)")
-    c.add_argument("--compare-checkpoint", default=None,
-                   help="a second student checkpoint (e.g. the scratch student) drawn beside the first")
-    c.add_argument("--weights", default="best", choices=("best", "last", "ema"),
-                   help="with RUN_DIR: best.pt, last.pt or the EMA in last.pt (with --student-checkpoint: ema "
-                        "takes that file's EMA weights)")
+    c.add_argument(
+        "--compare-checkpoint",
+        default=None,
+        help="a second student checkpoint (e.g. the scratch student) drawn beside the first",
+    )
+    c.add_argument(
+        "--weights",
+        default="best",
+        choices=("best", "last", "ema"),
+        help="with RUN_DIR: best.pt, last.pt or the EMA in last.pt (with --student-checkpoint: ema "
+        "takes that file's EMA weights)",
+    )
     c.add_argument("--label", default=None, help="name of the student in the figure (default: its method)")
     c.add_argument("--compare-label", default=None, help="name of the compared student (default: its method)")
     c.add_argument("--samples", type=int, default=512, help="images to compute CKA on (class-balanced, fixed)")
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--split", default="eval", choices=("eval", "train"), help="which split to sample (eval transforms)")
-    c.add_argument("--pool", default="mean", choices=("mean", "flatten"),
-                   help="stage features per sample: mean over positions (default) or flattened")
-    c.add_argument("--estimator", default="full", choices=("full", "minibatch"),
-                   help="full: exact linear CKA on all samples; minibatch: unbiased-HSIC minibatch CKA (Nguyen et al. "
-                        "2021), nothing stored, for large --samples")
+    c.add_argument(
+        "--pool",
+        default="mean",
+        choices=("mean", "flatten"),
+        help="stage features per sample: mean over positions (default) or flattened",
+    )
+    c.add_argument(
+        "--estimator",
+        default="full",
+        choices=("full", "minibatch"),
+        help="full: exact linear CKA on all samples; minibatch: unbiased-HSIC minibatch CKA (Nguyen et al. "
+        "2021), nothing stored, for large --samples",
+    )
     c.add_argument("--data", default=None, help="dataset override: digits, cifar10, cifar100, folder")
     c.add_argument("--data-root", default=None)
     c.add_argument("--img-size", type=int, default=None)

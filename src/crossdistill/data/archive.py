@@ -94,8 +94,12 @@ class DecodedArchive:
                 images: Images = npz["images"]
             else:
                 images = _unflatten(npz["pixels"], npz["shapes"])
-        return ArchiveSplit(images=images, labels=labels, classes=list(info["classes"]),
-                            empty_classes=list(info.get("empty_classes", [])))
+        return ArchiveSplit(
+            images=images,
+            labels=labels,
+            classes=list(info["classes"]),
+            empty_classes=list(info.get("empty_classes", [])),
+        )
 
 
 def open_archive(path: str | Path, cache_root: str | Path | None = None, skip_corrupt: bool = False) -> DecodedArchive:
@@ -122,8 +126,12 @@ def open_archive(path: str | Path, cache_root: str | Path | None = None, skip_co
     for i, (name, split) in enumerate(sorted(splits.items())):
         fname = f"split{i}.npz"
         write_atomic(cache_dir / fname, lambda f, s=split: np.savez(f, **_to_arrays(s)), hint=CACHE_DISK_HINT)
-        meta["splits"][name] = {"file": fname, "classes": split.classes, "count": int(len(split.labels)),
-                                "empty_classes": split.empty_classes}
+        meta["splits"][name] = {
+            "file": fname,
+            "classes": split.classes,
+            "count": int(len(split.labels)),
+            "empty_classes": split.empty_classes,
+        }
     write_text_atomic(cache_dir / "meta.json", json.dumps(meta, indent=1), hint=CACHE_DISK_HINT)
     return DecodedArchive(path, cache_dir, meta)
 
@@ -131,13 +139,17 @@ def open_archive(path: str | Path, cache_root: str | Path | None = None, skip_co
 def _check_skipped(path: Path, skipped: list[str], skip_corrupt: bool) -> None:
     if not skipped:
         return
-    names = ", ".join(f"'{name}'" for name in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    names = ", ".join(f"'{name}'" for name in skipped[:5]) + (
+        f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    )
     if not skip_corrupt:
         raise CrossDistillError(
             f"archive '{path}' has {len(skipped)} image(s) that cannot be decoded: {names}; set "
-            "data.skip_corrupt=true to train without them")
-    logger.warning("skipped %d image(s) of '%s' that cannot be decoded (data.skip_corrupt): %s", len(skipped), path,
-                   names)
+            "data.skip_corrupt=true to train without them"
+        )
+    logger.warning(
+        "skipped %d image(s) of '%s' that cannot be decoded (data.skip_corrupt): %s", len(skipped), path, names
+    )
 
 
 # ---------------------------------------------------------------- cache files
@@ -216,7 +228,8 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, what: str) -> by
     if member.size > MAX_MEMBER_BYTES:
         raise CrossDistillError(
             f"cannot decode {what} as an image: it is {member.size} bytes, more than the {MAX_MEMBER_BYTES} allowed "
-            "for one image file (crossdistill.data.archive.MAX_MEMBER_BYTES); downscale or compress it")
+            "for one image file (crossdistill.data.archive.MAX_MEMBER_BYTES); downscale or compress it"
+        )
     fileobj = tar.extractfile(member)
     return fileobj.read() if fileobj is not None else b""
 
@@ -231,9 +244,11 @@ def _decode(path: Path, skip_corrupt: bool = False) -> tuple[dict[str, ArchiveSp
     skipped: list[str] = []
     size = path.stat().st_size
     try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar, tqdm(
-            total=size, unit="B", unit_scale=True, desc=f"decoding {path.name}", disable=None, leave=False
-        ) as bar:
+        with (
+            open(path, "rb") as raw,
+            tarfile.open(fileobj=raw, mode="r|*") as tar,
+            tqdm(total=size, unit="B", unit_scale=True, desc=f"decoding {path.name}", disable=None, leave=False) as bar,
+        ):
             for member in tar:
                 parts = _member_parts(member, path)
                 if member.isdir() and parts and not any(p.startswith(".") for p in parts):
@@ -257,8 +272,9 @@ def _decode(path: Path, skip_corrupt: bool = False) -> tuple[dict[str, ArchiveSp
     return _group(path, names, arrays, dirs), skipped
 
 
-def _group(path: Path, names: list[tuple[str, ...]], arrays: list[np.ndarray],
-           dirs: list[tuple[str, ...]] = ()) -> dict[str, ArchiveSplit]:
+def _group(
+    path: Path, names: list[tuple[str, ...]], arrays: list[np.ndarray], dirs: list[tuple[str, ...]] = ()
+) -> dict[str, ArchiveSplit]:
     """The images grouped by split and class; ``dirs`` (directory members) name the empty class directories."""
     keep = [i for i, p in enumerate(names) if len(p) >= 3]
     if not keep:
@@ -303,6 +319,7 @@ def _group(path: Path, names: list[tuple[str, ...]], arrays: list[np.ndarray],
         ims = [arrays[i] for i in order]
         images: Images = np.stack(ims) if len({im.shape for im in ims}) == 1 else ims
         empty = sorted(c for s, c in class_dirs if s == split and c not in by_class)
-        out[split] = ArchiveSplit(images=images, labels=np.asarray(labels, dtype=np.int64), classes=classes,
-                                  empty_classes=empty)
+        out[split] = ArchiveSplit(
+            images=images, labels=np.asarray(labels, dtype=np.int64), classes=classes, empty_classes=empty
+        )
     return out

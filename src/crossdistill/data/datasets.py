@@ -51,7 +51,9 @@ FOLDER_LAYOUT = "<root>/<split>/<class>/<image>"
 class ArrayImageDataset(torch.utils.data.Dataset):
     """Images held in memory as uint8 RGB arrays ([N, H, W, 3], or a list when sizes differ)."""
 
-    def __init__(self, images: Images, targets: Sequence[int], classes: Sequence[str], transform: Callable | None = None):
+    def __init__(
+        self, images: Images, targets: Sequence[int], classes: Sequence[str], transform: Callable | None = None
+    ):
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
         self.images = images
@@ -80,8 +82,13 @@ class ArrayImageDataset(torch.utils.data.Dataset):
 class FolderImageDataset(torch.utils.data.Dataset):
     """ImageFolder-style dataset read lazily from disk: ``samples`` is a list of (path, label)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Callable | None = None,
-                 skip_corrupt: bool = False):
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        classes: Sequence[str],
+        transform: Callable | None = None,
+        skip_corrupt: bool = False,
+    ):
         self.samples = list(samples)
         self.targets = [label for _, label in self.samples]
         self.classes = list(classes)
@@ -100,13 +107,18 @@ class FolderImageDataset(torch.utils.data.Dataset):
                 break
             except ImageRejected as err:
                 if not self.skip_corrupt:
-                    raise CrossDistillError(f"cannot decode image file '{path}': {err}"
-                                            " (data.skip_corrupt=true replaces such images)") from None
+                    raise CrossDistillError(
+                        f"cannot decode image file '{path}': {err} (data.skip_corrupt=true replaces such images)"
+                    ) from None
                 if path not in self.skipped:
                     self.skipped.add(path)
-                    logger.warning("cannot decode image file '%s' (%s): replaced by the next image of the split "
-                                   "(data.skip_corrupt); %d such file(s) seen by this process", path, err,
-                                   len(self.skipped))
+                    logger.warning(
+                        "cannot decode image file '%s' (%s): replaced by the next image of the split "
+                        "(data.skip_corrupt); %d such file(s) seen by this process",
+                        path,
+                        err,
+                        len(self.skipped),
+                    )
         else:
             raise CrossDistillError(f"no image of this split can be decoded (the last tried: '{path}')")
         return (self.transform(img) if self.transform is not None else img), label
@@ -152,9 +164,7 @@ def digits_arrays() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     grey = np.round(digits.images.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     target = digits.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(target)), test_size=0.2, stratify=target, random_state=0
-    )
+    train_idx, test_idx = train_test_split(np.arange(len(target)), test_size=0.2, stratify=target, random_state=0)
     images, labels = {}, {}
     for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
         images[split], labels[split] = rgb[idx], target[idx]
@@ -275,8 +285,9 @@ def _image_files(class_dir: Path) -> list[str]:
             with os.scandir(dirpath) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as err:
-            raise CrossDistillError(f"cannot list directory '{dirpath}' of the dataset: {err}; make it readable "
-                                    "or move it out of data.root") from None
+            raise CrossDistillError(
+                f"cannot list directory '{dirpath}' of the dataset: {err}; make it readable or move it out of data.root"
+            ) from None
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -285,8 +296,9 @@ def _image_files(class_dir: Path) -> list[str]:
             if entry.is_dir():
                 child = (entry.path, real, rel + (entry.name,))
                 if is_link and (real == real_dir or real_dir.startswith(real.rstrip(os.sep) + os.sep)):
-                    logger.warning("not following '%s': it links to '%s', which contains it (a link loop)",
-                                   entry.path, real)
+                    logger.warning(
+                        "not following '%s': it links to '%s', which contains it (a link loop)", entry.path, real
+                    )
                 elif is_link:
                     linked.append(child)
                 elif real not in visited:
@@ -299,12 +311,15 @@ def _image_files(class_dir: Path) -> list[str]:
     return [path for _, path in sorted(found.values())]
 
 
-def _check_classes(where: str, train: list[str], eval_: list[str], cfg: DataConfig,
-                   empty: Mapping[str, Sequence[str]] | None = None) -> None:
+def _check_classes(
+    where: str, train: list[str], eval_: list[str], cfg: DataConfig, empty: Mapping[str, Sequence[str]] | None = None
+) -> None:
     """Both splits must have the same classes; ``empty`` (split -> class directories without images) explains
     a class that one split lacks only because its directory there is empty."""
-    for split, other, other_classes in ((cfg.train_split, cfg.eval_split, eval_),
-                                        (cfg.eval_split, cfg.train_split, train)):
+    for split, other, other_classes in (
+        (cfg.train_split, cfg.eval_split, eval_),
+        (cfg.eval_split, cfg.train_split, train),
+    ):
         hollow = sorted(set((empty or {}).get(split, ())) & set(other_classes))
         if hollow:
             names = ", ".join(f"'{split}/{c}'" for c in hollow)
@@ -336,8 +351,13 @@ def build_folder(cfg: DataConfig) -> SplitData:
             _scan_split(root, cfg.train_split),
             _scan_split(root, cfg.eval_split),
         )
-        _check_classes(str(root), train_classes, eval_classes, cfg,
-                       empty={cfg.train_split: train_empty, cfg.eval_split: eval_empty})
+        _check_classes(
+            str(root),
+            train_classes,
+            eval_classes,
+            cfg,
+            empty={cfg.train_split: train_empty, cfg.eval_split: eval_empty},
+        )
         return SplitData(
             FolderImageDataset(train_samples, train_classes, skip_corrupt=cfg.skip_corrupt),
             FolderImageDataset(eval_samples, eval_classes, skip_corrupt=cfg.skip_corrupt),
@@ -407,7 +427,8 @@ def _check_device_augment(cfg: DataConfig, train: torch.utils.data.Dataset) -> N
         raise CrossDistillError(
             f"data.device_augment needs the training images in memory and all of one size (digits, cifar10, "
             f"cifar100, or a folder archive of equally sized images); dataset {cfg.dataset!r} at "
-            f"{cfg.root!r} is not: set data.device_augment: false")
+            f"{cfg.root!r} is not: set data.device_augment: false"
+        )
 
 
 def build_data(cfg: DataConfig, student_data_config: Mapping[str, Any]) -> DataBundle:
@@ -430,6 +451,13 @@ def build_data(cfg: DataConfig, student_data_config: Mapping[str, Any]) -> DataB
     train.transform, eval_.transform = build_transforms(cfg, student_data_config, mean, std)
     logger.info(
         "data %s: %d train / %d eval images, %d classes, mean %s std %s",
-        cfg.dataset, len(train), len(eval_), len(data.classes), mean, std,
+        cfg.dataset,
+        len(train),
+        len(eval_),
+        len(data.classes),
+        mean,
+        std,
     )
-    return DataBundle(train=train, eval=eval_, num_classes=len(data.classes), classes=list(data.classes), mean=mean, std=std)
+    return DataBundle(
+        train=train, eval=eval_, num_classes=len(data.classes), classes=list(data.classes), mean=mean, std=std
+    )

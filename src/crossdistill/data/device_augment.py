@@ -47,8 +47,11 @@ def check_device_augment(data_cfg: DataConfig) -> None:
     """Refuse ``data.device_augment: true`` together with options the device pipeline cannot apply."""
     bad = unsupported_options(data_cfg) if data_cfg.device_augment else []
     if bad:
-        raise ConfigError("config key 'data.device_augment': crops, resizes and flips only; it cannot apply "
-                          + ", ".join(bad) + " (set them to null/0, or device_augment: false for the CPU pipeline)")
+        raise ConfigError(
+            "config key 'data.device_augment': crops, resizes and flips only; it cannot apply "
+            + ", ".join(bad)
+            + " (set them to null/0, or device_augment: false for the CPU pipeline)"
+        )
 
 
 class CropParams:
@@ -103,10 +106,17 @@ class DeviceAugment:
         # output pixels' centres (half-pixel convention, as PIL and torchvision resize), and sampling_ratio=-1
         # averages ceil(crop / size) points per output pixel and axis: plain bilinear when enlarging,
         # an area-like antialiased shrink when the crop is larger than the output.
-        boxes = torch.stack([torch.arange(batch, device=pixels.device, dtype=torch.float32),
-                             left, top, left + w, top + h], dim=1)
-        images = roi_align(pixels.float(), boxes, output_size=(self.size, self.size), spatial_scale=1.0,
-                           sampling_ratio=-1, aligned=True)
+        boxes = torch.stack(
+            [torch.arange(batch, device=pixels.device, dtype=torch.float32), left, top, left + w, top + h], dim=1
+        )
+        images = roi_align(
+            pixels.float(),
+            boxes,
+            output_size=(self.size, self.size),
+            spatial_scale=1.0,
+            sampling_ratio=-1,
+            aligned=True,
+        )
         images = torch.where(flip.view(-1, 1, 1, 1) > 0.5, images.flip(3), images)
         scale, shift = self._constants(images.device)
         return images * scale + shift

@@ -52,8 +52,10 @@ def decode_rgb(source: Source) -> Image.Image:
 
 
 def _too_large(size: str) -> str:
-    return (f"{size}, more than the {MAX_IMAGE_PIXELS} allowed for one image "
-            "(crossdistill.data.images.MAX_IMAGE_PIXELS); downscale it")
+    return (
+        f"{size}, more than the {MAX_IMAGE_PIXELS} allowed for one image "
+        "(crossdistill.data.images.MAX_IMAGE_PIXELS); downscale it"
+    )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -72,14 +74,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
             raise ImageRejected(
                 f"32-bit integer pixel values {values.min()}..{values.max()} lie outside 0..65535, so they have no "
-                "8-bit equivalent; save the image with 8 or 16 bits per channel")
+                "8-bit equivalent; save the image with 8 or 16 bits per channel"
+            )
         return _grey_to_rgb((values + 128) // 257)
     if mode == "F":
         values = np.asarray(img).astype(np.float64)
         if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
             raise ImageRejected(
                 f"floating-point pixel values {np.nanmin(values):g}..{np.nanmax(values):g} lie outside [0, 1], the "
-                "only float range read; save the image with 8 or 16 bits per channel")
+                "only float range read; save the image with 8 or 16 bits per channel"
+            )
         return _grey_to_rgb(np.round(values * 255.0))
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # PIL warns when converting such a palette image straight to RGB

@@ -9,7 +9,7 @@ from torch import nn
 from ..config import from_dict
 from ..errors import ConfigError
 from ..models import TeacherOutputs, TeacherRequest
-from .base import METHODS, DistillOutput, Distiller, MethodConfig, register_method
+from .base import METHODS, Distiller, DistillOutput, MethodConfig, register_method
 
 
 def method_config(name: str, args: Mapping[str, Any] | None = None, teacher: Any = "unchecked") -> MethodConfig:
@@ -46,5 +46,14 @@ def _import_methods() -> None:
 
 _import_methods()
 
-__all__ = ["DistillOutput", "Distiller", "METHODS", "MethodConfig", "TeacherOutputs", "TeacherRequest", "build_distiller",
-           "method_config", "register_method"]
+__all__ = [
+    "DistillOutput",
+    "Distiller",
+    "METHODS",
+    "MethodConfig",
+    "TeacherOutputs",
+    "TeacherRequest",
+    "build_distiller",
+    "method_config",
+    "register_method",
+]

@@ -62,7 +62,9 @@ class Distiller(nn.Module):
     """The teacher outputs the method reads on every batch: any of ``"embedding"``, ``"logits"``.
     Stage features, or outputs that depend on the config: override :meth:`teacher_request`."""
 
-    def __init__(self, student: nn.Module, teacher: Teacher | None, cfg: MethodConfig, criterion: nn.Module | None = None):
+    def __init__(
+        self, student: nn.Module, teacher: Teacher | None, cfg: MethodConfig, criterion: nn.Module | None = None
+    ):
         super().__init__()
         if self.needs_teacher and teacher is None:
             raise ValueError(f"{type(self).__name__} needs a teacher")
@@ -105,8 +107,13 @@ class Distiller(nn.Module):
         standard = type(self).compute_teacher is Distiller.compute_teacher
         return standard and bool(request.outputs) and not request.stages
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
-                indices: torch.Tensor | None = None) -> DistillOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        teacher: TeacherOutputs | None,
+        indices: torch.Tensor | None = None,
+    ) -> DistillOutput:
         """The loss terms for one batch. ``teacher``: the outputs :meth:`teacher_request` asked for
         (None without a teacher); ``indices``: the samples' dataset indices (None where the caller has none)."""
         raise NotImplementedError

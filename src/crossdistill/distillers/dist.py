@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..losses.dist import dist_loss
-from .base import register_method
-from .base import MethodConfig
+from .base import MethodConfig, register_method
 from .kd import LogitDistiller, check_range
 
 

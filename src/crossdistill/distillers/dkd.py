@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..losses.dkd import dkd_loss, dkd_warmup_factor
-from .base import register_method
+from .base import MethodConfig, register_method
 from .kd import LogitDistiller, check_range
-from .base import MethodConfig
 
 
 @dataclass
@@ -30,7 +29,8 @@ class DKDConfig(MethodConfig):
     alpha: float = 1.0
     """Weight of TCKD, the target-vs-rest term (``--dkd-alpha``, OFA train.py line 100)."""
     beta: float = 2.0
-    """Weight of NCKD, the non-target term (``--dkd-beta``, OFA train.py line 101; the DKD paper's CIFAR default is 8)."""
+    """Weight of NCKD, the non-target term (``--dkd-beta``, OFA train.py line 101; the DKD paper's CIFAR
+    default is 8)."""
     temperature: float = 1.0
     """T (``--dkd-temperature``, OFA train.py line 102). Both terms are multiplied by T^2."""
     weight: float = 1.0

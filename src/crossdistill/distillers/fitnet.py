@@ -26,8 +26,7 @@ from ..errors import ConfigError
 from ..losses.fitnet import fitnet_loss
 from ..models import TeacherOutputs, TeacherRequest, default_stages
 from ..models.aligners import build_aligners
-from .base import register_method
-from .base import DistillOutput, Distiller, MethodConfig
+from .base import Distiller, DistillOutput, MethodConfig, register_method
 
 DEFAULT_INPUT_SIZE = 224
 
@@ -95,8 +94,13 @@ class FitNet(Distiller):
     def teacher_request(self) -> TeacherRequest:
         return TeacherRequest(stages=tuple(self.stages_t))
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
-                indices: torch.Tensor | None = None) -> DistillOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        teacher: TeacherOutputs | None,
+        indices: torch.Tensor | None = None,
+    ) -> DistillOutput:
         feats_t = teacher.stages
         out = self.student_forward(images, stages=self.stages_s)
         stage_losses = []

@@ -17,8 +17,7 @@ import torch
 from ..errors import ConfigError
 from ..losses.kd import kd_loss
 from ..models import TeacherOutputs
-from .base import register_method
-from .base import DistillOutput, Distiller, MethodConfig
+from .base import Distiller, DistillOutput, MethodConfig, register_method
 
 
 def check_range(key: str, value: float, *, minimum: float = 0.0, strict: bool = False) -> None:
@@ -56,13 +55,20 @@ class LogitDistiller(Distiller):
     soft-label matrix under mixup/cutmix.
     """
 
-    def distill_loss(self, logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def distill_loss(
+        self, logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     teacher_outputs = ("logits",)
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
-                indices: torch.Tensor | None = None) -> DistillOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        teacher: TeacherOutputs | None,
+        indices: torch.Tensor | None = None,
+    ) -> DistillOutput:
         logits = self.student_forward(images).logits
         logits_teacher = teacher.logits
         return DistillOutput(

@@ -20,8 +20,7 @@ from ..errors import ConfigError
 from ..losses.ofa import ofa_loss, ofa_target_mask
 from ..models import TeacherOutputs
 from ..models.ofa_branches import build_ofa_branches, ofa_stage_indices
-from .base import register_method
-from .base import DistillOutput, Distiller, MethodConfig
+from .base import Distiller, DistillOutput, MethodConfig, register_method
 
 
 @dataclass
@@ -58,8 +57,11 @@ class OFAConfig(MethodConfig):
             fail("stages", f"each stage may appear once, got {list(self.stages)}")
         values = [self.eps] if isinstance(self.eps, (int, float)) else list(self.eps)
         if len(values) not in (1, len(self.stages) + 1):
-            fail("eps", f"give one value or len(stages)+1 = {len(self.stages) + 1} values "
-                        f"(one per stage, then the final logits), got {len(values)}")
+            fail(
+                "eps",
+                f"give one value or len(stages)+1 = {len(self.stages) + 1} values "
+                f"(one per stage, then the final logits), got {len(values)}",
+            )
         if any(not v > 0 for v in values):
             fail("eps", f"must be > 0, got {self.eps}")
         if not self.temperature > 0:
@@ -86,8 +88,13 @@ class OFA(Distiller):
         )
         self.eps = cfg.eps_list()
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
-                indices: torch.Tensor | None = None) -> DistillOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        teacher: TeacherOutputs | None,
+        indices: torch.Tensor | None = None,
+    ) -> DistillOutput:
         cfg: OFAConfig = self.cfg
         logits_t = teacher.logits
         out = self.student_forward(images, stages=self.stage_indices)

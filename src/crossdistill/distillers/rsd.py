@@ -23,10 +23,8 @@ from torch import nn
 from ..collectives import all_gather_no_grad, all_gather_with_grad
 from ..errors import ConfigError
 from ..losses import rsd_loss
-from ..models import AADProjector, embedding_dim
-from ..models import TeacherOutputs
-from .base import register_method
-from .base import DistillOutput, Distiller, MethodConfig
+from ..models import AADProjector, TeacherOutputs, embedding_dim
+from .base import Distiller, DistillOutput, MethodConfig, register_method
 
 PROJECTORS = ("aad", "linear")
 
@@ -68,7 +66,9 @@ class RSDConfig(MethodConfig):
         if self.gamma < 1:
             raise ConfigError(f"config key 'method_args.gamma': must be >= 1, got {self.gamma}")
         if self.projector not in PROJECTORS:
-            raise ConfigError(f"config key 'method_args.projector': must be one of {PROJECTORS}, got {self.projector!r}")
+            raise ConfigError(
+                f"config key 'method_args.projector': must be one of {PROJECTORS}, got {self.projector!r}"
+            )
 
 
 def linear_adaptor(student_dim: int, teacher_dim: int) -> nn.Module:
@@ -97,8 +97,13 @@ class RSD(Distiller):
     def project(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.aad(embedding) if self.cfg.projector == "aad" else self.adaptor(embedding)
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
-                indices: torch.Tensor | None = None) -> DistillOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        teacher: TeacherOutputs | None,
+        indices: torch.Tensor | None = None,
+    ) -> DistillOutput:
         check_batch(images)
         out = self.student_forward(images)
         z_s = self.project(out.embedding)
@@ -130,8 +135,13 @@ class RSDLogits(Distiller):
     min_batch_size = 2
     teacher_outputs = ("logits",)
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
-                indices: torch.Tensor | None = None) -> DistillOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        teacher: TeacherOutputs | None,
+        indices: torch.Tensor | None = None,
+    ) -> DistillOutput:
         check_batch(images)
         out = self.student_forward(images)
         return DistillOutput(

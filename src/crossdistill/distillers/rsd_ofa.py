@@ -22,8 +22,7 @@ import torch
 from ..errors import ConfigError
 from ..models import AADProjector, TeacherOutputs, TeacherRequest, embedding_dim
 from ..models.ofa_branches import build_ofa_branches, ofa_stage_indices
-from .base import register_method
-from .base import DistillOutput, Distiller, MethodConfig
+from .base import Distiller, DistillOutput, MethodConfig, register_method
 from .rsd import check_batch, global_rsd_loss
 
 
@@ -73,8 +72,13 @@ class RSDOFA(Distiller):
         # the stage branches are matched to the teacher's logits, the final embedding to its embedding
         return TeacherRequest(embedding=self.cfg.embedding, logits=bool(self.cfg.stages))
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
-                indices: torch.Tensor | None = None) -> DistillOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        teacher: TeacherOutputs | None,
+        indices: torch.Tensor | None = None,
+    ) -> DistillOutput:
         cfg: RSDOFAConfig = self.cfg
         check_batch(images)
         out = self.student_forward(images, stages=self.stage_indices)

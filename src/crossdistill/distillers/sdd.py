@@ -66,8 +66,7 @@ from ..losses.sdd import (
 )
 from ..models import FINAL, TeacherOutputs, TeacherRequest
 from ..models.adapter import num_prefix_tokens
-from .base import register_method
-from .base import DistillOutput, Distiller, MethodConfig
+from .base import Distiller, DistillOutput, MethodConfig, register_method
 from .kd import check_range
 
 __all__ = ["SDDKDConfig", "SDKDConfig", "region_logits", "token_grid"]
@@ -248,8 +247,13 @@ class _SDDistiller(Distiller):
         regions = region_logits(self.teacher.model, final_map, images.shape[-2:], tuple(cfg.scales), cfg.pool_grid)
         return TeacherOutputs(extra={"regions": regions})
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
-                indices: torch.Tensor | None = None) -> DistillOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        teacher: TeacherOutputs | None,
+        indices: torch.Tensor | None = None,
+    ) -> DistillOutput:
         cfg = self.cfg
         if self.global_only:
             logits = self.student_forward(images).logits
@@ -257,8 +261,9 @@ class _SDDistiller(Distiller):
         else:
             out = self.student_forward(images, stages=[FINAL])
             logits = out.logits
-            regions_student = region_logits(self.student, out.stages[0], images.shape[-2:], tuple(cfg.scales),
-                                            cfg.pool_grid)
+            regions_student = region_logits(
+                self.student, out.stages[0], images.shape[-2:], tuple(cfg.scales), cfg.pool_grid
+            )
             distill = self.region_loss(regions_student, teacher.extra["regions"], target)
         return DistillOutput(
             logits=logits,

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import TeacherOutputs
-from .base import register_method
-from .base import DistillOutput, Distiller, MethodConfig
+from .base import Distiller, DistillOutput, MethodConfig, register_method
 
 
 @dataclass
@@ -21,7 +20,12 @@ class Vanilla(Distiller):
     config_cls = VanillaConfig
     needs_teacher = False
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, teacher: TeacherOutputs | None,
-                indices: torch.Tensor | None = None) -> DistillOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        teacher: TeacherOutputs | None,
+        indices: torch.Tensor | None = None,
+    ) -> DistillOutput:
         logits = self.student(images)
         return DistillOutput(logits=logits, losses={"ce": self.criterion(logits, target)})

@@ -5,5 +5,17 @@ from .setup import build_run
 from .step import StepResult, TrainStep, build_optimizer, build_train_step, make_scaler
 from .trainer import RunSummary, Trainer, evaluate, train
 
-__all__ = ["RunSummary", "StepResult", "TrainStep", "Trainer", "build_eval_loader", "build_optimizer", "build_run",
-           "build_train_loader", "build_train_step", "evaluate", "make_scaler", "train"]
+__all__ = [
+    "RunSummary",
+    "StepResult",
+    "TrainStep",
+    "Trainer",
+    "build_eval_loader",
+    "build_optimizer",
+    "build_run",
+    "build_train_loader",
+    "build_train_step",
+    "evaluate",
+    "make_scaler",
+    "train",
+]

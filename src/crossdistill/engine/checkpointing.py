@@ -34,8 +34,12 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -78,6 +82,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 @dataclass
 class Resumed:
     """Where a loaded checkpoint leaves the run (the models, optimiser, schedule, scaler and RNG are restored)."""
+
     path: Path
     epoch: int
     """Epochs done."""
@@ -97,9 +102,23 @@ class Checkpointer:
     ``progress`` returns what the loop knows that a checkpoint keeps: ``best``, ``history``, ``wall_time_s``.
     """
 
-    def __init__(self, run_dir: Path, env: DistEnv, cfg: RunConfig, *, distiller, ema, optimizer, scheduler, scaler,
-                 steps_per_epoch: int, data, num_classes: int, progress: Callable[[], dict[str, Any]],
-                 log: Callable[[str], None]):
+    def __init__(
+        self,
+        run_dir: Path,
+        env: DistEnv,
+        cfg: RunConfig,
+        *,
+        distiller,
+        ema,
+        optimizer,
+        scheduler,
+        scaler,
+        steps_per_epoch: int,
+        data,
+        num_classes: int,
+        progress: Callable[[], dict[str, Any]],
+        log: Callable[[str], None],
+    ):
         self.run_dir, self.env, self.cfg = run_dir, env, cfg
         self.distiller, self.student, self.ema = distiller, distiller.student, ema
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
@@ -137,6 +156,7 @@ class Checkpointer:
 
     def save_epoch(self, epoch: int, improved: bool, then: Callable[[], None] | None = None) -> None:
         """End-of-epoch checkpoint (last.pt, and best.pt when the top-1 improved), then ``then`` (on rank 0)."""
+
         def write() -> None:
             state = self.state(epoch)
             save_atomic(state, self.run_dir / CHECKPOINT, hint=self.disk_full_hint())
@@ -168,8 +188,12 @@ class Checkpointer:
         return path
 
     def write_latest(self, path: Path, epoch: int, step: int) -> None:
-        pointer = {"file": str(path.relative_to(self.run_dir)), "epoch": epoch, "step": step,
-                   "global_step": epoch * self.steps_per_epoch + step}
+        pointer = {
+            "file": str(path.relative_to(self.run_dir)),
+            "epoch": epoch,
+            "step": step,
+            "global_step": epoch * self.steps_per_epoch + step,
+        }
         write_text_atomic(self.run_dir / LATEST, json.dumps(pointer), hint=self.disk_full_hint())
 
     def has_checkpoint(self) -> bool:
@@ -178,8 +202,10 @@ class Checkpointer:
     def disk_full_hint(self) -> str:
         if self.has_checkpoint():
             return RESUME_HINT
-        return ("Free some space (or move train.output_dir) and run the same command again "
-                "(the run has no checkpoint yet: it starts from the beginning).")
+        return (
+            "Free some space (or move train.output_dir) and run the same command again "
+            "(the run has no checkpoint yet: it starts from the beginning)."
+        )
 
     def on_main_then_agree(self, write: Callable[[], None]) -> None:
         """Run ``write`` on the main rank, then let every rank learn whether it succeeded: a failure there
@@ -250,7 +276,8 @@ class Checkpointer:
             raise CrossDistillError(
                 f"train.epochs={epochs}, but the run in {self.run_dir} has already trained {done} of its "
                 f"{saved_epochs} epochs; resume it with its own train.epochs ({saved_epochs}), or a larger value to "
-                "train it longer")
+                "train it longer"
+            )
         load_optimizer_state(self.optimizer, state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None and saved_epochs == epochs:
             self.scheduler.load_state_dict(state["scheduler"])  # else: re-planned below
@@ -259,10 +286,15 @@ class Checkpointer:
         per_rank = state.get("rng_per_rank")
         set_rng_state(per_rank[self.env.rank] if per_rank and len(per_rank) == self.env.world_size else state["rng"])
         resumed = Resumed(
-            path=path, epoch=done, step=int(state.get("step", 0)), partial_epoch=dict(state.get("partial_epoch") or {}),
-            best=dict(state["best"]), history=list(state.get("history", [])),
+            path=path,
+            epoch=done,
+            step=int(state.get("step", 0)),
+            partial_epoch=dict(state.get("partial_epoch") or {}),
+            best=dict(state["best"]),
+            history=list(state.get("history", [])),
             wall_time_s=float(state.get("wall_time_s", 0.0)),
-            epochs_changed_from=saved_epochs if saved_epochs != epochs else None)
+            epochs_changed_from=saved_epochs if saved_epochs != epochs else None,
+        )
         if resumed.epochs_changed_from is not None:
             self._replan_schedule(resumed)
         return resumed
@@ -279,7 +311,8 @@ class Checkpointer:
                 f"{self.env.world_size}: the samples already trained on are counted per process, so a mid-epoch "
                 f"resume needs the same number. Resume with {saved_world} process(es), or delete "
                 f"{self.run_dir / STEP_DIR} and {self.run_dir / LATEST} to restart from the last epoch-end "
-                f"checkpoint ({CHECKPOINT}).")
+                f"checkpoint ({CHECKPOINT})."
+            )
         return state
 
     def _load_weights(self, state: dict[str, Any], path: Path) -> None:
@@ -303,7 +336,9 @@ class Checkpointer:
             self.scheduler.step(resumed.epoch)  # epoch-based schedules
             self.scheduler.step_update(resumed.epoch * self.steps_per_epoch + resumed.step)  # per-step ones
         epochs = self.cfg.train.epochs
-        self.log(f"train.epochs changed from {resumed.epochs_changed_from} to {epochs}: the run continues after epoch "
-                 f"{resumed.epoch} with its lr schedule ({self.cfg.optim.sched}) re-planned over {epochs} epochs "
-                 f"(lr {before:g} -> {self.optimizer.param_groups[0]['lr']:g}); config.yaml records "
-                 f"train.epochs={epochs}")
+        self.log(
+            f"train.epochs changed from {resumed.epochs_changed_from} to {epochs}: the run continues after epoch "
+            f"{resumed.epoch} with its lr schedule ({self.cfg.optim.sched}) re-planned over {epochs} epochs "
+            f"(lr {before:g} -> {self.optimizer.param_groups[0]['lr']:g}); config.yaml records "
+            f"train.epochs={epochs}"
+        )

@@ -59,7 +59,8 @@ class RunDirClaim:
         if found.exists and not found.is_run and not found.empty:
             raise CrossDistillError(
                 f"{self.run_dir} is not a crossdistill run directory (it holds {found.describe_foreign()}) and is "
-                "left as it is; choose another train.run_name / train.output_dir (an empty or new directory)")
+                "left as it is; choose another train.run_name / train.output_dir (an empty or new directory)"
+            )
         self.lock.acquire()
         self.started_over_run = found.is_run
         try:
@@ -69,7 +70,8 @@ class RunDirClaim:
                 raise CrossDistillError(
                     f"{self.run_dir} holds {names} under the name of a file a run writes, but not as a run writes it "
                     "(unreadable, or another tool's file): a run would replace it. Move it out of the directory, "
-                    "or choose another train.run_name / train.output_dir")
+                    "or choose another train.run_name / train.output_dir"
+                )
             if contents.has_checkpoint:
                 if resume:
                     return True
@@ -77,10 +79,13 @@ class RunDirClaim:
                     return False
                 raise CrossDistillError(
                     f"run directory {self.run_dir} already holds a run; pass --resume to continue it, "
-                    "--overwrite to replace it, or choose another train.run_name / train.output_dir")
+                    "--overwrite to replace it, or choose another train.run_name / train.output_dir"
+                )
             if found.is_run or contents.is_run:
-                self.log(f"{self.run_dir} holds no checkpoint (an earlier attempt stopped before its first one): "
-                         "starting the run from the beginning")
+                self.log(
+                    f"{self.run_dir} holds no checkpoint (an earlier attempt stopped before its first one): "
+                    "starting the run from the beginning"
+                )
                 return False
             if resume:
                 raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
@@ -118,8 +123,10 @@ class RunDirClaim:
             if self.env.is_main:
                 torn = remove_torn_files(self.run_dir) + remove_torn_files(self.run_dir / STEP_DIR)
                 if torn:
-                    self.log(f"removed {len(torn)} unfinished checkpoint write(s) of the interrupted run: "
-                             + ", ".join(p.name for p in torn))
+                    self.log(
+                        f"removed {len(torn)} unfinished checkpoint write(s) of the interrupted run: "
+                        + ", ".join(p.name for p in torn)
+                    )
                 if epochs_changed_from is not None:
                     self._record_epochs()
             return
@@ -149,5 +156,8 @@ class RunDirClaim:
             self._write_config(path)
 
     def _write_config(self, path: Path) -> None:
-        write_text_atomic(path, self.cfg.to_yaml(),
-                          hint="Free some space (or choose another train.output_dir) and run the command again.")
+        write_text_atomic(
+            path,
+            self.cfg.to_yaml(),
+            hint="Free some space (or choose another train.output_dir) and run the command again.",
+        )

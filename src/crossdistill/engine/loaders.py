@@ -13,8 +13,14 @@ from ..errors import CrossDistillError
 from .sampling import ResumableSampler, SampleSeededDataset
 from .teacher_cache import TeacherCache, WithIndex
 
-__all__ = ["ShardSampler", "build_eval_loader", "build_train_loader", "epoch_seed", "seed_everything",
-           "unwrap_worker_error"]
+__all__ = [
+    "ShardSampler",
+    "build_eval_loader",
+    "build_train_loader",
+    "epoch_seed",
+    "seed_everything",
+    "unwrap_worker_error",
+]
 
 
 class ShardSampler(Sampler[int]):
@@ -41,8 +47,17 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**31)
 
 
-def build_train_loader(dataset, *, seed: int, batch_size: int, num_workers: int, world_size: int = 1, rank: int = 0,
-                       pin_memory: bool = False, teacher_cache: TeacherCache | None = None):
+def build_train_loader(
+    dataset,
+    *,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    world_size: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+    teacher_cache: TeacherCache | None = None,
+):
     """The training loader as the engine builds it: ``(train_set, sampler, generator, loader)``.
 
     Every sample is augmented from its own seed (run seed, epoch, index), the sampler shards and
@@ -54,18 +69,26 @@ def build_train_loader(dataset, *, seed: int, batch_size: int, num_workers: int,
     sampler = ResumableSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     generator = torch.Generator()
     loader = DataLoader(
-        WithIndex(train_set, teacher_cache) if teacher_cache is not None else train_set, batch_size=batch_size,
+        WithIndex(train_set, teacher_cache) if teacher_cache is not None else train_set,
+        batch_size=batch_size,
         sampler=sampler,
-        num_workers=num_workers, drop_last=True, pin_memory=pin_memory, generator=generator,
+        num_workers=num_workers,
+        drop_last=True,
+        pin_memory=pin_memory,
+        generator=generator,
     )
     return train_set, sampler, generator, loader
 
 
-def build_eval_loader(dataset, *, batch_size: int, num_workers: int, world_size: int = 1, rank: int = 0,
-                      pin_memory: bool = False) -> DataLoader:
+def build_eval_loader(
+    dataset, *, batch_size: int, num_workers: int, world_size: int = 1, rank: int = 0, pin_memory: bool = False
+) -> DataLoader:
     """The evaluation loader: every sample once, sharded ``rank::world`` across processes, in order."""
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size), num_workers=num_workers,
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=num_workers,
         pin_memory=pin_memory,
     )
 
@@ -83,4 +106,4 @@ def unwrap_worker_error(err: CrossDistillError) -> CrossDistillError:
     last = None
     for last in re.finditer(rf"^{re.escape(f'{kind.__module__}.{kind.__qualname__}')}: ", text, re.M):
         pass
-    return kind(text[last.end():].strip()) if last is not None else err
+    return kind(text[last.end() :].strip()) if last is not None else err

@@ -28,8 +28,13 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, env: DistEnv | None = None,
-             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    env: DistEnv | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) of ``model`` on ``loader`` (sharded across ranks under DDP)."""
     was_training = model.training
     model.eval()
@@ -45,8 +50,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, env: Di
         all_reduce_sum(counts, env)
     model.train(was_training)
     total = max(counts[2].item(), 1.0)
-    return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total,
-            "samples": int(counts[2].item())}
+    return {
+        "top1": 100.0 * counts[0].item() / total,
+        "top5": 100.0 * counts[1].item() / total,
+        "samples": int(counts[2].item()),
+    }
 
 
 class EpochTotals:
@@ -150,7 +158,8 @@ class MetricsLog:
             raise CrossDistillError(
                 f"no space left on the device while writing TensorBoard events to {self.path.parent / 'tensorboard'}; "
                 "the checkpoints and metrics.csv are intact. Free some space (or move train.output_dir) and resume "
-                "with --resume.") from None
+                "with --resume."
+            ) from None
 
     def truncate_after(self, epoch: int) -> None:
         """Drop rows past ``epoch`` (a resumed run repeats the epochs after its last checkpoint)."""

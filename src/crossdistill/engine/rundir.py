@@ -50,8 +50,10 @@ RUN_CONFIG_KEYS = frozenset({"student", "teacher", "method", "method_args", "num
 
 def _is_temporary(name: str) -> bool:
     """A temporary file of an atomic write (``.last.pt.x1y2.tmp``, ``.latest.json.tmp``), left by a kill."""
-    return name.endswith(".tmp") and (name.startswith(".step-") or any(
-        name.startswith(f".{target}.") for target in (CHECKPOINT, BEST, LATEST, CONFIG, SUMMARY)))
+    return name.endswith(".tmp") and (
+        name.startswith(".step-")
+        or any(name.startswith(f".{target}.") for target in (CHECKPOINT, BEST, LATEST, CONFIG, SUMMARY))
+    )
 
 
 def _is_run_config(path: Path) -> bool:
@@ -140,8 +142,9 @@ def inspect_run_dir(path: Path, own_lock: bool = False) -> RunDirContents:
     if not path.exists():
         return contents
     if not path.is_dir():
-        raise CrossDistillError(f"the run directory {path} is a file, not a directory; choose another "
-                                "train.run_name / train.output_dir")
+        raise CrossDistillError(
+            f"the run directory {path} is a file, not a directory; choose another train.run_name / train.output_dir"
+        )
     contents.exists = True
     for entry in sorted(path.iterdir()):
         name = entry.name
@@ -149,12 +152,18 @@ def inspect_run_dir(path: Path, own_lock: bool = False) -> RunDirContents:
             contents.foreign.append(entry)  # whatever it points at was not written here
         elif entry.is_dir() and name in (STEP_DIR, TENSORBOARD_DIR):
             if name == STEP_DIR:
+
                 def owned(path: Path) -> bool:
-                    return (STEP_FILE.fullmatch(path.name) is not None and _is_run_checkpoint(path)
-                            or _is_temporary(path.name))
+                    return (
+                        STEP_FILE.fullmatch(path.name) is not None
+                        and _is_run_checkpoint(path)
+                        or _is_temporary(path.name)
+                    )
             else:
+
                 def owned(path: Path) -> bool:
                     return path.name.startswith("events.out.tfevents.")
+
             ours, others = _own_folder_entries(entry, owned)
             contents.ours += ours
             contents.foreign += others
@@ -176,7 +185,9 @@ def inspect_run_dir(path: Path, own_lock: bool = False) -> RunDirContents:
     names = {p.name for p in contents.ours if p.parent == path}
     if CONFIG in names and any(p.name == CHECKPOINT or p.parent.name == STEP_DIR for p in contents.impostors):
         contents.has_checkpoint = True  # a run whose checkpoint is unreadable or replaced: loading it says how
-    contents.is_run = contents.has_checkpoint or bool(names & ({CONFIG, LATEST} if own_lock else {CONFIG, LOCK, LATEST}))
+    contents.is_run = contents.has_checkpoint or bool(
+        names & ({CONFIG, LATEST} if own_lock else {CONFIG, LOCK, LATEST})
+    )
     return contents
 
 
@@ -242,7 +253,8 @@ class RunDirLock:
                         raise CrossDistillError(
                             f"run directory {self.run_dir} is in use by another crossdistill process{holder}: "
                             "a run directory has one writer. Wait for that run to end (or stop it), or choose "
-                            "another train.run_name / train.output_dir") from None
+                            "another train.run_name / train.output_dir"
+                        ) from None
                     raise
                 if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
@@ -268,10 +280,13 @@ class RunDirLock:
     def _cannot_write(self, err: OSError) -> str:
         blocker = next((p for p in [self.run_dir, *self.run_dir.parents] if p.exists() and not p.is_dir()), None)
         if blocker is not None:
-            return (f"cannot create the run directory {self.run_dir}: {blocker} is a file, not a directory; "
-                    "choose another train.output_dir / train.run_name")
-        return (f"cannot write the run directory {self.run_dir}: {err.strerror or err}; choose a writable "
-                "train.output_dir")
+            return (
+                f"cannot create the run directory {self.run_dir}: {blocker} is a file, not a directory; "
+                "choose another train.output_dir / train.run_name"
+            )
+        return (
+            f"cannot write the run directory {self.run_dir}: {err.strerror or err}; choose a writable train.output_dir"
+        )
 
     def release(self, remove_created: bool = False) -> None:
         """Unlock and remove the lock file; with ``remove_created``, also the folders :meth:`acquire` created

@@ -11,12 +11,12 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
+from ..checkpoint import load_weights_file
 from ..config import ModelConfig, RunConfig
 from ..data import DataBundle, build_data
 from ..data.device_augment import check_device_augment
 from ..distillers import METHODS, Distiller, MethodConfig, build_distiller, method_config
 from ..errors import CrossDistillError
-from ..checkpoint import load_weights_file
 from ..models import Teacher, check_model_name, create_model
 from ..models.factory import load_model_weights
 

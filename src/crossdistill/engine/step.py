@@ -24,8 +24,18 @@ from .snapshot import TensorSnapshot
 from .teacher_cache import TeacherCache
 from .teacher_runner import TeacherRunner
 
-__all__ = ["StepResult", "TrainStep", "build_optimizer", "build_train_step", "collect_nonfinite_now",
-           "finite_check_interval", "make_scaler", "use_channels_last", "use_sync_batchnorm"]
+__all__ = [
+    "StepResult",
+    "TrainStep",
+    "build_optimizer",
+    "build_train_step",
+    "collect_nonfinite_now",
+    "finite_check_interval",
+    "make_scaler",
+    "use_channels_last",
+    "use_sync_batchnorm",
+]
+
 
 @dataclass
 class StepResult:
@@ -34,7 +44,8 @@ class StepResult:
     loss: torch.Tensor
     grad_norm: torch.Tensor | None
     finite: bool = True
-    """False when ``check_finite`` found a non-finite loss or gradient: nothing was updated, the buffers are restored."""
+    """False when ``check_finite`` found a non-finite loss or gradient: nothing was updated, the buffers are
+    restored."""
     scaler_skipped: torch.Tensor | None = None
     """fp16 only: a 0-d tensor, 1 when the GradScaler found inf/NaN gradients and skipped the update."""
     ok: torch.Tensor | None = None
@@ -82,13 +93,24 @@ class TrainStep:
     step of an epoch that ends early; the deferred path could not do otherwise without a sync.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                 amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-                 channels_last: bool = False, clip_grad: float | None = None, check_finite: bool = True,
-                 distributed: bool = False, trainable: list[torch.Tensor] | None = None,
-                 teacher: TeacherRunner | None = None,
-                 finite_check_every: int = 1, device_augment: DeviceAugment | None = None,
-                 buffers: list[torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        device: torch.device,
+        amp_dtype: torch.dtype | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        channels_last: bool = False,
+        clip_grad: float | None = None,
+        check_finite: bool = True,
+        distributed: bool = False,
+        trainable: list[torch.Tensor] | None = None,
+        teacher: TeacherRunner | None = None,
+        finite_check_every: int = 1,
+        device_augment: DeviceAugment | None = None,
+        buffers: list[torch.Tensor] | None = None,
+    ):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.device_augment = device_augment
         self.teacher = teacher
@@ -116,16 +138,20 @@ class TrainStep:
         if not pending:
             return []
         flags = torch.stack([bad for _, bad, _ in pending]).cpu().tolist()
-        return [(tag, {k: float(v.float()) for k, v in terms.items()}) for (tag, _, terms), bad in zip(pending, flags)
-                if bad]
+        return [
+            (tag, {k: float(v.float()) for k, v in terms.items()})
+            for (tag, _, terms), bad in zip(pending, flags)
+            if bad
+        ]
 
     def to_device(self, images, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Move a loader batch to the device (asynchronously from pinned memory), channels_last if asked.
         With ``device_augment``, ``images`` is the loader's ``(uint8 images, crop parameters)``: augmented here."""
         if self.device_augment is not None:
             pixels, params = images
-            images = self.device_augment(pixels.to(self.device, non_blocking=True),
-                                         params.to(self.device, non_blocking=True))
+            images = self.device_augment(
+                pixels.to(self.device, non_blocking=True), params.to(self.device, non_blocking=True)
+            )
         else:
             images = images.to(self.device, non_blocking=True)
         target = target.to(self.device, non_blocking=True)
@@ -138,8 +164,14 @@ class TrainStep:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def __call__(self, images: torch.Tensor, target: torch.Tensor, indices: torch.Tensor | None = None,
-                 tag: Any = None, prefetched=None) -> StepResult:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        indices: torch.Tensor | None = None,
+        tag: Any = None,
+        prefetched=None,
+    ) -> StepResult:
         """One step on a device batch; ``indices``: the samples' dataset indices and ``prefetched``
         the cache rows the loader read (teacher cache); ``tag``: how a deferred non-finite step is
         named in :meth:`collect_nonfinite`."""
@@ -264,8 +296,18 @@ def finite_check_interval(t, device: torch.device) -> int:
     return DEFAULT_FINITE_CHECK_EVERY_CUDA if device.type == "cuda" else 1
 
 
-def collect_nonfinite_now(pending: int, every: int, *, global_step: int, last_step: bool, checkpoint_now: bool,
-                          report_now: bool, stop_requested: bool, watching_stop: bool, distributed: bool) -> bool:
+def collect_nonfinite_now(
+    pending: int,
+    every: int,
+    *,
+    global_step: int,
+    last_step: bool,
+    checkpoint_now: bool,
+    report_now: bool,
+    stop_requested: bool,
+    watching_stop: bool,
+    distributed: bool,
+) -> bool:
     """Whether to read the deferred finiteness flags after this step (one host sync).
 
     Under DDP every rank must collect at the same steps: collecting may stop the run (too many
@@ -295,8 +337,8 @@ FUSED_DEVICES = ("cpu", "cuda")
 def build_optimizer(module: nn.Module, o, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """The optimiser of optim config ``o`` over ``module``'s trainable parameters, as timm builds it
     (no weight decay on biases and norms unless ``o.decay_bias_and_norm``), with torch's fused kernel
-    where the optimiser has one: one pass over all parameters instead of several ops per tensor (measured on CPU: SGD step
-    2x faster than the default per-tensor loop; on CUDA one launch instead of hundreds), and the
+    where the optimiser has one: one pass over all parameters instead of several ops per tensor (measured on
+    CPU: SGD step 2x faster than the default per-tensor loop; on CUDA one launch instead of hundreds), and the
     fused kernels can skip a non-finite step on the device (``train.finite_check_every``)."""
     from timm.optim import create_optimizer_v2
 
@@ -347,10 +389,18 @@ def use_sync_batchnorm(distiller: nn.Module) -> int:
     return count
 
 
-def build_train_step(distiller: nn.Module, train: TrainConfig, optim: OptimConfig, device: torch.device, *,
-                     lr: float | None = None, distributed: bool = False, cache: TeacherCache | None = None,
-                     runner: Callable[..., TeacherRunner] = TeacherRunner,
-                     device_augment: DeviceAugment | None = None) -> TrainStep:
+def build_train_step(
+    distiller: nn.Module,
+    train: TrainConfig,
+    optim: OptimConfig,
+    device: torch.device,
+    *,
+    lr: float | None = None,
+    distributed: bool = False,
+    cache: TeacherCache | None = None,
+    runner: Callable[..., TeacherRunner] = TeacherRunner,
+    device_augment: DeviceAugment | None = None,
+) -> TrainStep:
     """The step that trains ``distiller`` (moved to ``device`` here) with the run's ``train`` and ``optim`` settings.
 
     In order: the models go to ``device`` and, with ``train.channels_last``, to channels_last; the teacher
@@ -374,8 +424,17 @@ def build_train_step(distiller: nn.Module, train: TrainConfig, optim: OptimConfi
     optimizer = build_optimizer(distiller, optim, optim.lr if lr is None else lr, device)
     amp_dtype = autocast_dtype(train.amp, device)
     return TrainStep(
-        model, optimizer, device=device, amp_dtype=amp_dtype, scaler=make_scaler(amp_dtype),
-        channels_last=channels_last_input, clip_grad=optim.clip_grad, check_finite=train.check_finite,
-        distributed=distributed, trainable=[p for p in distiller.parameters() if p.requires_grad], teacher=teacher,
-        finite_check_every=finite_check_interval(train, device), device_augment=device_augment,
+        model,
+        optimizer,
+        device=device,
+        amp_dtype=amp_dtype,
+        scaler=make_scaler(amp_dtype),
+        channels_last=channels_last_input,
+        clip_grad=optim.clip_grad,
+        check_finite=train.check_finite,
+        distributed=distributed,
+        trainable=[p for p in distiller.parameters() if p.requires_grad],
+        teacher=teacher,
+        finite_check_every=finite_check_interval(train, device),
+        device_augment=device_augment,
     )

@@ -85,14 +85,39 @@ def _file_identity(path: str | None) -> dict[str, Any] | None:
     return None
 
 
-DATA_KEY_FIELDS = ("dataset", "root", "train_split", "train_subset", "img_size", "scale", "ratio", "hflip",
-                   "color_jitter", "auto_augment", "re_prob", "train_interpolation", "mean", "std", "device_augment",
-                   "skip_corrupt")
+DATA_KEY_FIELDS = (
+    "dataset",
+    "root",
+    "train_split",
+    "train_subset",
+    "img_size",
+    "scale",
+    "ratio",
+    "hflip",
+    "color_jitter",
+    "auto_augment",
+    "re_prob",
+    "train_interpolation",
+    "mean",
+    "std",
+    "device_augment",
+    "skip_corrupt",
+)
 """The DataConfig fields that decide which image training sample i of epoch e is."""
 
 
-def cache_key(cfg, teacher: Teacher, *, num_train: int, data_mean: Sequence[float], data_std: Sequence[float],
-              device_type: str, amp_dtype: torch.dtype | None, channels_last: bool, store_dtype: str) -> dict[str, Any]:
+def cache_key(
+    cfg,
+    teacher: Teacher,
+    *,
+    num_train: int,
+    data_mean: Sequence[float],
+    data_std: Sequence[float],
+    device_type: str,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    store_dtype: str,
+) -> dict[str, Any]:
     """Everything that determines the teacher's output for training sample (epoch, index); see the module doc."""
     import PIL
     import timm
@@ -107,17 +132,35 @@ def cache_key(cfg, teacher: Teacher, *, num_train: int, data_mean: Sequence[floa
     data = {name: plain(getattr(cfg.data, name)) for name in DATA_KEY_FIELDS}
     return {
         "format": CACHE_FORMAT,
-        "teacher": {"name": cfg.teacher.name, "kwargs": cfg.teacher.kwargs, "sha256": state_dict_sha256(teacher.model),
-                    "renormalization": renorm},
-        "data": {**data, "root_file": _file_identity(cfg.data.root), "num_train": int(num_train),
-                 "resolved_mean": [float(v) for v in data_mean], "resolved_std": [float(v) for v in data_std]},
+        "teacher": {
+            "name": cfg.teacher.name,
+            "kwargs": cfg.teacher.kwargs,
+            "sha256": state_dict_sha256(teacher.model),
+            "renormalization": renorm,
+        },
+        "data": {
+            **data,
+            "root_file": _file_identity(cfg.data.root),
+            "num_train": int(num_train),
+            "resolved_mean": [float(v) for v in data_mean],
+            "resolved_std": [float(v) for v in data_std],
+        },
         "seed": cfg.train.seed,
-        "compute": {"device": device_type, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
-                    "channels_last": bool(channels_last), "store": store_dtype, "torch": torch.__version__,
-                    "timm": timm.__version__},
+        "compute": {
+            "device": device_type,
+            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
+            "channels_last": bool(channels_last),
+            "store": store_dtype,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+        },
         # the code that decides which image sample i of epoch e is (seeding, subsets, transforms, decoding)
-        "code": {"crossdistill": __version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
-                 "numpy": np.__version__},
+        "code": {
+            "crossdistill": __version__,
+            "torchvision": torchvision.__version__,
+            "pillow": PIL.__version__,
+            "numpy": np.__version__,
+        },
     }
 
 
@@ -163,8 +206,10 @@ class _Store:
         if problem is None:
             return
         if problem != "missing":
-            self.warn(f"teacher cache file {self.data_path.parent / self.data_path.name} is damaged ({problem}); "
-                      "rebuilding it")
+            self.warn(
+                f"teacher cache file {self.data_path.parent / self.data_path.name} is damaged ({problem}); "
+                "rebuilding it"
+            )
             for path in (self.data_path, self.check_path):
                 path.unlink(missing_ok=True)
         self._create(self.data_path, (self.rows, self.width), self.dtype, fill=None)
@@ -201,7 +246,8 @@ class _Store:
             size = int(np.prod(shape)) * np.dtype(dtype).itemsize
             raise CrossDistillError(
                 f"no space left on the device for the teacher cache file {path} ({size / 2**20:.1f} MiB); free some "
-                "space, point train.teacher_cache at another disk, or set train.teacher_cache=null") from None
+                "space, point train.teacher_cache at another disk, or set train.teacher_cache=null"
+            ) from None
 
     def open(self) -> None:
         try:
@@ -219,7 +265,9 @@ class _Store:
             crc = _row_crc(rows)
             bad = ok & (crc != stored)
             if bad.any():
-                self.warn(f"teacher cache {self.data_path}: {int(bad.sum())} row(s) fail their checksum; recomputing them")
+                self.warn(
+                    f"teacher cache {self.data_path}: {int(bad.sum())} row(s) fail their checksum; recomputing them"
+                )
                 ok &= ~bad
         return rows, ok
 
@@ -241,9 +289,19 @@ class TeacherCache:
     ``begin_epoch(e)`` (every rank), then ``lookup(indices, images, compute)`` per batch.
     """
 
-    def __init__(self, root: str | Path, key: dict[str, Any], outputs: Sequence[str], widths: dict[str, int],
-                 num_rows: int, *, store_dtype: str = "fp16", is_main: bool = True,
-                 agree: Callable[[bool], bool] = lambda ok: ok, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        root: str | Path,
+        key: dict[str, Any],
+        outputs: Sequence[str],
+        widths: dict[str, int],
+        num_rows: int,
+        *,
+        store_dtype: str = "fp16",
+        is_main: bool = True,
+        agree: Callable[[bool], bool] = lambda ok: ok,
+        log: Callable[[str], None] = print,
+    ):
         self.key = key
         self.outputs = tuple(outputs)
         self.widths = dict(widths)
@@ -303,13 +361,16 @@ class TeacherCache:
 
     def describe(self) -> str:
         per_epoch = sum(self.num_rows * self.widths[o] * np.dtype(self.np_dtype).itemsize for o in self.outputs)
-        return (f"teacher cache {self.dir} ({', '.join(self.outputs)}; {self.num_rows} samples, "
-                f"{np.dtype(self.np_dtype).name}, {per_epoch / 2**20:.1f} MiB per epoch)")
+        return (
+            f"teacher cache {self.dir} ({', '.join(self.outputs)}; {self.num_rows} samples, "
+            f"{np.dtype(self.np_dtype).name}, {per_epoch / 2**20:.1f} MiB per epoch)"
+        )
 
     def begin_epoch(self, epoch: int) -> None:
         self.close()
         folder = self.dir / f"epoch-{epoch:04d}"
         stores = {o: _Store(folder, o, self.num_rows, self.widths[o], self.np_dtype, self.warn) for o in self.outputs}
+
         def prepare() -> None:
             folder.mkdir(parents=True, exist_ok=True)
             for store in stores.values():
@@ -339,8 +400,12 @@ class TeacherCache:
             ok = ok and bool(present[0])
         return rows, ok
 
-    def lookup(self, indices: torch.Tensor | Sequence[int], images: torch.Tensor,
-               compute: Callable[[torch.Tensor], TeacherOutputs]) -> TeacherOutputs:
+    def lookup(
+        self,
+        indices: torch.Tensor | Sequence[int],
+        images: torch.Tensor,
+        compute: Callable[[torch.Tensor], TeacherOutputs],
+    ) -> TeacherOutputs:
         """The teacher outputs for the samples ``indices`` (the rows of ``images``) of the current epoch.
 
         Rows not stored yet (or failing their checksum) are computed with ``compute(images)`` on the
@@ -366,7 +431,8 @@ class TeacherCache:
                 if value is None or tuple(value.shape) != (index.shape[0], self.widths[name]):
                     raise CrossDistillError(
                         f"teacher cache: the teacher's {name} has shape "
-                        f"{None if value is None else tuple(value.shape)}, expected ({index.shape[0]}, {self.widths[name]})"
+                        f"{None if value is None else tuple(value.shape)}, "
+                        f"expected ({index.shape[0]}, {self.widths[name]})"
                     )
                 rows = value.detach().float().cpu().numpy().astype(self.np_dtype)
                 store.write(index[missing], rows[missing])
@@ -376,8 +442,10 @@ class TeacherCache:
                 found[name] = (stored, ok | missing)
         self.hits += int((~missing).sum())
         device = images.device
-        values = {name: torch.from_numpy(np.ascontiguousarray(rows)).to(device, non_blocking=True).float()
-                  for name, (rows, _) in found.items()}
+        values = {
+            name: torch.from_numpy(np.ascontiguousarray(rows)).to(device, non_blocking=True).float()
+            for name, (rows, _) in found.items()
+        }
         return TeacherOutputs(embedding=values.get("embedding"), logits=values.get("logits"))
 
     def close(self) -> None:
@@ -421,5 +489,12 @@ def cache_widths(outputs: Sequence[str], teacher: Teacher, num_classes: int) -> 
     return {o: widths[o] for o in outputs}
 
 
-__all__ = ["OUTPUTS", "TeacherCache", "WithIndex", "cache_key", "cache_widths", "prefetched_outputs",
-           "state_dict_sha256"]
+__all__ = [
+    "OUTPUTS",
+    "TeacherCache",
+    "WithIndex",
+    "cache_key",
+    "cache_widths",
+    "prefetched_outputs",
+    "state_dict_sha256",
+]

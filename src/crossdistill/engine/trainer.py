@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint import RESUME_HINT, write_text_atomic
 from ..config import RunConfig, with_absolute_paths
+from ..data.device_augment import DeviceAugment
 from ..errors import CrossDistillError
 from .checkpointing import Checkpointer, Resumed
 from .claim import RunDirClaim
@@ -25,7 +26,6 @@ from .rundir import CHECKPOINT, SUMMARY
 from .setup import autocast_dtype, build_run, check_run_config, count_parameters
 from .snapshot import TensorSnapshot
 from .step import build_train_step, collect_nonfinite_now
-from ..data.device_augment import DeviceAugment
 from .teacher_cache import TeacherCache, cache_key, cache_widths
 
 __all__ = ["RunSummary", "Trainer", "evaluate", "train"]
@@ -48,15 +48,17 @@ class RunSummary:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, env: DistEnv | None = None,
-                 out=None):
+    def __init__(
+        self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, env: DistEnv | None = None, out=None
+    ):
         check_run_config(cfg)  # bad method arguments or data options fail here, before the run directory is touched
         self.cfg = cfg = with_absolute_paths(cfg)
         self.env = env or init_distributed(cfg.train.device)
         self.out = out if out is not None else sys.stdout
         if cfg.train.sync_bn and self.env.distributed and self.env.device.type != "cuda":
-            raise CrossDistillError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
-                                    "set train.sync_bn=false")
+            raise CrossDistillError(
+                "train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); set train.sync_bn=false"
+            )
         self.run_dir_claim = RunDirClaim(cfg, self.env, self.print)
         self.run_dir = self.run_dir_claim.run_dir
         self.resume = self.run_dir_claim.claim(resume, overwrite)
@@ -94,9 +96,20 @@ class Trainer:
         self.session_started: float | None = None
         self.epochs_changed_from: int | None = None
         self.checkpoints = Checkpointer(
-            self.run_dir, self.env, cfg, distiller=self.distiller, ema=self.ema, optimizer=self.optimizer,
-            scheduler=self.scheduler, scaler=self.scaler, steps_per_epoch=self.steps_per_epoch, data=self.data,
-            num_classes=self.num_classes, progress=self._progress_to_save, log=self.print)
+            self.run_dir,
+            self.env,
+            cfg,
+            distiller=self.distiller,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            steps_per_epoch=self.steps_per_epoch,
+            data=self.data,
+            num_classes=self.num_classes,
+            progress=self._progress_to_save,
+            log=self.print,
+        )
         if resume:
             self._resume(self.checkpoints.load())
         self.run_dir_claim.create(resume, self.epochs_changed_from)
@@ -133,26 +146,45 @@ class Trainer:
         if not cache_dir:
             pass
         elif not distiller.teacher_cacheable:
-            self.print(f"teacher cache not used: method {cfg.method!r} reads teacher stage features or computes "
-                       "something else from the teacher (only embeddings and logits are stored); the teacher runs "
-                       "every step")
+            self.print(
+                f"teacher cache not used: method {cfg.method!r} reads teacher stage features or computes "
+                "something else from the teacher (only embeddings and logits are stored); the teacher runs "
+                "every step"
+            )
         elif cfg.train.mixup > 0 or cfg.train.cutmix > 0:
-            self.print("teacher cache not used: with mixup/cutmix the teacher sees batches mixed after loading, "
-                       "not stored samples; the teacher runs every step")
+            self.print(
+                "teacher cache not used: with mixup/cutmix the teacher sees batches mixed after loading, "
+                "not stored samples; the teacher runs every step"
+            )
         else:
             cache = self._open_teacher_cache(cache_dir, distiller.teacher_request().outputs)
         return cache
 
     def _open_teacher_cache(self, cache_dir: str, outputs: tuple[str, ...]) -> TeacherCache:
         cfg, teacher = self.cfg, self.distiller.teacher
-        key = cache_key(cfg, teacher, num_train=len(self.data.train), data_mean=self.data.mean,
-                        data_std=self.data.std, device_type=self.device.type, amp_dtype=self.amp_dtype,
-                        channels_last=cfg.train.channels_last, store_dtype=cfg.train.teacher_cache_dtype)
+        key = cache_key(
+            cfg,
+            teacher,
+            num_train=len(self.data.train),
+            data_mean=self.data.mean,
+            data_std=self.data.std,
+            device_type=self.device.type,
+            amp_dtype=self.amp_dtype,
+            channels_last=cfg.train.channels_last,
+            store_dtype=cfg.train.teacher_cache_dtype,
+        )
         rank = f"[rank {self.env.rank}] " if self.env.distributed else ""
-        cache = TeacherCache(cache_dir, key, outputs, cache_widths(outputs, teacher, self.num_classes),
-                             len(self.data.train), store_dtype=cfg.train.teacher_cache_dtype, is_main=self.env.is_main,
-                             agree=lambda ok: all_ranks_ok(self.env, ok),
-                             log=lambda message: print(rank + message, file=self.out, flush=True))
+        cache = TeacherCache(
+            cache_dir,
+            key,
+            outputs,
+            cache_widths(outputs, teacher, self.num_classes),
+            len(self.data.train),
+            store_dtype=cfg.train.teacher_cache_dtype,
+            is_main=self.env.is_main,
+            agree=lambda ok: all_ranks_ok(self.env, ok),
+            log=lambda message: print(rank + message, file=self.out, flush=True),
+        )
         self.print(cache.describe())
         return cache
 
@@ -161,12 +193,22 @@ class Trainer:
         pin = self.device.type == "cuda"
         workers = cfg.data.num_workers
         self.train_set, self.train_sampler, self.loader_generator, self.train_loader = build_train_loader(
-            self.data.train, seed=cfg.train.seed, batch_size=cfg.train.batch_size, num_workers=workers,
-            world_size=env.world_size, rank=env.rank, pin_memory=pin, teacher_cache=self.teacher_cache,
+            self.data.train,
+            seed=cfg.train.seed,
+            batch_size=cfg.train.batch_size,
+            num_workers=workers,
+            world_size=env.world_size,
+            rank=env.rank,
+            pin_memory=pin,
+            teacher_cache=self.teacher_cache,
         )
         self.eval_loader = build_eval_loader(
-            self.data.eval, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size, num_workers=workers,
-            world_size=env.world_size, rank=env.rank, pin_memory=pin,
+            self.data.eval,
+            batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+            num_workers=workers,
+            world_size=env.world_size,
+            rank=env.rank,
+            pin_memory=pin,
         )
         self.steps_per_epoch = len(self.train_loader)
 
@@ -182,17 +224,32 @@ class Trainer:
         device_augment = None
         if self.cfg.data.device_augment:
             device_augment = DeviceAugment(self.cfg.data.img_size, self.data.mean, self.data.std)
-        self.step_fn = build_train_step(self.distiller, t, o, self.device, lr=lr, distributed=self.env.distributed,
-                                        cache=self.teacher_cache, device_augment=device_augment)
+        self.step_fn = build_train_step(
+            self.distiller,
+            t,
+            o,
+            self.device,
+            lr=lr,
+            distributed=self.env.distributed,
+            cache=self.teacher_cache,
+            device_augment=device_augment,
+        )
         self.model, self.optimizer, self.scaler = self.step_fn.model, self.step_fn.optimizer, self.step_fn.scaler
         self.teacher_runner = self.step_fn.teacher
         self.scheduler = None
         if o.sched != "none":
             try:
                 self.scheduler, _ = create_scheduler_v2(
-                    self.optimizer, sched=o.sched, num_epochs=t.epochs, decay_epochs=o.decay_epochs,
-                    decay_rate=o.decay_rate, min_lr=min_lr, warmup_lr=warmup_lr, warmup_epochs=o.warmup_epochs,
-                    cooldown_epochs=0, updates_per_epoch=self.steps_per_epoch,
+                    self.optimizer,
+                    sched=o.sched,
+                    num_epochs=t.epochs,
+                    decay_epochs=o.decay_epochs,
+                    decay_rate=o.decay_rate,
+                    min_lr=min_lr,
+                    warmup_lr=warmup_lr,
+                    warmup_epochs=o.warmup_epochs,
+                    cooldown_epochs=0,
+                    updates_per_epoch=self.steps_per_epoch,
                 )
             except (ValueError, AssertionError) as err:
                 raise CrossDistillError(f"optim.sched={o.sched!r}: {err}") from None
@@ -209,19 +266,30 @@ class Trainer:
         teacher = self.distiller.teacher
         self.print(f"run directory: {self.run_dir}")
         self.print(
-            f"method {cfg.method}: teacher {cfg.teacher.name if teacher is not None else '-'} -> student {cfg.student.name}"
+            f"method {cfg.method}: teacher {cfg.teacher.name if teacher is not None else '-'}"
+            f" -> student {cfg.student.name}"
             f" | {self.num_classes} classes | {len(self.data.train)} train / {len(self.data.eval)} eval images"
         )
         self.print(
             f"student {count_parameters(self.student) / 1e6:.2f}M parameters, "
             f"extra trainable {self.distiller.extra_parameter_count() / 1e6:.3f}M"
-            + (f", teacher inputs re-normalised to its own mean/std" if teacher is not None and teacher.renormalizes else "")
+            + (
+                ", teacher inputs re-normalised to its own mean/std"
+                if teacher is not None and teacher.renormalizes
+                else ""
+            )
         )
-        if teacher is not None and self.cfg.teacher is not None and not (self.cfg.teacher.checkpoint or self.cfg.teacher.pretrained):
+        if (
+            teacher is not None
+            and self.cfg.teacher is not None
+            and not (self.cfg.teacher.checkpoint or self.cfg.teacher.pretrained)
+        ):
             self.print("warning: the teacher has neither checkpoint nor pretrained weights: it is randomly initialised")
         amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         lr = cfg.optim.lr * self.lr_factor
-        scaled = f" = {cfg.optim.lr:g} x {self.effective_batch}/{cfg.train.reference_batch}" if self.lr_factor != 1 else ""
+        scaled = (
+            f" = {cfg.optim.lr:g} x {self.effective_batch}/{cfg.train.reference_batch}" if self.lr_factor != 1 else ""
+        )
         self.print(
             f"device {self.device} x {env.world_size} process(es) | per-process batch {cfg.train.batch_size} | "
             f"effective batch {self.effective_batch} | lr {lr:g}{scaled} ({cfg.optim.opt}, "
@@ -264,9 +332,11 @@ class Trainer:
             return self._finished()
         self.describe()
         if self.resumed_from is not None:
-            self.print(f"resuming from {self.resumed_from} (epoch {self.start_epoch} done"
-                       + (f", {self.start_step} steps into epoch {self.start_epoch + 1})" if self.start_step else ")"))
-        started = self.session_started = time.time()
+            self.print(
+                f"resuming from {self.resumed_from} (epoch {self.start_epoch} done"
+                + (f", {self.start_step} steps into epoch {self.start_epoch + 1})" if self.start_step else ")")
+            )
+        self.session_started = time.time()
         mixup = self._mixup()
         try:
             with StopSignal() as stop:
@@ -276,7 +346,9 @@ class Trainer:
                     if epoch + 1 < end and self._stop_requested(stop):
                         raise Preempted(
                             f"stop signal received: saved {self.run_dir / CHECKPOINT} after epoch {epoch + 1}; "
-                            f"continue with: crossdistill train --resume {self.run_dir}", str(self.run_dir / CHECKPOINT))
+                            f"continue with: crossdistill train --resume {self.run_dir}",
+                            str(self.run_dir / CHECKPOINT),
+                        )
         finally:
             if self.log_file is not None:
                 self.log_file.close()
@@ -290,9 +362,11 @@ class Trainer:
     def _finished(self) -> RunSummary:
         """A resumed run that has trained all its epochs: say so and keep its summary."""
         epochs = self.cfg.train.epochs
-        self.print(f"run {self.run_dir} is already finished ({self.start_epoch}/{epochs} epochs trained): nothing "
-                   f"to do. To train it longer, resume it with train.epochs=N (N > {epochs}; the lr schedule is then "
-                   "re-planned over N epochs)")
+        self.print(
+            f"run {self.run_dir} is already finished ({self.start_epoch}/{epochs} epochs trained): nothing "
+            f"to do. To train it longer, resume it with train.epochs=N (N > {epochs}; the lr schedule is then "
+            "re-planned over N epochs)"
+        )
         try:
             saved = json.loads((self.run_dir / SUMMARY).read_text())
             return RunSummary(**{k: v for k, v in saved.items() if k in RunSummary.__dataclass_fields__})
@@ -330,8 +404,14 @@ class Trainer:
             return None
         from timm.data import Mixup
 
-        return Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob, switch_prob=t.mixup_switch_prob,
-                     label_smoothing=t.label_smoothing, num_classes=self.num_classes)
+        return Mixup(
+            mixup_alpha=t.mixup,
+            cutmix_alpha=t.cutmix,
+            prob=t.mixup_prob,
+            switch_prob=t.mixup_switch_prob,
+            label_smoothing=t.label_smoothing,
+            num_classes=self.num_classes,
+        )
 
     def train_one_epoch(self, epoch: int, mixup=None, stop: StopSignal | None = None) -> dict[str, float]:
         first_step = self._begin_epoch(epoch)
@@ -371,16 +451,22 @@ class Trainer:
         self.model.train()
         return first_step
 
-    def _train_step(self, epoch: int, step: int, batch, totals: EpochTotals, mixup, stop: StopSignal | None,
-                    progress) -> None:
+    def _train_step(
+        self, epoch: int, step: int, batch, totals: EpochTotals, mixup, stop: StopSignal | None, progress
+    ) -> None:
         """One step of the loop: the step itself, the schedule, EMA, totals, non-finite steps, checkpoint, stop."""
         global_step = epoch * self.steps_per_epoch + step
         images, target = self.step_fn.to_device(batch[0], batch[1])
         if mixup is not None:
             images, target = mixup(images, target)
         cached = self.teacher_cache is not None
-        result = self.step_fn(images, target, batch[2] if cached else None, tag=(epoch, step),
-                              prefetched=(batch[3], batch[4]) if cached and len(batch) == 5 else None)
+        result = self.step_fn(
+            images,
+            target,
+            batch[2] if cached else None,
+            tag=(epoch, step),
+            prefetched=(batch[3], batch[4]) if cached and len(batch) == 5 else None,
+        )
         if result.scaler_skipped is not None:
             totals.skipped += result.scaler_skipped  # the scaler found inf/NaN gradients and skipped this step
         if self.scheduler is not None:  # by position in the run, skipped or not (see TrainStep)
@@ -397,10 +483,16 @@ class Trainer:
         checkpoint_now = bool(every and (global_step + 1) % every == 0 and not last_step)
         report_now = progress is not None and (step % 20 == 0 or last_step)
         if self.step_fn.pending and collect_nonfinite_now(
-                len(self.step_fn.pending), self.step_fn.finite_check_every, global_step=global_step,
-                last_step=last_step, checkpoint_now=checkpoint_now, report_now=report_now,
-                stop_requested=stop is not None and stop.requested, watching_stop=stop is not None,
-                distributed=self.env.distributed):
+            len(self.step_fn.pending),
+            self.step_fn.finite_check_every,
+            global_step=global_step,
+            last_step=last_step,
+            checkpoint_now=checkpoint_now,
+            report_now=report_now,
+            stop_requested=stop is not None and stop.requested,
+            watching_stop=stop is not None,
+            distributed=self.env.distributed,
+        ):
             found = self._collect_nonfinite()  # deferred check: one sync every N steps
             totals.steps -= found
             totals.skipped += found
@@ -410,14 +502,20 @@ class Trainer:
                 progress.set_postfix(totals.running_means())
         if checkpoint_now:
             self.checkpoints.save_step(epoch, step + 1, totals.partial())
-        if (stop is not None and not last_step and (not self.env.distributed or (global_step + 1) % 10 == 0)
-                and self._stop_requested(stop)):
+        if (
+            stop is not None
+            and not last_step
+            and (not self.env.distributed or (global_step + 1) % 10 == 0)
+            and self._stop_requested(stop)
+        ):
             path = self.checkpoints.save_step(epoch, step + 1, totals.partial())
             if progress is not None:
                 progress.close()
             raise Preempted(
                 f"stop signal received: saved {path} at epoch {epoch + 1}, step {step + 1}/{self.steps_per_epoch}; "
-                f"continue with: crossdistill train --resume {self.run_dir}", str(path))
+                f"continue with: crossdistill train --resume {self.run_dir}",
+                str(path),
+            )
 
     def _update_ema(self, global_step: int, skipped: torch.Tensor | None) -> None:
         """Move the EMA towards the student, unless the device skipped this step (``skipped``, a 0-d bool
@@ -440,8 +538,10 @@ class Trainer:
 
     def _on_nonfinite(self, epoch: int, step: int, terms: dict[str, float]) -> None:
         self.nonfinite_steps += 1
-        self.print(f"warning: non-finite loss or gradient at epoch {epoch + 1}, step {step + 1}: {terms}; step skipped "
-                   f"({self.nonfinite_steps}/{self.cfg.train.max_nonfinite_steps} allowed)")
+        self.print(
+            f"warning: non-finite loss or gradient at epoch {epoch + 1}, step {step + 1}: {terms}; step skipped "
+            f"({self.nonfinite_steps}/{self.cfg.train.max_nonfinite_steps} allowed)"
+        )
         if self.nonfinite_steps > self.cfg.train.max_nonfinite_steps:
             raise CrossDistillError(
                 f"stopping: {self.nonfinite_steps} non-finite steps (last at epoch {epoch + 1}, step {step + 1}, "
@@ -461,8 +561,14 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
-                    leave=False, dynamic_ncols=True, file=sys.stderr)
+        return tqdm(
+            total=self.steps_per_epoch,
+            initial=first_step,
+            desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
 
     @staticmethod
     def _format_row(row: dict[str, Any]) -> str:

@@ -31,7 +31,8 @@ def ofa_target_mask(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     labels = hard_labels(target, num_classes)
     # scatter rather than F.one_hot, which checks the labels' range on the host: a GPU sync per step
     return torch.zeros(labels.shape[0], num_classes, dtype=torch.long, device=labels.device).scatter_(
-        1, labels[:, None], 1)
+        1, labels[:, None], 1
+    )
 
 
 def ofa_loss(

@@ -116,7 +116,9 @@ def _forward_with_stages(model: nn.Module, x: torch.Tensor, stages: list[StageIn
     depth = len(model.feature_info)
     for index in indices:
         if not -depth <= index < depth:
-            raise IndexError(f"stage index {index} out of range for {type(model).__name__} ({depth} feature_info entries)")
+            raise IndexError(
+                f"stage index {index} out of range for {type(model).__name__} ({depth} feature_info entries)"
+            )
     unique = sorted({index % depth for index in indices})
     if unique:
         final, intermediates = model.forward_intermediates(x, indices=unique, **kwargs)

@@ -158,11 +158,13 @@ class StageAligner(nn.Module):
     def _student_map(self, feat: torch.Tensor) -> torch.Tensor:
         if not self.student.tokens:
             if feat.ndim != 4:
-                raise ValueError(f"aligner built for a student {self.student.describe()}, got shape {tuple(feat.shape)}")
+                raise ValueError(
+                    f"aligner built for a student {self.student.describe()}, got shape {tuple(feat.shape)}"
+                )
             return feat
         if feat.ndim != 3:
             raise ValueError(f"aligner built for a student {self.student.describe()}, got shape {tuple(feat.shape)}")
-        patches = feat[:, self.student.prefix:]
+        patches = feat[:, self.student.prefix :]
         h, w = self._grid(patches.shape[1], self.student.grid)
         return patches.reshape(patches.shape[0], h, w, patches.shape[2]).permute(0, 3, 1, 2)
 
@@ -177,7 +179,7 @@ class StageAligner(nn.Module):
             raise ValueError(
                 f"aligner built for a teacher {self.teacher.describe()}, got shape {tuple(teacher_feat.shape)}"
             )
-        return teacher_feat[:, self.teacher.prefix:] if self.teacher.tokens else teacher_feat
+        return teacher_feat[:, self.teacher.prefix :] if self.teacher.tokens else teacher_feat
 
     def teacher_grid(self, teacher_feat: torch.Tensor) -> tuple[int, int]:
         """The (h, w) grid of a teacher stage feature (its map size, or its patch-token grid)."""
@@ -205,7 +207,8 @@ class StageAligner(nn.Module):
         return x
 
     def align(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(aligned student, target)`` of the same shape, ready for :func:`~crossdistill.losses.fitnet.fitnet_loss`."""
+        """``(aligned student, target)`` of the same shape, ready for
+        :func:`~crossdistill.losses.fitnet.fitnet_loss`."""
         target = self.target(teacher_feat)
         aligned = self(student_feat, target_grid=self.teacher_grid(teacher_feat))
         if aligned.shape != target.shape:
@@ -254,8 +257,12 @@ def _first_param(model: nn.Module) -> torch.Tensor | None:
 
 def _probe(model: nn.Module, stages: Sequence[StageIndex], shape: tuple[int, int, int]) -> list[torch.Tensor]:
     param = _first_param(model)
-    x = torch.zeros(1, *shape, device=param.device if param is not None else None,
-                    dtype=param.dtype if param is not None and param.is_floating_point() else None)
+    x = torch.zeros(
+        1,
+        *shape,
+        device=param.device if param is not None else None,
+        dtype=param.dtype if param is not None and param.is_floating_point() else None,
+    )
     with _EvalMode(model), torch.no_grad():
         return forward_model(model, x, logits=False, stages=list(stages)).stages
 
@@ -267,7 +274,8 @@ def probe_layouts(
     stages_t: Sequence[StageIndex],
     input_size: int | Sequence[int],
 ) -> list[tuple[StageLayout, StageLayout]]:
-    """(student, teacher) layouts of each stage pair, from one dry forward (batch 1, eval mode, no grad) of each model."""
+    """(student, teacher) layouts of each stage pair, from one dry forward (batch 1, eval mode, no grad) of each
+    model."""
     if len(stages_s) != len(stages_t):
         raise ValueError(f"FitNet pairs stages one to one: {len(stages_s)} student vs {len(stages_t)} teacher stages")
     if not stages_s:
@@ -282,7 +290,8 @@ def probe_layouts(
         except Exception as err:  # noqa: BLE001 - re-raised with the fix
             raise ConfigError(
                 f"FitNet could not probe the {role} ({type(model).__name__}) stage shapes at "
-                f"{hw[0]}x{hw[1]} inputs: {type(err).__name__}: {one_line(err)[:SHOWN_CHARS]}. Build the aligners at the training input "
+                f"{hw[0]}x{hw[1]} inputs: {type(err).__name__}: {one_line(err)[:SHOWN_CHARS]}. "
+                "Build the aligners at the training input "
                 "size (FitNet method_args.img_size = data.img_size)."
             ) from err
         layouts.append([layout_of(f, num_prefix_tokens(model), hw) for f in feats])

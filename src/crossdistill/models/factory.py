@@ -10,9 +10,9 @@ import timm
 import torch
 from torch import nn
 
+from ..checkpoint import load_weights_file
 from ..config import ModelConfig
 from ..errors import SHOWN_CHARS, CrossDistillError, one_line, shorten, suggest
-from ..checkpoint import load_weights_file
 from . import custom  # noqa: F401  (registers swin_pico / swin_nano with timm)
 
 _WRAPPER_KEYS = ("state_dict", "model", "student")
@@ -80,7 +80,7 @@ def extract_state_dict(obj: Mapping[str, Any], use_ema: bool = False, path: str 
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise CrossDistillError(f"{path}: entry {shorten(key)} is not a tensor; not a model state dict")
-        state[key[len("module."):] if key.startswith("module.") else key] = value
+        state[key[len("module.") :] if key.startswith("module.") else key] = value
     return state
 
 

@@ -242,8 +242,9 @@ def is_cnn_student(model: nn.Module) -> bool:
     NHWC-native model (Swin), and without attention modules (hybrids take the token branch)."""
     if is_token_model(model) or getattr(model, "output_fmt", "NCHW") == "NHWC":
         return False
-    return not any(type(m).__name__.endswith("Attention") or isinstance(m, nn.MultiheadAttention)
-                   for m in model.modules())
+    return not any(
+        type(m).__name__.endswith("Attention") or isinstance(m, nn.MultiheadAttention) for m in model.modules()
+    )
 
 
 def has_class_token(model: nn.Module) -> bool:
@@ -364,7 +365,12 @@ def build_ofa_branches(
         elif len(shape) == 2:  # [prefix + L, E]
             grid = _token_grid(student, shape[0] - prefix, size)
             branch = TokenBranch(
-                stage, shape[1], d_s, num_classes, grid=grid, num_prefix=prefix,
+                stage,
+                shape[1],
+                d_s,
+                num_classes,
+                grid=grid,
+                num_prefix=prefix,
                 class_token=prefix > 0 and has_class_token(student),
             )
         else:

@@ -62,8 +62,12 @@ class TeacherOutputs:
     def map(self, fn) -> "TeacherOutputs":
         """The same outputs with ``fn`` applied to every tensor (a clone, a device move)."""
         keep = lambda t: None if t is None else fn(t)  # noqa: E731
-        return TeacherOutputs(embedding=keep(self.embedding), logits=keep(self.logits),
-                              stages=[fn(t) for t in self.stages], extra={k: fn(v) for k, v in self.extra.items()})
+        return TeacherOutputs(
+            embedding=keep(self.embedding),
+            logits=keep(self.logits),
+            stages=[fn(t) for t in self.stages],
+            extra={k: fn(v) for k, v in self.extra.items()},
+        )
 
 
 class Teacher:
@@ -127,5 +131,6 @@ class Teacher:
         if self.model.training:
             self.model.eval()
         out = forward_model(self.model, self.normalize(x), logits=request.logits, stages=request.stages)
-        return TeacherOutputs(embedding=out.embedding if request.embedding else None, logits=out.logits,
-                              stages=list(out.stages))
+        return TeacherOutputs(
+            embedding=out.embedding if request.embedding else None, logits=out.logits, stages=list(out.stages)
+        )
