@@ -317,14 +317,9 @@ def test_one_float64_input_makes_the_loss_float64(name, wide):
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sdd_region_weights takes its dtype from the teacher logits alone: with a "
-    "float32 teacher and a float64 student the weight is rounded to float32 "
-    "(reported to the lead, issue 20; src/ is not changed in this branch)",
-)
 @pytest.mark.parametrize("name", sorted(SDD_LOSSES))
 def test_a_float32_teacher_does_not_round_the_complementary_weight_of_a_float64_loss(name):
+    """Found by mutation testing: the weights took the teacher's dtype and were rounded before the float64 loss."""
     zs, zt, y = float64_region_problem(seed=7)
     want = SDD_LOSSES[name](zs, zt, y, complementary_weight=0.3)  # 0.3 is not a float32 number
     got = SDD_LOSSES[name](zs, zt.float(), y, complementary_weight=0.3)

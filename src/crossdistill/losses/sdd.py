@@ -132,11 +132,16 @@ def complementary_mask(region_logits_teacher: torch.Tensor, target: torch.Tensor
 
 
 def sdd_region_weights(
-    region_logits_teacher: torch.Tensor, target: torch.Tensor, complementary_weight: float = COMPLEMENTARY_WEIGHT
+    region_logits_teacher: torch.Tensor,
+    target: torch.Tensor,
+    complementary_weight: float = COMPLEMENTARY_WEIGHT,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """[B, N] weights: ``complementary_weight`` on complementary regions, 1 elsewhere (global included)."""
+    """[B, N] weights: ``complementary_weight`` on complementary regions, 1 elsewhere (global included), in
+    ``dtype`` (default: the teacher logits' loss dtype; the losses pass theirs, so a float64 loss is not
+    rounded to a float32 teacher's precision)."""
     mask = complementary_mask(region_logits_teacher, target)
-    ones = torch.ones(mask.shape, dtype=loss_dtype(region_logits_teacher), device=mask.device)
+    ones = torch.ones(mask.shape, dtype=dtype or loss_dtype(region_logits_teacher), device=mask.device)
     return torch.where(mask, ones * complementary_weight, ones)
 
 
@@ -169,7 +174,7 @@ def sdd_kd_loss(
         zs = region_logits_student.to(dtype) / temperature
         zt = region_logits_teacher.to(dtype) / temperature
         per_region = _row_kl(torch.log_softmax(zt, dim=-1), torch.log_softmax(zs, dim=-1)) * temperature**2
-        weights = sdd_region_weights(region_logits_teacher, target, complementary_weight).to(dtype)
+        weights = sdd_region_weights(region_logits_teacher, target, complementary_weight, dtype)
         return _weighted_mean(per_region, weights)
 
 
@@ -202,5 +207,5 @@ def sdd_dkd_loss(
         tckd = _row_kl(binary_t, binary_s)
         nckd = _row_kl(torch.log_softmax(other_t, dim=-1), torch.log_softmax(other_s, dim=-1))
         per_region = (alpha * tckd + beta * nckd) * temperature**2
-        weights = sdd_region_weights(region_logits_teacher, target, complementary_weight).to(dtype)
+        weights = sdd_region_weights(region_logits_teacher, target, complementary_weight, dtype)
         return _weighted_mean(per_region, weights)
