@@ -7,6 +7,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import Any, Sequence
@@ -541,8 +542,18 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         + (f" (limit of the {p.name} protocol: {p.budget_min:g} min)." if p.budget_min else ".")
     )
     L.append("")
-    md_path.write_text("\n".join(L) + "\n")
+    md_path.write_text("\n".join(L) + "\n" + kept_blocks(md_path))
     return md_path
+
+
+KEPT_BLOCKS = re.compile(r"<!-- (demo-seeds):start -->.*?<!-- \1:end -->", re.S)
+"""Sections other benchmarks write into the same page (benchmarks/demo_seeds.py): kept when the study rewrites it."""
+
+
+def kept_blocks(md_path: Path) -> str:
+    if not md_path.is_file():
+        return ""
+    return "".join("\n" + m.group(0) + "\n" for m in KEPT_BLOCKS.finditer(md_path.read_text()))
 
 
 def findings(p: Protocol, plan: Sequence[Run], methods: Sequence[str], teacher_acc: dict[str, float]) -> list[str]:

@@ -181,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_params)
 
-    p = sub.add_parser("demo", help="teacher, scratch student and RSD student on scikit-learn's digits (CPU, ~2 min)")
+    p = sub.add_parser(
+        "demo",
+        help="a ResNet teacher, a ViT student alone, with KD and with RSD on scikit-learn's digits (CPU, ~2 min)",
+    )
     p.add_argument("--output-dir", default="demo_runs")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's)")
     p.add_argument("--keep", action="store_true", help="refuse to replace earlier demo runs instead of replacing them")

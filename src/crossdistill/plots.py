@@ -118,6 +118,29 @@ def _series(rows: Sequence[dict[str, float]], key: str) -> tuple[list[float], li
 # ---------------------------------------------------------------- the figure
 
 
+def plot_accuracy(
+    run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str], title: str = "", dpi: int = 150
+) -> Path:
+    """One panel: the eval top-1 of each run against the epoch, one labelled line per run; returns ``out``."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for run_dir, label in zip(run_dirs, labels):
+        xs, ys = _series(read_metrics(run_dir), "eval_top1")
+        ax.plot(xs, ys, marker="o", markersize=3, label=f"{label} ({ys[-1]:.2f})" if ys else label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="lower right", title="run (last top-1)", title_fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=10)
+    out = Path(out)
+    write_path_atomic(out, lambda target: fig.savefig(target, dpi=dpi, format=out.suffix[1:] or "png"), hint=RERUN_HINT)
+    return out
+
+
 def plot_runs(
     run_dirs: Sequence[str | Path], out: str | Path = CURVES, labels: Sequence[str] | None = None, dpi: int = 150
 ) -> Path:
