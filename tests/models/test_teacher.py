@@ -222,3 +222,32 @@ def test_only_std_differs():
     view = lambda v: torch.tensor(v).view(1, 3, 1, 1)  # noqa: E731
     expected = ((x * 0.5 + view(IMAGENET_MEAN)) - view(IMAGENET_MEAN)) / view(IMAGENET_STD)
     torch.testing.assert_close(teacher.normalize(x), expected)
+
+
+# --- what a method asks of the teacher, and what it gets -------------------------------
+
+
+def test_a_request_names_the_outputs_in_a_fixed_order_and_refuses_unknown_ones():
+    from crossdistill.models import TeacherRequest
+
+    assert TeacherRequest.of(["logits", "embedding"]) == TeacherRequest(embedding=True, logits=True)
+    assert TeacherRequest.of(["logits", "embedding"]).outputs == ("embedding", "logits")
+    assert TeacherRequest.of(("logits",)) == TeacherRequest(logits=True) and TeacherRequest.of([]).empty
+    assert not TeacherRequest(stages=(-1,)).empty and TeacherRequest(stages=(-1,)).outputs == ()
+    with pytest.raises(ValueError, match=r"^unknown teacher output\(s\) \['features'\]; a method can read "):
+        TeacherRequest.of(["embedding", "features"])
+
+
+def test_outputs_map_applies_to_every_tensor_and_keeps_what_is_absent():
+    from crossdistill.models import TeacherOutputs
+
+    out = TeacherOutputs(
+        embedding=torch.ones(2, 3), stages=[torch.ones(2, 4), torch.ones(2, 5)], extra={"regions": torch.ones(2, 6)}
+    )
+    doubled = out.map(lambda t: t * 2)
+    assert doubled.logits is None and torch.equal(doubled.embedding, torch.full((2, 3), 2.0))
+    assert [s.shape[1] for s in doubled.stages] == [4, 5] and all(bool((s == 2).all()) for s in doubled.stages)
+    assert list(doubled.extra) == ["regions"] and bool((doubled.extra["regions"] == 2).all())
+    assert torch.equal(out.embedding, torch.ones(2, 3))  # the original is left as it was
+    logits_only = TeacherOutputs(logits=torch.ones(2, 3)).map(lambda t: t + 1)
+    assert logits_only.embedding is None and torch.equal(logits_only.logits, torch.full((2, 3), 2.0))

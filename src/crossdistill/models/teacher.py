@@ -55,10 +55,6 @@ class TeacherOutputs:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     """What a method that computes something unusual from the teacher adds (SDD: region logits)."""
 
-    def tensors(self) -> list[torch.Tensor]:
-        named = [t for t in (self.embedding, self.logits) if t is not None]
-        return named + list(self.stages) + list(self.extra.values())
-
     def map(self, fn) -> "TeacherOutputs":
         """The same outputs with ``fn`` applied to every tensor (a clone, a device move)."""
         keep = lambda t: None if t is None else fn(t)  # noqa: E731
