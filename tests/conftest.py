@@ -82,8 +82,7 @@ def distill(distiller, images: torch.Tensor, target: torch.Tensor, indices: torc
     computed by the engine's :class:`~crossdistill.engine.teacher_runner.TeacherRunner`, then the method."""
     from crossdistill.engine.teacher_runner import TeacherRunner
 
-    reads_teacher = distiller.teacher is not None and not distiller.teacher_request().empty
-    teacher = TeacherRunner(distiller).compute(images) if reads_teacher else None
+    teacher = TeacherRunner(distiller).compute(images) if distiller.reads_teacher else None
     return distiller(images, target, teacher, indices)
 
 

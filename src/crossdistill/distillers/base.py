@@ -100,6 +100,11 @@ class Distiller(nn.Module):
         return self.teacher.outputs(images, self.teacher_request())
 
     @property
+    def reads_teacher(self) -> bool:
+        """Whether the engine runs a teacher for this method at all (it has one and asks it for something)."""
+        return self.teacher is not None and not self.teacher_request().empty
+
+    @property
     def teacher_cacheable(self) -> bool:
         """Whether the engine may store this method's teacher outputs and serve them to later runs: only the
         named outputs (embedding, logits), computed the standard way. Stage features are too large to store."""

@@ -85,8 +85,7 @@ def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, ou
         y = torch.nn.functional.one_hot(y, cfg.num_classes).float()
     distiller.train()
     started = time.time()
-    reads_teacher = teacher is not None and not distiller.teacher_request().empty
-    output = distiller(x, y, TeacherRunner(distiller).compute(x) if reads_teacher else None)
+    output = distiller(x, y, TeacherRunner(distiller).compute(x) if distiller.reads_teacher else None)
     output.loss.backward()
     elapsed = time.time() - started
     losses = {name: float(value.detach()) for name, value in output.losses.items()}

@@ -412,7 +412,7 @@ def build_train_step(
     distiller = distiller.to(device)
     channels_last_input = use_channels_last(distiller) if train.channels_last else False
     teacher = None
-    if distiller.teacher is not None and not distiller.teacher_request().empty:
+    if distiller.reads_teacher:
         teacher = runner(distiller, cache, compile=train.compile)
     model: nn.Module = distiller
     if distributed:

@@ -32,10 +32,6 @@ class TeacherRunner:
         self.cache = cache
         self._compute = torch.compile(distiller.compute_teacher) if compile else distiller.compute_teacher
 
-    @property
-    def teacher(self):
-        return self.distiller.teacher
-
     def compute(self, images: torch.Tensor) -> TeacherOutputs:
         """Run the teacher: eval mode, inference mode; the outputs returned as ordinary tensors."""
         model = self.distiller.teacher.model

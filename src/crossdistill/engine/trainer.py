@@ -138,7 +138,7 @@ class Trainer:
         they can be stored; else None (the step's teacher runner computes them every step)."""
         cfg, distiller = self.cfg, self.distiller
         cache_dir = cfg.train.teacher_cache
-        if distiller.teacher is None or distiller.teacher_request().empty:
+        if not distiller.reads_teacher:
             if cache_dir:
                 self.print(f"teacher cache not used: method {cfg.method!r} reads nothing from a teacher")
             return None
