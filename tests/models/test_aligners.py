@@ -279,3 +279,20 @@ def test_stage_lists_must_pair_up():
     student, teacher = resnet(), vit()
     with pytest.raises(ValueError, match="one to one"):
         build_aligners(student, teacher, [-1, -2], [1], 32)
+
+
+def test_a_swin_student_gets_the_linear_init_of_the_official_token_aligners():
+    # The official code reads Swin stages as (L, D) tokens: Linear, trunc-normal(0.02), zero bias; our Swin stages
+    # are maps, so the layout remembers that the model computes them channels-last.
+    torch.manual_seed(5)
+    aligners = build_aligners(swin(), resnet(), [-4, -3, -2, -1], [-4, -3, -2, -1], 64)
+    assert all(a.student.channels_last and not a.teacher.channels_last for a in aligners)
+    for aligner in aligners:
+        assert aligner.proj.weight.std().item() == pytest.approx(0.02, rel=0.2)
+        assert torch.all(aligner.proj.bias == 0)
+    # a Swin teacher counts as tokens too: a map student reaching it through merged patches is still a conv
+    to_swin = build_aligners(resnet(), swin(), [-4, -3, -2, -1], [-4, -3, -2, -1], 64)
+    assert all(a.teacher.channels_last and not a.student.official_tokens for a in to_swin)
+    assert to_swin[0].proj.weight.std().item() == pytest.approx(
+        math.sqrt(2 / (to_swin[0].proj.out_channels * to_swin[0].kernel[0] ** 2)), rel=0.2
+    )

@@ -55,6 +55,11 @@ def is_token_model(model: nn.Module) -> bool:
     return len(info) > 1 and len(reductions) == 1
 
 
+def is_channels_last(model: nn.Module) -> bool:
+    """Models that compute their maps NHWC (Swin); the adapter reports their stages NCHW like other maps."""
+    return getattr(model, "output_fmt", "NCHW") == "NHWC"
+
+
 def default_stages(model: nn.Module) -> list[StageIndex]:
     """Four stages as the OFA/RSD papers pick them.
 
@@ -133,6 +138,6 @@ def _forward_with_stages(model: nn.Module, x: torch.Tensor, stages: list[StageIn
 
 def _final_map(model: nn.Module, final: torch.Tensor) -> torch.Tensor:
     # Some models (Swin) keep final features NHWC; stages are reported NCHW like forward_intermediates does.
-    if final.ndim == 4 and getattr(model, "output_fmt", "NCHW") == "NHWC":
+    if final.ndim == 4 and is_channels_last(model):
         return final.permute(0, 3, 1, 2)
     return final

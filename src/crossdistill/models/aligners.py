@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SHOWN_CHARS, ConfigError, one_line
-from .adapter import StageIndex, forward_model, num_prefix_tokens
+from .adapter import StageIndex, forward_model, is_channels_last, num_prefix_tokens
 from .teacher import Teacher
 
 __all__ = ["StageAligner", "StageLayout", "build_aligners", "probe_layouts", "token_grid"]
@@ -69,6 +69,14 @@ class StageLayout:
     """(h, w) of the patch grid or map."""
     prefix: int = 0
     """Leading prefix (class/distillation/register) tokens of a token sequence."""
+    channels_last: bool = False
+    """A map the model computes channels-last (Swin) and the adapter reports NCHW. The official code reads
+    such a stage as tokens ``[B, h*w, C]``, so its aligner is initialised like a token model's."""
+
+    @property
+    def official_tokens(self) -> bool:
+        """Whether the official code sees this stage as tokens (ViT, Mixer, Swin), which decides the init."""
+        return self.tokens or self.channels_last
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -95,10 +103,12 @@ def token_grid(num_tokens: int, aspect: tuple[int, int]) -> tuple[int, int]:
     return h, num_tokens // h
 
 
-def layout_of(feat: torch.Tensor, prefix: int, input_hw: tuple[int, int]) -> StageLayout:
-    """The layout of a probed stage feature (``prefix`` counts only for token sequences)."""
+def layout_of(feat: torch.Tensor, prefix: int, input_hw: tuple[int, int], channels_last: bool = False) -> StageLayout:
+    """The layout of a probed stage feature (``prefix`` counts only for token sequences, ``channels_last``
+    only for maps)."""
     if feat.ndim == 4:
-        return StageLayout(tokens=False, channels=int(feat.shape[1]), grid=(int(feat.shape[2]), int(feat.shape[3])))
+        grid = (int(feat.shape[2]), int(feat.shape[3]))
+        return StageLayout(tokens=False, channels=int(feat.shape[1]), grid=grid, channels_last=channels_last)
     if feat.ndim == 3:
         patches = int(feat.shape[1]) - prefix
         return StageLayout(tokens=True, channels=int(feat.shape[2]), grid=token_grid(patches, input_hw), prefix=prefix)
@@ -140,12 +150,14 @@ class StageAligner(nn.Module):
         # The official init_weights: Conv2d kaiming-normal (fan_out, relu), Linear trunc-normal(0.02) with a
         # zero bias. Which one the official aligner uses: a map student always reaches a conv
         # (1x1, PatchEmbed, 1x1 before depth-to-space); a token student a Linear, except token -> map
-        # with a coarser teacher (MyPatchMerging + 1x1 conv).
+        # with a coarser teacher (MyPatchMerging + 1x1 conv). Swin counts as tokens there (its stage_info
+        # shapes are (L, D)), though its stages are maps here.
         weight = self.proj.weight
-        if self.student.tokens and not (self.mode == "down" and not self.teacher.tokens):
+        student_tokens, teacher_tokens = self.student.official_tokens, self.teacher.official_tokens
+        if student_tokens and not (self.mode == "down" and not teacher_tokens):
             nn.init.trunc_normal_(weight, std=0.02)
             nn.init.zeros_(self.proj.bias)
-        elif self.student.tokens:  # merged k*k*Cs -> 1x1 conv to Ct: fan_out = Ct
+        elif student_tokens:  # merged k*k*Cs -> 1x1 conv to Ct: fan_out = Ct
             nn.init.normal_(weight, std=math.sqrt(2.0 / self.teacher.channels))
         else:  # fan_out of the official conv: its output channels x kernel area
             nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
@@ -294,7 +306,7 @@ def probe_layouts(
                 "Build the aligners at the training input "
                 "size (FitNet method_args.img_size = data.img_size)."
             ) from err
-        layouts.append([layout_of(f, num_prefix_tokens(model), hw) for f in feats])
+        layouts.append([layout_of(f, num_prefix_tokens(model), hw, is_channels_last(model)) for f in feats])
     return list(zip(*layouts))
 
 

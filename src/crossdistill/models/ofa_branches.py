@@ -52,7 +52,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .adapter import StageIndex, default_stages, forward_model, is_token_model, num_prefix_tokens
+from .adapter import StageIndex, default_stages, forward_model, is_channels_last, is_token_model, num_prefix_tokens
 
 FINAL_PATCH_GRID = 7
 """The official code merges patches until about 7 x 7 remain."""
@@ -240,7 +240,7 @@ def _check_stage(stage: int) -> None:
 def is_cnn_student(model: nn.Module) -> bool:
     """Whether OFA treats ``model`` as a CNN: not an isotropic token model (ViT, Mixer), not an
     NHWC-native model (Swin), and without attention modules (hybrids take the token branch)."""
-    if is_token_model(model) or getattr(model, "output_fmt", "NCHW") == "NHWC":
+    if is_token_model(model) or is_channels_last(model):
         return False
     return not any(
         type(m).__name__.endswith("Attention") or isinstance(m, nn.MultiheadAttention) for m in model.modules()
