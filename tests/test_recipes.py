@@ -10,11 +10,14 @@ with ``base: [...]``; every other YAML file under ``configs/`` is a complete run
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
+from timm.layers import DropPath
 
 import crossdistill  # noqa: F401  (registers swin_pico / swin_nano with timm)
 from crossdistill.config import load_config
@@ -232,6 +235,30 @@ def test_recipe_resolves_and_builds(path: Path):
         assert abs(extra - expected) <= TOLERANCE * expected, (
             f"{method} extra parameters {extra / 1e6:.4f}M, paper_facts.md section 5: {expected / 1e6}M"
         )
+
+
+@functools.lru_cache(maxsize=None)
+def drop_path_rate(arch: str, **kwargs) -> float:
+    """The largest stochastic-depth rate of the model timm builds (it puts Identity where the rate is 0)."""
+    with torch.device("meta"):
+        model = timm.create_model(arch, num_classes=10, **kwargs)
+    return max((m.drop_prob for m in model.modules() if isinstance(m, DropPath)), default=0.0)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(CONFIGS)) for p in RECIPES])
+def test_students_get_the_drop_path_of_the_reference_runs(path: Path):
+    # The official imagenet/vit_mlp.yaml sets drop_path: 0, which train.py passes as drop_path_rate to every student
+    # (Swin-N's timm default is 0.1); every other reference config sets none, so the model keeps its default.
+    # A recipe whose student has a non-zero default states the rate, so a timm upgrade cannot change it silently.
+    cfg = load_config(path)
+    families = {arch: family for _, arch, family in STUDENTS.values()}
+    imagenet = path.relative_to(CONFIGS).parts[0] == "imagenet"
+    reference_zero = imagenet and families.get(timm_arch(cfg.student.name)) == "vit_mlp"
+    default = drop_path_rate(timm_arch(cfg.student.name))
+    built = drop_path_rate(timm_arch(cfg.student.name), **cfg.student.kwargs)
+    assert built == pytest.approx(0.0 if reference_zero else default)
+    if default > 0:
+        assert "drop_path_rate" in cfg.student.kwargs, f"{cfg.student.name}: timm's default drop-path rate is {default}"
 
 
 @pytest.mark.parametrize(

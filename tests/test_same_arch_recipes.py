@@ -13,6 +13,7 @@ from timm.scheduler import create_scheduler_v2
 
 from crossdistill.config import load_config
 from crossdistill.distillers import METHODS, build_distiller, method_config
+from crossdistill.engine.step import build_optimizer
 from crossdistill.models import Teacher
 
 ROOT = Path(__file__).resolve().parents[1] / "configs" / "imagenet" / "same_arch"
@@ -67,8 +68,11 @@ def test_recipe_uses_the_official_imagenet_setting(path):
     assert d.mean == (0.485, 0.456, 0.406) and d.std == (0.229, 0.224, 0.225)
     assert (d.crop_pct, d.interpolation, d.train_interpolation) == (0.875, "bilinear", "bilinear")
     assert d.color_jitter is None and d.auto_augment is None and d.re_prob == 0.0
-    assert (o.opt, o.momentum, o.weight_decay, o.warmup_epochs) == ("sgd", 0.9, 1e-4, 0)
-    assert o.decay_bias_and_norm  # mdistiller and SDD decay every parameter
+    assert (o.momentum, o.weight_decay, o.warmup_epochs) == (0.9, 1e-4, 0)
+    if path.stem == "dist":  # the DIST code: Nesterov SGD, biases and 1-D parameters not decayed
+        assert o.opt == "sgd" and not o.decay_bias_and_norm
+    else:  # mdistiller and SDD: torch.optim.SGD with momentum (no Nesterov), every parameter decayed
+        assert o.opt == "momentum" and o.decay_bias_and_norm
     assert t.sync_bn == path.stem.startswith("sd_")  # SDD's ImageNet script uses SyncBatchNorm
     assert (o.sched, o.decay_epochs, o.decay_rate) == ("step", 30, 0.1)
     assert (t.epochs, t.label_smoothing, t.mixup, t.cutmix) == (100, 0.0, 0.0, 0.0)
@@ -120,3 +124,15 @@ def test_sdd_recipes_carry_the_official_per_pair_values(pair, scales, beta):
     assert (dkd.beta, dkd.temperature) == (beta, 1.0)
     sd_kd = method_config("sd_kd", load_config(ROOT / pair / "sd_kd.yaml").method_args)
     assert (sd_kd.scales, sd_kd.temperature, sd_kd.weight, sd_kd.ce_weight) == ((1, 2, 4), 4.0, 0.9, 0.1)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=rel)
+def test_the_optimiser_is_the_reference_runs_sgd(path):
+    # timm's "sgd" is Nesterov and "momentum" is not: build the optimiser as a run does and read its flags.
+    o = load_config(path).optim
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    optimizer = build_optimizer(model, o, o.lr, torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["nesterov"] == (path.stem == "dist")
+    decays = sorted(len(g["params"]) for g in optimizer.param_groups if g["weight_decay"] > 0)
+    assert decays == ([1] if path.stem == "dist" else [4])  # DIST decays the Linear weight only
