@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+import crossdistill
 from conftest import tiny_run
 from crossdistill.cli import main
 
@@ -202,6 +203,35 @@ def test_dry_run_checks_a_recipe_without_data_or_weights(tmp_path, capsys):
     assert code == 2 and "set num_classes" in err
     code, out, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "method_args.kappa=-1")
     assert code == 2 and out == "" and "config key 'method_args.kappa': must be >= 0" in err  # before it prints
+
+
+def test_version(capsys):
+    import timm
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    versions = f"crossdistill {crossdistill.__version__} (torch {torch.__version__}, timm {timm.__version__}"
+    assert out.startswith(versions)
+
+
+def test_switching_the_method_on_the_command_line_says_what_it_dropped(tmp_path, capsys):
+    """The recipe's RSD arguments used to follow method=kd: "unknown config key 'method_args.weight'"."""
+    config = write_config(tmp_path, tiny_run(tmp_path, num_classes=10, method_args={"weight": 0.1, "kappa": 0.01}))
+    code, out, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "method=kd")
+    assert code == 0, err
+    assert err.splitlines()[0] == (
+        "crossdistill: note: method changed from rsd to kd on the command line: the method_args of rsd (kappa, "
+        "weight) are dropped and kd starts from its defaults (set method_args.KEY=VALUE to change one)"
+    )
+    resolved = yaml.safe_load(out[out.index("# resolved config") : out.index("# run")])
+    assert resolved["method"] == "kd" and resolved["method_args"] == {}
+    code, out, err = run_cli(
+        capsys, "train", "--config", str(config), "--dry-run", "method=kd", "method_args.temperature=2"
+    )
+    assert code == 0, err
+    assert yaml.safe_load(out[out.index("# resolved config") : out.index("# run")])["method_args"] == {"temperature": 2}
 
 
 def test_eval_of_a_plain_weights_file_needs_the_model_name(tmp_path, capsys):
