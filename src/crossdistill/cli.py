@@ -49,7 +49,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"crossdistill: note: {note}", file=sys.stderr, flush=True)
     if args.dry_run:
-        dry_run(cfg)
+        dry_run(cfg, resume=resume, overwrite=args.overwrite)
         return 0
     summary = train(cfg, resume=resume, overwrite=args.overwrite)
     if args.json and os.environ.get("RANK", "0") == "0":
@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="check the config: print it resolved, the effective batch, parameter counts and one step's "
-        "losses on random data (random weights; no data, no run directory)",
+        help="check everything a run checks before its first step (config, run directory, data, weights, lr, "
+        "one step on a tiny random batch) and print what it would use, without writing anything",
     )
     p.add_argument("--json", action="store_true", help="print the run summary as JSON at the end")
     p.set_defaults(func=_cmd_train)
