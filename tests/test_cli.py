@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+import crossdistill
 from conftest import tiny_run
 from crossdistill.cli import main
 
@@ -187,21 +188,52 @@ def test_torchrun_two_processes(tmp_path):
     assert (tmp_path / "runs" / "run" / "last.pt").exists()
 
 
-def test_dry_run_checks_a_recipe_without_data_or_weights(tmp_path, capsys):
+def test_dry_run_lists_what_a_run_would_stop_on_and_writes_nothing(tmp_path, capsys):
+    """It used to pass with a teacher checkpoint and data that do not exist (and an exit status of 0)."""
     raw = tiny_run(tmp_path, num_classes=10, train={"reference_batch": 256})
     raw["teacher"]["checkpoint"] = str(tmp_path / "not-downloaded-yet.pth")
     raw["data"] = {"dataset": "folder", "root": str(tmp_path / "no-data-here"), "img_size": 32}
     config = write_config(tmp_path, raw)
     code, out, err = run_cli(capsys, "train", "--config", str(config), "--dry-run")
-    assert code == 0, err
+    assert code == 2 and err.startswith(f"crossdistill: error: data.root '{tmp_path / 'no-data-here'}' does not exist")
+    assert err.endswith(" (and 1 more problem(s) listed above)\n") and len(err.splitlines()) == 1
+    assert f"problem: data.root '{tmp_path / 'no-data-here'}' does not exist" in out
+    assert f"problem: checkpoint file not found: {tmp_path / 'not-downloaded-yet.pth'}" in out
     assert "# resolved config" in out and "effective batch 32 (recipe reference 256)" in out
-    assert "warning: the effective batch differs" in out
-    assert "one step on random data" in out and "rsd" in out and "extra trainable 0.031M" in out
-    assert not (tmp_path / "runs").exists()
-    code, _, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "num_classes=null")
-    assert code == 2 and "set num_classes" in err
+    assert "warning: effective batch 32 differs from the recipe's reference 256" in out
+    assert "one step on random data" in out and "rsd" in out and "extra trainable 0.031M" in out  # checked on
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
     code, out, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "method_args.kappa=-1")
     assert code == 2 and out == "" and "config key 'method_args.kappa': must be >= 0" in err  # before it prints
+
+
+def test_version(capsys):
+    import timm
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    versions = f"crossdistill {crossdistill.__version__} (torch {torch.__version__}, timm {timm.__version__}"
+    assert out.startswith(versions)
+
+
+def test_switching_the_method_on_the_command_line_says_what_it_dropped(tmp_path, capsys):
+    """The recipe's RSD arguments used to follow method=kd: "unknown config key 'method_args.weight'"."""
+    config = write_config(tmp_path, tiny_run(tmp_path, num_classes=10, method_args={"weight": 0.1, "kappa": 0.01}))
+    code, out, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "method=kd")
+    assert code == 0, err
+    assert err.splitlines()[0] == (
+        "crossdistill: note: method changed from rsd to kd on the command line: the method_args of rsd (kappa, "
+        "weight) are dropped and kd starts from its defaults (set method_args.KEY=VALUE to change one)"
+    )
+    resolved = yaml.safe_load(out[out.index("# resolved config") : out.index("# run")])
+    assert resolved["method"] == "kd" and resolved["method_args"] == {}
+    code, out, err = run_cli(
+        capsys, "train", "--config", str(config), "--dry-run", "method=kd", "method_args.temperature=2"
+    )
+    assert code == 0, err
+    assert yaml.safe_load(out[out.index("# resolved config") : out.index("# run")])["method_args"] == {"temperature": 2}
 
 
 def test_eval_of_a_plain_weights_file_needs_the_model_name(tmp_path, capsys):
@@ -592,7 +624,7 @@ def test_resume_followed_by_an_override_keeps_the_override(tmp_path, capsys):
     """argparse hands `--resume train.epochs=5` the override as its RUN_DIR; it used to vanish silently."""
     config = write_config(tmp_path, tiny_run(tmp_path, num_classes=10))
     code, out, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "--resume", "train.epochs=5")
-    assert code == 0, err
+    assert code == 2 and "nothing to resume: no checkpoint in" in err  # --resume was kept too
     resolved = yaml.safe_load(out[out.index("# resolved config") : out.index("# run")])
     assert resolved["train"]["epochs"] == 5
 
@@ -608,14 +640,23 @@ def test_resume_with_a_run_dir_and_a_config_is_one_clear_line(tmp_path, capsys):
 def test_dry_run_knows_the_class_count_of_built_in_datasets(tmp_path, capsys, dataset, classes):
     raw = tiny_run(tmp_path)
     raw.pop("num_classes", None)
-    raw["data"]["dataset"] = dataset
+    raw["data"].update(dataset=dataset, root=str(tmp_path / "data"), download=True)  # not downloaded yet
     code, out, err = run_cli(capsys, "train", "--config", str(write_config(tmp_path, raw)), "--dry-run")
     assert code == 0, err
     assert f"{classes} classes" in out
 
 
-def test_dry_run_of_a_folder_dataset_asks_for_num_classes(tmp_path, capsys):
-    raw = tiny_run(tmp_path, data={"dataset": "folder", "root": str(tmp_path)})
+def test_dry_run_of_an_archive_not_decoded_yet_asks_for_num_classes(tmp_path, capsys):
+    import tarfile
+
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with tarfile.open(tmp_path / "images.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "train", arcname="train")
+    cache = tmp_path / "cache"
+    data = {"dataset": "folder", "root": str(tmp_path / "images.tar.gz"), "cache_dir": str(cache)}
+    raw = tiny_run(tmp_path, data=data)
     raw.pop("num_classes", None)
     code, out, err = run_cli(capsys, "train", "--config", str(write_config(tmp_path, raw)), "--dry-run")
-    assert code == 2 and "set num_classes" in err
+    assert code == 2 and "set num_classes in the config for --dry-run, which leaves the dataset unopened" in err
+    assert f"data: the archive '{tmp_path / 'images.tar.gz'}' is not decoded yet: a run decodes it once into" in out
+    assert not cache.exists()  # decoding would write the cache: the dry run leaves it to the run

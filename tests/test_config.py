@@ -81,6 +81,48 @@ def test_base_inheritance_and_round_trip(tmp_path):
     assert again == cfg
 
 
+def rsd_recipe(tmp_path):
+    raw = tiny_run(tmp_path, method_args={"weight": 0.1, "kappa": 0.01})
+    (tmp_path / "rsd.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return tmp_path / "rsd.yaml"
+
+
+def test_a_method_given_on_the_command_line_starts_from_its_own_defaults(tmp_path):
+    """`method=kd` used to keep the recipe's RSD arguments: "unknown config key 'method_args.kappa'"."""
+    notes = []
+    cfg = load_config(rsd_recipe(tmp_path), ["method=kd"], notes=notes)
+    assert cfg.method == "kd" and cfg.method_args == {}
+    check_run_config(cfg)  # kd's own defaults: nothing unknown
+    assert notes == [
+        "method changed from rsd to kd on the command line: the method_args of rsd (weight, kappa) are dropped and "
+        "kd starts from its defaults (set method_args.KEY=VALUE to change one)"
+    ]
+    for overrides in (["method=kd", "method_args.temperature=2"], ["method_args.temperature=2", "method=kd"]):
+        assert load_config(rsd_recipe(tmp_path), overrides).method_args == {"temperature": 2}
+    notes = []
+    same = load_config(rsd_recipe(tmp_path), ["method=rsd", "method_args.kappa=0.02"], notes=notes)
+    assert same.method_args == {"weight": 0.1, "kappa": 0.02} and notes == []
+
+
+def test_a_config_that_extends_another_method_replaces_its_method_args(tmp_path):
+    rsd_recipe(tmp_path)
+    (tmp_path / "kd.yaml").write_text("base: rsd.yaml\nmethod: kd\nmethod_args: {temperature: 4.0}\n")
+    notes = []
+    cfg = load_config(tmp_path / "kd.yaml", notes=notes)
+    assert cfg.method == "kd" and cfg.method_args == {"temperature": 4.0}
+    check_run_config(cfg)
+    assert len(notes) == 1 and notes[0].startswith(
+        f"method changed from rsd to kd in {tmp_path / 'kd.yaml'}: the method_args of rsd (weight, kappa) are dropped"
+    )
+    (tmp_path / "rsd2.yaml").write_text("base: rsd.yaml\nmethod: rsd\nmethod_args: {gamma: 4}\n")
+    same = load_config(tmp_path / "rsd2.yaml")
+    assert same.method_args == {"weight": 0.1, "kappa": 0.01, "gamma": 4}  # the same method: merged as before
+    # a later base of another method replaces an earlier base's method arguments the same way
+    (tmp_path / "kd_base.yaml").write_text("method: kd\n")
+    (tmp_path / "two.yaml").write_text("base: [rsd.yaml, kd_base.yaml]\n")
+    assert load_config(tmp_path / "two.yaml").method_args == {}
+
+
 def test_base_cycle_and_missing_file(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")

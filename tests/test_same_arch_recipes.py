@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from timm.scheduler import create_scheduler_v2
 
 from crossdistill.config import load_config
 from crossdistill.distillers import METHODS, build_distiller, method_config
+from crossdistill.engine.setup import build_scheduler, lr_plan
 from crossdistill.engine.step import build_optimizer
 from crossdistill.models import Teacher
 
@@ -88,18 +88,8 @@ def test_step_schedule_decays_at_30_60_90():
     cfg = load_config(ROOT / "r34_r18" / "kd.yaml")
     o = cfg.optim
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr, momentum=o.momentum)
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=o.sched,
-        num_epochs=cfg.train.epochs,
-        decay_epochs=o.decay_epochs,
-        decay_rate=o.decay_rate,
-        min_lr=o.min_lr,
-        warmup_lr=o.warmup_lr,
-        warmup_epochs=o.warmup_epochs,
-        cooldown_epochs=0,
-        updates_per_epoch=100,
-    )
+    gpus = cfg.train.reference_batch // cfg.train.batch_size  # the reference run's: the lr as the recipe gives it
+    scheduler = build_scheduler(optimizer, cfg, lr_plan(cfg, gpus), steps_per_epoch=100)
     lrs = {}
     for epoch in range(cfg.train.epochs):
         scheduler.step(epoch)

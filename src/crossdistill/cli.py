@@ -10,6 +10,9 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
+import timm
+import torch
+
 from . import bench, export, plots, report
 from .analysis import cli as analysis_cli
 from .config import load_config
@@ -20,6 +23,7 @@ from .engine.preemption import EXIT_PREEMPTED, Preempted
 from .errors import CrossDistillError, one_line
 from .evaluation import evaluate_checkpoint
 from .params import count_method_parameters
+from .version import __version__
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -40,9 +44,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(os.path.abspath(args.resume))  # "." or "runs/r/..": its real name, not an empty one
         config = run_dir / "config.yaml"
         args.overrides = [f"train.output_dir={run_dir.parent}", f"train.run_name={run_dir.name}", *args.overrides]
-    cfg = load_config(config, args.overrides)
+    notes: list[str] = []
+    cfg = load_config(config, args.overrides, notes=notes)
+    for note in notes:
+        print(f"crossdistill: note: {note}", file=sys.stderr, flush=True)
     if args.dry_run:
-        dry_run(cfg)
+        dry_run(cfg, resume=resume, overwrite=args.overwrite)
         return 0
     summary = train(cfg, resume=resume, overwrite=args.overwrite)
     if args.json and os.environ.get("RANK", "0") == "0":
@@ -121,12 +128,18 @@ class _IntermixedParser(argparse.ArgumentParser):
             self._intermixing = False
 
 
+def version_line() -> str:
+    python = sys.version.split()[0]
+    return f"crossdistill {__version__} (torch {torch.__version__}, timm {timm.__version__}, Python {python})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossdistill",
         description="Cross-architecture knowledge distillation (RSD and baselines) for any timm teacher and student.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
     p = sub.add_parser(
@@ -152,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="check the config: print it resolved, the effective batch, parameter counts and one step's "
-        "losses on random data (random weights; no data, no run directory)",
+        help="check everything a run checks before its first step (config, run directory, data, weights, lr, "
+        "one step on a tiny random batch) and print what it would use, without writing anything",
     )
     p.add_argument("--json", action="store_true", help="print the run summary as JSON at the end")
     p.set_defaults(func=_cmd_train)

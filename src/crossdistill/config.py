@@ -428,8 +428,32 @@ def _deep_merge(base: dict, update: Mapping) -> dict:
     return out
 
 
-def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config, resolving ``base:`` (a path or list of paths) recursively."""
+DEFAULT_METHOD: str = RunConfig.__dataclass_fields__["method"].default
+
+
+def _switch_method(base: dict[str, Any], method: Any, where: str, notes: list[str] | None) -> dict[str, Any]:
+    """``base`` as a config that sets ``method`` extends it: without its ``method_args`` when ``method`` is another
+    method (a method starts from its own defaults; the arguments of another would be unknown keys to it)."""
+    previous = base.get("method", DEFAULT_METHOD)
+    if method == previous or "method_args" not in base:
+        return base
+    dropped = base["method_args"]
+    if dropped and notes is not None:
+        old, new = (name if isinstance(name, str) else shorten(name) for name in (previous, method))
+        keys = [str(key)[:50] for key in dropped] if isinstance(dropped, Mapping) else [shorten(dropped)]
+        names = ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
+        notes.append(
+            f"method changed from {old} to {new} {where}: the method_args of {old} ({names}) are dropped and "
+            f"{new} starts from its defaults (set method_args.KEY=VALUE to change one)"
+        )
+    return {key: value for key, value in base.items() if key != "method_args"}
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = (), notes: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML config, resolving ``base:`` (a path or list of paths) recursively.
+
+    A file that sets another ``method`` than what it extends replaces the ``method_args`` it inherits rather
+    than merging into them; ``notes`` (when given) receives a line saying which were dropped."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -448,14 +472,26 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else list(bases):
-        merged = _deep_merge(merged, read_yaml(path.parent / base, _seen + (resolved,)))
+        extension = read_yaml(path.parent / base, _seen + (resolved,), notes)
+        if "method" in extension:
+            merged = _switch_method(merged, extension["method"], f"in {path.parent / base}", notes)
+        merged = _deep_merge(merged, extension)
+    if "method" in data:
+        merged = _switch_method(merged, data["method"], f"in {path}", notes)
     return _deep_merge(merged, data)
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (values parsed as YAML) to a raw config dict."""
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], notes: list[str] | None = None) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a raw config dict.
+
+    ``method=OTHER`` starts OTHER from its own defaults: the config's ``method_args`` are dropped (those given
+    as overrides, before or after it, stay); ``notes`` (when given) receives a line saying so."""
     check_config_size(data, "the run config")
     data = copy.deepcopy(data)
+    methods = [raw for key, _, raw in (item.partition("=") for item in overrides) if key.strip() == "method"]
+    if methods:
+        method = parse_value(methods[-1], "the value of override method")
+        data = _switch_method(data, method, "on the command line", notes)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {shorten(item)} is not of the form key=value (e.g. train.epochs=3)")
@@ -480,9 +516,13 @@ def build_config(data: Mapping[str, Any]) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    data = read_yaml(path) if path is not None else {}
-    return build_config(apply_overrides(data, overrides))
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), notes: list[str] | None = None
+) -> RunConfig:
+    """The run config of the YAML file ``path`` with ``overrides``; ``notes`` (when given) receives a line for
+    each change of method that dropped inherited method arguments."""
+    data = read_yaml(path, notes=notes) if path is not None else {}
+    return build_config(apply_overrides(data, overrides, notes))
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:

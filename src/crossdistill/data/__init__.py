@@ -3,7 +3,15 @@
 Datasets are registered in :data:`DATASETS` (digits, cifar10, cifar100, folder).
 """
 
-from .datasets import CLASS_COUNTS, DATASETS, DataBundle, balanced_subset, build_data
+from .datasets import CLASS_COUNTS, DATASETS, DataBundle, balanced_subset, build_data, opening_writes
 from .transforms import build_transforms
 
-__all__ = ["CLASS_COUNTS", "DATASETS", "DataBundle", "balanced_subset", "build_data", "build_transforms"]
+__all__ = [
+    "CLASS_COUNTS",
+    "DATASETS",
+    "DataBundle",
+    "balanced_subset",
+    "build_data",
+    "build_transforms",
+    "opening_writes",
+]

@@ -136,6 +136,14 @@ def open_archive(path: str | Path, cache_root: str | Path | None = None, skip_co
     return DecodedArchive(path, cache_dir, meta)
 
 
+def decoded_cache(path: str | Path, cache_root: str | Path | None = None) -> tuple[Path, bool]:
+    """Where :func:`open_archive` caches ``path`` decoded, and whether it has done so already (reads only)."""
+    path = Path(path).expanduser().resolve()
+    cache_root = Path(cache_root).expanduser() if cache_root else default_cache_root()
+    cache_dir = archive_cache_dir(path, cache_root)
+    return cache_dir, _read_meta(cache_dir) is not None
+
+
 def _check_skipped(path: Path, skipped: list[str], skip_corrupt: bool) -> None:
     if not skipped:
         return

@@ -23,7 +23,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..config import DataConfig
 from ..errors import CrossDistillError
 from ..registry import Registry
-from .archive import IMG_EXTENSIONS, Images, default_cache_root, is_image_name, open_archive
+from .archive import IMG_EXTENSIONS, Images, decoded_cache, default_cache_root, is_image_name, open_archive
 from .images import ImageRejected, decode_rgb
 from .transforms import build_transforms
 
@@ -184,13 +184,21 @@ def build_digits(cfg: DataConfig) -> SplitData:
 # ---------------------------------------------------------------- CIFAR
 
 
-def _build_cifar(cfg: DataConfig, name: str, folder: str, mean: Stats, std: Stats) -> SplitData:
+CIFAR_FOLDERS = {"cifar10": ("CIFAR-10", "cifar-10-batches-py"), "cifar100": ("CIFAR-100", "cifar-100-python")}
+"""Dataset name: (what messages call it, the folder torchvision keeps it in under data.root)."""
+
+
+def _cifar_root(cfg: DataConfig) -> Path:
+    return Path(cfg.root).expanduser() if cfg.root else default_cache_root() / "datasets"
+
+
+def _build_cifar(cfg: DataConfig, name: str, mean: Stats, std: Stats) -> SplitData:
     import torchvision
 
     _check_splits(cfg, name)
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
-    root = Path(cfg.root).expanduser() if cfg.root else default_cache_root() / "datasets"
+    label, folder = CIFAR_FOLDERS[name]
+    root = _cifar_root(cfg)
     splits = {}
     for split in {cfg.train_split, cfg.eval_split}:
         if not (root / folder).is_dir() and not cfg.download:
@@ -219,12 +227,12 @@ def _cifar_missing(label: str, root: Path, folder: str, detail: str = "") -> Cro
 
 @DATASETS.register("cifar10")
 def build_cifar10(cfg: DataConfig) -> SplitData:
-    return _build_cifar(cfg, "cifar10", "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD)
+    return _build_cifar(cfg, "cifar10", CIFAR10_MEAN, CIFAR10_STD)
 
 
 @DATASETS.register("cifar100")
 def build_cifar100(cfg: DataConfig) -> SplitData:
-    return _build_cifar(cfg, "cifar100", "cifar-100-python", CIFAR100_MEAN, CIFAR100_STD)
+    return _build_cifar(cfg, "cifar100", CIFAR100_MEAN, CIFAR100_STD)
 
 
 # ---------------------------------------------------------------- folder / archive
@@ -429,6 +437,20 @@ def _check_device_augment(cfg: DataConfig, train: torch.utils.data.Dataset) -> N
             f"cifar100, or a folder archive of equally sized images); dataset {cfg.dataset!r} at "
             f"{cfg.root!r} is not: set data.device_augment: false"
         )
+
+
+def opening_writes(cfg: DataConfig) -> str | None:
+    """Why building ``cfg``'s datasets would write files (a CIFAR download, an archive's first decoding), or None."""
+    if cfg.dataset in CIFAR_FOLDERS and cfg.download:
+        label, folder = CIFAR_FOLDERS[cfg.dataset]
+        root = _cifar_root(cfg)
+        if not (root / folder).is_dir():
+            return f"{label} is not in '{root / folder}' yet: a run downloads it there (data.download)"
+    if cfg.dataset == "folder" and cfg.root and Path(cfg.root).expanduser().is_file():
+        cache_dir, decoded = decoded_cache(cfg.root, cfg.cache_dir)
+        if not decoded:
+            return f"the archive '{cfg.root}' is not decoded yet: a run decodes it once into {cache_dir}"
+    return None
 
 
 def build_data(cfg: DataConfig, student_data_config: Mapping[str, Any]) -> DataBundle:

@@ -16,9 +16,19 @@ from ..checkpoint import remove_torn_files, write_text_atomic
 from ..config import RunConfig
 from ..errors import CrossDistillError
 from .distributed import DistEnv, barrier, broadcast_from_main
-from .rundir import CONFIG, STEP_DIR, RunDirLock, inspect_run_dir, remove_run_files
+from .rundir import (
+    CONFIG,
+    STEP_DIR,
+    RunDirContents,
+    RunDirLock,
+    check_creatable,
+    inspect_run_dir,
+    lock_holder,
+    remove_run_files,
+    run_dir_in_use,
+)
 
-__all__ = ["RunDirClaim", "default_run_name", "run_dir_of"]
+__all__ = ["RunDirClaim", "default_run_name", "judge_run_dir", "preview_run_dir", "refuse_foreign", "run_dir_of"]
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -28,6 +38,68 @@ def default_run_name(cfg: RunConfig) -> str:
 
 def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
+
+
+def refuse_foreign(found: RunDirContents) -> None:
+    """Refuse a directory that holds files but no run: nothing of it is used, locked or deleted."""
+    if found.exists and not found.is_run and not found.empty:
+        raise CrossDistillError(
+            f"{found.path} is not a crossdistill run directory (it holds {found.describe_foreign()}) and is "
+            "left as it is; choose another train.run_name / train.output_dir (an empty or new directory)"
+        )
+
+
+def judge_run_dir(
+    found: RunDirContents, contents: RunDirContents, resume: bool, overwrite: bool
+) -> tuple[bool, str | None]:
+    """What a run started with ``resume`` / ``overwrite`` does with its directory: whether it resumes from a
+    checkpoint, and a line to print when it starts over an earlier attempt; a directory it must not use raises.
+    ``found``: the directory before this process locked it; ``contents``: since (the same for a mere look)."""
+    run_dir = contents.path
+    if contents.impostors and not (resume and contents.has_checkpoint):
+        names = ", ".join(p.relative_to(run_dir).as_posix() for p in contents.impostors[:3])
+        raise CrossDistillError(
+            f"{run_dir} holds {names} under the name of a file a run writes, but not as a run writes it "
+            "(unreadable, or another tool's file): a run would replace it. Move it out of the directory, "
+            "or choose another train.run_name / train.output_dir"
+        )
+    if contents.has_checkpoint:
+        if resume:
+            return True, None
+        if overwrite:
+            return False, None
+        raise CrossDistillError(
+            f"run directory {run_dir} already holds a run; pass --resume to continue it, "
+            "--overwrite to replace it, or choose another train.run_name / train.output_dir"
+        )
+    if found.is_run or contents.is_run:
+        return False, (
+            f"{run_dir} holds no checkpoint (an earlier attempt stopped before its first one): "
+            "starting the run from the beginning"
+        )
+    if resume:
+        raise CrossDistillError(f"nothing to resume: no checkpoint in {run_dir}")
+    return False, None
+
+
+def preview_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> str:
+    """What a run of ``cfg`` would do with its run directory, in a few words, judged as :class:`RunDirClaim`
+    judges it but without locking, creating or changing anything; a directory the run would refuse raises."""
+    run_dir = run_dir_of(cfg)
+    found = inspect_run_dir(run_dir)
+    refuse_foreign(found)
+    check_creatable(run_dir)
+    held_by = lock_holder(run_dir)
+    if held_by is not None:
+        raise run_dir_in_use(run_dir, held_by)
+    resumes, note = judge_run_dir(found, found, resume, overwrite)
+    if resumes:
+        return "holds a run: --resume continues it from its newest checkpoint, which --dry-run does not load"
+    if note:
+        return note.removeprefix(f"{run_dir} ")
+    if found.has_checkpoint:
+        return "holds a run: --overwrite replaces what it wrote, once the new run is set up"
+    return "exists and is empty" if found.exists else "new: the run creates it"
 
 
 class RunDirClaim:
@@ -56,43 +128,17 @@ class RunDirClaim:
 
     def _claim_on_main(self, resume: bool, overwrite: bool) -> bool:
         found = inspect_run_dir(self.run_dir)
-        if found.exists and not found.is_run and not found.empty:
-            raise CrossDistillError(
-                f"{self.run_dir} is not a crossdistill run directory (it holds {found.describe_foreign()}) and is "
-                "left as it is; choose another train.run_name / train.output_dir (an empty or new directory)"
-            )
+        refuse_foreign(found)
         self.lock.acquire()
         self.started_over_run = found.is_run
         try:
-            contents = inspect_run_dir(self.run_dir, own_lock=True)
-            if contents.impostors and not (resume and contents.has_checkpoint):
-                names = ", ".join(p.relative_to(self.run_dir).as_posix() for p in contents.impostors[:3])
-                raise CrossDistillError(
-                    f"{self.run_dir} holds {names} under the name of a file a run writes, but not as a run writes it "
-                    "(unreadable, or another tool's file): a run would replace it. Move it out of the directory, "
-                    "or choose another train.run_name / train.output_dir"
-                )
-            if contents.has_checkpoint:
-                if resume:
-                    return True
-                if overwrite:
-                    return False
-                raise CrossDistillError(
-                    f"run directory {self.run_dir} already holds a run; pass --resume to continue it, "
-                    "--overwrite to replace it, or choose another train.run_name / train.output_dir"
-                )
-            if found.is_run or contents.is_run:
-                self.log(
-                    f"{self.run_dir} holds no checkpoint (an earlier attempt stopped before its first one): "
-                    "starting the run from the beginning"
-                )
-                return False
-            if resume:
-                raise CrossDistillError(f"nothing to resume: no checkpoint in {self.run_dir}")
-            return False
+            resumes, note = judge_run_dir(found, inspect_run_dir(self.run_dir, own_lock=True), resume, overwrite)
         except CrossDistillError:
             self.release(failed=True)
             raise
+        if note:
+            self.log(note)
+        return resumes
 
     def release(self, failed: bool = False) -> None:
         """Unlock the run directory. After a failure before the run's first checkpoint, also remove what it

@@ -1,4 +1,5 @@
-"""``crossdistill train --dry-run``: check a recipe before launching it (no data, no weights, no run directory)."""
+"""``crossdistill train --dry-run``: every check a run makes before its first step, with the run's own code,
+without writing anything (no run directory, no lock, no download, no decoded archive, no teacher cache)."""
 
 from __future__ import annotations
 
@@ -6,66 +7,128 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..config import RunConfig
-from ..data import CLASS_COUNTS
-from ..distillers import METHODS, build_distiller
-from ..errors import CrossDistillError
-from ..models import Teacher, create_model
-from .setup import check_run_config, count_parameters, make_criterion
-from .teacher_runner import TeacherRunner
+from ..config import RunConfig, with_absolute_paths
+from ..data import CLASS_COUNTS, opening_writes
+from ..distillers import METHODS
+from ..errors import CrossDistillError, one_line
+from .claim import preview_run_dir, run_dir_of
+from .loaders import build_train_loader
+from .setup import (
+    batch_warning,
+    build_models,
+    build_scheduler,
+    check_run_inputs,
+    count_parameters,
+    describe_batch,
+    describe_lr,
+    lr_plan,
+    make_mixup,
+    open_data,
+    untrained_teacher_warning,
+)
+from .step import build_train_step
+
+T = TypeVar("T")
 
 
-def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, out=None) -> dict[str, Any]:
-    """Print the resolved config, the effective batch, parameter counts and one step's losses on random data.
+class _Checks:
+    """The problems found so far: a run would stop at the first; the dry run lists them all."""
 
-    Models are built with random weights (``pretrained``/``checkpoint`` are not loaded) and the
-    dataset is not opened: ``num_classes`` comes from the config, or from the built-in dataset's known count.
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.problems = say, []
+
+    def run(self, what: Callable[[], T]) -> T | None:
+        try:
+            return what()
+        except CrossDistillError as err:
+            self.problems.append(one_line(err))
+            self.say(f"problem: {one_line(err)}")
+            return None
+
+    def verdict(self) -> None:
+        if self.problems:
+            more = len(self.problems) - 1
+            raise CrossDistillError(self.problems[0] + (f" (and {more} more problem(s) listed above)" if more else ""))
+
+
+def dry_run(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    batch: int = 4,
+    world_size: int | None = None,
+    out=None,
+) -> dict[str, Any]:
+    """Check ``cfg`` as a run would before its first step, and print what the run would use.
+
+    The same functions as the run check the config and the method's arguments, judge the run directory
+    (printed, with what ``resume`` / ``overwrite`` would do there), open the data, build the models and load
+    their weights (``checkpoint``: missing, unreadable, of other classes...), plan the learning rate
+    (after ``optim.scale_lr``) and schedule, and take one optimiser step on a tiny random batch on the CPU.
+    Nothing is written: data that a run would download or decode first is not opened, ``pretrained``
+    weights are not downloaded (random ones stand in), and the run directory is only looked at.
+    Problems are listed as they are found; the first is raised at the end (a run would stop there).
     """
     out = out if out is not None else sys.stdout
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
-    args = check_run_config(cfg)
-    if cfg.num_classes is None:
-        if cfg.data.dataset not in CLASS_COUNTS:
-            raise CrossDistillError(
-                "--dry-run does not open the dataset: set num_classes in the config "
-                "(the number of class directories, e.g. num_classes=100)"
-            )
-        cfg = dataclasses.replace(cfg, num_classes=CLASS_COUNTS[cfg.data.dataset])
+    method_args = check_run_inputs(cfg)  # a config error is one line before anything is printed
+    cfg = with_absolute_paths(cfg)
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    checks = _Checks(say)
     say("# resolved config")
     say(cfg.to_yaml().rstrip())
-    method_cls = METHODS.get(cfg.method)
-    if getattr(args, "img_size", "absent") is None:
-        args = dataclasses.replace(args, img_size=cfg.data.img_size)
-    unloaded = lambda m: dataclasses.replace(m, pretrained=False, checkpoint=None)  # noqa: E731
-    student = create_model(unloaded(cfg.student), cfg.num_classes)
-    teacher = None
-    if cfg.teacher is not None and method_cls.needs_teacher:
-        teacher = Teacher(create_model(unloaded(cfg.teacher), cfg.num_classes))
-    distiller = build_distiller(cfg.method, student, teacher, args, criterion=make_criterion(cfg))
-
-    effective = cfg.train.batch_size * world
     say("\n# run")
-    say(
-        f"method {cfg.method}: {cfg.teacher.name if teacher else '-'} -> {cfg.student.name}, "
-        f"{cfg.num_classes} classes, "
-        f"{cfg.data.img_size} px"
-    )
-    say(
-        f"per-process batch {cfg.train.batch_size} x {world} process(es) = effective batch {effective}"
-        + (f" (recipe reference {cfg.train.reference_batch})" if cfg.train.reference_batch else "")
-    )
-    if cfg.train.reference_batch and cfg.train.reference_batch != effective and cfg.optim.scale_lr == "none":
-        say(
-            f"warning: the effective batch differs from the reference {cfg.train.reference_batch}; run on "
-            f"{cfg.train.reference_batch // cfg.train.batch_size} processes or pass optim.scale_lr=linear"
+    run_dir = os.path.abspath(run_dir_of(cfg))
+    state = checks.run(lambda: preview_run_dir(cfg, resume, overwrite))
+    say(f"run directory: {run_dir}" + (f" ({state})" if state else ""))
+
+    data, num_classes = None, cfg.num_classes
+    not_opened = opening_writes(cfg.data)
+    if not_opened:
+        say(f"data: {not_opened}; not opened by --dry-run")
+    else:
+        opened = checks.run(lambda: open_data(cfg, world))
+        if opened is not None:
+            data, num_classes = opened
+            say(
+                f"data: {cfg.data.dataset}, {len(data.train)} train / {len(data.eval)} eval images, "
+                f"{num_classes} classes"
+            )
+    if num_classes is None:
+        num_classes = CLASS_COUNTS.get(cfg.data.dataset)
+    if num_classes is None:
+        if not_opened:
+            checks.run(_raise("set num_classes in the config for --dry-run, which leaves the dataset unopened"))
+        checks.verdict()  # no class count, no models: a run would have stopped at the data
+
+    offline = dataclasses.replace(cfg, **_without_downloads(cfg))
+    mean, std = (data.mean, data.std) if data is not None else _data_stats(cfg)
+    distiller = checks.run(lambda: build_models(offline, method_args, num_classes, mean, std))
+    loaded = distiller is not None
+    if distiller is None:  # the weights did not load: check the rest with random ones
+        distiller = build_models(
+            dataclasses.replace(offline, **_without_weights(offline)), method_args, num_classes, mean, std
         )
+    teacher = distiller.teacher
+    say(
+        f"method {cfg.method}: {cfg.teacher.name if teacher is not None else '-'} -> {cfg.student.name}, "
+        f"{num_classes} classes, {cfg.data.img_size} px"
+    )
+    for role in ("student", "teacher"):
+        model = getattr(cfg, role)
+        if model is not None and (role == "student" or teacher is not None):
+            say(f"{role} weights: {_weights(model, loaded)}")
+    warning = untrained_teacher_warning(cfg, distiller)
+    if warning:
+        say(warning)
     counts = {
-        "student_parameters": count_parameters(student),
+        "student_parameters": count_parameters(distiller.student),
         "extra_trainable_parameters": distiller.extra_parameter_count(),
         "teacher_parameters": count_parameters(teacher.model) if teacher is not None else 0,
     }
@@ -75,25 +138,97 @@ def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, ou
         f" | teacher {counts['teacher_parameters'] / 1e6:.2f}M (frozen)"
     )
 
-    batch = max(batch, method_cls.min_batch_size)
-    if (cfg.train.mixup > 0 or cfg.train.cutmix > 0) and batch % 2:
+    plan = lr_plan(cfg, world)
+    reference = cfg.train.reference_batch
+    say(describe_batch(cfg.train, world) + (f" (recipe reference {reference})" if reference else ""))
+    warning = batch_warning(cfg, world)
+    if warning:
+        say(warning)
+    steps_per_epoch = None
+    if data is not None:
+        loader = build_train_loader(
+            data.train, seed=cfg.train.seed, batch_size=cfg.train.batch_size, num_workers=0, world_size=world
+        )[3]
+        steps_per_epoch = len(loader)
+    say(
+        describe_lr(cfg, plan)
+        + (f" | {steps_per_epoch} steps/epoch" if steps_per_epoch else "")
+        + f" x {cfg.train.epochs} epochs"
+    )
+    if cfg.train.teacher_cache and distiller.reads_teacher:
+        say(f"teacher cache: {cfg.train.teacher_cache} (not opened by --dry-run)")
+
+    # one optimiser step as the run takes it, on the CPU in fp32 (no torch.compile)
+    on_cpu = dataclasses.replace(cfg.train, amp="none", compile=False)
+    step = build_train_step(distiller, on_cpu, cfg.optim, torch.device("cpu"), lr=plan.lr)
+    checks.run(lambda: build_scheduler(step.optimizer, cfg, plan, steps_per_epoch or 1))
+    batch = max(batch, METHODS.get(cfg.method).min_batch_size)
+    mixup = make_mixup(cfg.train, num_classes)
+    if mixup is not None and batch % 2:
         batch += 1
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, cfg.data.img_size, cfg.data.img_size, generator=gen)
-    y = torch.randint(0, cfg.num_classes, (batch,), generator=gen)
-    if cfg.train.mixup > 0 or cfg.train.cutmix > 0:
-        y = torch.nn.functional.one_hot(y, cfg.num_classes).float()
+    x, y = step.to_device(
+        torch.randn(batch, 3, cfg.data.img_size, cfg.data.img_size, generator=gen),
+        torch.randint(0, num_classes, (batch,), generator=gen),
+    )
+    if mixup is not None:
+        x, y = mixup(x, y)
     distiller.train()
     started = time.time()
-    output = distiller(x, y, TeacherRunner(distiller).compute(x) if distiller.reads_teacher else None)
-    output.loss.backward()
+    result = step(x, y, None, tag=(0, 0))
     elapsed = time.time() - started
-    losses = {name: float(value.detach()) for name, value in output.losses.items()}
-    if not all(map(lambda v: v == v and abs(v) != float("inf"), losses.values())):
-        raise CrossDistillError(f"the dry-run step gave a non-finite loss: {losses}")
+    losses = {name: float(value.detach()) for name, value in result.output.losses.items()}
+    if not result.finite or not all(map(lambda v: v == v and abs(v) != float("inf"), losses.values())):
+        checks.run(_raise(f"the dry-run step gave a non-finite loss or gradient: {losses}"))
     say(
-        f"one step on random data (batch {batch}, CPU, {elapsed:.2f}s): "
+        f"one step on random data (batch {batch}, CPU, fp32, {elapsed:.2f}s): "
         + ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
-        + f" | total {float(output.loss.detach()):.4g}"
+        + f" | total {float(result.loss.detach()):.4g}"
     )
-    return {**counts, "effective_batch": effective, "losses": losses, "batch": batch}
+    checks.verdict()
+    return {
+        **counts,
+        "run_dir": run_dir,
+        "effective_batch": plan.effective_batch,
+        "lr": plan.lr,
+        "losses": losses,
+        "batch": batch,
+    }
+
+
+def _raise(message: str) -> Callable[[], None]:
+    def fail() -> None:
+        raise CrossDistillError(message)
+
+    return fail
+
+
+def _without_downloads(cfg: RunConfig) -> dict[str, Any]:
+    """The student and teacher configs without ``pretrained`` (downloading writes the Hugging Face cache)."""
+    return {
+        role: dataclasses.replace(model, pretrained=False)
+        for role in ("student", "teacher")
+        if (model := getattr(cfg, role)) is not None
+    }
+
+
+def _without_weights(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        role: dataclasses.replace(model, checkpoint=None)
+        for role in ("student", "teacher")
+        if (model := getattr(cfg, role)) is not None
+    }
+
+
+def _data_stats(cfg: RunConfig) -> tuple[Any, Any]:
+    """The data's normalisation when it was not opened (only the teacher's re-normalisation depends on it)."""
+    return cfg.data.mean or IMAGENET_DEFAULT_MEAN, cfg.data.std or IMAGENET_DEFAULT_STD
+
+
+def _weights(model, loaded: bool) -> str:
+    if model.checkpoint:
+        ema = " (EMA)" if model.checkpoint_ema else ""
+        return f"{model.checkpoint}{ema} " + ("loaded" if loaded else "not loaded (see the problem above)")
+    if model.pretrained:
+        return "pretrained (timm): not downloaded by --dry-run, random weights stand in"
+    return "random initialisation"

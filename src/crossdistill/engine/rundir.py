@@ -222,6 +222,64 @@ def _missing_parents(path: Path) -> list[Path]:
     return missing[::-1]
 
 
+def _holder_of(fd: int) -> str:
+    """`` (pid 4242 on node1)``: who holds the lock file open as ``fd`` (as its holder wrote it), or ``""``."""
+    try:
+        pid, host = os.pread(fd, 200, 0).decode(errors="replace").split()[:2]
+        return f" (pid {pid} on {host})"
+    except (OSError, ValueError):
+        return ""
+
+
+def run_dir_in_use(run_dir: Path, holder: str) -> CrossDistillError:
+    return CrossDistillError(
+        f"run directory {run_dir} is in use by another crossdistill process{holder}: "
+        "a run directory has one writer. Wait for that run to end (or stop it), or choose "
+        "another train.run_name / train.output_dir"
+    )
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds the lock of ``run_dir`` (see :func:`_holder_of`), or None when no process does. Creates and
+    writes nothing: the lock file is opened read-only and locked shared for an instant."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _holder_of(fd)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _blocked_by_file(run_dir: Path) -> str | None:
+    """The message for a run directory that cannot be created because it, or a folder above it, is a file."""
+    blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is None:
+        return None
+    return (
+        f"cannot create the run directory {run_dir}: {blocker} is a file, not a directory; "
+        "choose another train.output_dir / train.run_name"
+    )
+
+
+def check_creatable(run_dir: Path) -> None:
+    """Raise what :class:`RunDirLock` would when it cannot create or write ``run_dir``, without trying to."""
+    blocked = _blocked_by_file(run_dir)
+    if blocked:
+        raise CrossDistillError(blocked)
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CrossDistillError(
+            f"cannot write the run directory {run_dir}: {os.strerror(errno.EACCES)}; choose a writable train.output_dir"
+        )
+
+
 class RunDirLock:
     """An exclusive ``fcntl.flock`` on ``RUN_DIR/.crossdistill.lock``: one process writes a run directory.
 
@@ -246,15 +304,11 @@ class RunDirLock:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as err:
-                    holder = self._holder(fd)
+                    holder = _holder_of(fd)
                     os.close(fd)
                     if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                         self.release(remove_created=True)
-                        raise CrossDistillError(
-                            f"run directory {self.run_dir} is in use by another crossdistill process{holder}: "
-                            "a run directory has one writer. Wait for that run to end (or stop it), or choose "
-                            "another train.run_name / train.output_dir"
-                        ) from None
+                        raise run_dir_in_use(self.run_dir, holder) from None
                     raise
                 if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
@@ -270,21 +324,8 @@ class RunDirLock:
             self.release(remove_created=True)
             raise CrossDistillError(self._cannot_write(err)) from None
 
-    def _holder(self, fd: int) -> str:
-        try:
-            pid, host = os.pread(fd, 200, 0).decode(errors="replace").split()[:2]
-            return f" (pid {pid} on {host})"
-        except (OSError, ValueError):
-            return ""
-
     def _cannot_write(self, err: OSError) -> str:
-        blocker = next((p for p in [self.run_dir, *self.run_dir.parents] if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            return (
-                f"cannot create the run directory {self.run_dir}: {blocker} is a file, not a directory; "
-                "choose another train.output_dir / train.run_name"
-            )
-        return (
+        return _blocked_by_file(self.run_dir) or (
             f"cannot write the run directory {self.run_dir}: {err.strerror or err}; choose a writable train.output_dir"
         )
 

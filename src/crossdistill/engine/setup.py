@@ -12,7 +12,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from ..checkpoint import load_weights_file
-from ..config import ModelConfig, RunConfig
+from ..config import ModelConfig, RunConfig, TrainConfig
 from ..data import DataBundle, build_data
 from ..data.device_augment import check_device_augment
 from ..distillers import METHODS, Distiller, MethodConfig, build_distiller, method_config
@@ -83,8 +83,10 @@ class Built:
     distiller: Distiller
 
 
-def build_run(cfg: RunConfig, world_size: int = 1) -> Built:
-    """Data, student, teacher and distiller for ``cfg`` (on CPU), with the input checks a run needs."""
+def check_run_inputs(cfg: RunConfig) -> MethodConfig:
+    """Everything about ``cfg`` a run checks before it opens data or builds a model (with
+    :func:`check_run_config`: batch sizes the method and mixup need, model names); returns the method's
+    typed arguments, completed with the run's input size where the method probes feature shapes."""
     method_cls = METHODS.get(cfg.method)
     method_args = check_run_config(cfg)
     if getattr(method_args, "img_size", "absent") is None:  # methods that probe feature shapes
@@ -99,6 +101,11 @@ def build_run(cfg: RunConfig, world_size: int = 1) -> Built:
     check_model_name(cfg.student.name)
     if cfg.teacher is not None:
         check_model_name(cfg.teacher.name)
+    return method_args
+
+
+def open_data(cfg: RunConfig, world_size: int) -> tuple[DataBundle, int]:
+    """The run's datasets and class count, checked against the config and the effective batch."""
     data = build_data(cfg.data, student_data_config(cfg.student))
     num_classes = resolve_num_classes(cfg, data)
     global_batch = cfg.train.batch_size * world_size
@@ -107,12 +114,134 @@ def build_run(cfg: RunConfig, world_size: int = 1) -> Built:
             f"the training set has {len(data.train)} images, fewer than one batch "
             f"({cfg.train.batch_size} x {world_size} processes = {global_batch}); lower train.batch_size"
         )
+    return data, num_classes
+
+
+def build_models(cfg: RunConfig, method_args: MethodConfig, num_classes: int, data_mean, data_std) -> Distiller:
+    """Student and teacher (their weights loaded and checked) in the method's distiller."""
     student = create_model(cfg.student, num_classes)
     teacher = None
-    if cfg.teacher is not None and method_cls.needs_teacher:
-        teacher = create_teacher(cfg.teacher, num_classes, data.mean, data.std)
-    distiller = build_distiller(cfg.method, student, teacher, method_args, criterion=make_criterion(cfg))
+    if cfg.teacher is not None and METHODS.get(cfg.method).needs_teacher:
+        teacher = create_teacher(cfg.teacher, num_classes, data_mean, data_std)
+    return build_distiller(cfg.method, student, teacher, method_args, criterion=make_criterion(cfg))
+
+
+def build_run(cfg: RunConfig, world_size: int = 1) -> Built:
+    """Data, student, teacher and distiller for ``cfg`` (on CPU), with the input checks a run needs."""
+    method_args = check_run_inputs(cfg)
+    data, num_classes = open_data(cfg, world_size)
+    distiller = build_models(cfg, method_args, num_classes, data.mean, data.std)
     return Built(data=data, num_classes=num_classes, distiller=distiller)
+
+
+def untrained_teacher_warning(cfg: RunConfig, distiller: Distiller) -> str | None:
+    if (
+        distiller.teacher is not None
+        and cfg.teacher is not None
+        and not (cfg.teacher.checkpoint or cfg.teacher.pretrained)
+    ):
+        return "warning: the teacher has neither checkpoint nor pretrained weights: it is randomly initialised"
+    return None
+
+
+# ---------------------------------------------------------------- batch and learning rate
+
+
+def effective_batch(train: TrainConfig, world_size: int) -> int:
+    """The samples of one optimiser step over all processes: what ``train.reference_batch`` and
+    ``optim.scale_lr`` compare with."""
+    return train.batch_size * world_size
+
+
+def describe_batch(train: TrainConfig, world_size: int) -> str:
+    return (
+        f"per-process batch {train.batch_size} x {world_size} process(es) = "
+        f"effective batch {effective_batch(train, world_size)}"
+    )
+
+
+def batch_warning(cfg: RunConfig, world_size: int) -> str | None:
+    """The warning for an effective batch other than the recipe's reference with an lr that is not rescaled."""
+    reference, batch = cfg.train.reference_batch, effective_batch(cfg.train, world_size)
+    if reference is None or reference == batch or cfg.optim.scale_lr != "none":
+        return None
+    return (
+        f"warning: effective batch {batch} differs from the recipe's reference {reference} "
+        f"({cfg.train.batch_size} per process x {world_size}); the learning rate is not rescaled. "
+        f"Run on {reference // cfg.train.batch_size} processes to match it, or pass optim.scale_lr=linear "
+        f"(lr {cfg.optim.lr:g} -> {cfg.optim.lr * batch / reference:g})."
+    )
+
+
+@dataclass(frozen=True)
+class LrPlan:
+    """The learning rates a run uses: ``optim``'s, times ``factor`` under ``optim.scale_lr=linear``."""
+
+    effective_batch: int
+    factor: float
+    lr: float
+    min_lr: float
+    warmup_lr: float
+
+
+def lr_plan(cfg: RunConfig, world_size: int) -> LrPlan:
+    o, batch = cfg.optim, effective_batch(cfg.train, world_size)
+    factor = batch / cfg.train.reference_batch if o.scale_lr == "linear" else 1.0
+    return LrPlan(batch, factor, o.lr * factor, o.min_lr * factor, o.warmup_lr * factor)
+
+
+def describe_lr(cfg: RunConfig, plan: LrPlan) -> str:
+    """``lr 0.0125 = 0.1 x 32/256 (sgd, cosine: 3 warm-up epochs from 1.25e-05, down to 1.25e-06)``."""
+    o = cfg.optim
+    scaled = f" = {o.lr:g} x {plan.effective_batch}/{cfg.train.reference_batch}" if plan.factor != 1 else ""
+    schedule = ""
+    if o.sched != "none":
+        warmup = f"{o.warmup_epochs} warm-up epoch(s) from {plan.warmup_lr:g}, " if o.warmup_epochs else ""
+        schedule = f": {warmup}down to {plan.min_lr:g}"
+    return f"lr {plan.lr:g}{scaled} ({o.opt}, {o.sched}{schedule})"
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, plan: LrPlan, steps_per_epoch: int):
+    """timm's scheduler for ``optim.sched`` (None for ``none``), planned per optimiser update."""
+    from timm.scheduler import create_scheduler_v2
+
+    o = cfg.optim
+    if o.sched == "none":
+        return None
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=o.sched,
+            num_epochs=cfg.train.epochs,
+            decay_epochs=o.decay_epochs,
+            decay_rate=o.decay_rate,
+            min_lr=plan.min_lr,
+            warmup_lr=plan.warmup_lr,
+            warmup_epochs=o.warmup_epochs,
+            cooldown_epochs=0,
+            updates_per_epoch=steps_per_epoch,
+        )
+    except (ValueError, AssertionError) as err:
+        raise CrossDistillError(f"optim.sched={o.sched!r}: {err}") from None
+    if scheduler is None:
+        raise CrossDistillError(f"optim.sched={o.sched!r} is not a timm scheduler (cosine, step, ...)")
+    return scheduler
+
+
+def make_mixup(train: TrainConfig, num_classes: int):
+    """timm's Mixup for ``train.mixup`` / ``train.cutmix`` (None when both are off)."""
+    if train.mixup <= 0 and train.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=train.mixup,
+        cutmix_alpha=train.cutmix,
+        prob=train.mixup_prob,
+        switch_prob=train.mixup_switch_prob,
+        label_smoothing=train.label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

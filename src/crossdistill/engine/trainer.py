@@ -23,7 +23,19 @@ from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_eve
 from .metrics import EpochTotals, MetricsLog, evaluate
 from .preemption import Preempted, StopSignal
 from .rundir import CHECKPOINT, SUMMARY
-from .setup import autocast_dtype, build_run, check_run_config, count_parameters
+from .setup import (
+    autocast_dtype,
+    batch_warning,
+    build_run,
+    build_scheduler,
+    check_run_config,
+    count_parameters,
+    describe_batch,
+    describe_lr,
+    lr_plan,
+    make_mixup,
+    untrained_teacher_warning,
+)
 from .snapshot import TensorSnapshot
 from .step import build_train_step, collect_nonfinite_now
 from .teacher_cache import TeacherCache, cache_key, cache_widths
@@ -213,48 +225,23 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
 
     def _build_optimisation(self) -> None:
-        from timm.scheduler import create_scheduler_v2
-
-        o, t = self.cfg.optim, self.cfg.train
-        self.effective_batch = t.batch_size * self.env.world_size
-        self.lr_factor = 1.0
-        if o.scale_lr == "linear":
-            self.lr_factor = self.effective_batch / t.reference_batch
-        lr, min_lr, warmup_lr = o.lr * self.lr_factor, o.min_lr * self.lr_factor, o.warmup_lr * self.lr_factor
+        self.lr_plan = lr_plan(self.cfg, self.env.world_size)
         device_augment = None
         if self.cfg.data.device_augment:
             device_augment = DeviceAugment(self.cfg.data.img_size, self.data.mean, self.data.std)
         self.step_fn = build_train_step(
             self.distiller,
-            t,
-            o,
+            self.cfg.train,
+            self.cfg.optim,
             self.device,
-            lr=lr,
+            lr=self.lr_plan.lr,
             distributed=self.env.distributed,
             cache=self.teacher_cache,
             device_augment=device_augment,
         )
         self.model, self.optimizer, self.scaler = self.step_fn.model, self.step_fn.optimizer, self.step_fn.scaler
         self.teacher_runner = self.step_fn.teacher
-        self.scheduler = None
-        if o.sched != "none":
-            try:
-                self.scheduler, _ = create_scheduler_v2(
-                    self.optimizer,
-                    sched=o.sched,
-                    num_epochs=t.epochs,
-                    decay_epochs=o.decay_epochs,
-                    decay_rate=o.decay_rate,
-                    min_lr=min_lr,
-                    warmup_lr=warmup_lr,
-                    warmup_epochs=o.warmup_epochs,
-                    cooldown_epochs=0,
-                    updates_per_epoch=self.steps_per_epoch,
-                )
-            except (ValueError, AssertionError) as err:
-                raise CrossDistillError(f"optim.sched={o.sched!r}: {err}") from None
-            if self.scheduler is None:
-                raise CrossDistillError(f"optim.sched={o.sched!r} is not a timm scheduler (cosine, step, ...)")
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, self.lr_plan, self.steps_per_epoch)
 
     # ------------------------------------------------------------ loop
     def print(self, *args) -> None:
@@ -279,30 +266,17 @@ class Trainer:
                 else ""
             )
         )
-        if (
-            teacher is not None
-            and self.cfg.teacher is not None
-            and not (self.cfg.teacher.checkpoint or self.cfg.teacher.pretrained)
-        ):
-            self.print("warning: the teacher has neither checkpoint nor pretrained weights: it is randomly initialised")
+        warning = untrained_teacher_warning(cfg, self.distiller)
+        if warning:
+            self.print(warning)
         amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        lr = cfg.optim.lr * self.lr_factor
-        scaled = (
-            f" = {cfg.optim.lr:g} x {self.effective_batch}/{cfg.train.reference_batch}" if self.lr_factor != 1 else ""
-        )
         self.print(
-            f"device {self.device} x {env.world_size} process(es) | per-process batch {cfg.train.batch_size} | "
-            f"effective batch {self.effective_batch} | lr {lr:g}{scaled} ({cfg.optim.opt}, "
-            f"{cfg.optim.sched}) | amp {amp} | {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
+            f"device {self.device} | {describe_batch(cfg.train, env.world_size)} | {describe_lr(cfg, self.lr_plan)} | "
+            f"amp {amp} | {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
         )
-        reference = cfg.train.reference_batch
-        if reference is not None and reference != self.effective_batch and cfg.optim.scale_lr == "none":
-            self.print(
-                f"warning: effective batch {self.effective_batch} differs from the recipe's reference {reference} "
-                f"({cfg.train.batch_size} per process x {env.world_size}); the learning rate is not rescaled. "
-                f"Run on {reference // cfg.train.batch_size} processes to match it, or pass optim.scale_lr=linear "
-                f"(lr {cfg.optim.lr:g} -> {cfg.optim.lr * self.effective_batch / reference:g})."
-            )
+        warning = batch_warning(cfg, env.world_size)
+        if warning:
+            self.print(warning)
 
     def fit(self, stop_after: int | None = None) -> RunSummary:
         """Train to ``train.epochs`` (or only up to epoch ``stop_after``, leaving a resumable checkpoint).
@@ -399,19 +373,7 @@ class Trainer:
         self.print(self._format_row(row))
 
     def _mixup(self):
-        t = self.cfg.train
-        if t.mixup <= 0 and t.cutmix <= 0:
-            return None
-        from timm.data import Mixup
-
-        return Mixup(
-            mixup_alpha=t.mixup,
-            cutmix_alpha=t.cutmix,
-            prob=t.mixup_prob,
-            switch_prob=t.mixup_switch_prob,
-            label_smoothing=t.label_smoothing,
-            num_classes=self.num_classes,
-        )
+        return make_mixup(self.cfg.train, self.num_classes)
 
     def train_one_epoch(self, epoch: int, mixup=None, stop: StopSignal | None = None) -> dict[str, float]:
         first_step = self._begin_epoch(epoch)
