@@ -184,8 +184,24 @@ class TrainConfig:
     """Default: ``<method>-<teacher>-<student>``."""
     tensorboard: bool = True
     """Write TensorBoard curves when tensorboard is installed."""
-    progress: bool = True
-    """Show a progress bar on rank 0."""
+    progress: str | bool = "auto"
+    """How rank 0 shows the progress of an epoch: auto (a bar on a terminal; lines when the output goes to a
+    file, a pipe or a SLURM log) | bar (tqdm's bar, on stderr) | lines (a line on stdout about every 30 s:
+    epoch, step, loss, images/s, ETA) | off. true and false (older configs) mean auto and off."""
+    log_every: int = 50
+    """Every this many steps, rank 0 writes the mean loss terms, gradient norm, lr and images/s of the steps
+    since the last such line (its own batches) to train.log, TensorBoard and the trackers: one host sync
+    each time. 0: none (train.log still gets every line the run prints)."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers the run also logs to (rank 0): [mlflow] and/or [wandb], each an extra
+    (pip install 'crossdistill[mlflow]'): the config as parameters, the step scalars (log_every), the
+    epoch rows and the final summary. A tracker that fails (server down) is warned about once and left."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (a server, sqlite:///file.db, or a folder); null: the local file store
+    ``<output_dir>/mlruns`` (read it with MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri runs/mlruns)."""
+    experiment: str = "crossdistill"
+    """The MLflow experiment and W&B project the run is logged under (as ``run_name``). W&B runs offline
+    unless WANDB_MODE says otherwise; its files go to ``<output_dir>/wandb`` (``wandb sync`` uploads them)."""
 
 
 @dataclass
@@ -555,6 +571,12 @@ def _is_plain_name(name: str) -> bool:
     return name.strip() not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
+"""The values of ``train.progress`` (besides true = auto and false = off)."""
+TRACKERS = ("mlflow", "wandb")
+"""The experiment trackers ``train.trackers`` may list."""
+
+
 def validate(cfg: RunConfig) -> None:
     """The ranges and combinations of values this module can check alone (see the module docstring)."""
     _check(bool(cfg.student.name), "student.name", "a student model name is required (e.g. resnet18)")
@@ -598,6 +620,17 @@ def validate(cfg: RunConfig) -> None:
         "train.run_name",
         f"must be one folder name inside train.output_dir (not empty, '.' or '..', no '/'), got {t.run_name!r}",
     )
+    _check(
+        t.progress in PROGRESS_MODES or isinstance(t.progress, bool),
+        "train.progress",
+        f"must be auto, bar, lines or off (or true/false), got {shorten(t.progress)}",
+    )
+    _check(t.log_every >= 0, "train.log_every", f"must be >= 0 (0: no step lines), got {t.log_every}")
+    known = ", ".join(TRACKERS)
+    for name in t.trackers:
+        _check(name in TRACKERS, "train.trackers", f"unknown tracker {shorten(name)}; choose from {known}")
+    _check(len(set(t.trackers)) == len(t.trackers), "train.trackers", f"lists a tracker twice: {t.trackers}")
+    _check(bool(t.experiment.strip()), "train.experiment", "must be a name (the MLflow experiment, the W&B project)")
     _check(0 < o.lr < math.inf, "optim.lr", f"must be > 0 and finite, got {o.lr}")
     _check(o.scale_lr in ("none", "linear"), "optim.scale_lr", f"must be none or linear, got {shorten(o.scale_lr)}")
     _check(t.reference_batch is None or t.reference_batch >= 1, "train.reference_batch", "must be >= 1")

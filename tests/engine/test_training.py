@@ -192,10 +192,12 @@ def test_two_process_mid_epoch_resume_is_exact(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_ranks_end_with_identical_weights(tmp_path):
-    raw = tiny_run(tmp_path, train={"epochs": 1, "batch_size": 16})
+    raw = tiny_run(tmp_path, train={"epochs": 1, "batch_size": 16, "log_every": 2})
     mp.start_processes(
         _ddp_worker, args=(2, _free_port(), raw, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
+    log = (tmp_path / "runs" / "run" / "train.log").read_text().splitlines()  # rank 0's alone
+    assert sum(" step " in line and "img/s" in line for line in log) == 4 and sum("done:" in line for line in log) == 1
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["steps"] == r1["steps"] == 256 // (16 * 2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,12 +94,15 @@ class Resumed:
     wall_time_s: float
     epochs_changed_from: int | None
     """The run's earlier ``train.epochs`` when this run changed it (the lr schedule is re-planned), else None."""
+    trackers: dict[str, str] = field(default_factory=dict)
+    """The experiment trackers' run ids (``train.trackers``): the resumed run continues them."""
 
 
 class Checkpointer:
     """Saves and loads the checkpoints of the run in ``run_dir``: rank 0 writes, every rank learns whether it worked.
 
-    ``progress`` returns what the loop knows that a checkpoint keeps: ``best``, ``history``, ``wall_time_s``.
+    ``progress`` returns what the loop knows that a checkpoint keeps: ``best``, ``history``, ``wall_time_s``
+    (and ``trackers``, the experiment trackers' run ids).
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class Checkpointer:
             "num_classes": self.num_classes,
             "world_size": self.env.world_size,
             "wall_time_s": progress["wall_time_s"],
+            "trackers": dict(progress.get("trackers") or {}),
         }
 
     def save_epoch(self, epoch: int, improved: bool, then: Callable[[], None] | None = None) -> None:
@@ -294,6 +298,7 @@ class Checkpointer:
             history=list(state.get("history", [])),
             wall_time_s=float(state.get("wall_time_s", 0.0)),
             epochs_changed_from=saved_epochs if saved_epochs != epochs else None,
+            trackers=dict(state.get("trackers") or {}),
         )
         if resumed.epochs_changed_from is not None:
             self._replan_schedule(resumed)

@@ -146,6 +146,13 @@ class MetricsLog:
                         self.writer.add_scalar(key.replace("_", "/", 1), value, step)
                 self.writer.flush()
 
+    def write_step(self, scalars: dict[str, float], step: int) -> None:
+        """Mirror the step scalars of ``step`` (optimiser steps done) to TensorBoard, as ``step/<name>``."""
+        if self.writer is not None:
+            with self._tensorboard_errors():
+                for key, value in scalars.items():
+                    self.writer.add_scalar(f"step/{key}", value, step)
+
     @contextlib.contextmanager
     def _tensorboard_errors(self):
         """TensorBoard writes in a thread and raises its OSError at the next call: a full disk is one line."""

@@ -29,8 +29,11 @@ SUMMARY = "summary.json"
 STEP_DIR = "checkpoints"
 LOCK = ".crossdistill.lock"
 METRICS = ("metrics.csv", "metrics.csv.old")
+LOG = "train.log"
+LOG_HEADER = "# crossdistill train.log"
+"""The start of the first line of every train.log a run writes: how a run tells its log from a user's file."""
 TENSORBOARD_DIR = "tensorboard"
-RUN_FILES = (CONFIG, CHECKPOINT, BEST, LATEST, SUMMARY, *METRICS, LOCK)
+RUN_FILES = (CONFIG, CHECKPOINT, BEST, LATEST, SUMMARY, *METRICS, LOG, LOCK)
 """Files a run writes at the top of its directory (besides the temporary files of atomic writes)."""
 CHECKPOINT_FORMAT = "crossdistill-run/1"
 """The ``format`` entry of every checkpoint a run writes (last.pt, best.pt, checkpoints/step-*.pt)."""
@@ -83,12 +86,21 @@ def _json_with(path: Path, keys: frozenset[str]) -> bool:
     return isinstance(data, dict) and keys <= set(data)
 
 
-def _is_metrics_table(path: Path) -> bool:
+def _first_line_starts_with(path: Path, start: str) -> bool:
     try:
         with path.open(encoding="utf-8", errors="replace") as handle:
-            return handle.readline().startswith("epoch,")
+            return handle.readline().startswith(start)
     except OSError:
         return False
+
+
+def _is_metrics_table(path: Path) -> bool:
+    return _first_line_starts_with(path, "epoch,")
+
+
+def is_run_log(path: Path) -> bool:
+    """Whether ``path`` is a train.log a run wrote (its first line starts with :data:`LOG_HEADER`)."""
+    return _first_line_starts_with(path, LOG_HEADER)
 
 
 RUN_FILE_CONTENTS = {
@@ -98,6 +110,7 @@ RUN_FILE_CONTENTS = {
     LATEST: lambda path: _json_with(path, frozenset({"file", "epoch", "step"})),
     SUMMARY: lambda path: _json_with(path, frozenset({"run_dir", "last_top1", "best_top1"})),
     **{name: _is_metrics_table for name in METRICS},
+    LOG: is_run_log,
 }
 """How to tell a file a run wrote from a user's file that happens to have its name: only the former is ever deleted."""
 

@@ -19,13 +19,16 @@ from ..distillers import METHODS, Distiller, MethodConfig, build_distiller, meth
 from ..errors import CrossDistillError
 from ..models import Teacher, check_model_name, create_model
 from ..models.factory import load_model_weights
+from .logs import check_trackers
 
 
 def check_run_config(cfg: RunConfig) -> MethodConfig:
     """The checks of a run config that config.py cannot make (it knows no methods and no data pipeline):
-    the method's arguments (returns its typed config) and the options device augmentation cannot apply.
+    the method's arguments (returns its typed config), the options device augmentation cannot apply, and
+    that the libraries of ``train.trackers`` are installed.
     Every run calls this before it builds or writes anything."""
     check_device_augment(cfg.data)
+    check_trackers(cfg.train.trackers)
     return method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)
 
 

@@ -20,6 +20,7 @@ from .checkpointing import Checkpointer, Resumed
 from .claim import RunDirClaim
 from .distributed import DistEnv, all_ranks_ok, init_distributed, shutdown
 from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_everything, unwrap_worker_error
+from .logs import Progress, RunLogger
 from .metrics import EpochTotals, MetricsLog, evaluate
 from .preemption import Preempted, StopSignal
 from .rundir import CHECKPOINT, SUMMARY
@@ -67,6 +68,7 @@ class Trainer:
         self.cfg = cfg = with_absolute_paths(cfg)
         self.env = env or init_distributed(cfg.train.device)
         self.out = out if out is not None else sys.stdout
+        self.logs = RunLogger(cfg, self.env, self.out)  # train.log, step scalars, progress, trackers (rank 0)
         if cfg.train.sync_bn and self.env.distributed and self.env.device.type != "cuda":
             raise CrossDistillError(
                 "train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); set train.sync_bn=false"
@@ -128,9 +130,18 @@ class Trainer:
         self.log_file = MetricsLog(self.run_dir, cfg.train.tensorboard) if self.env.is_main else None
         if self.log_file is not None and resume:
             self.log_file.truncate_after(self.start_epoch)
+        session = "run started"
+        if resume:
+            session = f"resumed at epoch {self.start_epoch + 1} step {self.start_step} from {self.resumed_from}"
+        self.logs.open(self.run_dir, session, metrics=self.log_file)
 
     def _progress_to_save(self) -> dict[str, Any]:
-        return {"best": self.best, "history": self.history, "wall_time_s": self.wall_time()}
+        return {
+            "best": self.best,
+            "history": self.history,
+            "wall_time_s": self.wall_time(),
+            "trackers": self.logs.tracker_ids(),
+        }
 
     def _resume(self, resumed: Resumed) -> None:
         self.best, self.history = resumed.best, resumed.history
@@ -139,6 +150,7 @@ class Trainer:
         self.resumed_from = resumed.path
         self.wall_before = resumed.wall_time_s
         self.epochs_changed_from = resumed.epochs_changed_from
+        self.logs.saved_tracker_ids = resumed.trackers
 
     def latest_checkpoint(self) -> Path:
         """The newest complete checkpoint of the run (epoch or step)."""
@@ -195,7 +207,7 @@ class Trainer:
             store_dtype=cfg.train.teacher_cache_dtype,
             is_main=self.env.is_main,
             agree=lambda ok: all_ranks_ok(self.env, ok),
-            log=lambda message: print(rank + message, file=self.out, flush=True),
+            log=lambda message: self.logs.print(rank + message, every_rank=True),
         )
         self.print(cache.describe())
         return cache
@@ -245,8 +257,8 @@ class Trainer:
 
     # ------------------------------------------------------------ loop
     def print(self, *args) -> None:
-        if self.env.is_main:
-            print(*args, file=self.out, flush=True)
+        """Print on rank 0 (and log in train.log)."""
+        self.logs.print(" ".join(str(arg) for arg in args))
 
     def describe(self) -> None:
         cfg, env = self.cfg, self.env
@@ -285,20 +297,25 @@ class Trainer:
         The run directory is unlocked at the end; a run that fails before its first checkpoint removes it.
         """
         try:
-            return self._fit(stop_after)
-        except Preempted:
+            summary = self._fit(stop_after)
+        except Preempted as err:
+            self.logs.close(failure=err)
             raise
         except CrossDistillError as err:
-            self.run_dir_claim.release(failed=True)
             unwrapped = unwrap_worker_error(err)
+            self.logs.close(failure=unwrapped)
+            self.run_dir_claim.release(failed=True)
             if unwrapped is err:
                 raise
             raise unwrapped from err
-        except BaseException:
+        except BaseException as err:
+            self.logs.close(failure=err)
             self.run_dir_claim.release(failed=True)
             raise
         finally:
             self.run_dir_claim.release()
+        self.logs.close(summary=summary.__dict__)
+        return summary
 
     def _fit(self, stop_after: int | None) -> RunSummary:
         cfg = self.cfg
@@ -311,6 +328,7 @@ class Trainer:
                 + (f", {self.start_step} steps into epoch {self.start_epoch + 1})" if self.start_step else ")")
             )
         self.session_started = time.time()
+        self.logs.start_trackers()
         mixup = self._mixup()
         try:
             with StopSignal() as stop:
@@ -368,9 +386,14 @@ class Trainer:
             self.scheduler.step(epoch + 1, row.get("eval_top1"))
         row["epoch_time_s"] = round(epoch_time, 2)
         self.history.append(row)
-        log_row = (lambda: self.log_file.write(row)) if self.log_file is not None else None
-        self.checkpoints.save_epoch(epoch + 1, improved, then=log_row)
+        self.checkpoints.save_epoch(epoch + 1, improved, then=lambda: self._log_row(row))
         self.print(self._format_row(row))
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        """Rank 0, once the epoch's checkpoint is saved: its row to metrics.csv, TensorBoard and the trackers."""
+        if self.log_file is not None:
+            self.log_file.write(row)
+        self.logs.epoch_row(row, int(row["epoch"]) * self.steps_per_epoch)
 
     def _mixup(self):
         return make_mixup(self.cfg.train, self.num_classes)
@@ -385,8 +408,8 @@ class Trainer:
             hits, misses = self.teacher_cache.hits, self.teacher_cache.misses
         for step, batch in enumerate(self.train_loader, start=first_step):
             self._train_step(epoch, step, batch, totals, mixup, stop, progress)
-        if progress is not None:
-            progress.close()
+        progress.close()
+        self.logs.end_epoch()
         if self.teacher_cache is not None:
             self.teacher_cache.close()
             read, computed = self.teacher_cache.hits - hits, self.teacher_cache.misses - misses
@@ -440,10 +463,12 @@ class Trainer:
         if self.ema is not None:
             self._update_ema(global_step, result.skipped_on_device)
         totals.add(result)
+        self.logs.count_step(result, images.shape[0])
         every = self.cfg.train.checkpoint_every_steps
         last_step = step + 1 == self.steps_per_epoch
         checkpoint_now = bool(every and (global_step + 1) % every == 0 and not last_step)
-        report_now = progress is not None and (step % 20 == 0 or last_step)
+        progress_now, step_line_now = progress.due(step, last_step), self.logs.step_line_due(global_step)
+        report_now = progress_now or step_line_now  # rank 0 syncs for these anyway
         if self.step_fn.pending and collect_nonfinite_now(
             len(self.step_fn.pending),
             self.step_fn.finite_check_every,
@@ -458,10 +483,9 @@ class Trainer:
             found = self._collect_nonfinite()  # deferred check: one sync every N steps
             totals.steps -= found
             totals.skipped += found
-        if progress is not None:
-            progress.update(1)
-            if report_now:
-                progress.set_postfix(totals.running_means())
+        if step_line_now:
+            self.logs.step_line(epoch, step, global_step, self.optimizer.param_groups[0]["lr"])
+        progress.advance(step + 1, totals.running_means() if progress_now else None)
         if checkpoint_now:
             self.checkpoints.save_step(epoch, step + 1, totals.partial())
         if (
@@ -471,8 +495,7 @@ class Trainer:
             and self._stop_requested(stop)
         ):
             path = self.checkpoints.save_step(epoch, step + 1, totals.partial())
-            if progress is not None:
-                progress.close()
+            progress.close()
             raise Preempted(
                 f"stop signal received: saved {path} at epoch {epoch + 1}, step {step + 1}/{self.steps_per_epoch}; "
                 f"continue with: crossdistill train --resume {self.run_dir}",
@@ -518,19 +541,8 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _progress(self, epoch: int, first_step: int = 0):
-        if not (self.env.is_main and self.cfg.train.progress):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=self.steps_per_epoch,
-            initial=first_step,
-            desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
-            leave=False,
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
+    def _progress(self, epoch: int, first_step: int = 0) -> Progress:
+        return self.logs.begin_epoch(epoch, first_step, self.steps_per_epoch)
 
     @staticmethod
     def _format_row(row: dict[str, Any]) -> str:
