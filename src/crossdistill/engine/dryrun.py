@@ -15,7 +15,14 @@ from ..data import CLASS_COUNTS
 from ..distillers import METHODS, build_distiller
 from ..errors import CrossDistillError
 from ..models import Teacher, create_model
-from .setup import check_run_config, count_parameters, make_criterion
+from .setup import (
+    check_run_config,
+    count_parameters,
+    describe_effective_batch,
+    effective_batch,
+    make_criterion,
+    reach_reference_batch,
+)
 from .teacher_runner import TeacherRunner
 
 
@@ -48,7 +55,7 @@ def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, ou
         teacher = Teacher(create_model(unloaded(cfg.teacher), cfg.num_classes))
     distiller = build_distiller(cfg.method, student, teacher, args, criterion=make_criterion(cfg))
 
-    effective = cfg.train.batch_size * world
+    effective = effective_batch(cfg.train, world)
     say("\n# run")
     say(
         f"method {cfg.method}: {cfg.teacher.name if teacher else '-'} -> {cfg.student.name}, "
@@ -56,13 +63,15 @@ def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, ou
         f"{cfg.data.img_size} px"
     )
     say(
-        f"per-process batch {cfg.train.batch_size} x {world} process(es) = effective batch {effective}"
+        describe_effective_batch(cfg.train, world)
         + (f" (recipe reference {cfg.train.reference_batch})" if cfg.train.reference_batch else "")
     )
     if cfg.train.reference_batch and cfg.train.reference_batch != effective and cfg.optim.scale_lr == "none":
+        reach = reach_reference_batch(cfg.train, world)
         say(
-            f"warning: the effective batch differs from the reference {cfg.train.reference_batch}; run on "
-            f"{cfg.train.reference_batch // cfg.train.batch_size} processes or pass optim.scale_lr=linear"
+            f"warning: the effective batch differs from the reference {cfg.train.reference_batch}; "
+            + (f"{reach} or pass" if reach else "pass")
+            + " optim.scale_lr=linear"
         )
     counts = {
         "student_parameters": count_parameters(student),

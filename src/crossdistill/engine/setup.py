@@ -12,7 +12,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from ..checkpoint import load_weights_file
-from ..config import ModelConfig, RunConfig
+from ..config import ModelConfig, RunConfig, TrainConfig
 from ..data import DataBundle, build_data
 from ..data.device_augment import check_device_augment
 from ..distillers import METHODS, Distiller, MethodConfig, build_distiller, method_config
@@ -130,3 +130,31 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp16" and device.type != "cuda":
         raise CrossDistillError("train.amp=fp16 needs a CUDA GPU; use bf16 or none on CPU")
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def effective_batch(train: TrainConfig, world_size: int) -> int:
+    """The samples per optimiser step: per-process batch x processes x gradient-accumulation steps."""
+    return train.batch_size * world_size * train.grad_accum_steps
+
+
+def describe_effective_batch(train: TrainConfig, world_size: int) -> str:
+    """``per-process batch B x W process(es) [x N accumulation steps] = effective batch E``."""
+    accum = f" x {train.grad_accum_steps} accumulation steps" if train.grad_accum_steps > 1 else ""
+    return (
+        f"per-process batch {train.batch_size} x {world_size} process(es){accum} = "
+        f"effective batch {effective_batch(train, world_size)}"
+    )
+
+
+def reach_reference_batch(train: TrainConfig, world_size: int) -> str:
+    """How to make the effective batch ``train.reference_batch`` without rescaling the lr: another process
+    count (with this accumulation) or another ``train.grad_accum_steps`` (on these processes), where one divides
+    evenly; '' where neither does."""
+    reference, options = train.reference_batch, []
+    processes, rest = divmod(reference, train.batch_size * train.grad_accum_steps)
+    if processes and not rest and processes != world_size:
+        options.append(f"run on {processes} processes")
+    steps, rest = divmod(reference, train.batch_size * world_size)
+    if steps and not rest and steps != train.grad_accum_steps:
+        options.append(f"set train.grad_accum_steps={steps}")
+    return " or ".join(options)

@@ -23,9 +23,17 @@ from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_eve
 from .metrics import EpochTotals, MetricsLog, evaluate
 from .preemption import Preempted, StopSignal
 from .rundir import CHECKPOINT, SUMMARY
-from .setup import autocast_dtype, build_run, check_run_config, count_parameters
+from .setup import (
+    autocast_dtype,
+    build_run,
+    check_run_config,
+    count_parameters,
+    describe_effective_batch,
+    effective_batch,
+    reach_reference_batch,
+)
 from .snapshot import TensorSnapshot
-from .step import build_train_step, collect_nonfinite_now
+from .step import MicroBatch, build_train_step, collect_nonfinite_now
 from .teacher_cache import TeacherCache, cache_key, cache_widths
 
 __all__ = ["RunSummary", "Trainer", "evaluate", "train"]
@@ -210,13 +218,15 @@ class Trainer:
             rank=env.rank,
             pin_memory=pin,
         )
-        self.steps_per_epoch = len(self.train_loader)
+        self.batches_per_epoch = len(self.train_loader)
+        accum = cfg.train.grad_accum_steps
+        self.steps_per_epoch = -(-self.batches_per_epoch // accum)  # optimiser steps; the last group may be short
 
     def _build_optimisation(self) -> None:
         from timm.scheduler import create_scheduler_v2
 
         o, t = self.cfg.optim, self.cfg.train
-        self.effective_batch = t.batch_size * self.env.world_size
+        self.effective_batch = effective_batch(t, self.env.world_size)
         self.lr_factor = 1.0
         if o.scale_lr == "linear":
             self.lr_factor = self.effective_batch / t.reference_batch
@@ -290,18 +300,22 @@ class Trainer:
         scaled = (
             f" = {cfg.optim.lr:g} x {self.effective_batch}/{cfg.train.reference_batch}" if self.lr_factor != 1 else ""
         )
+        accum = cfg.train.grad_accum_steps
         self.print(
-            f"device {self.device} x {env.world_size} process(es) | per-process batch {cfg.train.batch_size} | "
-            f"effective batch {self.effective_batch} | lr {lr:g}{scaled} ({cfg.optim.opt}, "
+            f"device {self.device} x {env.world_size} process(es) | per-process batch {cfg.train.batch_size}"
+            + (f" x {accum} accumulation steps" if accum > 1 else "")
+            + f" | effective batch {self.effective_batch} | lr {lr:g}{scaled} ({cfg.optim.opt}, "
             f"{cfg.optim.sched}) | amp {amp} | {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
         )
         reference = cfg.train.reference_batch
         if reference is not None and reference != self.effective_batch and cfg.optim.scale_lr == "none":
+            reach = reach_reference_batch(cfg.train, env.world_size)
+            scaled_lr = cfg.optim.lr * self.effective_batch / reference
             self.print(
-                f"warning: effective batch {self.effective_batch} differs from the recipe's reference {reference} "
-                f"({cfg.train.batch_size} per process x {env.world_size}); the learning rate is not rescaled. "
-                f"Run on {reference // cfg.train.batch_size} processes to match it, or pass optim.scale_lr=linear "
-                f"(lr {cfg.optim.lr:g} -> {cfg.optim.lr * self.effective_batch / reference:g})."
+                f"warning: {describe_effective_batch(cfg.train, env.world_size)} differs from the recipe's "
+                f"reference {reference}; the learning rate is not rescaled. "
+                + (f"To match it, {reach}; or pass" if reach else "Pass")
+                + f" optim.scale_lr=linear (lr {cfg.optim.lr:g} -> {scaled_lr:g})."
             )
 
     def fit(self, stop_after: int | None = None) -> RunSummary:
@@ -421,8 +435,9 @@ class Trainer:
         if self.teacher_cache is not None:
             self.teacher_cache.begin_epoch(epoch)
             hits, misses = self.teacher_cache.hits, self.teacher_cache.misses
-        for step, batch in enumerate(self.train_loader, start=first_step):
-            self._train_step(epoch, step, batch, totals, mixup, stop, progress)
+        batches = iter(self.train_loader)
+        for step in range(first_step, self.steps_per_epoch):
+            self._train_step(epoch, step, batches, totals, mixup, stop, progress)
         if progress is not None:
             progress.close()
         if self.teacher_cache is not None:
@@ -445,34 +460,29 @@ class Trainer:
             seed_everything(epoch_seed(cfg.train.seed, epoch, self.env.rank))
         self.loader_generator.manual_seed(epoch_seed(cfg.train.seed, epoch, self.env.rank))
         self.train_sampler.set_epoch(epoch)
-        self.train_sampler.skip = first_step * cfg.train.batch_size
+        self.train_sampler.skip = first_step * cfg.train.grad_accum_steps * cfg.train.batch_size
         self.train_set.set_epoch(epoch)
         self.distiller.on_epoch_start(epoch, cfg.train.epochs)
         self.model.train()
         return first_step
 
     def _train_step(
-        self, epoch: int, step: int, batch, totals: EpochTotals, mixup, stop: StopSignal | None, progress
+        self, epoch: int, step: int, batches, totals: EpochTotals, mixup, stop: StopSignal | None, progress
     ) -> None:
-        """One step of the loop: the step itself, the schedule, EMA, totals, non-finite steps, checkpoint, stop."""
+        """One optimiser step of the loop: the step itself on its next ``train.grad_accum_steps`` loader batches
+        (fewer at the end of an epoch whose batch count is not a multiple), the schedule, EMA, totals,
+        non-finite steps, checkpoint, stop."""
         global_step = epoch * self.steps_per_epoch + step
-        images, target = self.step_fn.to_device(batch[0], batch[1])
-        if mixup is not None:
-            images, target = mixup(images, target)
-        cached = self.teacher_cache is not None
-        result = self.step_fn(
-            images,
-            target,
-            batch[2] if cached else None,
-            tag=(epoch, step),
-            prefetched=(batch[3], batch[4]) if cached and len(batch) == 5 else None,
-        )
+        accum = self.cfg.train.grad_accum_steps
+        count = min(accum, self.batches_per_epoch - step * accum)
+        micro_batches = (self._micro_batch(next(batches), mixup) for _ in range(count))
+        result = self.step_fn.step(micro_batches, count, tag=(epoch, step))
         if result.scaler_skipped is not None:
             totals.skipped += result.scaler_skipped  # the scaler found inf/NaN gradients and skipped this step
         if self.scheduler is not None:  # by position in the run, skipped or not (see TrainStep)
             self.scheduler.step_update(global_step + 1)
         if not result.finite:
-            self._on_nonfinite(epoch, step, {k: float(v.detach().float()) for k, v in result.output.losses.items()})
+            self._on_nonfinite(epoch, step, {k: float(v.detach().float()) for k, v in result.losses.items()})
             totals.skipped += 1
             return
         if self.ema is not None:
@@ -516,6 +526,19 @@ class Trainer:
                 f"continue with: crossdistill train --resume {self.run_dir}",
                 str(path),
             )
+
+    def _micro_batch(self, batch, mixup) -> MicroBatch:
+        """A loader batch on the device, mixed up where asked, with its teacher-cache indices and rows."""
+        images, target = self.step_fn.to_device(batch[0], batch[1])
+        if mixup is not None:
+            images, target = mixup(images, target)
+        cached = self.teacher_cache is not None
+        return MicroBatch(
+            images,
+            target,
+            batch[2] if cached else None,
+            (batch[3], batch[4]) if cached and len(batch) == 5 else None,
+        )
 
     def _update_ema(self, global_step: int, skipped: torch.Tensor | None) -> None:
         """Move the EMA towards the student, unless the device skipped this step (``skipped``, a 0-d bool
