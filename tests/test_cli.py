@@ -204,6 +204,17 @@ def test_dry_run_checks_a_recipe_without_data_or_weights(tmp_path, capsys):
     assert code == 2 and out == "" and "config key 'method_args.kappa': must be >= 0" in err  # before it prints
 
 
+def test_dry_run_counts_gradient_accumulation_in_the_effective_batch(tmp_path, capsys):
+    raw = tiny_run(tmp_path, num_classes=10, train={"reference_batch": 256, "grad_accum_steps": 4})
+    code, out, err = run_cli(capsys, "train", "--config", str(write_config(tmp_path, raw)), "--dry-run")
+    assert code == 0, err
+    assert "per-process batch 32 x 1 process(es) x 4 accumulation steps = effective batch 128" in out
+    assert (
+        "warning: the effective batch differs from the reference 256; run on 2 processes or set "
+        "train.grad_accum_steps=8 or pass optim.scale_lr=linear"
+    ) in out
+
+
 def test_eval_of_a_plain_weights_file_needs_the_model_name(tmp_path, capsys):
     plain = tmp_path / "weights.pth"
     torch.save({"fc.weight": torch.zeros(10, 96)}, plain)
