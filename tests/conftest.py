@@ -133,16 +133,17 @@ def ops_called(fn, *args) -> set[str]:
 
 @pytest.fixture
 def rsd_nan_at_calls_3_and_4(monkeypatch):
-    """The RSD loss term is NaN at the 3rd and 4th forward; returns the call counter ({"n": calls so far})."""
+    """The RSD loss term is NaN at the 3rd and 4th forward; returns the call counter ({"n": calls so far,
+    "nan": the calls that are NaN, which a test may change})."""
     from crossdistill.distillers.rsd import RSD
 
     original = RSD.forward
-    calls = {"n": 0}
+    calls = {"n": 0, "nan": (3, 4)}
 
     def sometimes_nan(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] in (3, 4):
+        if calls["n"] in calls["nan"]:
             out.losses["rsd"] = out.losses["rsd"] * float("nan")
         return out
 

@@ -200,7 +200,7 @@ def test_dry_run_lists_what_a_run_would_stop_on_and_writes_nothing(tmp_path, cap
     assert f"problem: data.root '{tmp_path / 'no-data-here'}' does not exist" in out
     assert f"problem: checkpoint file not found: {tmp_path / 'not-downloaded-yet.pth'}" in out
     assert "# resolved config" in out and "effective batch 32 (recipe reference 256)" in out
-    assert "warning: effective batch 32 differs from the recipe's reference 256" in out
+    assert "warning: effective batch 32 (32 per process x 1) differs from the recipe's reference 256" in out
     assert "one step on random data" in out and "rsd" in out and "extra trainable 0.031M" in out  # checked on
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
     code, out, err = run_cli(capsys, "train", "--config", str(config), "--dry-run", "method_args.kappa=-1")
@@ -234,6 +234,18 @@ def test_switching_the_method_on_the_command_line_says_what_it_dropped(tmp_path,
     )
     assert code == 0, err
     assert yaml.safe_load(out[out.index("# resolved config") : out.index("# run")])["method_args"] == {"temperature": 2}
+
+
+def test_dry_run_counts_gradient_accumulation_in_the_effective_batch(tmp_path, capsys):
+    raw = tiny_run(tmp_path, num_classes=10, train={"reference_batch": 256, "grad_accum_steps": 4})
+    code, out, err = run_cli(capsys, "train", "--config", str(write_config(tmp_path, raw)), "--dry-run")
+    assert code == 0, err
+    assert "per-process batch 32 x 1 process(es) x 4 accumulation steps = effective batch 128" in out
+    assert (
+        "warning: effective batch 128 (32 per process x 1 x 4 accumulation steps) differs from the recipe's "
+        "reference 256 and the learning rate is not rescaled: run on 2 processes or set train.grad_accum_steps=8 "
+        "to match it, or pass optim.scale_lr=linear"
+    ) in out
 
 
 def test_eval_of_a_plain_weights_file_needs_the_model_name(tmp_path, capsys):

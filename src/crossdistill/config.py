@@ -130,9 +130,15 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     """Per-process batch size (per GPU under torchrun)."""
+    grad_accum_steps: int = 1
+    """Gradient accumulation: the optimiser steps once every this many batches, on their gradients
+    averaged. The effective batch is batch_size x processes x grad_accum_steps. The lr schedule, EMA,
+    gradient clipping, checkpoint_every_steps and the step count follow optimiser steps; the last group
+    of an epoch whose batch count is not a multiple steps on the batches it has (averaged over those).
+    Batch statistics (BatchNorm, RSD's correlation) stay per batch: see docs/REPRODUCE.md."""
     reference_batch: int | None = None
-    """The effective batch (per-GPU batch x GPUs) of the run this recipe reproduces; a different
-    effective batch gives a warning unless optim.scale_lr rescales the learning rate."""
+    """The effective batch (per-GPU batch x GPUs x grad_accum_steps) of the run this recipe reproduces; a
+    different effective batch gives a warning unless optim.scale_lr rescales the learning rate."""
     eval_batch_size: int | None = None
     seed: int = 42
     device: str = "auto"
@@ -585,6 +591,7 @@ def validate(cfg: RunConfig) -> None:
     t, o, d = cfg.train, cfg.optim, cfg.data
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
     _check(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
     _check(
         t.amp in ("auto", "none", "bf16", "fp16"),

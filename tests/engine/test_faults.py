@@ -66,6 +66,44 @@ def test_mid_epoch_stop_and_resume_is_exact(tmp_path, monkeypatch, reference):
     assert len(steps) == 2  # only the newest keep_step_checkpoints are kept
 
 
+ACCUM_SECTIONS = dict(
+    train={"epochs": 2, "grad_accum_steps": 2, "checkpoint_every_steps": 3, "ema_decay": 0.9},
+    optim={"warmup_epochs": 1},
+    data={"train_subset": 224, "eval_subset": 20},  # 7 batches of 32: optimiser steps of 2, 2, 2 and 1 batches
+)
+
+
+def test_mid_epoch_stop_and_resume_with_gradient_accumulation_is_exact(tmp_path, monkeypatch):
+    """The step checkpoint is written at an optimiser-step boundary and the resume skips the batches of the
+    steps done (2 x 2 here); resuming it with another grad_accum_steps is refused."""
+    reference = Trainer(build_config(tiny_run(tmp_path / "ref", **ACCUM_SECTIONS)), out=io.StringIO())
+    reference.fit()
+    calls = {"n": 0}
+
+    def stop_at_sixth_check(self, stop):
+        calls["n"] += 1
+        return calls["n"] == 6  # epoch 1: after steps 1-3 and at its end; epoch 2: after steps 1 and 2
+
+    monkeypatch.setattr(Trainer, "_stop_requested", stop_at_sixth_check)
+    with pytest.raises(Preempted, match="epoch 2, step 2/4"):
+        Trainer(build_config(tiny_run(tmp_path, **ACCUM_SECTIONS)), out=io.StringIO()).fit()
+    monkeypatch.undo()
+    other = tiny_run(tmp_path, **ACCUM_SECTIONS)
+    other["train"]["grad_accum_steps"] = 1
+    with pytest.raises(
+        CrossDistillError,
+        match=r"step-000000006.pt was written in the middle of an epoch with train.grad_accum_steps=2, and this "
+        r"run has 1: .* Resume with train.grad_accum_steps=2, or delete",
+    ):
+        Trainer(build_config(other), resume=True, out=io.StringIO())
+    resumed = Trainer(build_config(tiny_run(tmp_path, **ACCUM_SECTIONS)), resume=True, out=io.StringIO())
+    assert (resumed.start_epoch, resumed.start_step) == (1, 2)
+    resumed.fit()
+    assert_same(final_weights(resumed), final_weights(reference))
+    assert [r["eval_top1"] for r in resumed.history] == [r["eval_top1"] for r in reference.history]
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
+
+
 def test_stop_signal_records_sigterm_and_sigusr1():
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         with StopSignal() as stop:

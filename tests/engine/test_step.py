@@ -69,35 +69,45 @@ def test_deferred_check_skips_on_the_device_like_the_per_step_check(tmp_path, fu
         assert "non-finite loss or gradient at epoch 1, step 3" in text and "step 4" in text
 
 
-@pytest.mark.parametrize("every", [1, 5], ids=["per-step-check", "deferred-check"])
+@pytest.mark.parametrize(
+    "every,accum,nan_calls",
+    [(1, 1, (3, 4)), (5, 1, (3, 4)), (1, 2, (4,)), (5, 2, (3,))],
+    ids=["per-step-check", "deferred-check", "per-step-check-accum-2nd", "deferred-check-accum-1st"],
+)
 def test_a_skipped_step_leaves_weights_buffers_optimiser_and_ema_bitwise_unchanged(
-    tmp_path, monkeypatch, fused_nan_run, every
+    tmp_path, monkeypatch, fused_nan_run, every, accum, nan_calls
 ):
     """The forward of a step whose loss turns out NaN has already moved the BatchNorm statistics (of the
-    student and of the AAD projector); skipping the step must undo that, and must not move the EMA."""
+    student and of the AAD projector); skipping the step must undo that, and must not move the EMA. With
+    gradient accumulation one NaN micro-batch (the first or the last of its step) skips the whole step."""
     from crossdistill.engine.step import TrainStep
 
-    before_call: list[dict[str, torch.Tensor]] = []
-    original = TrainStep.__call__
+    fused_nan_run["nan"] = nan_calls
+    before_step: list[dict[str, torch.Tensor]] = []
+    original = TrainStep.step
 
     def recording(self, *args, **kwargs):
-        before_call.append(full_state(trainer))
+        before_step.append(full_state(trainer))
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(TrainStep, "__call__", recording)
+    monkeypatch.setattr(TrainStep, "step", recording)
     raw = tiny_run(
         tmp_path,
-        train={"epochs": 1, "finite_check_every": every, "ema_decay": 0.9},
+        train={"epochs": 1, "finite_check_every": every, "ema_decay": 0.9, "grad_accum_steps": accum},
         optim={"sched": "none"},
         data={"train_subset": 192},
     )
     trainer = Trainer(build_config(raw), out=io.StringIO())
     summary = trainer.fit()
     assert trainer.step_fn.deferred == (every > 1)
-    assert summary.history[0]["skipped_steps"] == 2
-    # calls 3 and 4 are the NaN ones: the state before call 5 is the state before call 3, bit for bit
-    assert_bitwise_equal(before_call[2], before_call[4])
-    moved = [k for k in before_call[1] if not torch.equal(before_call[1][k], before_call[2][k])]
+    assert len(before_step) == trainer.steps_per_epoch == 6 // accum
+    skipped = [(c - 1) // accum for c in nan_calls]  # the optimiser steps holding a NaN forward
+    assert summary.history[0]["skipped_steps"] == len(set(skipped))
+    # the state before the first step after the NaN ones is the state before the first NaN one, bit for bit
+    assert_bitwise_equal(before_step[skipped[0]], before_step[skipped[-1] + 1])
+    states = [*before_step, full_state(trainer)]
+    good = skipped[-1] + 1  # and the next good step moves them again
+    moved = [k for k in states[good] if not torch.equal(states[good][k], states[good + 1][k])]
     assert any("aad" in k and "running_var" in k for k in moved)  # a good step does move them
     assert any(k.startswith("ema.") for k in moved) and any(k.startswith("optimizer.") for k in moved)
 
@@ -238,10 +248,12 @@ class _TinyClassifier(torch.nn.Module):
         return SimpleNamespace(loss=loss, losses={"ce": loss.detach()})
 
 
+@pytest.mark.parametrize("accum", [1, 2], ids=["one-batch", "accumulated"])
 @pytest.mark.parametrize("path", ["per-step-check", "deferred-check", "fp16-scaler"])
-def test_one_nan_pixel_leaves_the_model_and_its_batchnorm_statistics_bitwise_unchanged(path):
+def test_one_nan_pixel_leaves_the_model_and_its_batchnorm_statistics_bitwise_unchanged(path, accum):
+    """With ``accum`` 2 the NaN pixel is in the first micro-batch of the step, the second is clean."""
     from conftest import SYNCING_OPS, ops_called
-    from crossdistill.engine.step import TrainStep
+    from crossdistill.engine.step import MicroBatch, TrainStep
 
     torch.manual_seed(0)
     model = _TinyClassifier()
@@ -255,20 +267,22 @@ def test_one_nan_pixel_leaves_the_model_and_its_batchnorm_statistics_bitwise_unc
         finite_check_every=5 if path == "deferred-check" else 1,
     )
     images, target = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    clean = [MicroBatch(images.flip(0), target.flip(0))] * (accum - 1)
     for _ in range(2):  # the optimiser state exists: the deferred path skips on the device from now on
-        step(images, target)
+        step.step([MicroBatch(images, target), *clean], accum)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer_before = {
         f"{i}.{k}": torch.as_tensor(v).clone() for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()
     }
     poisoned = images.clone()
     poisoned[1, 0, 4, 4] = float("nan")
+    poisoned_step = lambda: step.step([MicroBatch(poisoned, target), *clean], accum)  # noqa: E731
     if path == "deferred-check":  # and it reads nothing on the host
-        syncing = sorted(op for op in ops_called(step, poisoned, target) if op.startswith(SYNCING_OPS))
+        syncing = sorted(op for op in ops_called(poisoned_step) if op.startswith(SYNCING_OPS))
         assert not syncing, syncing
         assert [tag for tag, _ in step.collect_nonfinite()] == [None]
     else:
-        result = step(poisoned, target)
+        result = poisoned_step()
         assert not result.finite if scaler is None else bool(result.skipped_on_device)
     assert_bitwise_equal(before, model.state_dict())
     assert_bitwise_equal(

@@ -92,6 +92,19 @@ def test_cached_runs_are_bitwise_equal_and_the_second_does_not_run_the_teacher(t
     assert counter.calls == 0
 
 
+def test_with_gradient_accumulation_cached_runs_are_bitwise_equal_to_the_uncached_run(tmp_path):
+    """Each micro-batch reads (or stores) its own samples' rows."""
+    cache, accum = str(tmp_path / "cache"), {"epochs": 1, "grad_accum_steps": 2}
+    _, plain_losses, plain_weights = _run(tmp_path, "plain", **accum)
+    for name, expected in (("fill", "0 samples read, 128 computed"), ("read", "128 samples read, 0 computed")):
+        out = io.StringIO()
+        trainer, losses, weights = _run(tmp_path, name, out, teacher_cache=cache, teacher_cache_dtype="fp32", **accum)
+        assert trainer.steps_per_epoch == 2
+        assert losses == plain_losses
+        _assert_bitwise(weights, plain_weights)
+        assert f"teacher cache, epoch 1: {expected} by the teacher" in out.getvalue()
+
+
 def test_fp16_cache_reads_back_what_the_filling_run_used(tmp_path):
     cache = str(tmp_path / "cache")
     _, fill_losses, fill_weights = _run(tmp_path, "a", teacher_cache=cache, epochs=1)

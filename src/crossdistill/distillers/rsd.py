@@ -59,7 +59,9 @@ class RSDConfig(MethodConfig):
     projector: str = "aad"
     """aad (the paper's AAD) | linear (the "without AAD" ablation)."""
     global_batch: bool = False
-    """Correlate over the batch of all DDP ranks instead of each rank's own batch."""
+    """Correlate over the batch of all DDP ranks instead of each rank's own batch. With train.grad_accum_steps
+    the correlation is per micro-batch: over the ranks' batches of the same micro-step, never the accumulated
+    batch."""
 
     def validate(self) -> None:
         _check_common(self)

@@ -318,6 +318,16 @@ class Checkpointer:
                 f"{self.run_dir / STEP_DIR} and {self.run_dir / LATEST} to restart from the last epoch-end "
                 f"checkpoint ({CHECKPOINT})."
             )
+        saved_accum = int(((state.get("config") or {}).get("train") or {}).get("grad_accum_steps", 1))
+        accum = self.cfg.train.grad_accum_steps
+        if int(state.get("step", 0)) and saved_accum != accum:
+            raise CrossDistillError(
+                f"{path} was written in the middle of an epoch with train.grad_accum_steps={saved_accum}, and this "
+                f"run has {accum}: the batches already trained on are counted in optimiser steps of {saved_accum}, so "
+                f"a mid-epoch resume needs the same value. Resume with train.grad_accum_steps={saved_accum}, or delete "
+                f"{self.run_dir / STEP_DIR} and {self.run_dir / LATEST} to restart from the last epoch-end "
+                f"checkpoint ({CHECKPOINT})."
+            )
         return state
 
     def _load_weights(self, state: dict[str, Any], path: Path) -> None:

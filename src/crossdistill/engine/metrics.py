@@ -71,9 +71,10 @@ class EpochTotals:
         self.skipped = torch.zeros((), device=device)
 
     def add(self, result) -> None:
-        """Count one step's :class:`~crossdistill.engine.step.StepResult` (a step the deferred finiteness
-        check skipped on the device adds nothing)."""
-        terms = {**result.output.losses, "loss": result.loss}
+        """Count one optimiser step's :class:`~crossdistill.engine.step.StepResult`: its loss terms are the means
+        over its micro-batches (``train.grad_accum_steps``), its gradient norm the step's (a step the deferred
+        finiteness check skipped on the device adds nothing)."""
+        terms = {**result.losses, "loss": result.loss}
         if result.grad_norm is not None:
             terms["grad_norm"] = result.grad_norm
         for name, value in terms.items():

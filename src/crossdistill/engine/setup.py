@@ -151,16 +151,32 @@ def untrained_teacher_warning(cfg: RunConfig, distiller: Distiller) -> str | Non
 
 
 def effective_batch(train: TrainConfig, world_size: int) -> int:
-    """The samples of one optimiser step over all processes: what ``train.reference_batch`` and
-    ``optim.scale_lr`` compare with."""
-    return train.batch_size * world_size
+    """The samples of one optimiser step over all processes (per-process batch x processes x gradient-accumulation
+    steps): what ``train.reference_batch`` and ``optim.scale_lr`` compare with."""
+    return train.batch_size * world_size * train.grad_accum_steps
 
 
 def describe_batch(train: TrainConfig, world_size: int) -> str:
+    """``per-process batch B x W process(es) [x N accumulation steps] = effective batch E``."""
+    accum = f" x {train.grad_accum_steps} accumulation steps" if train.grad_accum_steps > 1 else ""
     return (
-        f"per-process batch {train.batch_size} x {world_size} process(es) = "
+        f"per-process batch {train.batch_size} x {world_size} process(es){accum} = "
         f"effective batch {effective_batch(train, world_size)}"
     )
+
+
+def reach_reference_batch(train: TrainConfig, world_size: int) -> str:
+    """How to make the effective batch ``train.reference_batch`` without rescaling the lr: another process
+    count (with this accumulation) or another ``train.grad_accum_steps`` (on these processes), where one divides
+    evenly; '' where neither does."""
+    reference, options = train.reference_batch, []
+    processes, rest = divmod(reference, train.batch_size * train.grad_accum_steps)
+    if processes and not rest and processes != world_size:
+        options.append(f"run on {processes} processes")
+    steps, rest = divmod(reference, train.batch_size * world_size)
+    if steps and not rest and steps != train.grad_accum_steps:
+        options.append(f"set train.grad_accum_steps={steps}")
+    return " or ".join(options)
 
 
 def batch_warning(cfg: RunConfig, world_size: int) -> str | None:
@@ -168,10 +184,13 @@ def batch_warning(cfg: RunConfig, world_size: int) -> str | None:
     reference, batch = cfg.train.reference_batch, effective_batch(cfg.train, world_size)
     if reference is None or reference == batch or cfg.optim.scale_lr != "none":
         return None
+    reach = reach_reference_batch(cfg.train, world_size)
+    advice = f"{reach} to match it, or pass" if reach else "pass"
+    t = cfg.train
+    accum = f" x {t.grad_accum_steps} accumulation steps" if t.grad_accum_steps > 1 else ""
     return (
-        f"warning: effective batch {batch} differs from the recipe's reference {reference} "
-        f"({cfg.train.batch_size} per process x {world_size}); the learning rate is not rescaled. "
-        f"Run on {reference // cfg.train.batch_size} processes to match it, or pass optim.scale_lr=linear "
+        f"warning: effective batch {batch} ({t.batch_size} per process x {world_size}{accum}) differs from the "
+        f"recipe's reference {reference} and the learning rate is not rescaled: {advice} optim.scale_lr=linear "
         f"(lr {cfg.optim.lr:g} -> {cfg.optim.lr * batch / reference:g})."
     )
 

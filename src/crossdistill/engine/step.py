@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from .teacher_cache import TeacherCache
 from .teacher_runner import TeacherRunner
 
 __all__ = [
+    "MicroBatch",
     "StepResult",
     "TrainStep",
     "build_optimizer",
@@ -37,11 +38,26 @@ __all__ = [
 ]
 
 
+class MicroBatch(NamedTuple):
+    """One device batch of an optimiser step (one of ``train.grad_accum_steps``)."""
+
+    images: torch.Tensor
+    target: torch.Tensor
+    indices: torch.Tensor | None = None
+    """The samples' dataset indices (teacher cache)."""
+    prefetched: Any = None
+    """The cache rows the loader read (teacher cache)."""
+
+
 @dataclass
 class StepResult:
     output: Any
-    """The method's :class:`~crossdistill.distillers.DistillOutput` (logits and loss terms)."""
+    """The method's :class:`~crossdistill.distillers.DistillOutput` (logits and loss terms) of the step's last
+    micro-batch."""
+    losses: dict[str, torch.Tensor]
+    """The method's loss terms, averaged over the step's micro-batches (detached when there are several)."""
     loss: torch.Tensor
+    """Their sum: the loss whose gradient the step applied."""
     grad_norm: torch.Tensor | None
     finite: bool = True
     """False when ``check_finite`` found a non-finite loss or gradient: nothing was updated, the buffers are
@@ -65,10 +81,12 @@ class StepResult:
 class TrainStep:
     """One optimiser step exactly as the engine runs it; shared by :class:`Trainer` and ``crossdistill bench``.
 
-    Under autocast when ``amp_dtype`` is set: the teacher outputs the method reads (``teacher``: computed
+    ``zero_grad`` (to None); then for each micro-batch (one, or ``train.grad_accum_steps``: :meth:`step`),
+    under autocast when ``amp_dtype`` is set: the teacher outputs the method reads (``teacher``: computed
     in inference mode, or read from the teacher cache), then ``model(images, target, teacher outputs,
-    indices)`` (the distiller, or its DDP / ``torch.compile`` wrapper); then
-    ``zero_grad`` (to None), backward (through the fp16 GradScaler when there is one), gradient
+    indices)`` (the distiller, or its DDP / ``torch.compile`` wrapper) and the backward of its loss divided
+    by the micro-batch count (through the fp16 GradScaler when there is one; under DDP in ``no_sync`` but
+    for the last micro-batch, so the gradients are all-reduced once, summed); then, once per step, gradient
     clipping (``clip_grad``) or, when ``check_finite``, the total gradient norm, and the optimiser step.
 
     Host-device synchronisation: none in the step, except for the finiteness check (``check_finite``)
@@ -82,7 +100,7 @@ class TrainStep:
     sync-free: the scaler skips on the device.
 
     A skipped step changes nothing, on every path: not the weights, not the optimiser state, and not
-    the buffers (BatchNorm statistics) the forward already updated: they are saved before the forward
+    the buffers (BatchNorm statistics) the forwards already updated: they are saved before the first forward
     (:class:`~crossdistill.engine.snapshot.TensorSnapshot`, ``buffers``: by default all of ``model``'s,
     which for a distiller means the student's and its extra modules', not the frozen teacher's) and
     put back, by a ``torch.where`` on the device flag where the host does not know. The EMA is the
@@ -90,7 +108,9 @@ class TrainStep:
     :attr:`StepResult.skipped_on_device`). The learning-rate schedule still advances on a skipped step,
     on every path: timm's schedulers are functions of the step's position in the run (the update count
     the engine passes is the global step), so a skipped step uses up its place in the schedule like a
-    step of an epoch that ends early; the deferred path could not do otherwise without a sync.
+    step of an epoch that ends early; the deferred path could not do otherwise without a sync. With
+    several micro-batches, one non-finite loss or gradient among them skips the whole step: the checks
+    read the summed loss and the accumulated gradients, where a NaN or inf of any micro-batch remains.
     """
 
     def __init__(
@@ -121,6 +141,8 @@ class TrainStep:
             trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.trainable = trainable
         self.buffers = TensorSnapshot(model.buffers() if buffers is None else buffers)
+        wrapped = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the DDP module
+        self.ddp = wrapped if isinstance(wrapped, DistributedDataParallel) else None
         can_skip_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self.finite_check_every = finite_check_every if can_skip_on_device and scaler is None else 1
         self.pending: list[tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = []
@@ -175,18 +197,21 @@ class TrainStep:
         """One step on a device batch; ``indices``: the samples' dataset indices and ``prefetched``
         the cache rows the loader read (teacher cache); ``tag``: how a deferred non-finite step is
         named in :meth:`collect_nonfinite`."""
+        return self.step([MicroBatch(images, target, indices, prefetched)], 1, tag)
+
+    def step(self, micro_batches: Iterable[MicroBatch], count: int, tag: Any = None) -> StepResult:
+        """One optimiser step on the gradients of ``count`` micro-batches, averaged (gradient accumulation).
+
+        ``micro_batches`` may be a generator: each batch is taken (moved to the device) only when its forward
+        runs, so one micro-batch's activations are alive at a time."""
         restore_buffers = len(self.buffers) > 0 and (self.check_finite or self.scaler is not None)
         if restore_buffers:
             self.buffers.take()
-        with self.autocast():
-            teacher = self.teacher(images, indices, prefetched) if self.teacher is not None else None
-            output = self.model(images, target, teacher, indices)
-        loss = output.loss
         optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
+        output, losses, loss = self._accumulate(micro_batches, count)
         if self.scaler is not None:
             scaler = self.scaler
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = self.clip_or_norm()
             before = self._scale()
@@ -195,8 +220,7 @@ class TrainStep:
             skipped = self._scale() < before
             if restore_buffers:
                 self.buffers.restore(where=skipped)
-            return StepResult(output, loss, grad_norm, scaler_skipped=skipped.float())
-        loss.backward()
+            return StepResult(output, losses, loss, grad_norm, scaler_skipped=skipped.float())
         grad_norm = self.clip_or_norm()
         if self.deferred and self.optimizer_state_ready():
             bad = self.nonfinite_flag(loss, grad_norm)
@@ -207,16 +231,43 @@ class TrainStep:
                 del optimizer.found_inf, optimizer.grad_scale
             if restore_buffers:
                 self.buffers.restore(where=bad)
-            self.pending.append((tag, bad, {k: v.detach() for k, v in output.losses.items()}))
-            return StepResult(output, loss, grad_norm, ok=~bad)
+            self.pending.append((tag, bad, {k: v.detach() for k, v in losses.items()}))
+            return StepResult(output, losses, loss, grad_norm, ok=~bad)
         if self.check_finite and not self.finite(loss, grad_norm):
             optimizer.zero_grad(set_to_none=True)
             if restore_buffers:
                 self.buffers.restore()
-            return StepResult(output, loss, grad_norm, finite=False)
+            return StepResult(output, losses, loss, grad_norm, finite=False)
         optimizer.step()
         self.updates += 1
-        return StepResult(output, loss, grad_norm)
+        return StepResult(output, losses, loss, grad_norm)
+
+    def _accumulate(
+        self, micro_batches: Iterable[MicroBatch], count: int
+    ) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
+        """Forward and backward of each micro-batch, its loss divided by ``count``; returns the last
+        micro-batch's output, the loss terms averaged over the micro-batches, and their sum."""
+        output, sums, done = None, {}, 0
+        for done, batch in enumerate(micro_batches, start=1):
+            if done > count:
+                raise ValueError(f"more micro-batches than the {count} announced")
+            sync = self.ddp is None or done == count  # DDP all-reduces the summed gradients once, at the last
+            with nullcontext() if sync else self.ddp.no_sync():
+                with self.autocast():
+                    teacher = None
+                    if self.teacher is not None:
+                        teacher = self.teacher(batch.images, batch.indices, batch.prefetched)
+                    output = self.model(batch.images, batch.target, teacher, batch.indices)
+                loss = output.loss if count == 1 else output.loss / count
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            if count == 1:
+                return output, output.losses, loss
+            for name, value in output.losses.items():
+                sums[name] = sums[name] + value.detach() if name in sums else value.detach()
+        if done != count:
+            raise ValueError(f"{done} micro-batches, {count} announced")
+        losses = {name: value / count for name, value in sums.items()}
+        return output, losses, sum(losses.values())
 
     def optimizer_state_ready(self) -> bool:
         """Whether every parameter with a gradient already has its optimiser state (momentum, Adam moments).

@@ -38,7 +38,7 @@ from .setup import (
     untrained_teacher_warning,
 )
 from .snapshot import TensorSnapshot
-from .step import build_train_step, collect_nonfinite_now
+from .step import MicroBatch, build_train_step, collect_nonfinite_now
 from .teacher_cache import TeacherCache, cache_key, cache_widths
 
 __all__ = ["RunSummary", "Trainer", "evaluate", "train"]
@@ -234,7 +234,9 @@ class Trainer:
             rank=env.rank,
             pin_memory=pin,
         )
-        self.steps_per_epoch = len(self.train_loader)
+        self.batches_per_epoch = len(self.train_loader)
+        accum = cfg.train.grad_accum_steps
+        self.steps_per_epoch = -(-self.batches_per_epoch // accum)  # optimiser steps; the last group may be short
 
     def _build_optimisation(self) -> None:
         self.lr_plan = lr_plan(self.cfg, self.env.world_size)
@@ -406,8 +408,9 @@ class Trainer:
         if self.teacher_cache is not None:
             self.teacher_cache.begin_epoch(epoch)
             hits, misses = self.teacher_cache.hits, self.teacher_cache.misses
-        for step, batch in enumerate(self.train_loader, start=first_step):
-            self._train_step(epoch, step, batch, totals, mixup, stop, progress)
+        batches = iter(self.train_loader)
+        for step in range(first_step, self.steps_per_epoch):
+            self._train_step(epoch, step, batches, totals, mixup, stop, progress)
         progress.close()
         self.logs.end_epoch()
         if self.teacher_cache is not None:
@@ -430,40 +433,36 @@ class Trainer:
             seed_everything(epoch_seed(cfg.train.seed, epoch, self.env.rank))
         self.loader_generator.manual_seed(epoch_seed(cfg.train.seed, epoch, self.env.rank))
         self.train_sampler.set_epoch(epoch)
-        self.train_sampler.skip = first_step * cfg.train.batch_size
+        self.train_sampler.skip = first_step * cfg.train.grad_accum_steps * cfg.train.batch_size
         self.train_set.set_epoch(epoch)
         self.distiller.on_epoch_start(epoch, cfg.train.epochs)
         self.model.train()
         return first_step
 
     def _train_step(
-        self, epoch: int, step: int, batch, totals: EpochTotals, mixup, stop: StopSignal | None, progress
+        self, epoch: int, step: int, batches, totals: EpochTotals, mixup, stop: StopSignal | None, progress
     ) -> None:
-        """One step of the loop: the step itself, the schedule, EMA, totals, non-finite steps, checkpoint, stop."""
+        """One optimiser step of the loop: the step itself on its next ``train.grad_accum_steps`` loader batches
+        (fewer at the end of an epoch whose batch count is not a multiple), the schedule, EMA, totals,
+        non-finite steps, checkpoint, stop."""
         global_step = epoch * self.steps_per_epoch + step
-        images, target = self.step_fn.to_device(batch[0], batch[1])
-        if mixup is not None:
-            images, target = mixup(images, target)
-        cached = self.teacher_cache is not None
-        result = self.step_fn(
-            images,
-            target,
-            batch[2] if cached else None,
-            tag=(epoch, step),
-            prefetched=(batch[3], batch[4]) if cached and len(batch) == 5 else None,
-        )
+        accum = self.cfg.train.grad_accum_steps
+        count = min(accum, self.batches_per_epoch - step * accum)
+        sizes: list[int] = []  # images of each micro-batch, for the throughput of the step lines
+        micro_batches = (self._micro_batch(next(batches), mixup, sizes) for _ in range(count))
+        result = self.step_fn.step(micro_batches, count, tag=(epoch, step))
         if result.scaler_skipped is not None:
             totals.skipped += result.scaler_skipped  # the scaler found inf/NaN gradients and skipped this step
         if self.scheduler is not None:  # by position in the run, skipped or not (see TrainStep)
             self.scheduler.step_update(global_step + 1)
         if not result.finite:
-            self._on_nonfinite(epoch, step, {k: float(v.detach().float()) for k, v in result.output.losses.items()})
+            self._on_nonfinite(epoch, step, {k: float(v.detach().float()) for k, v in result.losses.items()})
             totals.skipped += 1
             return
         if self.ema is not None:
             self._update_ema(global_step, result.skipped_on_device)
         totals.add(result)
-        self.logs.count_step(result, images.shape[0])
+        self.logs.count_step(result, sum(sizes))
         every = self.cfg.train.checkpoint_every_steps
         last_step = step + 1 == self.steps_per_epoch
         checkpoint_now = bool(every and (global_step + 1) % every == 0 and not last_step)
@@ -501,6 +500,21 @@ class Trainer:
                 f"continue with: crossdistill train --resume {self.run_dir}",
                 str(path),
             )
+
+    def _micro_batch(self, batch, mixup, sizes: list[int]) -> MicroBatch:
+        """A loader batch on the device, mixed up where asked, with its teacher-cache indices and rows; its
+        image count is appended to ``sizes``."""
+        images, target = self.step_fn.to_device(batch[0], batch[1])
+        sizes.append(images.shape[0])
+        if mixup is not None:
+            images, target = mixup(images, target)
+        cached = self.teacher_cache is not None
+        return MicroBatch(
+            images,
+            target,
+            batch[2] if cached else None,
+            (batch[3], batch[4]) if cached and len(batch) == 5 else None,
+        )
 
     def _update_ema(self, global_step: int, skipped: torch.Tensor | None) -> None:
         """Move the EMA towards the student, unless the device skipped this step (``skipped``, a 0-d bool
