@@ -69,7 +69,7 @@ def test_a_run_with_accumulation_trains_as_the_run_with_the_bigger_batch(tmp_pat
     """Same samples in the same order, same schedule, same EMA: the same weights (up to float32 rounding)."""
     big, big_summary = _vit_kd_run(tmp_path, "big", 32, 1, ema_decay=0.9)
     small, small_summary = _vit_kd_run(tmp_path, "small", 16, 2, ema_decay=0.9)
-    assert small.steps_per_epoch == big.steps_per_epoch == 2 and small.effective_batch == 32
+    assert small.steps_per_epoch == big.steps_per_epoch == 2 and small.lr_plan.effective_batch == 32
     assert [r["lr"] for r in small_summary.history] == [r["lr"] for r in big_summary.history]
     for key in ("train_loss", "train_kd", "train_ce", "train_grad_norm"):
         assert small_summary.history[-1][key] == pytest.approx(big_summary.history[-1][key], rel=1e-4), key
