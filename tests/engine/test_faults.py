@@ -414,7 +414,7 @@ def test_a_run_whose_weights_turn_non_finite_stops_and_keeps_the_last_good_check
     from crossdistill.engine.step import TrainStep
 
     run_dir = tmp_path / "runs" / "run"
-    original, calls, good = TrainStep.__call__, {"n": 0}, {}
+    original, calls, good = TrainStep.step, {"n": 0}, {}
 
     def diverging(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
@@ -424,7 +424,7 @@ def test_a_run_whose_weights_turn_non_finite_stops_and_keeps_the_last_good_check
             self.model.student.bn1.running_var.fill_(float("inf"))
         return result
 
-    monkeypatch.setattr(TrainStep, "__call__", diverging)
+    monkeypatch.setattr(TrainStep, "step", diverging)
     raw = tiny_run(tmp_path, method="rsd", train={"epochs": 3}, data={"train_subset": 64, "eval_subset": 20})
     assert _train_cli(tmp_path, raw) == 2
     out, err = capsys.readouterr()
@@ -445,14 +445,14 @@ def test_non_finite_weights_before_the_first_checkpoint_advise_the_same_command(
     """The run directory is gone then (nothing to resume): the advice must be a command that works."""
     from crossdistill.engine.step import TrainStep
 
-    original = TrainStep.__call__
+    original = TrainStep.step
 
     def diverging(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         self.model.student.bn1.running_var.fill_(float("inf"))
         return result
 
-    monkeypatch.setattr(TrainStep, "__call__", diverging)
+    monkeypatch.setattr(TrainStep, "step", diverging)
     raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1}, data={"train_subset": 64, "eval_subset": 20})
     assert _train_cli(tmp_path, raw) == 2
     err = capsys.readouterr().err
