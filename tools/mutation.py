@@ -51,8 +51,10 @@ MODULES: dict[str, Module] = {
     "teacher": Module(["models/teacher.py"], ["tests/models/test_teacher.py"]),
     # tests/models/test_adapter.py builds the paper models at 224 px (minutes a run); the tiny file runs in seconds
     "adapter": Module(["models/adapter.py"], ["tests/models/test_adapter_tiny.py"]),
+    "files": Module(["files.py"], ["tests/test_files.py"]),
     "checkpoint": Module(["checkpoint.py"], ["tests/test_checkpoint.py"]),
-    # the key and the store; the loader glue (WithIndex) is not in scope
+    # the key and the store (with the widths it is built with and the rows it hands back);
+    # the loader wrapper (WithIndex) is not in scope
     "teacher_cache": Module(
         ["engine/teacher_cache.py"],
         [
@@ -66,9 +68,12 @@ MODULES: dict[str, Module] = {
             "_file_identity",
             "cache_key",
             "key_digest",
+            "_reserve_blocks",
             "_row_crc",
             "_Store",
             "TeacherCache",
+            "cache_widths",
+            "prefetched_outputs",
         ],
     ),
     "config": Module(["config.py"], ["tests/test_config.py"]),
@@ -185,13 +190,39 @@ def mutmut(*args: str, cwd: Path, log) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     # mutmut puts mutants/src first on sys.path; a src/ on PYTHONPATH would shadow the mutated copy
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and not (cwd / p).resolve().name == "src"]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONPATH"] = os.pathsep.join([str(WORK / PLUGIN_FOLDER), *paths])
     done = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log.write(done.stdout)
     log.flush()
     if done.returncode != 0:
         raise SystemExit(f"mutmut {' '.join(args)} failed in {cwd} (exit {done.returncode}); see {log.name}")
     return done.stdout
+
+
+PLUGIN_FOLDER = "pytest_plugins"
+ONE_THREAD_PLUGIN = "mutation_one_thread"
+ONE_THREAD_SOURCE = '''"""Written by tools/mutation.py: one torch thread in every test of a mutation run.
+
+tests/conftest.py sets two threads before each test (an autouse fixture, which OMP_NUM_THREADS does not
+override); mutmut runs one mutant at a time on a shared machine, where a second thread only competes.
+This hook runs after the fixtures, just before the test itself."""
+
+import pytest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+'''
+
+
+def write_plugin() -> None:
+    folder = WORK / PLUGIN_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{ONE_THREAD_PLUGIN}.py").write_text(ONE_THREAD_SOURCE)
 
 
 def toml_list(values: list[str]) -> str:
@@ -212,7 +243,7 @@ def prepare(name: str, module: Module) -> Path:
         'source_paths = ["src"]\n'
         f"only_mutate = {toml_list(only)}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(module.tests)}\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+        f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "{ONE_THREAD_PLUGIN}", "-x", "-q"]\n'
         "use_git_change_detection = false\n"
         # torch: a child forked after the parent ran OpenMP ops can hang; fork from a server that ran none
         'process_isolation = "forkserver"\n'
@@ -305,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(MODULES)}")
     WORK.mkdir(parents=True, exist_ok=True)
+    write_plugin()
     results = {}
     for name in args.modules or list(MODULES):
         print(f"mutation: {name} ...", flush=True)
