@@ -11,6 +11,7 @@ import pickle
 import pytest
 import torch
 
+from crossdistill import checkpoint
 from crossdistill.checkpoint import TORN_PATTERN, _refusal_reason, load_weights_file, remove_torn_files, save_atomic
 from crossdistill.errors import CrossDistillError
 
@@ -222,3 +223,41 @@ def test_a_torn_file_another_process_removes_first_is_no_error(tmp_path, monkeyp
 
     monkeypatch.setattr(type(torn), "is_file", removed_meanwhile)
     assert remove_torn_files(tmp_path) == [torn]
+
+
+RESUME_ADVICE = "Free some space (or move train.output_dir) and resume with --resume."
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        lambda path, **hint: checkpoint.save_atomic({"w": torch.ones(1)}, path, **hint),
+        lambda path, **hint: checkpoint.write_atomic(path, lambda handle: handle.write(b"x"), **hint),
+        lambda path, **hint: checkpoint.write_text_atomic(path, "x", **hint),
+    ],
+    ids=["save_atomic", "write_atomic", "write_text_atomic"],
+)
+def test_every_writer_advises_a_resume_on_a_full_disk_unless_told_otherwise(tmp_path, monkeypatch, writer):
+    path = tmp_path / "latest.json"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    for hint, advice in [({}, RESUME_ADVICE), ({"hint": "Try another disk."}, "Try another disk.")]:
+        with pytest.raises(CrossDistillError) as err:
+            writer(path, **hint)
+        assert str(err.value) == f"no space left on the device while writing {path}; the file was not written. {advice}"
+    monkeypatch.undo()
+    writer(path)
+    assert path.stat().st_size > 0 and os.listdir(tmp_path) == ["latest.json"]
+
+
+def test_the_full_disk_error_of_a_run_advises_a_resume(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"x")
+    assert str(checkpoint.no_space_error(path)) == (
+        f"no space left on the device while writing {path}; the previous version of this file is intact. "
+        + RESUME_ADVICE
+    )
+    assert str(checkpoint.no_space_error(path, "Elsewhere.")).endswith("is intact. Elsewhere.")
