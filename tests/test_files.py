@@ -276,3 +276,40 @@ def test_a_path_writer_makes_the_missing_folders(tmp_path):
     path = tmp_path / "deep" / "er" / "config.json"
     assert write_path_atomic(path, lambda target: target.write_text("{}"), hint=HINT) is True
     assert path.read_text() == "{}" and os.listdir(path.parent) == ["config.json"]
+
+
+def test_a_folder_that_cannot_be_made_is_its_own_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError):
+        write_atomic(tmp_path / "file" / "a.bin", lambda handle: handle.write(b"x"), hint=HINT)
+    with pytest.raises(FileExistsError):
+        write_path_atomic(tmp_path / "file" / "a.bin", lambda target: target.write_bytes(b"x"), hint=HINT)
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_an_interrupt_just_after_the_rename_is_still_the_interrupt(tmp_path, monkeypatch):
+    """A signal can land after os.replace returned, before the write returns: the temporary is already the
+    target then, and the caller sees the interrupt, not an error about the temporary."""
+    real_replace = os.replace
+
+    def replace_then_interrupt(src, dst):
+        real_replace(src, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(tmp_path / "a.json", "new", hint=HINT)
+    assert (tmp_path / "a.json").read_text() == "new" and os.listdir(tmp_path) == ["a.json"]
+
+
+def test_the_handle_seam_is_given_the_temporarys_path(tmp_path, monkeypatch):
+    """Tests put a full disk behind ``_open_temporary``, choosing the file by the temporary's name."""
+    real_open, seen = files._open_temporary, []
+
+    def open_temporary(fd, tmp):
+        seen.append(os.path.samefile(tmp, f"/proc/self/fd/{fd}") and os.path.dirname(tmp) == str(tmp_path))
+        return real_open(fd, tmp)
+
+    monkeypatch.setattr(files, "_open_temporary", open_temporary)
+    write_text_atomic(tmp_path / "a.json", "x", hint=HINT)
+    assert seen == [True]

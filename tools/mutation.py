@@ -172,6 +172,11 @@ EQUIVALENT: dict[str, str] = {
     "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_10": "np.load without mmap_mode: same as above",
     "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_15": "the check file loaded with mmap_mode=None: same as above",
     "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_17": "the check file loaded without mmap_mode: same as above",
+    "crossdistill.files.x__umask__mutmut_3": "os.umask(0o023) for os.umask(0o022) while reading the mask: it is put back on the next line, the value "
+    "set in between is never used",
+    "crossdistill.files.x_write_text_atomic__mutmut_9": 'text.encode("UTF-8") for "utf-8": Python\'s codec names are case-insensitive',
+    "crossdistill.files.x_write_path_atomic__mutmut_4": 'folder = "" instead of None before mkdtemp: when the folder could not be made, the finally block runs '
+    'shutil.rmtree("", ignore_errors=True), which fails to find "" and ignores it, as skipping it does',
 }
 """mutant name -> why no test can tell it from the original (it behaves identically)."""
 
