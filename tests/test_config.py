@@ -499,3 +499,196 @@ def test_merging_configs_changes_neither_and_shares_nothing_with_them():
     merged["method_args"]["kappa"].append(2)
     assert base == {"data": {"scale": [0.5, 1.0], "hflip": 0.5}, "train": {"epochs": 3}, "tags": ["a"]}
     assert child == {"data": {"ratio": [0.75, 1.0], "hflip": 0.0}, "tags": ["b"], "method_args": {"kappa": [1]}}
+
+
+# --- reading YAML: each message exactly, bases, overrides, size bounds ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ("a: b: c", "mapping values are not allowed here (line 1, column 5)"),
+        (
+            "{a: 1",
+            "while parsing a flow mapping (line 1, column 1): expected ',' or '}', but got '<stream end>' (line 1, "
+            "column 6)",
+        ),
+        # a context without a place
+        (
+            "a:\n\tb: 1",
+            "while scanning for the next token: found character '\\t' that cannot start any token (line 2, column 1)",
+        ),
+        # not a MarkedYAMLError: PyYAML's text spans two lines
+        (
+            "a: \x07",
+            'unacceptable character #x0007: special characters are not allowed in "<unicode string>", position 3',
+        ),
+        ("a: " + "[" * 2000 + "]" * 2000, "it nests mappings or lists too deeply"),
+        (
+            "a: " + "1" * 5000,
+            "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits; use "
+            "sys.set_int_max_str_digits() to increase the limit",
+        ),
+        (
+            "a: !!python/name:os.system x",
+            "could not determine a constructor for the tag 'tag:yaml.org,2002:python/name:os.system' "
+            "(line 1, column 4)",
+        ),
+    ],
+    ids=["problem", "context-and-problem", "context-unplaced", "reader", "recursion", "digits", "tag"],
+)
+def test_yaml_that_cannot_be_parsed_is_one_exact_line(tmp_path, text, problem):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"cannot parse {path}: {problem}"[: len(f"cannot parse {path}: ") + 200]
+
+
+def test_a_long_parse_error_is_cut_to_200_characters(tmp_path, monkeypatch):
+    import crossdistill.config as config
+
+    def fails(*args, **kwargs):
+        raise ValueError("x" * 500 + "\n  y")
+
+    monkeypatch.setattr(config.yaml, "load", fails)
+    path = tmp_path / "run.yaml"
+    path.write_text("a: 1")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"cannot parse {path}: " + "x" * 200
+
+
+def test_the_top_level_must_be_a_mapping_and_an_empty_file_is_an_empty_config(tmp_path):
+    from crossdistill.config import read_yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError) as info:
+        read_yaml(path)
+    assert str(info.value) == f"{path}: the top level of a config must be a mapping"
+    path.write_text("")
+    assert read_yaml(str(path)) == {}
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError) as info:
+        read_yaml(path)
+    assert str(info.value) == f"cannot parse {path}: not a text (UTF-8) file; a run config is YAML"
+    with pytest.raises(ConfigError) as info:
+        read_yaml(tmp_path / "missing.yaml")
+    assert str(info.value) == f"config file not found: {tmp_path / 'missing.yaml'}"
+    with pytest.raises(ConfigError) as info:
+        read_yaml(tmp_path)  # a folder is not a config file
+    assert str(info.value) == f"config file not found: {tmp_path}"
+
+
+def test_bases_merge_in_order_relative_to_the_file_that_names_them(tmp_path):
+    from crossdistill.config import read_yaml
+
+    (tmp_path / "common").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "common" / "root.yaml").write_text("train: {epochs: 1, seed: 1}\ndata: {hflip: 0.1}\n")
+    (tmp_path / "common" / "a.yaml").write_text("base: root.yaml\ntrain: {epochs: 2, batch_size: 8}\n")
+    (tmp_path / "b.yaml").write_text("train: {epochs: 3}\noptim: {lr: 0.1}\n")
+    (tmp_path / "runs" / "run.yaml").write_text("base: [../common/a.yaml, ../b.yaml]\noptim: {lr: 0.2}\n")
+    assert read_yaml(tmp_path / "runs" / "run.yaml") == {
+        "train": {"epochs": 3, "seed": 1, "batch_size": 8},
+        "data": {"hflip": 0.1},
+        "optim": {"lr": 0.2},
+    }
+
+
+def test_a_cycle_of_bases_names_every_file_in_it(tmp_path):
+    from crossdistill.config import read_yaml
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: [c.yaml]\n")
+    (tmp_path / "c.yaml").write_text("base: a.yaml\n")
+    a, b, c = (str((tmp_path / f"{n}.yaml").resolve()) for n in "abc")
+    with pytest.raises(ConfigError) as info:
+        read_yaml(tmp_path / "a.yaml")
+    assert str(info.value) == f"config files extend each other in a cycle: {a} -> {b} -> {c} -> {a}"
+    (tmp_path / "c.yaml").write_text("train: {epochs: 1}\n")  # a diamond is no cycle
+    (tmp_path / "a.yaml").write_text("base: [b.yaml, c.yaml]\n")
+    assert read_yaml(tmp_path / "a.yaml") == {"train": {"epochs": 1}}
+
+
+def test_overrides_strip_the_key_split_at_the_first_equals_and_replace_what_is_not_a_section():
+    raw = {"teacher": None, "train": {"epochs": 2, "run_name": "r"}}
+    out = apply_overrides(
+        raw, [" train.epochs = 3", "teacher.name=vit", "train.run_name=", "data.scale=[0.5, 1]", "x=a=b", "y=[1,"]
+    )
+    assert out == {
+        "teacher": {"name": "vit"},
+        "train": {"epochs": 3, "run_name": None},
+        "data": {"scale": [0.5, 1]},
+        "x": "a=b",  # not YAML: the text itself
+        "y": "[1,",
+    }
+    assert raw == {"teacher": None, "train": {"epochs": 2, "run_name": "r"}}  # the input is not changed
+    with pytest.raises(ConfigError) as info:
+        apply_overrides({}, ["train.epochs"])
+    assert str(info.value) == "override 'train.epochs' is not of the form key=value (e.g. train.epochs=3)"
+
+
+def test_sections_and_keys_are_named_exactly():
+    with pytest.raises(ConfigError) as info:
+        build_config(3)
+    assert str(info.value) == "config section '<root>' must be a mapping, got 3"
+    with pytest.raises(ConfigError) as info:
+        build_config({"student": {"name": "resnet18"}, "train": {"epoch": 3}})
+    assert str(info.value) == "unknown config key 'train.epoch'. Did you mean: epochs?"
+    with pytest.raises(ConfigError) as info:
+        build_config({"trian": {}})
+    assert str(info.value) == "unknown config key 'trian'. Did you mean: train?"
+    with pytest.raises(ConfigError) as info:
+        build_config({"student": {"name": "resnet18"}, "train": {"zzz": 3}})
+    assert str(info.value) == "unknown config key 'train.zzz'."
+
+
+def _nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_the_size_bounds_are_exact():
+    from crossdistill.config import MAX_CONFIG_CHARS, MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES, check_config_size
+
+    values = (
+        "x expands to more than 100,000 values, where a run config holds a few hundred: aliases (*name) or shared "
+        "references repeat a part of it; write the values out plainly"
+    )
+    chars = (
+        "x expands to more than 1,000,000 characters of text, where a run config holds a few thousand: aliases "
+        "(*name) or shared references repeat a part of it; write the values out plainly"
+    )
+    depth = "x nests mappings or lists more than 50 levels deep (a run config needs about 4); is it a run config?"
+    accepted = [
+        [0] * (MAX_CONFIG_VALUES - 1),  # with the list itself: the bound
+        tuple([0] * (MAX_CONFIG_VALUES - 1)),
+        {i: None for i in range((MAX_CONFIG_VALUES - 1) // 2)},  # keys count too
+        _nested(MAX_CONFIG_DEPTH),
+        {"a": _nested(MAX_CONFIG_DEPTH - 1)},
+        ["a" * (MAX_CONFIG_CHARS // 2), "b" * (MAX_CONFIG_CHARS // 2)],
+        [b"a" * MAX_CONFIG_CHARS],
+    ]
+    for value in accepted:
+        check_config_size(value, "x")
+    refused = [
+        ([0] * MAX_CONFIG_VALUES, values),
+        (tuple([0] * MAX_CONFIG_VALUES), values),
+        (set(range(MAX_CONFIG_VALUES)), values),
+        (frozenset(range(MAX_CONFIG_VALUES)), values),
+        ({i: None for i in range(MAX_CONFIG_VALUES // 2)}, values),
+        (_nested(MAX_CONFIG_DEPTH + 1), depth),
+        ({"a": _nested(MAX_CONFIG_DEPTH)}, depth),
+        (((0,), _nested(MAX_CONFIG_DEPTH)), depth),
+        (["a" * (MAX_CONFIG_CHARS // 2), "b" * (MAX_CONFIG_CHARS // 2 + 1)], chars),
+        ({"a" * (MAX_CONFIG_CHARS + 1): 1}, chars),  # keys count too
+        ([b"a" * (MAX_CONFIG_CHARS + 1)], chars),
+    ]
+    for value, message in refused:
+        with pytest.raises(ConfigError) as info:
+            check_config_size(value, "x")
+        assert str(info.value) == message
