@@ -261,3 +261,29 @@ def test_the_full_disk_error_of_a_run_advises_a_resume(tmp_path):
         + RESUME_ADVICE
     )
     assert str(checkpoint.no_space_error(path, "Elsewhere.")).endswith("is intact. Elsewhere.")
+
+
+def test_a_damaged_safetensors_file_gives_the_librarys_reason_on_one_line(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def damaged(path):
+        raise RuntimeError("Error while deserializing header:\n   " + "x" * 300)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", damaged)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"\0" * 8)
+    with pytest.raises(CrossDistillError) as err:
+        load_weights_file(path)
+    reason = ("Error while deserializing header: " + "x" * 300)[:200]
+    assert str(err.value) == f"{path}: not a readable safetensors file ({reason})"
+
+
+def test_without_torchs_safe_globals_context_the_namespace_is_allowed_for_good(monkeypatch):
+    """torch 2.4 has add_safe_globals but no safe_globals context manager: the fallback allows timm's
+    Namespace process-wide (and returns a no-op context)."""
+    allowed = []
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    monkeypatch.setattr(torch.serialization, "add_safe_globals", allowed.append)
+    with checkpoint._allowed_globals():
+        pass
+    assert allowed == [[argparse.Namespace]]
