@@ -287,3 +287,34 @@ def test_without_torchs_safe_globals_context_the_namespace_is_allowed_for_good(m
     with checkpoint._allowed_globals():
         pass
     assert allowed == [[argparse.Namespace]]
+
+
+@pytest.mark.parametrize(
+    "error,expected",
+    [
+        # torch before 2.5, or a failure its weights-only unpickler does not claim: the file is damaged
+        (
+            pickle.UnpicklingError("invalid load key, 'x'.\n  at byte 0"),
+            "(corrupt or not a torch file): invalid load key, 'x'. at byte 0",
+        ),
+        (
+            pickle.UnpicklingError("Weights only load failed.\n unsupported operand type(s) for +"),
+            "(corrupt or not a torch file): Weights only load failed. unsupported operand type(s) for +",
+        ),
+        (
+            RuntimeError("PytorchStreamReader failed\n  reading zip archive"),
+            "(truncated or not a torch file?): RuntimeError: PytorchStreamReader failed reading zip archive",
+        ),
+    ],
+    ids=["old-torch", "bytes", "other"],
+)
+def test_each_unreadable_file_is_named_with_torchs_reason_on_one_line(tmp_path, monkeypatch, error, expected):
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", fails)
+    path = tmp_path / "c.pt"
+    path.write_bytes(b"x")
+    with pytest.raises(CrossDistillError) as err:
+        load_weights_file(path)
+    assert str(err.value) == f"{path}: not a readable checkpoint {expected}"

@@ -133,17 +133,6 @@ EQUIVALENT: dict[str, str] = {
     "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_28": "_scale viewed [3, 1, 1] instead of [1, 3, 1, 1]: broadcast over a [B, 3, H, W] batch it is the same product, "
     "and the cache key flattens it",
     "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_43": "_shift viewed [3, 1, 1]: same as above",
-    "crossdistill.checkpoint.x__umask__mutmut_3": "os.umask(0o023) for os.umask(0o022) while reading the mask: it is put back on the next line, the value "
-    "set in between is never used",
-    "crossdistill.checkpoint.x_save_atomic__mutmut_40": "the temporary file's unlink(missing_ok=None) after an OSError: the file always exists there "
-    "(os.replace, the last call that can fail, leaves it in place when it fails)",
-    "crossdistill.checkpoint.x_save_atomic__mutmut_42": "unlink(missing_ok=False), same place: same as above",
-    "crossdistill.checkpoint.x_save_atomic__mutmut_48": "unlink(missing_ok=None) after any other exception: the file exists there but in a signal that lands "
-    "between os.replace returning and the try block ending, which no test can aim at",
-    "crossdistill.checkpoint.x_save_atomic__mutmut_50": "unlink(missing_ok=False), same place: same as above",
-    "crossdistill.checkpoint.x__allowed_globals__mutmut_9": "add_safe_globals(None) in the torch 2.4 fallback: torch >= 2.5 has safe_globals and never runs that line",
-    "crossdistill.checkpoint.x_load_weights_file__mutmut_26": "the message of an UnpicklingError not about weights-only loading: with weights_only=True, torch >= 2.5 "
-    "reports every unpickling failure as a weights-only one, so the branch only runs on older torch",
     "crossdistill.engine.teacher_cache.x__row_crc__mutmut_2": "view(None) for view(np.uint8) before zlib.crc32: crc32 reads the row's bytes through the buffer protocol, whatever the view's dtype",
     "crossdistill.engine.teacher_cache.x__row_crc__mutmut_10": "reshape(N, -2) for reshape(N, -1): numpy takes any negative size as the one to infer",
     "crossdistill.engine.teacher_cache.x__row_crc__mutmut_12": "np.fromiter(dtype=None) gives float64 CRCs: exact below 2**53, and stored into the int64 check file",
