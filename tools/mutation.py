@@ -166,6 +166,16 @@ EQUIVALENT: dict[str, str] = {
     "crossdistill.files.x_write_text_atomic__mutmut_9": 'text.encode("UTF-8") for "utf-8": Python\'s codec names are case-insensitive',
     "crossdistill.files.x_write_path_atomic__mutmut_4": 'folder = "" instead of None before mkdtemp: when the folder could not be made, the finally block runs '
     'shutil.rmtree("", ignore_errors=True), which fails to find "" and ignores it, as skipping it does',
+    "crossdistill.config.xǁRunConfigǁto_yaml__mutmut_2": "yaml.safe_dump(sort_keys=None) for sort_keys=False: PyYAML only tests `if self.sort_keys`",
+    "crossdistill.config.x__type_name__mutmut_15": "the name of a generic's origin with the fallback None instead of str(origin): every annotation "
+    "_convert reports a type error for is a class, a generic of tuple, list or dict, or a union of those, and these "
+    "origins all have a __name__, so the fallback is never used",
+    "crossdistill.config.x__type_name__mutmut_18": "the same fallback dropped (getattr without a default): same as above",
+    "crossdistill.config.x__type_name__mutmut_21": "the same fallback as str(None): same as above",
+    "crossdistill.config.x__type_name__mutmut_24": "the name of a plain type with the fallback None instead of str(tp): the plain types _convert "
+    "reports (bool, int, float, str, dataclasses) are classes with a __name__",
+    "crossdistill.config.x__type_name__mutmut_27": "the same fallback dropped: same as above",
+    "crossdistill.config.x__type_name__mutmut_30": "the same fallback as str(None): same as above",
 }
 """mutant name -> why no test can tell it from the original (it behaves identically)."""
 
