@@ -28,6 +28,12 @@ from study_protocols import (
 )
 from study_run import machine_info, read_log
 
+# tests/test_docs.py runs every shell block of docs/ that is not marked like this one
+DOC_TEST_SKIP = (
+    "<!-- doc-test: skip the whole study: an hour on 2 CPU cores (cpu) or a GPU (gpu); "
+    "tests/test_accuracy_study.py runs its tiny protocol -->"
+)
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -482,6 +488,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     L.append("")
 
     L.append("## Reproduce\n")
+    L.append(DOC_TEST_SKIP)
     L.append("```bash")
     L.append(study_command(p, s, "--dry-list") + "   # the plan, estimated time, what is already done")
     L.append(study_command(p, s) + "              # everything; resumable, finished runs are skipped")

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="a ResNet teacher, a ViT student alone, with KD and with RSD on scikit-learn's digits (CPU, ~2 min)",
+        help="a ResNet teacher, a ViT student alone, with KD and with RSD on scikit-learn's digits (CPU, ~2.5 min)",
     )
     p.add_argument("--output-dir", default="demo_runs")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's)")
