@@ -12,10 +12,9 @@ import torch
 
 from ..config import RunConfig
 from ..data import CLASS_COUNTS
-from ..distillers import METHODS, build_distiller
+from ..distillers import METHODS
 from ..errors import CrossDistillError
-from ..models import Teacher, create_model
-from .setup import check_run_config, count_parameters, make_criterion
+from .setup import build_models, check_run_config, count_parameters
 from .teacher_runner import TeacherRunner
 
 
@@ -41,12 +40,8 @@ def dry_run(cfg: RunConfig, *, batch: int = 4, world_size: int | None = None, ou
     method_cls = METHODS.get(cfg.method)
     if getattr(args, "img_size", "absent") is None:
         args = dataclasses.replace(args, img_size=cfg.data.img_size)
-    unloaded = lambda m: dataclasses.replace(m, pretrained=False, checkpoint=None)  # noqa: E731
-    student = create_model(unloaded(cfg.student), cfg.num_classes)
-    teacher = None
-    if cfg.teacher is not None and method_cls.needs_teacher:
-        teacher = Teacher(create_model(unloaded(cfg.teacher), cfg.num_classes))
-    distiller = build_distiller(cfg.method, student, teacher, args, criterion=make_criterion(cfg))
+    distiller = build_models(cfg, args, cfg.num_classes, load_weights=False)  # each model at the size it takes
+    student, teacher = distiller.student, distiller.teacher
 
     effective = cfg.train.batch_size * world
     say("\n# run")
