@@ -352,8 +352,8 @@ ERRORS_MD_INPUTS = {  # case: (overrides made in a folder, what the message says
         "does not fit test_vit: 79 weight(s) have other shapes",
     ),
     "head class count": (
-        lambda d: [teacher_file(d, num_classes=7)],
-        "the checkpoint's classifier (head.weight) has 7 classes, but the run needs 10",
+        lambda d: [teacher_file(d, num_classes=7), "method=kd"],
+        "method 'kd' reads the teacher's logits, but the teacher's classifier (teacher.checkpoint ",
     ),
     "int8 teacher": (
         lambda d: [teacher_file(d, floats(lambda v: v.to(torch.int8)))],

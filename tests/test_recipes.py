@@ -38,7 +38,9 @@ BASES = sorted(p for p in CONFIGS.rglob("*.yaml") if is_partial(p))
 DATASETS = {  # first directory under configs/ -> (num_classes, data.dataset)
     "cifar100": (100, "cifar100"),
     "imagenet": (1000, "folder"),
+    "own_data": (None, "folder"),  # the user's image folder: its class directories give the count
 }
+OWN_DATA_CLASSES = 10  # what the own_data templates are built with here
 
 # paper name -> (short name used in file names, timm name)
 TEACHERS = {
@@ -186,11 +188,15 @@ def test_recipe_resolves_and_builds(path: Path):
     assert cfg.data.img_size == 224, "the paper trains and evaluates at 224 px (CIFAR upsampled)"
     if dataset_dir == "imagenet":
         assert cfg.data.eval_split == "val"
+    if num_classes is None:  # a template for the user's data: no paper run to match
+        num_classes = OWN_DATA_CLASSES
+        assert cfg.train.reference_batch is None
 
     t = cfg.train
-    assert t.reference_batch is not None, "recipes record the effective batch of the reference run"
-    assert t.reference_batch % t.batch_size == 0, "reference batch = per-GPU batch x GPU count"
     pair = paper_pair(path)
+    if dataset_dir != "own_data":
+        assert t.reference_batch is not None, "recipes record the effective batch of the reference run"
+        assert t.reference_batch % t.batch_size == 0, "reference batch = per-GPU batch x GPU count"
     if pair is not None or path.parent.name == "vanilla":
         method = pair[1] if pair else "vanilla"
         assert t.reference_batch == t.batch_size * GPUS.get((dataset_dir, method), DEFAULT_GPUS)
@@ -203,7 +209,7 @@ def test_recipe_resolves_and_builds(path: Path):
     unloaded = lambda m: dataclasses.replace(m, pretrained=False, checkpoint=None)  # noqa: E731
     teacher = meta_teacher(cfg.teacher, num_classes) if method_cls.needs_teacher else None
     with torch.device("meta"):
-        student = create_model(unloaded(cfg.student), num_classes)
+        student = create_model(unloaded(cfg.student), num_classes, cfg.data.img_size)
         distiller = build_distiller(cfg.method, student, teacher, args, criterion=make_criterion(cfg))
     assert student.get_classifier().out_features == num_classes
     if teacher is not None:

@@ -66,7 +66,7 @@ def evaluate_checkpoint(
     data = build_data(data_cfg, student_data_config(ModelConfig(name=name)))
 
     state = extract_state_dict(loaded, use_ema=use_ema, path=str(path))
-    net = create_model(ModelConfig(name=name, kwargs=kwargs), data.num_classes)
+    net = create_model(ModelConfig(name=name, kwargs=kwargs), data.num_classes, data_cfg.img_size)
     head = classifier_weight_key(net)
     if head in state and state[head].shape[0] != data.num_classes:
         raise CrossDistillError(

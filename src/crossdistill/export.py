@@ -51,6 +51,7 @@ from .engine.setup import student_data_config
 from .errors import SHOWN_CHARS, CrossDistillError, one_line, shorten, suggest
 from .files import NoSpaceError, write_bytes_atomic, write_path_atomic
 from .models import create_model
+from .models.factory import sized_kwargs
 from .version import __version__
 
 FORMATS = {"safetensors": "model.safetensors", "timm": "model.pth", "onnx": "model.onnx"}
@@ -459,7 +460,7 @@ def export_run(
     if num_classes < 1:
         raise CrossDistillError(f"{ckpt_path} does not record num_classes; re-save it with a current crossdistill")
     classes = list(state.get("classes") or [])
-    name, kwargs = cfg.student.name, dict(cfg.student.kwargs)
+    name, kwargs = cfg.student.name, sized_kwargs(cfg.student, cfg.data.img_size)  # as the run built it
     out_dir = Path(out) if out is not None else run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     stale_removed = _remove_stale_export(out_dir, names)

@@ -86,8 +86,10 @@ def _label(loaded: dict[str, Any], fallback: str) -> str:
     return fallback
 
 
-def _frozen_student(path: Path, model_cfg, num_classes: int, use_ema: bool, loaded: dict[str, Any], data):
-    net = create_model(model_cfg, num_classes)
+def _frozen_student(
+    path: Path, model_cfg, num_classes: int, use_ema: bool, loaded: dict[str, Any], data, img_size: int
+):
+    net = create_model(model_cfg, num_classes, img_size)
     load_model_weights(net, path, use_ema=use_ema, num_classes=num_classes, loaded=loaded)
     recorded = loaded.get("normalization")
     mean, std = data.mean, data.std
@@ -198,7 +200,7 @@ def run_cka(
             "CKA map says nothing about what was learnt (pass --teacher-checkpoint)"
         )
     dev = resolve_device(device)
-    teacher_model = create_teacher(teacher_cfg, data.num_classes, data.mean, data.std)
+    teacher_model = create_teacher(teacher_cfg, data.num_classes, data.mean, data.std, data_cfg.img_size)
     teacher_model.to(dev)
 
     # --- students
@@ -207,7 +209,7 @@ def run_cka(
         LayerSet.of(
             first_label,
             student_cfg.name,
-            _frozen_student(path, student_cfg, data.num_classes, use_ema, loaded, data).to(dev),
+            _frozen_student(path, student_cfg, data.num_classes, use_ema, loaded, data, data_cfg.img_size).to(dev),
         )
     ]
     compare_path = None
@@ -228,7 +230,9 @@ def run_cka(
             LayerSet.of(
                 second,
                 compare_cfg.name,
-                _frozen_student(compare_path, compare_cfg, data.num_classes, False, compare_loaded, data).to(dev),
+                _frozen_student(
+                    compare_path, compare_cfg, data.num_classes, False, compare_loaded, data, data_cfg.img_size
+                ).to(dev),
             )
         )
     teacher_layers = LayerSet.of("teacher", teacher_cfg.name, teacher_model)

@@ -96,13 +96,15 @@ class Resumed:
     """The run's earlier ``train.epochs`` when this run changed it (the lr schedule is re-planned), else None."""
     trackers: dict[str, str] = field(default_factory=dict)
     """The experiment trackers' run ids (``train.trackers``): the resumed run continues them."""
+    teacher_eval: dict[str, Any] | None = None
+    """The teacher's accuracy on the evaluation split, measured at the start of the run (None: not measured)."""
 
 
 class Checkpointer:
     """Saves and loads the checkpoints of the run in ``run_dir``: rank 0 writes, every rank learns whether it worked.
 
-    ``progress`` returns what the loop knows that a checkpoint keeps: ``best``, ``history``, ``wall_time_s``
-    (and ``trackers``, the experiment trackers' run ids).
+    ``progress`` returns what the loop knows that a checkpoint keeps: ``best``, ``history``, ``wall_time_s``,
+    ``teacher_eval`` (and ``trackers``, the experiment trackers' run ids).
     """
 
     def __init__(
@@ -156,6 +158,7 @@ class Checkpointer:
             "world_size": self.env.world_size,
             "wall_time_s": progress["wall_time_s"],
             "trackers": dict(progress.get("trackers") or {}),
+            "teacher_eval": progress.get("teacher_eval"),
         }
 
     def save_epoch(self, epoch: int, improved: bool, then: Callable[[], None] | None = None) -> None:
@@ -299,6 +302,7 @@ class Checkpointer:
             wall_time_s=float(state.get("wall_time_s", 0.0)),
             epochs_changed_from=saved_epochs if saved_epochs != epochs else None,
             trackers=dict(state.get("trackers") or {}),
+            teacher_eval=state["teacher_eval"] if isinstance(state.get("teacher_eval"), dict) else None,
         )
         if resumed.epochs_changed_from is not None:
             self._replan_schedule(resumed)

@@ -107,14 +107,13 @@ def dry_run(
             checks.run(_raise("set num_classes in the config for --dry-run, which leaves the dataset unopened"))
         checks.verdict()  # no class count, no models: a run would have stopped at the data
 
-    offline = dataclasses.replace(cfg, **_without_downloads(cfg))
     mean, std = (data.mean, data.std) if data is not None else _data_stats(cfg)
-    distiller = checks.run(lambda: build_models(offline, method_args, num_classes, mean, std))
+    distiller = checks.run(lambda: build_models(cfg, method_args, num_classes, mean, std, download=False))
     loaded = distiller is not None
     if distiller is None:  # the weights did not load: check the rest with random ones
-        distiller = build_models(
-            dataclasses.replace(offline, **_without_weights(offline)), method_args, num_classes, mean, std
-        )
+        distiller = checks.run(lambda: build_models(cfg, method_args, num_classes, mean, std, load_weights=False))
+    if distiller is None:
+        checks.verdict()  # the models cannot be built: a run would have stopped here
     teacher = distiller.teacher
     say(
         f"method {cfg.method}: {cfg.teacher.name if teacher is not None else '-'} -> {cfg.student.name}, "
@@ -201,23 +200,6 @@ def _raise(message: str) -> Callable[[], None]:
         raise CrossDistillError(message)
 
     return fail
-
-
-def _without_downloads(cfg: RunConfig) -> dict[str, Any]:
-    """The student and teacher configs without ``pretrained`` (downloading writes the Hugging Face cache)."""
-    return {
-        role: dataclasses.replace(model, pretrained=False)
-        for role in ("student", "teacher")
-        if (model := getattr(cfg, role)) is not None
-    }
-
-
-def _without_weights(cfg: RunConfig) -> dict[str, Any]:
-    return {
-        role: dataclasses.replace(model, checkpoint=None)
-        for role in ("student", "teacher")
-        if (model := getattr(cfg, role)) is not None
-    }
 
 
 def _data_stats(cfg: RunConfig) -> tuple[Any, Any]:

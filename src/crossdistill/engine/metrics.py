@@ -57,6 +57,18 @@ def evaluate(
     }
 
 
+class TeacherClassifier(nn.Module):
+    """The frozen teacher as :func:`evaluate` runs a model: its inputs prepared (re-normalised, resized) as in
+    training. The teacher is not a child module: evaluating leaves it in eval mode and its flags untouched."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher.model(self.teacher.prepare(images))
+
+
 class EpochTotals:
     """The sums of an epoch's loss terms over its counted steps, and its skipped steps, kept on the device
     (no host sync per step); a mid-epoch checkpoint keeps them (:meth:`partial`) and a resume continues them."""

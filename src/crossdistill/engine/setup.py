@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import timm
 import torch
@@ -18,8 +18,13 @@ from ..data.device_augment import check_device_augment
 from ..distillers import METHODS, Distiller, MethodConfig, build_distiller, method_config
 from ..errors import CrossDistillError
 from ..models import Teacher, check_model_name, create_model
-from ..models.factory import load_model_weights
+from ..models.factory import check_input_size, default_input_size, fixed_input_size, load_model_weights
 from .logs import check_trackers
+
+FINE_TUNE_HINT = (
+    "Fine-tune the teacher on this dataset first (README, 'Your own data: fine-tune a teacher, then distil'; "
+    "configs/own_data/finetune_teacher.yaml) and distil from its best.pt"
+)
 
 
 def check_run_config(cfg: RunConfig) -> MethodConfig:
@@ -29,7 +34,35 @@ def check_run_config(cfg: RunConfig) -> MethodConfig:
     Every run calls this before it builds or writes anything."""
     check_device_augment(cfg.data)
     check_trackers(cfg.train.trackers)
+    check_model_kwargs(cfg)
     return method_config(cfg.method, cfg.method_args, teacher=cfg.teacher)
+
+
+def _square(value: Any) -> int | None:
+    """``img_size`` as one int: N, or [N, N]; None for anything else (left to the model to accept)."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_model_kwargs(cfg: RunConfig) -> None:
+    """The model kwargs a run sets itself: the classifier's class count, and the student's input size."""
+    if "num_classes" in cfg.student.kwargs:
+        raise CrossDistillError(
+            "student.kwargs.num_classes: the student's classifier always has the run's class count (num_classes, "
+            "or the dataset's); drop student.kwargs.num_classes"
+        )
+    if cfg.teacher is not None and "num_classes" in cfg.teacher.kwargs:
+        raise CrossDistillError(
+            "teacher.kwargs.num_classes: the teacher's classifier keeps the class count of its weights (checkpoint or "
+            "pretrained), and methods that read only its embedding (rsd) accept any; drop teacher.kwargs.num_classes"
+        )
+    size = cfg.student.kwargs.get("img_size")
+    if size is not None and _square(size) != cfg.data.img_size and not cfg.student.kwargs.get("dynamic_img_size"):
+        raise CrossDistillError(
+            f"student.kwargs.img_size is {size} but the student is fed data.img_size={cfg.data.img_size} px images; "
+            f"drop student.kwargs.img_size (a student is built for data.img_size) or set data.img_size={size}"
+        )
 
 
 def student_data_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -47,18 +80,82 @@ def resolve_num_classes(cfg: RunConfig, data: DataBundle) -> int:
     return data.num_classes
 
 
-def create_teacher(cfg: ModelConfig, num_classes: int, data_mean, data_std) -> Teacher:
-    """Build and load the teacher, and work out which input normalisation it expects.
+def _trained_size(loaded: Mapping[str, Any] | None, name: str) -> int | None:
+    """The input size a crossdistill run checkpoint's student was built for, when it is the model ``name``."""
+    config = loaded.get("config") if isinstance(loaded, Mapping) else None
+    student = config.get("student") if isinstance(config, Mapping) else None
+    if not isinstance(student, Mapping) or str(student.get("name", "")).split(".")[0] != name.split(".")[0]:
+        return None
+    kwargs, data = student.get("kwargs"), config.get("data")
+    size = _square(kwargs.get("img_size")) if isinstance(kwargs, Mapping) else None
+    return size or (_square(data.get("img_size")) if isinstance(data, Mapping) else None)
 
-    Precedence: ``teacher.mean/std`` from the config; the normalisation recorded in a
-    crossdistill checkpoint; timm's pretrained config when ``pretrained: true``;
-    otherwise the data's own (what the official code feeds its teachers).
-    """
-    model = create_model(dataclasses.replace(cfg, checkpoint=None), num_classes)
-    mean, std = data_mean, data_std
+
+def teacher_input_size(cfg: ModelConfig, data_img_size: int, loaded: Mapping[str, Any] | None = None) -> int:
+    """The square input size the teacher runs at; its inputs are resized to it when the data's differ.
+
+    A teacher that takes any size (a CNN) runs at the data's. One built for one size (ViT, Swin, Mixer) keeps
+    the size its weights were trained at: ``teacher.kwargs.img_size``, else the size recorded in a crossdistill
+    run checkpoint (``loaded``), else timm's default for pretrained weights and other checkpoints. A teacher
+    without weights is built for the data's size."""
+    if not fixed_input_size(cfg.name):
+        return data_img_size
+    given = _square(cfg.kwargs.get("img_size"))
+    if given is not None:
+        return given
+    trained = _trained_size(loaded, cfg.name)
+    if trained is not None:
+        return trained
+    if cfg.pretrained or cfg.checkpoint:
+        return default_input_size(cfg.name)
+    return data_img_size
+
+
+def teacher_size_source(cfg: ModelConfig) -> str:
+    """Where the teacher's own input size comes from (see :func:`teacher_input_size`), for the start-up summary."""
+    if _square(cfg.kwargs.get("img_size")) is not None:
+        return "teacher.kwargs.img_size"
     if cfg.checkpoint:
-        loaded = load_weights_file(cfg.checkpoint)
-        load_model_weights(model, cfg.checkpoint, use_ema=cfg.checkpoint_ema, num_classes=num_classes, loaded=loaded)
+        return "its checkpoint's size: the one a crossdistill run recorded, else timm's default"
+    return "the size of its pretrained weights"
+
+
+def _pretrained_classes(name: str, fallback: int) -> int:
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    classes = getattr(pretrained_cfg, "num_classes", None)
+    return int(classes) if isinstance(classes, int) else fallback
+
+
+def create_teacher(
+    cfg: ModelConfig,
+    num_classes: int,
+    data_mean,
+    data_std,
+    img_size: int | None = None,
+    *,
+    load_weights: bool = True,
+    download: bool = True,
+) -> Teacher:
+    """Build and load the teacher, and work out which input normalisation and size it expects.
+
+    Normalisation, by precedence: ``teacher.mean/std`` from the config; the normalisation recorded in a
+    crossdistill checkpoint; timm's pretrained config when ``pretrained: true``; otherwise the data's (what
+    the official code feeds its teachers). Size: :func:`teacher_input_size` for ``img_size`` px data (None:
+    the model's own). The classifier keeps the class count of the weights (the method decides whether that
+    fits: :func:`check_teacher_fits`); ``load_weights=False`` builds it without weights (``--dry-run``).
+    """
+    loaded = load_weights_file(cfg.checkpoint) if cfg.checkpoint and load_weights else None
+    size = teacher_input_size(cfg, img_size, loaded) if img_size is not None else None
+    size_fix = (
+        f"set teacher.kwargs.img_size to a size {cfg.name} takes (e.g. {default_input_size(cfg.name)}; "
+        "the teacher's inputs are resized to it)"
+    )
+    head = _pretrained_classes(cfg.name, num_classes) if cfg.pretrained else num_classes
+    unloaded = dataclasses.replace(cfg, checkpoint=None, pretrained=cfg.pretrained and load_weights and download)
+    model = create_model(unloaded, head, size, size_fix)
+    mean, std = data_mean, data_std
+    if loaded is not None:
+        load_model_weights(model, cfg.checkpoint, use_ema=cfg.checkpoint_ema, loaded=loaded, head="adopt")
         recorded = loaded.get("normalization")
         if isinstance(recorded, dict) and "mean" in recorded:
             mean, std = tuple(recorded["mean"]), tuple(recorded["std"])
@@ -68,7 +165,92 @@ def create_teacher(cfg: ModelConfig, num_classes: int, data_mean, data_std) -> T
         mean = cfg.mean
     if cfg.std is not None:
         std = cfg.std
-    return Teacher(model, data_mean=data_mean, data_std=data_std, model_mean=mean, model_std=std)
+    resized = size is not None and size != img_size and fixed_input_size(cfg.name)
+    if size is not None:
+        check_input_size(model, cfg.name, size, size_fix)
+    return Teacher(
+        model,
+        data_mean=data_mean,
+        data_std=data_std,
+        model_mean=mean,
+        model_std=std,
+        input_size=size if resized else None,
+    )
+
+
+def reads_teacher_head(distiller: Distiller) -> bool:
+    """Whether the method reads the teacher's classifier: its logits, or what a method computes from the teacher
+    itself (SDD: region logits through the head). Feature-only methods (RSD: the embedding) accept any head."""
+    if not distiller.reads_teacher:
+        return False
+    return distiller.teacher_request().logits or type(distiller).compute_teacher is not Distiller.compute_teacher
+
+
+def teacher_head_classes(teacher: Teacher) -> int | None:
+    """The class count of the teacher's classifier (0: none), None where the model does not say (not timm)."""
+    classes = getattr(teacher.model, "num_classes", None)
+    return int(classes) if isinstance(classes, int) else None
+
+
+def check_teacher_fits(distiller: Distiller, cfg: RunConfig, num_classes: int) -> None:
+    """Refuse a teacher the method cannot use: a classifier of other classes when the method reads the teacher's
+    logits, and a teacher at its own input size when the method computes from its feature maps at the data's."""
+    teacher = distiller.teacher
+    if teacher is None or cfg.teacher is None:
+        return
+    head = teacher_head_classes(teacher)
+    if head is not None and head != num_classes and reads_teacher_head(distiller):
+        source = (
+            f" (teacher.checkpoint {cfg.teacher.checkpoint})"
+            if cfg.teacher.checkpoint
+            else (" (its pretrained weights)" if cfg.teacher.pretrained else "")
+        )
+        raise CrossDistillError(
+            f"method {cfg.method!r} reads the teacher's logits, but the teacher's classifier{source} has "
+            f"{head or 'no'} classes and the run has {num_classes}. {FINE_TUNE_HINT}, or use a method that reads "
+            "only the teacher's embedding (rsd)"
+        )
+    if teacher.input_size is not None and type(distiller).compute_teacher is not Distiller.compute_teacher:
+        raise CrossDistillError(
+            f"method {cfg.method!r} computes its teacher outputs from the teacher's feature map at the data's input "
+            f"size, but the teacher runs at {teacher.input_size} px and data.img_size is {cfg.data.img_size}: set "
+            f"teacher.kwargs.img_size={cfg.data.img_size}"
+        )
+
+
+def build_models(
+    cfg: RunConfig,
+    method_args: MethodConfig,
+    num_classes: int,
+    data_mean=None,
+    data_std=None,
+    *,
+    load_weights: bool = True,
+    download: bool = True,
+) -> Distiller:
+    """Student, teacher and distiller of ``cfg`` (on CPU), each at the input size it takes, checked before a run
+    writes anything; ``load_weights=False`` builds them without weights, ``download=False`` without the
+    ``pretrained`` ones (which would be downloaded) but as they would be built (their size and classifier:
+    ``--dry-run``)."""
+    method_cls = METHODS.get(cfg.method)
+    size = cfg.data.img_size
+    size_fix = (
+        f"set data.img_size to a size the student takes ({cfg.student.name} is made for "
+        f"{default_input_size(cfg.student.name)} px)"
+    )
+    student_cfg = cfg.student if load_weights else dataclasses.replace(cfg.student, pretrained=False, checkpoint=None)
+    if not download:
+        student_cfg = dataclasses.replace(student_cfg, pretrained=False)
+    student = create_model(student_cfg, num_classes, size, size_fix, head="new")  # fine-tuning: a new classifier
+    check_input_size(student, cfg.student.name, size, size_fix)
+    teacher = None
+    if cfg.teacher is not None and method_cls.needs_teacher:
+        teacher = create_teacher(
+            cfg.teacher, num_classes, data_mean, data_std, size, load_weights=load_weights, download=download
+        )
+    distiller = build_distiller(cfg.method, student, teacher, method_args, criterion=make_criterion(cfg))
+    check_teacher_fits(distiller, cfg, num_classes)
+    return distiller
 
 
 def make_criterion(cfg: RunConfig) -> nn.Module:
@@ -118,15 +300,6 @@ def open_data(cfg: RunConfig, world_size: int) -> tuple[DataBundle, int]:
             f"({cfg.train.batch_size} x {world_size} processes = {global_batch}); lower train.batch_size"
         )
     return data, num_classes
-
-
-def build_models(cfg: RunConfig, method_args: MethodConfig, num_classes: int, data_mean, data_std) -> Distiller:
-    """Student and teacher (their weights loaded and checked) in the method's distiller."""
-    student = create_model(cfg.student, num_classes)
-    teacher = None
-    if cfg.teacher is not None and METHODS.get(cfg.method).needs_teacher:
-        teacher = create_teacher(cfg.teacher, num_classes, data_mean, data_std)
-    return build_distiller(cfg.method, student, teacher, method_args, criterion=make_criterion(cfg))
 
 
 def build_run(cfg: RunConfig, world_size: int = 1) -> Built:

@@ -21,7 +21,7 @@ from .claim import RunDirClaim
 from .distributed import DistEnv, all_ranks_ok, init_distributed, shutdown
 from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_everything, unwrap_worker_error
 from .logs import Progress, RunLogger
-from .metrics import EpochTotals, MetricsLog, evaluate
+from .metrics import EpochTotals, MetricsLog, TeacherClassifier, evaluate
 from .preemption import Preempted, StopSignal
 from .rundir import CHECKPOINT, SUMMARY
 from .setup import (
@@ -35,6 +35,9 @@ from .setup import (
     describe_lr,
     lr_plan,
     make_mixup,
+    reads_teacher_head,
+    teacher_head_classes,
+    teacher_size_source,
     untrained_teacher_warning,
 )
 from .snapshot import TensorSnapshot
@@ -57,6 +60,8 @@ class RunSummary:
     wall_time_s: float = 0.0
     extra_parameters: int = 0
     student_parameters: int = 0
+    teacher_top1: float | None = None
+    """The teacher's top-1 on the evaluation split, measured before the student trained (None: not measured)."""
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -109,6 +114,7 @@ class Trainer:
         self.wall_before = 0.0  # seconds of training in earlier sessions of this run (resumed)
         self.session_started: float | None = None
         self.epochs_changed_from: int | None = None
+        self.teacher_eval: dict[str, Any] | None = None
         self.checkpoints = Checkpointer(
             self.run_dir,
             self.env,
@@ -141,6 +147,7 @@ class Trainer:
             "history": self.history,
             "wall_time_s": self.wall_time(),
             "trackers": self.logs.tracker_ids(),
+            "teacher_eval": self.teacher_eval,
         }
 
     def _resume(self, resumed: Resumed) -> None:
@@ -151,6 +158,7 @@ class Trainer:
         self.wall_before = resumed.wall_time_s
         self.epochs_changed_from = resumed.epochs_changed_from
         self.logs.saved_tracker_ids = resumed.trackers
+        self.teacher_eval = resumed.teacher_eval
 
     def latest_checkpoint(self) -> Path:
         """The newest complete checkpoint of the run (epoch or step)."""
@@ -280,6 +288,8 @@ class Trainer:
                 else ""
             )
         )
+        if teacher is not None:
+            self._describe_teacher(teacher)
         warning = untrained_teacher_warning(cfg, self.distiller)
         if warning:
             self.print(warning)
@@ -291,6 +301,39 @@ class Trainer:
         warning = batch_warning(cfg, env.world_size)
         if warning:
             self.print(warning)
+
+    def _describe_teacher(self, teacher) -> None:
+        """What the method uses of the teacher, when that is not all of it: a classifier of other classes, inputs
+        resized to the size the teacher was trained at."""
+        cfg = self.cfg
+        head = teacher_head_classes(teacher)
+        if head is not None and head != self.num_classes and not reads_teacher_head(self.distiller):
+            self.print(f"teacher head: {head or 'no'} classes, not used by {cfg.method}")
+        if teacher.input_size is not None:
+            self.print(
+                f"teacher inputs resized from {cfg.data.img_size} to {teacher.input_size} px "
+                f"({teacher_size_source(cfg.teacher)}); teacher.kwargs.img_size={cfg.data.img_size} runs the teacher "
+                "at the data's size"
+            )
+
+    def _measure_teacher(self) -> None:
+        """Print the teacher's accuracy on the evaluation split before the student trains (one evaluation pass,
+        all ranks, kept in the checkpoints: a resumed run prints it without measuring again). Only for a teacher
+        with weights whose classifier has the run's classes."""
+        teacher, cfg = self.distiller.teacher, self.cfg
+        if teacher is None or cfg.teacher is None or not (cfg.teacher.checkpoint or cfg.teacher.pretrained):
+            return
+        if teacher_head_classes(teacher) != self.num_classes:
+            return
+        measured = self.teacher_eval is not None
+        if not measured:
+            result = evaluate(TeacherClassifier(teacher), self.eval_loader, self.device, self.env, self.amp_dtype)
+            self.teacher_eval = {**result, "split": cfg.data.eval_split}
+        found = self.teacher_eval
+        self.print(
+            f"teacher: {found['top1']:.1f} % top-1 on {found.get('split', cfg.data.eval_split)} "
+            f"({found['samples']} images)" + ("; measured at the start of the run" if measured else "")
+        )
 
     def fit(self, stop_after: int | None = None) -> RunSummary:
         """Train to ``train.epochs`` (or only up to epoch ``stop_after``, leaving a resumable checkpoint).
@@ -324,6 +367,7 @@ class Trainer:
         if self.resumed_from is not None and self.start_epoch >= cfg.train.epochs:
             return self._finished()
         self.describe()
+        self._measure_teacher()
         if self.resumed_from is not None:
             self.print(
                 f"resuming from {self.resumed_from} (epoch {self.start_epoch} done"
@@ -582,6 +626,7 @@ class Trainer:
             wall_time_s=round(wall, 2),  # all sessions of the run (resumes included)
             extra_parameters=self.distiller.extra_parameter_count(),
             student_parameters=count_parameters(self.student),
+            teacher_top1=self.teacher_eval["top1"] if self.teacher_eval is not None else None,
             history=self.history,
         )
         if self.env.is_main:

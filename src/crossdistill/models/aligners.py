@@ -267,7 +267,9 @@ def _first_param(model: nn.Module) -> torch.Tensor | None:
     return next(iter(model.parameters()), None)
 
 
-def _probe(model: nn.Module, stages: Sequence[StageIndex], shape: tuple[int, int, int]) -> list[torch.Tensor]:
+def _probe(
+    model: nn.Module, stages: Sequence[StageIndex], shape: tuple[int, int, int], prepare=None
+) -> list[torch.Tensor]:
     param = _first_param(model)
     x = torch.zeros(
         1,
@@ -276,7 +278,7 @@ def _probe(model: nn.Module, stages: Sequence[StageIndex], shape: tuple[int, int
         dtype=param.dtype if param is not None and param.is_floating_point() else None,
     )
     with _EvalMode(model), torch.no_grad():
-        return forward_model(model, x, logits=False, stages=list(stages)).stages
+        return forward_model(model, prepare(x) if prepare is not None else x, logits=False, stages=list(stages)).stages
 
 
 def probe_layouts(
@@ -293,12 +295,13 @@ def probe_layouts(
     if not stages_s:
         raise ValueError("FitNet needs at least one stage pair")
     teacher = teacher_model.model if isinstance(teacher_model, Teacher) else teacher_model
+    prepare = teacher_model.prepare if isinstance(teacher_model, Teacher) else None  # a teacher at its own size
     shape = _input_shape(input_size)
     hw = shape[1:]
     layouts = []
     for role, model, stages in (("student", student, stages_s), ("teacher", teacher, stages_t)):
         try:
-            feats = _probe(model, stages, shape)
+            feats = _probe(model, stages, shape, prepare if role == "teacher" else None)
         except Exception as err:  # noqa: BLE001 - re-raised with the fix
             raise ConfigError(
                 f"FitNet could not probe the {role} ({type(model).__name__}) stage shapes at "

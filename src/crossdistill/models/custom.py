@@ -17,6 +17,7 @@ def _cfg(**kwargs):
         "num_classes": 1000,
         "input_size": (3, 224, 224),
         "pool_size": (7, 7),
+        "fixed_input_size": True,  # as timm's Swin: built for one input size (img_size)
         "crop_pct": 0.9,
         "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN,

@@ -41,29 +41,100 @@ def _reason(err: Exception) -> str:
     return one_line(err)[:SHOWN_CHARS]
 
 
-def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """Build the model described by ``cfg`` with a ``num_classes`` head and load its weights."""
+def fixed_input_size(name: str) -> bool:
+    """Whether timm model ``name`` is built for one input size (its ``img_size``: ViT, DeiT, Swin, Mixer, ResMLP...),
+    as its pretrained config says; other models take any size."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    return bool(pretrained_cfg is not None and pretrained_cfg.fixed_input_size)
+
+
+def default_input_size(name: str) -> int:
+    """The square input size timm builds ``name`` for without ``img_size`` (its pretrained config's; 224 if none)."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    size = pretrained_cfg.input_size if pretrained_cfg is not None else None
+    return int(size[-1]) if size else 224
+
+
+def sized_kwargs(cfg: ModelConfig, img_size: int | None) -> dict[str, Any]:
+    """``cfg.kwargs`` plus ``img_size`` where the model is built for one input size and the kwargs set none:
+    the kwargs that build the model a run with ``img_size`` px images trains (and export, eval rebuild)."""
+    kwargs = dict(cfg.kwargs)
+    if img_size is not None and "img_size" not in kwargs and fixed_input_size(cfg.name):
+        kwargs["img_size"] = int(img_size)
+    return kwargs
+
+
+def create_model(
+    cfg: ModelConfig, num_classes: int, img_size: int | None = None, size_fix: str = "", head: str = "match"
+) -> nn.Module:
+    """Build the model described by ``cfg`` with a ``num_classes`` head and load its weights.
+
+    ``img_size``: the input size the model will see; a model built for one input size gets it unless
+    ``cfg.kwargs`` sets ``img_size`` (see :func:`sized_kwargs`). Pretrained or local weights made at another
+    size are resampled where the model can be (timm's position-embedding resampling). ``size_fix`` ends the
+    message of a size the model cannot be built for (which key to set); ``head``: what a checkpoint's classifier
+    of other classes means (see :func:`load_model_weights`)."""
     check_model_name(cfg.name)
     if cfg.pretrained and cfg.checkpoint:
         raise CrossDistillError(f"model {cfg.name}: set either pretrained or checkpoint, not both")
-    kwargs = dict(cfg.kwargs)
+    kwargs = sized_kwargs(cfg, img_size)
+    size = kwargs.get("img_size")
     try:
-        if cfg.pretrained:
-            model = timm.create_model(cfg.name, pretrained=True, num_classes=num_classes, **kwargs)
-        else:
-            model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **kwargs)
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
     except TypeError as err:
+        if "img_size" in str(err) and "img_size" not in cfg.kwargs:
+            raise CrossDistillError(
+                f"model {cfg.name} is built for {default_input_size(cfg.name)} px inputs and cannot be built for "
+                f"{size} px ({_reason(err)}); {size_fix or 'set img_size to its size'}"
+            ) from None
         raise CrossDistillError(f"model {cfg.name}: bad kwargs {shorten(kwargs)}: {_reason(err)}") from None
     except (OSError, RuntimeError) as err:
+        if cfg.pretrained and size is not None and "size mismatch" in str(err):
+            raise CrossDistillError(
+                f"the pretrained weights of {cfg.name} do not fit it at {size} px inputs ({_reason(err)}); "
+                f"{size_fix or 'set img_size to the size they were trained at'}"
+            ) from None
         if cfg.pretrained:
             raise CrossDistillError(
                 f"could not load pretrained weights for {cfg.name} ({_reason(err)}). Without internet access, "
                 "point checkpoint: at a local weights file instead."
             ) from None
-        raise
+        if size is None:
+            raise
+        raise _size_error(cfg.name, size, err, size_fix) from None
+    except (AssertionError, ValueError, ZeroDivisionError, IndexError) as err:
+        if size is None:
+            raise
+        raise _size_error(cfg.name, size, err, size_fix) from None
     if cfg.checkpoint:
-        load_model_weights(model, cfg.checkpoint, use_ema=cfg.checkpoint_ema, num_classes=num_classes)
+        load_model_weights(model, cfg.checkpoint, use_ema=cfg.checkpoint_ema, num_classes=num_classes, head=head)
     return model
+
+
+def _size_error(name: str, size, err: Exception, size_fix: str) -> CrossDistillError:
+    return CrossDistillError(
+        f"model {name} cannot take {size} px inputs ({type(err).__name__}: {_reason(err)}); "
+        + (size_fix or f"set img_size to a size it takes (it is made for {default_input_size(name)})")
+    )
+
+
+def check_input_size(model: nn.Module, name: str, size: int, size_fix: str = "") -> None:
+    """Refuse an input size a model built for one size cannot take (a size not divisible by its patch or window
+    grid, smaller than a patch): one forward of a zero image at ``size``, eval mode, no autograd. Only for models
+    built for one input size; others take any."""
+    if not fixed_input_size(name):
+        return
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
+    x = torch.zeros(1, 3, size, size, device=param.device if param is not None else None, dtype=dtype)
+    was_training = model.training
+    try:
+        with torch.inference_mode():
+            model.eval()(x)
+    except Exception as err:  # noqa: BLE001 - any failure on a well-formed input: the size does not fit
+        raise _size_error(name, size, err, size_fix) from None
+    finally:
+        model.train(was_training)
 
 
 def extract_state_dict(obj: Mapping[str, Any], use_ema: bool = False, path: str = "") -> dict[str, torch.Tensor]:
@@ -93,6 +164,11 @@ def cfg_name(model: nn.Module) -> str:
     return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
 
 
+def _classifier_names(model: nn.Module) -> list[str]:
+    name = getattr(model, "pretrained_cfg", {}).get("classifier")
+    return [name] if isinstance(name, str) else list(name or [])
+
+
 def classifier_weight_key(model: nn.Module) -> str | None:
     name = getattr(model, "pretrained_cfg", {}).get("classifier")
     if isinstance(name, (list, tuple)):
@@ -107,12 +183,16 @@ def load_model_weights(
     use_ema: bool = False,
     num_classes: int | None = None,
     loaded: Mapping[str, Any] | None = None,
+    head: str = "match",
 ) -> None:
     """Load weights into ``model`` strictly; converts older timm formats through timm's ``checkpoint_filter_fn``.
 
-    A classifier whose class count differs from ``num_classes`` is an error: a trained
-    teacher's head is never silently re-initialised. ``loaded`` is the file's content when
-    the caller has already read it.
+    ``head`` says what a classifier whose class count differs from ``num_classes`` means:
+    ``"match"``, an error (a trained teacher's head is never silently re-initialised); ``"adopt"``,
+    the model's classifier takes the file's class count (none when the file has no classifier: a
+    teacher whose logits are not read); ``"new"``, the model keeps its own freshly initialised
+    classifier (a student fine-tuned from weights made for other classes, as timm does for pretrained
+    weights). ``loaded`` is the file's content when the caller has already read it.
     """
     if loaded is None:
         loaded = load_weights_file(path)
@@ -124,7 +204,15 @@ def load_model_weights(
         except Exception:  # a filter that cannot handle this format: try the raw keys below
             pass
     head_key = classifier_weight_key(model)
-    if num_classes is not None and head_key in state and state[head_key].shape[0] != num_classes:
+    file_classes = int(state[head_key].shape[0]) if head_key in state else None
+    if head == "adopt" and head_key is not None:
+        if (file_classes or 0) != getattr(model, "num_classes", file_classes or 0):
+            model.reset_classifier(file_classes or 0)
+    elif head == "new" and file_classes is not None and file_classes != num_classes:
+        own = model.state_dict()
+        prefixes = tuple(f"{name}." for name in _classifier_names(model))
+        state = {k: own[k] if k.startswith(prefixes) and k in own else v for k, v in state.items()}
+    elif num_classes is not None and head_key in state and state[head_key].shape[0] != num_classes:
         raise CrossDistillError(
             f"{path}: the checkpoint's classifier ({head_key}) has {state[head_key].shape[0]} classes, "
             f"but the run needs {num_classes}. Fine-tune the teacher on this dataset first "

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapter import StageIndex, embedding_dim, forward_model
@@ -73,6 +74,8 @@ class Teacher:
     ``data_mean/std`` is the normalisation the data pipeline applies (the student's);
     ``model_mean/std`` the one the teacher was trained with. When they differ, inputs are
     mapped ``x_t = (x * data_std + data_mean - model_mean) / model_std`` before the forward.
+    ``input_size``: the square size a teacher built for one input size takes (ViT, Swin at the
+    size it was trained at); inputs of another size are resized to it (bilinear) before the forward.
     """
 
     def __init__(
@@ -82,9 +85,11 @@ class Teacher:
         data_std: Sequence[float] | None = None,
         model_mean: Sequence[float] | None = None,
         model_std: Sequence[float] | None = None,
+        input_size: int | None = None,
     ):
         self.model = model.eval().requires_grad_(False)
         self.dim = embedding_dim(model)
+        self.input_size = input_size
         self._scale: torch.Tensor | None = None
         self._shift: torch.Tensor | None = None
         if None not in (data_mean, data_std, model_mean, model_std) and (
@@ -118,6 +123,14 @@ class Teacher:
             return x
         return x * self._scale.to(x.dtype) + self._shift.to(x.dtype)
 
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch ``x`` as the teacher takes it: re-normalised, and resized to its ``input_size``."""
+        x = self.normalize(x)
+        size = self.input_size
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+        return x
+
     @torch.no_grad()
     def outputs(self, x: torch.Tensor, request: TeacherRequest) -> TeacherOutputs:
         """What ``request`` asks for on the batch ``x`` (one forward, eval mode, no autograd).
@@ -126,7 +139,7 @@ class Teacher:
         result to the method's ``forward`` (see :class:`~crossdistill.distillers.Distiller`)."""
         if self.model.training:
             self.model.eval()
-        out = forward_model(self.model, self.normalize(x), logits=request.logits, stages=request.stages)
+        out = forward_model(self.model, self.prepare(x), logits=request.logits, stages=request.stages)
         return TeacherOutputs(
             embedding=out.embedding if request.embedding else None, logits=out.logits, stages=list(out.stages)
         )
