@@ -14,6 +14,10 @@ loss in mdistiller's ``distillers/AT.py``), on the stages FitNet uses:
   shrinks, bilinear where it grows; :mod:`crossdistill.losses.at`).
 * Defaults: ``p`` 2 and ``weight`` 1000, the official code's ``beta = 1e+3`` (mdistiller's ``AT.P 2``,
   ``AT.LOSS.FEAT_WEIGHT 1000``); the classification weight 1.
+* Scale: each stage's loss is a mean over the teacher grid's ``h*w`` positions of the squared difference of
+  two unit vectors, so it is at most ``4 / (h*w)``. The official 1000 was set for 32x32 .. 8x8 CIFAR maps; on
+  coarser grids (a ViT teacher at 32 px: 4x4 patches) the same weight makes AT dominate the classification
+  term, and a smaller ``weight`` may suit better.
 """
 
 from __future__ import annotations
