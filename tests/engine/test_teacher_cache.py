@@ -266,6 +266,9 @@ def test_every_shipped_method_declares_what_it_reads_from_the_teacher():
         "sd_kd": (),
         "sd_dkd": (),
         "fitnet": (),
+        "rkd": ("embedding",),
+        "cc": ("embedding",),
+        "at": (),
         "vanilla": (),
     }
     assert set(METHODS.names()) == set(expected)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -52,13 +53,7 @@ class FitNetConfig(MethodConfig):
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"config key 'method_args.{key}': must be a finite number >= 0, got {value}")
-        if not self.stages:
-            raise ConfigError("config key 'method_args.stages': give at least one stage out of 1, 2, 3, 4")
-        bad = [s for s in self.stages if s not in (1, 2, 3, 4)]
-        if bad:
-            raise ConfigError(f"config key 'method_args.stages': stages are 1, 2, 3 or 4, got {bad}")
-        if len(set(self.stages)) != len(self.stages):
-            raise ConfigError(f"config key 'method_args.stages': each stage at most once, got {self.stages}")
+        check_stages(self.stages)
         if self.img_size is not None and self.img_size < 8:
             raise ConfigError(f"config key 'method_args.img_size': must be >= 8 (or null), got {self.img_size}")
 
@@ -72,27 +67,50 @@ def probe_size(student, cfg: FitNetConfig) -> tuple[int, int]:
     return int(size[-2]), int(size[-1])
 
 
-def _stages(model, picks: list[int], role: str):
+def check_stages(stages: list[int]) -> None:
+    """Raise ConfigError unless ``method_args.stages`` picks each of the four default stages (1-4) at most once."""
+    if not stages:
+        raise ConfigError("config key 'method_args.stages': give at least one stage out of 1, 2, 3, 4")
+    bad = [s for s in stages if s not in (1, 2, 3, 4)]
+    if bad:
+        raise ConfigError(f"config key 'method_args.stages': stages are 1, 2, 3 or 4, got {bad}")
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"config key 'method_args.stages': each stage at most once, got {stages}")
+
+
+def pick_stages(model, picks: list[int], role: str, method: str):
+    """The adapter stage indices of the 1-based ``picks`` among ``model``'s four default stages."""
     try:
         stages = default_stages(model)
     except TypeError as err:
-        raise ConfigError(f"FitNet cannot pick the {role}'s stages: {err}") from None
+        raise ConfigError(f"{method} cannot pick the {role}'s stages: {err}") from None
     return [stages[i - 1] for i in picks]
 
 
-@register_method("fitnet")
-class FitNet(Distiller):
-    config_cls = FitNetConfig
+class StagePairDistiller(Distiller):
+    """A method that compares stage i of the student with stage i of the teacher, for the stages ``cfg.stages``
+    picks among each model's four default stages (FitNet, AT); it reads those teacher stages."""
 
-    def __init__(self, student, teacher, cfg: FitNetConfig, criterion=None):
+    display_name: ClassVar[str] = ""
+
+    def __init__(self, student, teacher, cfg, criterion=None):
         super().__init__(student, teacher, cfg, criterion)
-        self.stages_s = _stages(student, cfg.stages, "student")
-        self.stages_t = _stages(teacher.model, cfg.stages, "teacher")
-        self.input_size = probe_size(student, cfg)
-        self.aligners = build_aligners(student, teacher, self.stages_s, self.stages_t, self.input_size, norm=cfg.norm)
+        self.stages_s = pick_stages(student, cfg.stages, "student", self.display_name)
+        self.stages_t = pick_stages(teacher.model, cfg.stages, "teacher", self.display_name)
 
     def teacher_request(self) -> TeacherRequest:
         return TeacherRequest(stages=tuple(self.stages_t))
+
+
+@register_method("fitnet")
+class FitNet(StagePairDistiller):
+    config_cls = FitNetConfig
+    display_name = "FitNet"
+
+    def __init__(self, student, teacher, cfg: FitNetConfig, criterion=None):
+        super().__init__(student, teacher, cfg, criterion)
+        self.input_size = probe_size(student, cfg)
+        self.aligners = build_aligners(student, teacher, self.stages_s, self.stages_t, self.input_size, norm=cfg.norm)
 
     def forward(
         self,

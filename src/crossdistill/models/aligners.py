@@ -123,6 +123,21 @@ def _depth_to_space(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     return x.reshape(b, c, h * kh, w * kw)
 
 
+def patch_grid(num_tokens: int, probed: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of ``num_tokens`` patch tokens: ``probed`` when it holds that many, else the grid of
+    its aspect (another input size)."""
+    return probed if num_tokens == probed[0] * probed[1] else token_grid(num_tokens, probed)
+
+
+def patch_map(tokens: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """A token feature ``[B, prefix + h*w, C]`` as its patch map ``[B, C, h, w]``: the ``prefix`` tokens dropped,
+    the patches unflattened in raster order (``grid`` as :func:`patch_grid` reads it; an input's (H, W) gives the
+    patch grid of that aspect)."""
+    patches = tokens[:, prefix:]
+    h, w = patch_grid(patches.shape[1], grid)
+    return patches.reshape(patches.shape[0], h, w, patches.shape[2]).permute(0, 3, 1, 2)
+
+
 class StageAligner(nn.Module):
     """Maps one student stage feature to the teacher's, compared in the teacher's layout (module docstring)."""
 
@@ -176,13 +191,7 @@ class StageAligner(nn.Module):
             return feat
         if feat.ndim != 3:
             raise ValueError(f"aligner built for a student {self.student.describe()}, got shape {tuple(feat.shape)}")
-        patches = feat[:, self.student.prefix :]
-        h, w = self._grid(patches.shape[1], self.student.grid)
-        return patches.reshape(patches.shape[0], h, w, patches.shape[2]).permute(0, 3, 1, 2)
-
-    @staticmethod
-    def _grid(num_tokens: int, probed: tuple[int, int]) -> tuple[int, int]:
-        return probed if num_tokens == probed[0] * probed[1] else token_grid(num_tokens, probed)
+        return patch_map(feat, self.student.prefix, self.student.grid)
 
     def target(self, teacher_feat: torch.Tensor) -> torch.Tensor:
         """The teacher stage feature as the loss compares it: prefix tokens dropped, layout unchanged."""
@@ -196,7 +205,7 @@ class StageAligner(nn.Module):
     def teacher_grid(self, teacher_feat: torch.Tensor) -> tuple[int, int]:
         """The (h, w) grid of a teacher stage feature (its map size, or its patch-token grid)."""
         if self.teacher.tokens:
-            return self._grid(teacher_feat.shape[1] - self.teacher.prefix, self.teacher.grid)
+            return patch_grid(teacher_feat.shape[1] - self.teacher.prefix, self.teacher.grid)
         return int(teacher_feat.shape[-2]), int(teacher_feat.shape[-1])
 
     # ------------------------------------------------------------ forward
