@@ -158,16 +158,17 @@ def test_the_effective_batch_counts_accumulation_in_the_lr_scaling_and_the_warni
     trainer = Trainer(build_config(raw), out=out)
     trainer.describe()
     text = out.getvalue()
-    assert "per-process batch 32 x 2 accumulation steps | effective batch 64 | lr 0.025 = 0.1 x 64/256" in text
+    assert "per-process batch 32 x 1 process(es) x 2 accumulation steps = effective batch 64" in text
+    assert "lr 0.025 = 0.1 x 64/256" in text
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
 
     out = io.StringIO()
     raw["optim"]["scale_lr"], raw["train"]["run_name"] = "none", "unscaled"
     Trainer(build_config(raw), out=out).describe()
     assert (
-        "warning: per-process batch 32 x 1 process(es) x 2 accumulation steps = effective batch 64 differs from "
-        "the recipe's reference 256; the learning rate is not rescaled. To match it, run on 4 processes or set "
-        "train.grad_accum_steps=8; or pass optim.scale_lr=linear (lr 0.1 -> 0.025)."
+        "warning: effective batch 64 (32 per process x 1 x 2 accumulation steps) differs from the recipe's reference "
+        "256 and the learning rate is not rescaled: run on 4 processes or set train.grad_accum_steps=8 to match it, "
+        "or pass optim.scale_lr=linear (lr 0.1 -> 0.025)."
     ) in out.getvalue()
 
 
