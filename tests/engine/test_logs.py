@@ -113,8 +113,10 @@ def test_progress_modes(monkeypatch):
 
 
 def _result(loss: float, ce: float, norm: float, ok: bool | None = None) -> StepResult:
-    output = type("Output", (), {"losses": {"ce": torch.tensor(ce)}})()
-    return StepResult(output, torch.tensor(loss), torch.tensor(norm), ok=None if ok is None else torch.tensor(ok))
+    losses = {"ce": torch.tensor(ce)}  # the terms averaged over the step's micro-batches
+    output = type("Output", (), {"losses": {"ce": torch.tensor(float("nan"))}})()  # the last micro-batch's alone
+    ok_flag = None if ok is None else torch.tensor(ok)
+    return StepResult(output, losses, torch.tensor(loss), torch.tensor(norm), ok=ok_flag)
 
 
 def test_step_scalars_are_interval_means_read_with_one_sync(monkeypatch):

@@ -174,7 +174,7 @@ class StepScalars:
     def add(self, result, images: int) -> None:
         """Count one step's :class:`~crossdistill.engine.step.StepResult` of ``images`` samples (no sync); a step
         the deferred finiteness check skipped on the device adds nothing, not even to the count."""
-        terms = {**result.output.losses, "loss": result.loss}
+        terms = {**result.losses, "loss": result.loss}
         if result.grad_norm is not None:
             terms["grad_norm"] = result.grad_norm
         ok = result.ok
