@@ -268,6 +268,7 @@ def test_every_shipped_method_declares_what_it_reads_from_the_teacher():
         "fitnet": (),
         "rkd": ("embedding",),
         "cc": ("embedding",),
+        "crd": ("embedding",),
         "at": (),
         "vanilla": (),
     }
