@@ -5,8 +5,9 @@ import json
 
 import pytest
 import torch
+import yaml
 
-from conftest import adamw_training, distill, run_teacher, tiny_batch, tiny_pair, tiny_resnet, tiny_vit
+from conftest import adamw_training, distill, run_teacher, tiny_batch, tiny_pair, tiny_resnet, tiny_run, tiny_vit
 from crossdistill import METHODS, build_distiller
 from crossdistill.cli import main
 from crossdistill.distillers import method_config
@@ -191,3 +192,51 @@ def test_params_counts_the_two_embedding_heads_and_no_bank(capsys):
     assert info["extra_by_module"] == {"embed_s": 512 * 128 + 128, "embed_t": 384 * 128 + 128, "memory": 0}
     code = main(["params", "--method", "crd", "--teacher", "vit_small_patch16_224", "--student", "resnet18", "--json"])
     assert code == 0 and json.loads(capsys.readouterr().out)["extra_trainable_parameters"] == 114944
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_train_and_dry_run_from_the_command_line(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    raw = tiny_run(tmp_path, method="kd", train={"epochs": 1})
+    config.write_text(yaml.safe_dump(raw))
+    code = main(["train", "--config", str(config), "method=crd", "method_args.num_negatives=64", "--dry-run"])
+    assert code == 0, capsys.readouterr()
+    assert not (tmp_path / "runs" / "run").exists()
+    code = main(["train", "--config", str(config), "method=crd", "method_args.num_negatives=64"])
+    assert code == 0, capsys.readouterr()
+    run_dir = tmp_path / "runs" / "run"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["method"] == "crd"
+    record = json.loads((run_dir / "summary.json").read_text())["history"][-1]
+    assert record["train_crd"] > 0 and torch.isfinite(torch.tensor(record["train_loss"]))
+    extras = torch.load(run_dir / "last.pt", weights_only=True)["extras"]
+    assert extras["memory"]["student"].shape == (256, 128) and extras["memory"]["z"].min() > 0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method_args.num_negatives=0", "config key 'method_args.num_negatives': must be >= 1, got 0"),
+        ("method_args.momentum=1", "config key 'method_args.momentum': must be < 1, got 1.0"),
+    ],
+)
+def test_documented_errors_print_one_line(tmp_path, capsys, override, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run(tmp_path, method="crd", train={"epochs": 1})))
+    code = main(["train", "--config", str(config), override])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and lines == [f"crossdistill: error: {message}"]
+    assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_a_training_set_without_labels_is_a_clear_error():
+    from crossdistill.engine.setup import training_targets
+
+    class Unlabelled(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+    with pytest.raises(CrossDistillError, match="method 'crd' needs the class of every training sample, and this"):
+        training_targets(Unlabelled(), "crd")
+    assert training_targets(type("Labelled", (Unlabelled,), {"targets": [2, 0, 1]})(), "crd") == [2, 0, 1]
