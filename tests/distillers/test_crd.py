@@ -240,3 +240,22 @@ def test_a_training_set_without_labels_is_a_clear_error():
     with pytest.raises(CrossDistillError, match="method 'crd' needs the class of every training sample, and this"):
         training_targets(Unlabelled(), "crd")
     assert training_targets(type("Labelled", (Unlabelled,), {"targets": [2, 0, 1]})(), "crd") == [2, 0, 1]
+
+
+def test_resuming_on_another_training_set_is_a_clear_error(tmp_path, capsys):
+    """The banks have a row per training sample: a resume on a training set of another size used to end in
+    torch's size-mismatch traceback."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run(tmp_path, method="crd", method_args={"num_negatives": 16})))
+    assert main(["train", "--config", str(config), "train.epochs=1"]) == 0
+    run_dir = tmp_path / "runs" / "run"
+    before = (run_dir / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "data.train_subset=128"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "crossdistill: error: the checkpoint's CRD memory bank has 256 rows of 128, but this run's training set has "
+        "128 samples and feat_dim is 128: resume with the training set (data.*) and method_args.feat_dim the run "
+        "started with"
+    ]
+    assert (run_dir / "last.pt").read_bytes() == before
+    assert main(["train", "--resume", str(run_dir), "train.epochs=2"]) == 0

@@ -144,6 +144,16 @@ class CRDMemory(nn.Module):
         self.class_count = counts.to(device)
         self.class_start = (torch.cumsum(counts, 0) - counts).to(device)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "student")
+        if saved is not None and tuple(saved.shape) != tuple(self.student.shape):
+            raise CrossDistillError(
+                f"the checkpoint's CRD memory bank has {saved.shape[0]} rows of {saved.shape[-1]}, but this run's "
+                f"training set has {self.num_data} samples and feat_dim is {self.feat_dim}: resume with the training "
+                "set (data.*) and method_args.feat_dim the run started with"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def fixed_z(self, exp_student: torch.Tensor, exp_teacher: torch.Tensor) -> torch.Tensor:
         """The Z constants, fixed now (``mean(exp) * N`` of this batch, averaged over the ranks) if not yet."""
         first = torch.stack([exp_student.detach().mean(), exp_teacher.detach().mean()]).float() * self.num_data
