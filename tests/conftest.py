@@ -86,6 +86,27 @@ def distill(distiller, images: torch.Tensor, target: torch.Tensor, indices: torc
     return distiller(images, target, teacher, indices)
 
 
+def adamw_training(distiller, term: str, images, target, *, steps: int, lr: float, indices=None):
+    """``steps`` AdamW steps of ``distiller`` on one batch; returns the ``term`` and total losses of each step,
+    after checking that the frozen teacher got no gradient, stayed in eval mode and kept its weights."""
+    teacher = distiller.teacher
+    teacher_before = copy.deepcopy(teacher.model.state_dict())
+    optimizer = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=lr)
+    terms, totals = [], []
+    for _ in range(steps):
+        out = distill(distiller, images, target, indices)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        terms.append(out.losses[term].item())
+        totals.append(out.loss.item())
+    assert all(torch.isfinite(torch.tensor(terms + totals)))
+    assert all(p.grad is None for p in teacher.model.parameters()) and not teacher.model.training
+    for key, value in teacher.model.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    return terms, totals
+
+
 def bf16_losses(distiller, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """The method's loss terms under CPU bf16 autocast (as a GPU run with ``train.amp: bf16`` computes
     them), checked finite and backpropagated."""

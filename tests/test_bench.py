@@ -99,6 +99,15 @@ def test_bench_method_that_reads_teacher_stages_is_measured_without_its_teacher_
     assert result["ratios"]["method_overhead"] > 0 and result["ratios"]["ours_over_reference"] > 0
 
 
+def test_bench_a_method_that_needs_indices_gets_a_stand_in_training_set(capsys):
+    """CRD's step reads the samples' indices: every variant passes them, the banks are sized for the stand-in
+    training set (it used to fail in the forward: no indices, no banks)."""
+    assert main(["bench", *TINY, "--method", "crd", "--set", "num_negatives=64", "--json"]) == 0
+    variants = json.loads(capsys.readouterr().out)["variants"]
+    assert {"ours", "ours_precomputed_teacher", "ours_cached"} <= set(variants)
+    assert all(v["img_per_s"] > 0 for v in variants.values())
+
+
 def test_bench_bad_arguments_are_clear_errors(capsys):
     assert main(["bench", "--teacher", "no_such_model", "--student", "test_resnet"]) == 2
     assert "unknown model 'no_such_model'" in capsys.readouterr().err

@@ -163,11 +163,18 @@ class _GivenTeacher(TeacherRunner):
         return self.given
 
 
+STAND_IN_TRAINING_SET = 50_000
+"""The training-set size a method keyed by sample (CRD's memory banks) is bound to in the bench: CIFAR's."""
+
+
 def _engine_step(
-    distiller: nn.Module, train: TrainConfig, optim: OptimConfig, device: torch.device, **settings
+    distiller: nn.Module, train: TrainConfig, optim: OptimConfig, device: torch.device, num_classes: int = 0, **settings
 ) -> TrainStep:
     """The engine's step for ``distiller`` (:func:`~crossdistill.engine.step.build_train_step`, as the Trainer
-    builds it), in training mode as the loop puts it at each epoch's start."""
+    builds it), in training mode as the loop puts it at each epoch's start. A method that needs indices is first
+    bound to a stand-in training set of :data:`STAND_IN_TRAINING_SET` samples of ``num_classes`` classes."""
+    if distiller.needs_indices:
+        distiller.bind_training_set([i % num_classes for i in range(STAND_IN_TRAINING_SET)], 0)
     step = build_train_step(distiller, train, optim, device, **settings)
     step.model.train()
     return step
@@ -257,9 +264,10 @@ def run_bench(
         cfg_args,
         criterion=criterion,
     )
-    ours = _engine_step(ours_distiller, train, optim, dev)
+    ours = _engine_step(ours_distiller, train, optim, dev, num_classes)
     x_ours, y_ours = ours.to_device(images, target)
-    variants.append(Variant("ours", lambda: _as_engine(ours, x_ours, y_ours)))
+    indices = torch.arange(batch_size) if method_cls.needs_indices else None
+    variants.append(Variant("ours", lambda: _as_engine(ours, x_ours, y_ours, indices)))
 
     # reference: fp32, eager, official RSD
     rsd_defaults = method_config("rsd", {})
@@ -289,7 +297,7 @@ def run_bench(
         cfg_args if ours.teacher is not None else rsd_defaults,
         criterion=criterion,
     )
-    teacher_runner = _engine_step(teacher_reader, train, optim, dev).teacher
+    teacher_runner = _engine_step(teacher_reader, train, optim, dev, num_classes).teacher
     x_t, _ = ours.to_device(images, target)
 
     def teacher_only():
@@ -305,9 +313,10 @@ def run_bench(
         pre_distiller = build_distiller(
             method, copy.deepcopy(student_model), fresh_teacher(), cfg_args, criterion=criterion
         )
-        pre = _engine_step(pre_distiller, train, optim, dev, runner=functools.partial(_GivenTeacher, given=given))
+        given_runner = functools.partial(_GivenTeacher, given=given)
+        pre = _engine_step(pre_distiller, train, optim, dev, num_classes, runner=given_runner)
         x_p, y_p = pre.to_device(images, target)
-        variants.append(Variant("ours_precomputed_teacher", lambda: _as_engine(pre, x_p, y_p)))
+        variants.append(Variant("ours_precomputed_teacher", lambda: _as_engine(pre, x_p, y_p, indices)))
 
         if cache and ours_distiller.teacher_cacheable:
             outputs = ours_distiller.teacher_request().outputs
@@ -334,7 +343,7 @@ def run_bench(
             cached_distiller = build_distiller(
                 method, copy.deepcopy(student_model), fresh_teacher(), cfg_args, criterion=criterion
             )
-            cached = _engine_step(cached_distiller, train, optim, dev, cache=store)
+            cached = _engine_step(cached_distiller, train, optim, dev, num_classes, cache=store)
             x_c, y_c = cached.to_device(images, target)
             # as in training: the loader's workers read the rows (WithIndex) and pin them with the batch;
             # the step copies them to the device

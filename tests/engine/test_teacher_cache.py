@@ -269,6 +269,7 @@ def test_every_shipped_method_declares_what_it_reads_from_the_teacher():
         "fitnet": (),
         "rkd": ("embedding",),
         "cc": ("embedding",),
+        "crd": ("embedding",),
         "at": (),
         "vanilla": (),
     }
@@ -363,3 +364,36 @@ def test_a_setup_failure_on_rank_0_stops_every_rank(tmp_path):
             agree=lambda ok: False,
             log=lambda m: None,
         )
+
+
+def test_a_method_that_needs_indices_gets_them_with_and_without_the_cache(tmp_path, monkeypatch):
+    """CRD's memory bank is keyed by sample: every training batch brings the samples' dataset indices, in the
+    loader's order (each sample once per epoch), whether the teacher cache is on or not; the cached run ends
+    bitwise equal (the cache rows are stored in fp32 here)."""
+    from crossdistill.distillers.crd import CRD
+
+    seen: list[list[int]] = []
+    original = CRD.forward
+
+    def recording(self, images, target, teacher, indices=None):
+        seen.append(None if indices is None else indices.tolist())
+        return original(self, images, target, teacher, indices)
+
+    monkeypatch.setattr(CRD, "forward", recording)
+    crd = {"method": "crd", "method_args": {"num_negatives": 16, "feat_dim": 8}}
+
+    def run(name, **train):
+        raw = tiny_run(tmp_path, **crd, train={"epochs": 2, "run_name": name, **train}, data=SMALL)
+        trainer = Trainer(build_config(raw), out=io.StringIO())
+        trainer.fit()
+        return {k: v.detach().clone() for k, v in trainer.distiller.state_dict().items()}
+
+    plain = run("plain")
+    batches, seen[:] = list(seen), []
+    cached = run("cached", teacher_cache=str(tmp_path / "cache"), teacher_cache_dtype="fp32")
+    assert seen == batches and len(batches) == 2 * 4
+    for epoch in (batches[:4], batches[4:]):
+        assert sorted(i for batch in epoch for i in batch) == list(range(128))
+    assert batches[:4] != batches[4:]  # reshuffled per epoch
+    _assert_bitwise(plain, cached)
+    assert plain["memory.student"].shape == (128, 8)

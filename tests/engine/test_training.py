@@ -285,3 +285,51 @@ def test_a_run_that_fails_on_bad_input_leaves_no_run_directory(tmp_path):
         train(build_config(raw))
     assert not (tmp_path / "runs" / "run").exists()
     train(build_config(tiny_run(tmp_path, train={"epochs": 1})))  # fixing the input just works
+
+
+def _ddp_state_worker(rank: int, world_size: int, port: int, raw: dict, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    from crossdistill.engine.distributed import init_distributed, shutdown
+
+    env = init_distributed("cpu")
+    try:
+        trainer = Trainer(build_config(raw), env=env, out=io.StringIO())
+        trainer.fit()
+        state = {k: v.detach().clone() for k, v in trainer.distiller.state_dict().items()}
+        torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        shutdown(env)
+
+
+@pytest.mark.slow
+def test_two_process_crd_keeps_one_memory_bank_with_every_ranks_samples(tmp_path):
+    """Each rank gathers the batch of all ranks before updating its banks: both ranks end with the same banks
+    and Z, and every sample's row moved, the other rank's included (DDP's buffer broadcast from rank 0 alone
+    would drop rank 1's updates)."""
+    from crossdistill.distillers.crd import CRDMemory
+
+    raw = tiny_run(
+        tmp_path,
+        method="crd",
+        method_args={"num_negatives": 32, "feat_dim": 8},
+        train={"epochs": 1, "batch_size": 16},
+        data={"train_subset": 128},
+    )
+    mp.start_processes(
+        _ddp_state_worker, args=(2, _free_port(), raw, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    banks = [key for key in r0 if key.startswith("memory.")]
+    assert banks == ["memory.student", "memory.teacher", "memory.z"]
+    for key in banks + [key for key in r0 if key.startswith(("embed_s.", "embed_t."))]:
+        assert torch.equal(r0[key], r1[key]), key  # (BatchNorm statistics: each rank's last forward)
+    trainer = Trainer(build_config({**raw, "train": {**raw["train"], "run_name": "bound"}}), out=io.StringIO())
+    initial = CRDMemory(8)
+    initial.bind(trainer.data.train.targets, raw["train"]["seed"])
+    for side in ("student", "teacher"):
+        moved = (r0[f"memory.{side}"] != getattr(initial, side)).any(dim=1)
+        assert bool(moved.all()), f"{int((~moved).sum())} of 128 {side} rows never updated"

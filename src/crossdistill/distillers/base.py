@@ -17,7 +17,7 @@ the engine still runs it under inference mode, and never caches what it returns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -61,6 +61,10 @@ class Distiller(nn.Module):
     teacher_outputs: ClassVar[tuple[str, ...]] = ()
     """The teacher outputs the method reads on every batch: any of ``"embedding"``, ``"logits"``.
     Stage features, or outputs that depend on the config: override :meth:`teacher_request`."""
+    needs_indices: ClassVar[bool] = False
+    """Whether :meth:`forward` reads ``indices`` (state keyed by training sample, e.g. CRD's memory bank): the
+    engine then delivers the samples' dataset indices with every training batch and calls
+    :meth:`bind_training_set` before the run starts."""
 
     def __init__(
         self, student: nn.Module, teacher: Teacher | None, cfg: MethodConfig, criterion: nn.Module | None = None
@@ -122,6 +126,10 @@ class Distiller(nn.Module):
         """The loss terms for one batch. ``teacher``: the outputs :meth:`teacher_request` asked for
         (None without a teacher); ``indices``: the samples' dataset indices (None where the caller has none)."""
         raise NotImplementedError
+
+    def bind_training_set(self, targets: Sequence[int], seed: int) -> None:
+        """Called by the engine, for a method that :attr:`needs_indices`, once the training set is open and before a
+        checkpoint is loaded: ``targets`` are the classes of its samples in index order, ``seed`` the run seed."""
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         """Called by the engine before each epoch (0-based); for schedules inside a method (e.g. DKD warm-up)."""

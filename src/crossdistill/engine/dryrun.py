@@ -29,6 +29,7 @@ from .setup import (
     lr_plan,
     make_mixup,
     open_data,
+    training_targets,
     untrained_teacher_warning,
 )
 from .step import build_train_step
@@ -157,6 +158,13 @@ def dry_run(
     if cfg.train.teacher_cache and distiller.reads_teacher:
         say(f"teacher cache: {cfg.train.teacher_cache} (not opened by --dry-run)")
 
+    if distiller.needs_indices:  # state keyed by training sample: the training set's classes, or stand-ins
+        targets = [i % max(num_classes, 2) for i in range(2 * batch + 2)]
+        if data is not None:
+            targets = checks.run(lambda: training_targets(data.train, cfg.method))
+        if targets is None or checks.run(lambda: distiller.bind_training_set(targets, cfg.train.seed) or True) is None:
+            checks.verdict()  # a run would have stopped here
+
     # one optimiser step as the run takes it, on the CPU in fp32 (no torch.compile)
     on_cpu = dataclasses.replace(cfg.train, amp="none", compile=False)
     step = build_train_step(distiller, on_cpu, cfg.optim, torch.device("cpu"), lr=plan.lr)
@@ -174,7 +182,7 @@ def dry_run(
         x, y = mixup(x, y)
     distiller.train()
     started = time.time()
-    result = step(x, y, None, tag=(0, 0))
+    result = step(x, y, torch.arange(batch) if distiller.needs_indices else None, tag=(0, 0))
     elapsed = time.time() - started
     losses = {name: float(value.detach()) for name, value in result.output.losses.items()}
     if not result.finite or not all(map(lambda v: v == v and abs(v) != float("inf"), losses.values())):

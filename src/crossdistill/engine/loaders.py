@@ -57,19 +57,21 @@ def build_train_loader(
     rank: int = 0,
     pin_memory: bool = False,
     teacher_cache: TeacherCache | None = None,
+    with_indices: bool = False,
 ):
     """The training loader as the engine builds it: ``(train_set, sampler, generator, loader)``.
 
     Every sample is augmented from its own seed (run seed, epoch, index), the sampler shards and
     shuffles per epoch and can skip into an epoch, the last incomplete batch is dropped. With a
     ``teacher_cache``, items are ``(image, target, index, stored rows, ok)``: the workers read the
-    cache (see :class:`~crossdistill.engine.teacher_cache.WithIndex`).
+    cache (see :class:`~crossdistill.engine.teacher_cache.WithIndex`); else with ``with_indices`` (a method
+    that :attr:`~crossdistill.distillers.Distiller.needs_indices`), ``(image, target, index)``.
     """
     train_set = SampleSeededDataset(dataset, seed)
     sampler = ResumableSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     generator = torch.Generator()
     loader = DataLoader(
-        WithIndex(train_set, teacher_cache) if teacher_cache is not None else train_set,
+        WithIndex(train_set, teacher_cache) if teacher_cache is not None or with_indices else train_set,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,

@@ -307,7 +307,20 @@ def build_run(cfg: RunConfig, world_size: int = 1) -> Built:
     method_args = check_run_inputs(cfg)
     data, num_classes = open_data(cfg, world_size)
     distiller = build_models(cfg, method_args, num_classes, data.mean, data.std)
+    if distiller.needs_indices:
+        distiller.bind_training_set(training_targets(data.train, cfg.method), cfg.train.seed)
     return Built(data=data, num_classes=num_classes, distiller=distiller)
+
+
+def training_targets(dataset, method: str) -> list[int]:
+    """The class of every training sample, in index order, from the dataset's ``targets`` (no image decoded)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None or len(targets) != len(dataset):
+        raise CrossDistillError(
+            f"method {method!r} needs the class of every training sample, and this training set does not list "
+            "them (a 'targets' attribute, one label per sample); use a dataset that does, or another method"
+        )
+    return [int(t) for t in targets]
 
 
 def untrained_teacher_warning(cfg: RunConfig, distiller: Distiller) -> str | None:

@@ -233,6 +233,7 @@ class Trainer:
             rank=env.rank,
             pin_memory=pin,
             teacher_cache=self.teacher_cache,
+            with_indices=self.distiller.needs_indices,
         )
         self.eval_loader = build_eval_loader(
             self.data.eval,
@@ -546,18 +547,17 @@ class Trainer:
             )
 
     def _micro_batch(self, batch, mixup, sizes: list[int]) -> MicroBatch:
-        """A loader batch on the device, mixed up where asked, with its teacher-cache indices and rows; its
-        image count is appended to ``sizes``."""
+        """A loader batch on the device, mixed up where asked, with its samples' indices (teacher cache, or a
+        method that needs them) and its teacher-cache rows; its image count is appended to ``sizes``."""
         images, target = self.step_fn.to_device(batch[0], batch[1])
         sizes.append(images.shape[0])
         if mixup is not None:
             images, target = mixup(images, target)
-        cached = self.teacher_cache is not None
         return MicroBatch(
             images,
             target,
-            batch[2] if cached else None,
-            (batch[3], batch[4]) if cached and len(batch) == 5 else None,
+            batch[2] if len(batch) >= 3 else None,
+            (batch[3], batch[4]) if len(batch) == 5 else None,
         )
 
     def _update_ema(self, global_step: int, skipped: torch.Tensor | None) -> None:
