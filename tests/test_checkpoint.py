@@ -11,6 +11,7 @@ import pickle
 import pytest
 import torch
 
+from crossdistill import checkpoint
 from crossdistill.checkpoint import TORN_PATTERN, _refusal_reason, load_weights_file, remove_torn_files, save_atomic
 from crossdistill.errors import CrossDistillError
 
@@ -222,3 +223,98 @@ def test_a_torn_file_another_process_removes_first_is_no_error(tmp_path, monkeyp
 
     monkeypatch.setattr(type(torn), "is_file", removed_meanwhile)
     assert remove_torn_files(tmp_path) == [torn]
+
+
+RESUME_ADVICE = "Free some space (or move train.output_dir) and resume with --resume."
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        lambda path, **hint: checkpoint.save_atomic({"w": torch.ones(1)}, path, **hint),
+        lambda path, **hint: checkpoint.write_atomic(path, lambda handle: handle.write(b"x"), **hint),
+        lambda path, **hint: checkpoint.write_text_atomic(path, "x", **hint),
+    ],
+    ids=["save_atomic", "write_atomic", "write_text_atomic"],
+)
+def test_every_writer_advises_a_resume_on_a_full_disk_unless_told_otherwise(tmp_path, monkeypatch, writer):
+    path = tmp_path / "latest.json"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    for hint, advice in [({}, RESUME_ADVICE), ({"hint": "Try another disk."}, "Try another disk.")]:
+        with pytest.raises(CrossDistillError) as err:
+            writer(path, **hint)
+        assert str(err.value) == f"no space left on the device while writing {path}; the file was not written. {advice}"
+    monkeypatch.undo()
+    writer(path)
+    assert path.stat().st_size > 0 and os.listdir(tmp_path) == ["latest.json"]
+
+
+def test_the_full_disk_error_of_a_run_advises_a_resume(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"x")
+    assert str(checkpoint.no_space_error(path)) == (
+        f"no space left on the device while writing {path}; the previous version of this file is intact. "
+        + RESUME_ADVICE
+    )
+    assert str(checkpoint.no_space_error(path, "Elsewhere.")).endswith("is intact. Elsewhere.")
+
+
+def test_a_damaged_safetensors_file_gives_the_librarys_reason_on_one_line(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def damaged(path):
+        raise RuntimeError("Error while deserializing header:\n   " + "x" * 300)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", damaged)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"\0" * 8)
+    with pytest.raises(CrossDistillError) as err:
+        load_weights_file(path)
+    reason = ("Error while deserializing header: " + "x" * 300)[:200]
+    assert str(err.value) == f"{path}: not a readable safetensors file ({reason})"
+
+
+def test_without_torchs_safe_globals_context_the_namespace_is_allowed_for_good(monkeypatch):
+    """torch 2.4 has add_safe_globals but no safe_globals context manager: the fallback allows timm's
+    Namespace process-wide (and returns a no-op context)."""
+    allowed = []
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    monkeypatch.setattr(torch.serialization, "add_safe_globals", allowed.append)
+    with checkpoint._allowed_globals():
+        pass
+    assert allowed == [[argparse.Namespace]]
+
+
+@pytest.mark.parametrize(
+    "error,expected",
+    [
+        # torch before 2.5, or a failure its weights-only unpickler does not claim: the file is damaged
+        (
+            pickle.UnpicklingError("invalid load key, 'x'.\n  at byte 0"),
+            "(corrupt or not a torch file): invalid load key, 'x'. at byte 0",
+        ),
+        (
+            pickle.UnpicklingError("Weights only load failed.\n unsupported operand type(s) for +"),
+            "(corrupt or not a torch file): Weights only load failed. unsupported operand type(s) for +",
+        ),
+        (
+            RuntimeError("PytorchStreamReader failed\n  reading zip archive"),
+            "(truncated or not a torch file?): RuntimeError: PytorchStreamReader failed reading zip archive",
+        ),
+    ],
+    ids=["old-torch", "bytes", "other"],
+)
+def test_each_unreadable_file_is_named_with_torchs_reason_on_one_line(tmp_path, monkeypatch, error, expected):
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", fails)
+    path = tmp_path / "c.pt"
+    path.write_bytes(b"x")
+    with pytest.raises(CrossDistillError) as err:
+        load_weights_file(path)
+    assert str(err.value) == f"{path}: not a readable checkpoint {expected}"

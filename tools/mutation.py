@@ -51,8 +51,10 @@ MODULES: dict[str, Module] = {
     "teacher": Module(["models/teacher.py"], ["tests/models/test_teacher.py"]),
     # tests/models/test_adapter.py builds the paper models at 224 px (minutes a run); the tiny file runs in seconds
     "adapter": Module(["models/adapter.py"], ["tests/models/test_adapter_tiny.py"]),
+    "files": Module(["files.py"], ["tests/test_files.py"]),
     "checkpoint": Module(["checkpoint.py"], ["tests/test_checkpoint.py"]),
-    # the key and the store; the loader glue (WithIndex) is not in scope
+    # the key and the store (with the widths it is built with and the rows it hands back);
+    # the loader wrapper (WithIndex) is not in scope
     "teacher_cache": Module(
         ["engine/teacher_cache.py"],
         [
@@ -66,9 +68,12 @@ MODULES: dict[str, Module] = {
             "_file_identity",
             "cache_key",
             "key_digest",
+            "_reserve_blocks",
             "_row_crc",
             "_Store",
             "TeacherCache",
+            "cache_widths",
+            "prefetched_outputs",
         ],
     ),
     "config": Module(["config.py"], ["tests/test_config.py"]),
@@ -128,17 +133,6 @@ EQUIVALENT: dict[str, str] = {
     "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_28": "_scale viewed [3, 1, 1] instead of [1, 3, 1, 1]: broadcast over a [B, 3, H, W] batch it is the same product, "
     "and the cache key flattens it",
     "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_43": "_shift viewed [3, 1, 1]: same as above",
-    "crossdistill.checkpoint.x__umask__mutmut_3": "os.umask(0o023) for os.umask(0o022) while reading the mask: it is put back on the next line, the value "
-    "set in between is never used",
-    "crossdistill.checkpoint.x_save_atomic__mutmut_40": "the temporary file's unlink(missing_ok=None) after an OSError: the file always exists there "
-    "(os.replace, the last call that can fail, leaves it in place when it fails)",
-    "crossdistill.checkpoint.x_save_atomic__mutmut_42": "unlink(missing_ok=False), same place: same as above",
-    "crossdistill.checkpoint.x_save_atomic__mutmut_48": "unlink(missing_ok=None) after any other exception: the file exists there but in a signal that lands "
-    "between os.replace returning and the try block ending, which no test can aim at",
-    "crossdistill.checkpoint.x_save_atomic__mutmut_50": "unlink(missing_ok=False), same place: same as above",
-    "crossdistill.checkpoint.x__allowed_globals__mutmut_9": "add_safe_globals(None) in the torch 2.4 fallback: torch >= 2.5 has safe_globals and never runs that line",
-    "crossdistill.checkpoint.x_load_weights_file__mutmut_26": "the message of an UnpicklingError not about weights-only loading: with weights_only=True, torch >= 2.5 "
-    "reports every unpickling failure as a weights-only one, so the branch only runs on older torch",
     "crossdistill.engine.teacher_cache.x__row_crc__mutmut_2": "view(None) for view(np.uint8) before zlib.crc32: crc32 reads the row's bytes through the buffer protocol, whatever the view's dtype",
     "crossdistill.engine.teacher_cache.x__row_crc__mutmut_10": "reshape(N, -2) for reshape(N, -1): numpy takes any negative size as the one to infer",
     "crossdistill.engine.teacher_cache.x__row_crc__mutmut_12": "np.fromiter(dtype=None) gives float64 CRCs: exact below 2**53, and stored into the int64 check file",
@@ -167,6 +161,21 @@ EQUIVALENT: dict[str, str] = {
     "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_10": "np.load without mmap_mode: same as above",
     "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_15": "the check file loaded with mmap_mode=None: same as above",
     "crossdistill.engine.teacher_cache.xǁ_Storeǁ_validate__mutmut_17": "the check file loaded without mmap_mode: same as above",
+    "crossdistill.files.x__umask__mutmut_3": "os.umask(0o023) for os.umask(0o022) while reading the mask: it is put back on the next line, the value "
+    "set in between is never used",
+    "crossdistill.files.x_write_text_atomic__mutmut_9": 'text.encode("UTF-8") for "utf-8": Python\'s codec names are case-insensitive',
+    "crossdistill.files.x_write_path_atomic__mutmut_4": 'folder = "" instead of None before mkdtemp: when the folder could not be made, the finally block runs '
+    'shutil.rmtree("", ignore_errors=True), which fails to find "" and ignores it, as skipping it does',
+    "crossdistill.config.xǁRunConfigǁto_yaml__mutmut_2": "yaml.safe_dump(sort_keys=None) for sort_keys=False: PyYAML only tests `if self.sort_keys`",
+    "crossdistill.config.x__type_name__mutmut_15": "the name of a generic's origin with the fallback None instead of str(origin): every annotation "
+    "_convert reports a type error for is a class, a generic of tuple, list or dict, or a union of those, and these "
+    "origins all have a __name__, so the fallback is never used",
+    "crossdistill.config.x__type_name__mutmut_18": "the same fallback dropped (getattr without a default): same as above",
+    "crossdistill.config.x__type_name__mutmut_21": "the same fallback as str(None): same as above",
+    "crossdistill.config.x__type_name__mutmut_24": "the name of a plain type with the fallback None instead of str(tp): the plain types _convert "
+    "reports (bool, int, float, str, dataclasses) are classes with a __name__",
+    "crossdistill.config.x__type_name__mutmut_27": "the same fallback dropped: same as above",
+    "crossdistill.config.x__type_name__mutmut_30": "the same fallback as str(None): same as above",
 }
 """mutant name -> why no test can tell it from the original (it behaves identically)."""
 
@@ -185,13 +194,39 @@ def mutmut(*args: str, cwd: Path, log) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     # mutmut puts mutants/src first on sys.path; a src/ on PYTHONPATH would shadow the mutated copy
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and not (cwd / p).resolve().name == "src"]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONPATH"] = os.pathsep.join([str(WORK / PLUGIN_FOLDER), *paths])
     done = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log.write(done.stdout)
     log.flush()
     if done.returncode != 0:
         raise SystemExit(f"mutmut {' '.join(args)} failed in {cwd} (exit {done.returncode}); see {log.name}")
     return done.stdout
+
+
+PLUGIN_FOLDER = "pytest_plugins"
+ONE_THREAD_PLUGIN = "mutation_one_thread"
+ONE_THREAD_SOURCE = '''"""Written by tools/mutation.py: one torch thread in every test of a mutation run.
+
+tests/conftest.py sets two threads before each test (an autouse fixture, which OMP_NUM_THREADS does not
+override); mutmut runs one mutant at a time on a shared machine, where a second thread only competes.
+This hook runs after the fixtures, just before the test itself."""
+
+import pytest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+'''
+
+
+def write_plugin() -> None:
+    folder = WORK / PLUGIN_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{ONE_THREAD_PLUGIN}.py").write_text(ONE_THREAD_SOURCE)
 
 
 def toml_list(values: list[str]) -> str:
@@ -212,7 +247,7 @@ def prepare(name: str, module: Module) -> Path:
         'source_paths = ["src"]\n'
         f"only_mutate = {toml_list(only)}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(module.tests)}\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+        f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "{ONE_THREAD_PLUGIN}", "-x", "-q"]\n'
         "use_git_change_detection = false\n"
         # torch: a child forked after the parent ran OpenMP ops can hang; fork from a server that ran none
         'process_isolation = "forkserver"\n'
@@ -305,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(MODULES)}")
     WORK.mkdir(parents=True, exist_ok=True)
+    write_plugin()
     results = {}
     for name in args.modules or list(MODULES):
         print(f"mutation: {name} ...", flush=True)

@@ -1,7 +1,9 @@
 """The teacher cache's store on its own (no training run): what lookup stores and returns, checksums,
 damaged files, key.json, epochs. The end-to-end runs are in test_teacher_cache.py."""
 
+import errno
 import json
+import os
 import re
 import shutil
 
@@ -9,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from crossdistill.engine.teacher_cache import TeacherCache, _Store, key_digest, state_dict_sha256
+from crossdistill.engine.teacher_cache import (
+    TeacherCache,
+    _Store,
+    cache_widths,
+    key_digest,
+    prefetched_outputs,
+    state_dict_sha256,
+)
 from crossdistill.errors import CrossDistillError
 from crossdistill.models import TeacherOutputs
 
@@ -397,3 +406,78 @@ def test_a_damaged_and_a_missing_row_in_one_batch_are_both_computed(tmp_path):
     teacher = Teacher()
     out = _lookup(cache, [1, 2], teacher)
     assert teacher.calls == 1 and torch.equal(out.embedding, Teacher()(_images([1, 2])).embedding)
+
+
+# --- reserving the blocks of a new store file; the widths a store is built with; the rows a batch carries ----------
+
+
+def test_a_new_store_file_has_all_its_blocks_reserved(tmp_path, monkeypatch):
+    """Rows are written through a memory map: into a hole of a sparse file on a full disk that kills the process
+    (SIGBUS), so every block of a new file is allocated when it is created (the whole file, header included)."""
+    calls, real = [], getattr(os, "posix_fallocate", None)
+
+    def fallocate(fd, offset, length):
+        calls.append((offset, length, os.fstat(fd).st_size))
+        if real is not None:
+            real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
+    cache = _cache(tmp_path, store="fp32")
+    cache.begin_epoch(0)
+    sizes = sorted(p.stat().st_size for p in (cache.dir / "epoch-0000").iterdir())
+    assert sorted(length for _, length, _ in calls) == sizes and all(o == 0 for o, _, _ in calls)
+    assert all(length == size for _, length, size in calls) and sizes[0] >= 128 + ROWS * 8
+
+
+@pytest.mark.parametrize("errno_name", ["EOPNOTSUPP", "EINVAL"])
+def test_a_file_system_without_fallocate_still_gets_a_working_cache(tmp_path, monkeypatch, errno_name):
+    def unsupported(fd, offset, length):
+        raise OSError(getattr(errno, errno_name), "fallocate not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported, raising=False)
+    cache, teacher = _cache(tmp_path), Teacher()
+    cache.begin_epoch(0)
+    _lookup(cache, [0, 5], teacher)
+    assert teacher.calls == 1 and torch.equal(_lookup(cache, [5], teacher).embedding, teacher(_images([5])).embedding)
+    assert teacher.calls == 2  # the second lookup read the stored row (the extra call is the comparison's)
+
+    monkeypatch.delattr(os, "posix_fallocate", raising=False)  # a platform without it
+    cache = _cache(tmp_path / "other")
+    cache.begin_epoch(0)
+    assert len(list((cache.dir / "epoch-0000").iterdir())) == 2
+
+
+def test_a_full_disk_while_reserving_is_one_line_naming_the_file_and_its_size(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    cache = TeacherCache(tmp_path, KEY, ("embedding",), {"embedding": 1024}, 1024, store_dtype="fp32", log=print)
+    with pytest.raises(CrossDistillError) as raised:
+        cache.begin_epoch(0)
+    assert str(raised.value) == (
+        f"no space left on the device for the teacher cache file {cache.dir / 'epoch-0000' / 'embedding.npy'} "
+        "(4.0 MiB); free some space, point train.teacher_cache at another disk, or set train.teacher_cache=null"
+    )
+    assert not list((cache.dir / "epoch-0000").iterdir())
+
+
+def test_each_output_is_stored_at_its_own_width():
+    class Stub:
+        dim = 48
+
+    assert cache_widths(("logits", "embedding"), Stub(), 7) == {"logits": 7, "embedding": 48}
+    assert list(cache_widths(("logits", "embedding"), Stub(), 7)) == ["logits", "embedding"]
+    assert cache_widths(("embedding",), Stub(), 7) == {"embedding": 48}
+    with pytest.raises(KeyError):
+        cache_widths(("features",), Stub(), 7)
+
+
+def test_the_rows_a_batch_carries_become_float32_teacher_outputs():
+    rows = {"logits": torch.tensor([[1.5, -2.25]], dtype=torch.float16)}
+    outputs = prefetched_outputs(rows, torch.device("cpu"))
+    assert outputs.embedding is None and outputs.logits.dtype == torch.float32
+    assert torch.equal(outputs.logits, torch.tensor([[1.5, -2.25]]))
+    both = prefetched_outputs({"embedding": torch.ones(1, 3, dtype=torch.float64), **rows}, torch.device("cpu"))
+    assert both.embedding.dtype == torch.float32 and torch.equal(both.embedding, torch.ones(1, 3))
+    assert torch.equal(both.logits, outputs.logits)
