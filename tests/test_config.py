@@ -449,7 +449,8 @@ def test_the_saved_config_keeps_the_order_of_the_fields(tmp_path):
     [
         ("train.epochs", "3", "config key 'train.epochs': expected int, got str '3'"),
         ("train.epochs", True, "config key 'train.epochs': expected int, got bool True"),
-        ("train.progress", 1, "config key 'train.progress': expected bool, got int 1"),
+        ("train.tensorboard", 1, "config key 'train.tensorboard': expected bool, got int 1"),
+        ("train.progress", 1, "config key 'train.progress': expected str or bool, got int 1"),
         ("optim.lr", "fast", "config key 'optim.lr': expected float, got str 'fast'"),
         ("optim.lr", False, "config key 'optim.lr': expected float, got bool False"),
         ("optim.opt", 3, "config key 'optim.opt': expected str, got int 3"),
