@@ -431,7 +431,8 @@ def quick_config(tmp_path, data=None, **train):
 
 
 def one_error_line(code, err):
-    lines = err.strip().splitlines()
+    """The error of a refused command: one line (notes such as a method switch's come before it)."""
+    lines = [line for line in err.strip().splitlines() if not line.startswith("crossdistill: note:")]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("crossdistill: error:"), err
     return lines[0]
 
