@@ -241,6 +241,7 @@ def test_dry_run_counts_gradient_accumulation_in_the_effective_batch(tmp_path, c
     code, out, err = run_cli(capsys, "train", "--config", str(write_config(tmp_path, raw)), "--dry-run")
     assert code == 0, err
     assert "per-process batch 32 x 1 process(es) x 4 accumulation steps = effective batch 128" in out
+    assert "| 2 steps/epoch x" in out  # 8 batches of 32 in groups of 4: optimiser steps, as the run counts them
     assert (
         "warning: effective batch 128 (32 per process x 1 x 4 accumulation steps) differs from the recipe's "
         "reference 256 and the learning rate is not rescaled: run on 2 processes or set train.grad_accum_steps=8 "

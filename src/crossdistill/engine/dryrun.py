@@ -29,6 +29,7 @@ from .setup import (
     lr_plan,
     make_mixup,
     open_data,
+    optimizer_steps_per_epoch,
     training_targets,
     untrained_teacher_warning,
 )
@@ -149,7 +150,7 @@ def dry_run(
         loader = build_train_loader(
             data.train, seed=cfg.train.seed, batch_size=cfg.train.batch_size, num_workers=0, world_size=world
         )[3]
-        steps_per_epoch = len(loader)
+        steps_per_epoch = optimizer_steps_per_epoch(len(loader), cfg.train)
     say(
         describe_lr(cfg, plan)
         + (f" | {steps_per_epoch} steps/epoch" if steps_per_epoch else "")

@@ -351,6 +351,12 @@ def describe_batch(train: TrainConfig, world_size: int) -> str:
     )
 
 
+def optimizer_steps_per_epoch(batches_per_epoch: int, train: TrainConfig) -> int:
+    """The loader's batches in groups of ``train.grad_accum_steps``, one optimiser step each (the last group of
+    an epoch may be short)."""
+    return -(-batches_per_epoch // train.grad_accum_steps)
+
+
 def reach_reference_batch(train: TrainConfig, world_size: int) -> str:
     """How to make the effective batch ``train.reference_batch`` without rescaling the lr: another process
     count (with this accumulation) or another ``train.grad_accum_steps`` (on these processes), where one divides

@@ -35,6 +35,7 @@ from .setup import (
     describe_lr,
     lr_plan,
     make_mixup,
+    optimizer_steps_per_epoch,
     reads_teacher_head,
     teacher_head_classes,
     teacher_size_source,
@@ -244,8 +245,7 @@ class Trainer:
             pin_memory=pin,
         )
         self.batches_per_epoch = len(self.train_loader)
-        accum = cfg.train.grad_accum_steps
-        self.steps_per_epoch = -(-self.batches_per_epoch // accum)  # optimiser steps; the last group may be short
+        self.steps_per_epoch = optimizer_steps_per_epoch(self.batches_per_epoch, cfg.train)
 
     def _build_optimisation(self) -> None:
         self.lr_plan = lr_plan(self.cfg, self.env.world_size)
