@@ -30,6 +30,21 @@ def test_rsd_training_loss_falls(tmp_path):
     assert len((run_dir / "metrics.csv").read_text().strip().splitlines()) == 1 + 4
 
 
+def test_a_run_with_val_fraction_evaluates_on_the_validation_split_and_says_so(tmp_path):
+    cfg = build_config(tiny_run(tmp_path, train={"epochs": 1}, data={"val_fraction": 0.2, "eval_subset": 60}))
+    out = io.StringIO()
+    summary = train(cfg, out=out)
+    text = out.getvalue()
+    assert "256 train / 60 eval images | eval split: val (0.2 of train, per class, val_seed 0; not the test split)" in (
+        text
+    )
+    assert "| on val |" in text
+    saved = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
+    assert summary.eval_split == saved["eval_split"] == "val"
+    plain = train(build_config(tiny_run(tmp_path, train={"epochs": 1, "run_name": "plain"})), out=io.StringIO())
+    assert plain.eval_split == "test"
+
+
 def _weights(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

@@ -14,7 +14,7 @@ batch size, worker count, process count or data order, so the key of one stored 
 
 * **Key** (:func:`cache_key`): the teacher (name, kwargs, SHA-256 of its state dict including
   buffers, input re-normalisation), the data (dataset, root and, for a file, its size and mtime,
-  split, subset, training-set length), the augmentation (every training-transform field of
+  split, subset, validation split, training-set length), the augmentation (every training-transform field of
   ``data``: img_size, scale, ratio, hflip, color_jitter, auto_augment, re_prob,
   train_interpolation, and the resolved normalisation), the run seed, and how the teacher is
   computed (device type, autocast dtype, channels_last, storage dtype, torch and timm versions).
@@ -130,6 +130,8 @@ def cache_key(
     if teacher.renormalizes:
         renorm = {"scale": teacher._scale.flatten().tolist(), "shift": teacher._shift.flatten().tolist()}
     data = {name: plain(getattr(cfg.data, name)) for name in DATA_KEY_FIELDS}
+    if cfg.data.val_fraction is not None:  # only then: the keys of caches filled without a split stay as they were
+        data["val_split"] = {"fraction": cfg.data.val_fraction, "seed": cfg.data.val_seed}
     return {
         "format": CACHE_FORMAT,
         "teacher": {

@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint import RESUME_HINT, write_text_atomic
 from ..config import RunConfig, with_absolute_paths
+from ..data import evaluated_split
 from ..data.device_augment import DeviceAugment
 from ..errors import CrossDistillError
 from .checkpointing import Checkpointer, Resumed
@@ -63,6 +64,9 @@ class RunSummary:
     student_parameters: int = 0
     teacher_top1: float | None = None
     """The teacher's top-1 on the evaluation split, measured before the student trained (None: not measured)."""
+    eval_split: str = "test"
+    """The split the accuracies are measured on: ``val`` (data.val_fraction, carved out of training) or the
+    evaluation split (``test``)."""
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -279,6 +283,7 @@ class Trainer:
             f"method {cfg.method}: teacher {cfg.teacher.name if teacher is not None else '-'}"
             f" -> student {cfg.student.name}"
             f" | {self.num_classes} classes | {len(self.data.train)} train / {len(self.data.eval)} eval images"
+            f" | eval split: {self._eval_split_described()}"
         )
         self.print(
             f"student {count_parameters(self.student) / 1e6:.2f}M parameters, "
@@ -302,6 +307,13 @@ class Trainer:
         warning = batch_warning(cfg, env.world_size)
         if warning:
             self.print(warning)
+
+    def _eval_split_described(self) -> str:
+        data = self.cfg.data
+        if data.val_fraction is None:
+            return evaluated_split(data)
+        carved = f"{data.val_fraction:g} of {data.train_split}, per class, val_seed {data.val_seed}"
+        return f"val ({carved}; not the test split)"
 
     def _describe_teacher(self, teacher) -> None:
         """What the method uses of the teacher, when that is not all of it: a classifier of other classes, inputs
@@ -329,10 +341,10 @@ class Trainer:
         measured = self.teacher_eval is not None
         if not measured:
             result = evaluate(TeacherClassifier(teacher), self.eval_loader, self.device, self.env, self.amp_dtype)
-            self.teacher_eval = {**result, "split": cfg.data.eval_split}
+            self.teacher_eval = {**result, "split": evaluated_split(cfg.data)}
         found = self.teacher_eval
         self.print(
-            f"teacher: {found['top1']:.1f} % top-1 on {found.get('split', cfg.data.eval_split)} "
+            f"teacher: {found['top1']:.1f} % top-1 on {found.get('split', evaluated_split(cfg.data))} "
             f"({found['samples']} images)" + ("; measured at the start of the run" if measured else "")
         )
 
@@ -627,13 +639,14 @@ class Trainer:
             extra_parameters=self.distiller.extra_parameter_count(),
             student_parameters=count_parameters(self.student),
             teacher_top1=self.teacher_eval["top1"] if self.teacher_eval is not None else None,
+            eval_split=evaluated_split(self.cfg.data),
             history=self.history,
         )
         if self.env.is_main:
             write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary.__dict__, indent=2), hint=RESUME_HINT)
             self.print(
                 f"done: last top-1 {summary.last_top1:.2f} | best top-1 {summary.best_top1:.2f} "
-                f"(epoch {summary.best_epoch}) | {wall:.1f}s | {self.run_dir}"
+                f"(epoch {summary.best_epoch}) | on {summary.eval_split} | {wall:.1f}s | {self.run_dir}"
             )
         return summary
 
