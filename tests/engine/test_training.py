@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from conftest import tiny_run
 from crossdistill.config import build_config
-from crossdistill.engine import Trainer, train
+from crossdistill.engine import StoppedByHook, Trainer, train
 from crossdistill.errors import CrossDistillError
 
 
@@ -43,6 +43,23 @@ def test_a_run_with_val_fraction_evaluates_on_the_validation_split_and_says_so(t
     assert summary.eval_split == saved["eval_split"] == "val"
     plain = train(build_config(tiny_run(tmp_path, train={"epochs": 1, "run_name": "plain"})), out=io.StringIO())
     assert plain.eval_split == "test"
+
+
+def test_the_epoch_hook_sees_each_epochs_row_and_can_stop_the_run_resumably(tmp_path):
+    cfg = build_config(tiny_run(tmp_path, train={"epochs": 3}))
+    seen = []
+
+    def hook(epoch, row):
+        seen.append((epoch, row["epoch"], row.get("eval_top1")))
+        return epoch == 2
+
+    with pytest.raises(StoppedByHook, match="stopped after epoch 2 at the request of its epoch hook"):
+        train(cfg, on_epoch=hook, out=io.StringIO())
+    assert [(e, r) for e, r, _ in seen] == [(1, 1), (2, 2)] and all(top1 is not None for *_, top1 in seen)
+    run_dir = tmp_path / "runs" / "run"
+    assert (run_dir / "last.pt").exists() and not (run_dir / "summary.json").exists()  # unfinished, kept
+    summary = train(cfg, resume=True, on_epoch=lambda epoch, row: None, out=io.StringIO())
+    assert [row["epoch"] for row in summary.history] == [1, 2, 3]
 
 
 def _weights(module):

@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -19,7 +19,7 @@ from ..data.device_augment import DeviceAugment
 from ..errors import CrossDistillError
 from .checkpointing import Checkpointer, Resumed
 from .claim import RunDirClaim
-from .distributed import DistEnv, all_ranks_ok, init_distributed, shutdown
+from .distributed import DistEnv, all_ranks_ok, broadcast_from_main, init_distributed, shutdown
 from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_everything, unwrap_worker_error
 from .logs import Progress, RunLogger
 from .metrics import EpochTotals, MetricsLog, TeacherClassifier, evaluate
@@ -46,7 +46,16 @@ from .snapshot import TensorSnapshot
 from .step import MicroBatch, build_train_step, collect_nonfinite_now
 from .teacher_cache import TeacherCache, cache_key, cache_widths
 
-__all__ = ["RunSummary", "Trainer", "evaluate", "train"]
+__all__ = ["EpochHook", "RunSummary", "StoppedByHook", "Trainer", "evaluate", "train"]
+
+EpochHook = Callable[[int, dict[str, Any]], bool | None]
+"""Called after each epoch with (epoch, its row: lr, train losses, eval_top1 on evaluated epochs, ...), once the
+epoch's checkpoint is saved; returning True stops the run there (:class:`StoppedByHook`), e.g. a pruned trial of
+a hyper-parameter search. Under DDP rank 0's answer counts."""
+
+
+class StoppedByHook(Preempted):
+    """Raised by the trainer when its epoch hook asked it to stop: the run is unfinished and resumable."""
 
 
 @dataclass
@@ -72,8 +81,16 @@ class RunSummary:
 
 class Trainer:
     def __init__(
-        self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, env: DistEnv | None = None, out=None
+        self,
+        cfg: RunConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        env: DistEnv | None = None,
+        out=None,
+        on_epoch: EpochHook | None = None,
     ):
+        self.on_epoch = on_epoch
         check_run_config(cfg)  # bad method arguments or data options fail here, before the run directory is touched
         self.cfg = cfg = with_absolute_paths(cfg)
         self.env = env or init_distributed(cfg.train.device)
@@ -447,6 +464,19 @@ class Trainer:
         self.history.append(row)
         self.checkpoints.save_epoch(epoch + 1, improved, then=lambda: self._log_row(row))
         self.print(self._format_row(row))
+        if self.on_epoch is not None:
+            self._call_epoch_hook(epoch + 1, row)
+
+    def _call_epoch_hook(self, epoch: int, row: dict[str, Any]) -> None:
+        stop = bool(self.on_epoch(epoch, dict(row)))
+        if self.env.distributed:
+            stop = broadcast_from_main(self.env, stop)
+        if stop and epoch < self.cfg.train.epochs:
+            raise StoppedByHook(
+                f"stopped after epoch {epoch} at the request of its epoch hook: saved {self.run_dir / CHECKPOINT}; "
+                f"continue with: crossdistill train --resume {self.run_dir}",
+                str(self.run_dir / CHECKPOINT),
+            )
 
     def _log_row(self, row: dict[str, Any]) -> None:
         """Rank 0, once the epoch's checkpoint is saved: its row to metrics.csv, TensorBoard and the trackers."""
@@ -651,10 +681,13 @@ class Trainer:
         return summary
 
 
-def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, out=None) -> RunSummary:
-    """Train one run described by ``cfg``; returns its summary. Works under torchrun as well."""
+def train(
+    cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, out=None, on_epoch: EpochHook | None = None
+) -> RunSummary:
+    """Train one run described by ``cfg``; returns its summary. Works under torchrun as well. ``on_epoch``: see
+    :data:`EpochHook`."""
     env = init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg, resume=resume, overwrite=overwrite, env=env, out=out).fit()
+        return Trainer(cfg, resume=resume, overwrite=overwrite, env=env, out=out, on_epoch=on_epoch).fit()
     finally:
         shutdown(env)
