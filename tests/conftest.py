@@ -170,3 +170,15 @@ def rsd_nan_at_calls_3_and_4(monkeypatch):
 
     monkeypatch.setattr(RSD, "forward", sometimes_nan)
     return calls
+
+
+def tiny_config_file(tmp_path, method: str = "kd", **sections) -> str:
+    """:func:`tiny_run` (1 epoch, a validation split) written as a YAML file; its path."""
+    import yaml
+
+    sections.setdefault("train", {})
+    sections["train"] = {"epochs": 1, "run_name": None, **sections["train"]}
+    sections["data"] = {"train_subset": 128, "eval_subset": 60, "val_fraction": 0.2, **sections.get("data", {})}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_run(tmp_path, method, **sections)))
+    return str(path)
