@@ -19,6 +19,7 @@ import os
 import socket
 import statistics
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,6 +46,7 @@ def _optuna():
     except ImportError:
         raise CrossDistillError(f"crossdistill tune needs Optuna: {INSTALL}") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
 
@@ -67,13 +69,13 @@ def open_storage(url: str):
             "journal:FILE (a journal file on a shared file system)"
         )
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9
+        retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)}
+    else:
+        retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)}
     try:
         return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **retry
         )
     except ImportError as err:
         raise CrossDistillError(f"--storage {url}: {one_line(err)} (PostgreSQL: {INSTALL})") from None
@@ -302,6 +304,7 @@ def plot_history(study, path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("history.png not drawn: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return None
@@ -323,14 +326,17 @@ def plot_history(study, path: Path) -> Path | None:
             best.append(running)
         history.step([t.number for t in ordered], best, where="post", color="C1", label="best so far")
     history.set_xlabel("trial")
+    history.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     history.set_ylabel("validation top-1 (%)")
     history.set_title(f"study {study.study_name}: optimisation history")
     history.legend(loc="lower right")
     history.grid(alpha=0.3)
-    importance.set_title("parameter importances (fANOVA)")
+    importance.set_title("parameter importances (Optuna's default evaluator)")
     if len(complete) >= 2:
         try:
-            values = optuna.importance.get_param_importances(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "importances will be equal" for a handful of trials
+                values = optuna.importance.get_param_importances(study)
         except (RuntimeError, ValueError) as err:
             values, note = {}, f"importances not computed: {one_line(err)[:80]}"
         else:
