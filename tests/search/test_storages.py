@@ -80,3 +80,24 @@ def test_two_workers_on_postgresql_run_each_grid_point_once_with_the_results_of_
         assert [state for state, _, _ in results] == ["COMPLETE"] * 4, name
         assert len({params for _, params, _ in results}) == 4, name
     assert outcomes["postgresql"] == outcomes["sqlite"]
+
+
+def test_a_journal_file_storage_holds_the_study(tmp_path):
+    config = tiny_config_file(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text("method_args.temperature: {type: categorical, choices: [2.0]}\n")
+    journal = tmp_path / "shared" / "study.log"
+    tune(config, str(space), trials=1, storage=f"journal:{journal}", study_name="grid", sampler="grid", pruner="none")
+    assert journal.is_file() and not (tmp_path / "runs" / "grid" / "study.db").exists()
+    assert _results(f"journal:{journal}") == [
+        ("COMPLETE", (("method_args.temperature", 2.0),), pytest.approx(10.0, abs=100))
+    ]
+
+
+def test_a_storage_that_is_neither_a_url_nor_a_journal_is_a_one_line_error(tmp_path):
+    with pytest.raises(Exception, match=r"--storage 'study.db': give an SQLAlchemy URL .* or journal:FILE"):
+        open_storage("study.db")
+    with pytest.raises(
+        Exception, match=r"^cannot open the study storage postgresql\+psycopg2://nobody@127.0.0.1:1/x: "
+    ):
+        open_storage("postgresql+psycopg2://nobody@127.0.0.1:1/x")

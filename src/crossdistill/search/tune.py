@@ -83,13 +83,13 @@ def open_storage(url: str):
         raise CrossDistillError(f"cannot open the study storage {url}: {one_line(err)[:300]}") from None
 
 
-def make_sampler(name: str, seed: int, params: Sequence[Param]):
+def make_sampler(name: str, seed: int):
     optuna = _optuna()
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler(grid_of(params), seed=seed)
+    # grid: every point is enqueued as a waiting trial (see tune), which a worker takes whole; the sampler only
+    # draws a retry of a failed point (Optuna's GridSampler cannot follow trials it did not assign)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def grid_of(params: Sequence[Param]) -> dict[str, list[Any]]:
@@ -108,7 +108,7 @@ def grid_of(params: Sequence[Param]) -> dict[str, list[Any]]:
 def make_pruner(name: str):
     optuna = _optuna()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)  # not on the first evaluation
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()
@@ -124,12 +124,12 @@ class Study:
 
     def load(self, worker: int = 0):
         optuna = _optuna()
-        return optuna.load_study(
-            study_name=self.study,
-            storage=open_storage(self.storage),
-            sampler=make_sampler(self.sampler, self.seed + worker, self.params),
-            pruner=make_pruner(self.pruner),
+        study = optuna.load_study(
+            study_name=self.study, storage=open_storage(self.storage), pruner=make_pruner(self.pruner)
         )
+        # the seed also follows the trials so far: a continued study does not replay the first session's draws
+        study.sampler = make_sampler(self.sampler, self.seed + 1000 * worker + len(study.get_trials(deepcopy=False)))
+        return study
 
     def target(self) -> int:
         """The trials to finish: --trials, or the grid's size when that is smaller."""
