@@ -61,6 +61,8 @@ def test_tune_writes_best_yaml_history_and_trials_and_a_rerun_continues_the_stud
     out = capsys.readouterr().out
     assert "study run: 2/3 trials finished" in out and "trial 2 complete" in out and "trial 3" not in out
     assert _states(f"sqlite:///{folder / 'study.db'}") == ["COMPLETE"] * 3
+    trials = optuna.load_study(study_name="run", storage=open_storage(f"sqlite:///{folder / 'study.db'}")).trials
+    assert trials[2].params not in (trials[0].params, trials[1].params)  # the continued study draws anew
 
 
 class _AlwaysPrune(optuna.pruners.BasePruner):
