@@ -324,12 +324,15 @@ def plot_history(study, path: Path) -> Path | None:
         for t in ordered:
             running = max(running, t.value)
             best.append(running)
-        history.step([t.number for t in ordered], best, where="post", color="C1", label="best so far")
+        last = max(t.number for t in trials)  # the line runs on to the last trial, pruned ones included
+        history.step(
+            [t.number for t in ordered] + [last], best + best[-1:], where="post", color="C1", label="best so far"
+        )
     history.set_xlabel("trial")
     history.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     history.set_ylabel("validation top-1 (%)")
     history.set_title(f"study {study.study_name}: optimisation history")
-    history.legend(loc="lower right")
+    history.legend(loc="best")
     history.grid(alpha=0.3)
     importance.set_title("parameter importances (Optuna's default evaluator)")
     if len(complete) >= 2:
