@@ -101,6 +101,12 @@ def dry_run(
             say(
                 f"data: {cfg.data.dataset}, {len(data.train)} train / {len(data.eval)} eval images, "
                 f"{num_classes} classes"
+                + (
+                    f"; evaluated on the val split ({cfg.data.val_fraction:g} of {cfg.data.train_split}, val_seed "
+                    f"{cfg.data.val_seed}), not {cfg.data.eval_split}"
+                    if cfg.data.val_fraction is not None
+                    else ""
+                )
             )
     if num_classes is None:
         num_classes = CLASS_COUNTS.get(cfg.data.dataset)
