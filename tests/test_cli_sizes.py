@@ -148,6 +148,22 @@ def test_a_feature_method_accepts_a_teacher_head_of_other_classes(tmp_path, caps
     assert "% top-1 on" not in out  # a head of other classes cannot be scored on this dataset
 
 
+def test_the_start_up_lines_name_the_weights_each_model_starts_from(tmp_path, capsys):
+    # a fine-tune from weights of 1000 classes (step 1 of the own-data path) and a distillation from a file
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    student, teacher = weights(folder, num_classes=1000), weights(folder, num_classes=1000)
+    args = ["train", "--config", str(config(tmp_path)), f"student.checkpoint={student}", "student.name=test_vit"]
+    code, out, err = run_cli(
+        capsys, *args, "student.kwargs={img_size: 32, patch_size: 8}", f"teacher.checkpoint={teacher}"
+    )
+    assert code == 0, err
+    assert f"weights: student {student} | teacher {teacher}" in out.splitlines()
+    code, out, err = run_cli(capsys, "train", "--config", str(config(tmp_path)), "method=vanilla", "train.run_name=s")
+    assert code == 0, err
+    assert "weights: student random initialisation" in out.splitlines()
+
+
 @pytest.mark.parametrize("method", ["kd", "ofa", "sd_kd"])
 def test_a_logit_method_refuses_a_teacher_head_of_other_classes(tmp_path, capsys, method):
     folder = tmp_path / "weights"

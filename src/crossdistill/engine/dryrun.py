@@ -32,6 +32,7 @@ from .setup import (
     optimizer_steps_per_epoch,
     training_targets,
     untrained_teacher_warning,
+    weights_source,
 )
 from .step import build_train_step
 
@@ -224,8 +225,7 @@ def _data_stats(cfg: RunConfig) -> tuple[Any, Any]:
 
 def _weights(model, loaded: bool) -> str:
     if model.checkpoint:
-        ema = " (EMA)" if model.checkpoint_ema else ""
-        return f"{model.checkpoint}{ema} " + ("loaded" if loaded else "not loaded (see the problem above)")
+        return weights_source(model) + (" loaded" if loaded else " not loaded (see the problem above)")
     if model.pretrained:
         return "pretrained (timm): not downloaded by --dry-run, random weights stand in"
-    return "random initialisation"
+    return weights_source(model)

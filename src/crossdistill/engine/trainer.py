@@ -34,6 +34,7 @@ from .setup import (
     count_parameters,
     describe_batch,
     describe_lr,
+    describe_weights,
     lr_plan,
     make_mixup,
     optimizer_steps_per_epoch,
@@ -311,6 +312,7 @@ class Trainer:
                 else ""
             )
         )
+        self.print(describe_weights(cfg, with_teacher=teacher is not None))
         if teacher is not None:
             self._describe_teacher(teacher)
         warning = untrained_teacher_warning(cfg, self.distiller)
