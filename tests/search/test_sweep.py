@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ from crossdistill.cli import main
 from crossdistill.config import load_config
 from crossdistill.engine import StoppedByHook, train
 from crossdistill.errors import CrossDistillError
+from crossdistill.search import runs
 from crossdistill.search.runs import split_values
 from crossdistill.search.sweep import sweep
 
@@ -89,3 +91,17 @@ def test_no_shared_teacher_cache_for_a_method_without_a_teacher(tmp_path):
     sweep(config, ["optim.lr=0.002"])
     saved = yaml.safe_load((tmp_path / "runs" / "run" / "lr=0.002" / "config.yaml").read_text())
     assert saved["train"]["teacher_cache"] is None
+
+
+def test_workers_take_the_visible_gpus_in_turn(monkeypatch):
+    # one node, 2 GPUs, 3 workers: each worker's runs see one GPU (as cuda:0), not all of them on the first
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    gpus = runs.visible_gpus()
+    assert gpus == ["2", "5"]
+    assert [runs.worker_gpu(gpus, worker) for worker in range(3)] == ["2", "5", "2"]
+    assert runs.worker_gpu([], 0) is None  # no GPU: nothing is set
+
+    seen = []
+    monkeypatch.setattr(runs, "_set_threads", lambda workers: None)
+    runs._worker_main(lambda worker, workers: seen.append(os.environ["CUDA_VISIBLE_DEVICES"]), (), 1, 3, "5")
+    assert seen == ["5"]

@@ -181,7 +181,11 @@ def start_workers(target: Callable[..., None], args: tuple, workers: int) -> Non
         target(*args, 0, 1)
         return
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker_main, args=(target, args, i, workers)) for i in range(workers)]
+    gpus = visible_gpus()
+    processes = [
+        context.Process(target=_worker_main, args=(target, args, i, workers, worker_gpu(gpus, i)))
+        for i in range(workers)
+    ]
     for process in processes:
         process.start()
     try:
@@ -203,7 +207,22 @@ def _set_threads(workers: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
-def _worker_main(target: Callable[..., None], args: tuple, worker: int, workers: int) -> None:
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (all of them when it is unset)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_gpu(gpus: Sequence[str], worker: int) -> str | None:
+    """The GPU of worker ``worker``: the visible GPUs in turn (workers share them when there are more workers)."""
+    return gpus[worker % len(gpus)] if gpus else None
+
+
+def _worker_main(target: Callable[..., None], args: tuple, worker: int, workers: int, gpu: str | None = None) -> None:
+    if gpu is not None:  # before CUDA starts in this (spawned) process: its runs see one GPU, as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     _set_threads(workers)
     try:
         target(*args, worker, workers)
