@@ -15,7 +15,9 @@ import yaml
 
 from conftest import tiny_config_file
 from crossdistill.cli import main
+from crossdistill.config import load_config
 from crossdistill.errors import CrossDistillError
+from crossdistill.search.space import read_space
 from crossdistill.search.tune import Study, objective, open_storage, tune
 
 optuna = pytest.importorskip("optuna", reason="crossdistill tune needs optuna (pip install 'crossdistill[search]')")
@@ -144,3 +146,14 @@ def test_a_killed_worker_s_trial_is_asked_again_and_the_study_reaches_n_trials(t
     assert "---- resumed at epoch 2" in log  # the retry took over the killed trial's run directory
     assert not (tmp_path / "runs" / "run" / "trial-0001").exists()  # trial 1 was the retry
     assert (tmp_path / "runs" / "run" / "trial-0002" / "summary.json").exists()
+
+
+SPACES = sorted((Path(__file__).resolve().parents[2] / "configs" / "search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
+def test_the_shipped_search_spaces_fit_the_own_data_recipe(path):
+    # the README tunes configs/search/*.yaml on a user's run config: every key and range must check against one
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "own_data" / "distill.yaml"
+    params = read_space(path, lambda overrides: load_config(recipe, overrides))
+    assert params
