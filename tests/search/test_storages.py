@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config_file
+from conftest import free_port, tiny_config_file
 from crossdistill.search.tune import open_storage, tune
 
 optuna = pytest.importorskip("optuna", reason="crossdistill tune needs optuna (pip install 'crossdistill[search]')")
@@ -21,12 +20,6 @@ GRID = (
     "method_args.temperature: {type: categorical, choices: [1.0, 4.0]}\n"
     "optim.lr: {type: categorical, choices: [0.001, 0.003]}\n"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -44,7 +37,7 @@ def postgres_url():
             shutil.rmtree(folder)
             pytest.skip("running as root and there is no postgres user to own the test cluster")
         prefix = ["runuser", "-u", "postgres", "--"]
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     run = lambda *args: subprocess.run(prefix + [str(a) for a in args], check=True, capture_output=True)  # noqa: E731
     try:
         run(PG_BIN / "initdb", "-D", data, "-U", "crossdistill", "--auth=trust", "-E", "UTF8")
