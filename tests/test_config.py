@@ -739,3 +739,85 @@ def test_the_size_bounds_are_exact():
         with pytest.raises(ConfigError) as info:
             check_config_size(value, "x")
         assert str(info.value) == message
+
+
+# --- the method switch, in detail: when arguments are kept, and the note that says what was dropped ---------------
+
+
+def test_naming_the_method_a_config_already_has_keeps_its_arguments():
+    """Switching is against the config's own method, or the default method when it names none."""
+    from crossdistill.config import DEFAULT_METHOD
+
+    kd = {"method": "kd", "method_args": {"temperature": 2.0}}
+    assert apply_overrides(kd, ["method=kd"])["method_args"] == {"temperature": 2.0}
+    unnamed = {"method_args": {"weight": 0.2}}  # the default method's arguments
+    assert apply_overrides(unnamed, [f"method={DEFAULT_METHOD}"])["method_args"] == {"weight": 0.2}
+    assert "method_args" not in apply_overrides(unnamed, ["method=kd"])
+
+
+def _switch_note(base_args, method="kd"):
+    notes = []
+    apply_overrides({"method": "rsd", "method_args": base_args}, [f"method={method}"], notes=notes)
+    assert len(notes) == 1
+    return notes[0]
+
+
+def test_the_switch_note_lists_at_most_ten_dropped_keys_each_cut_to_fifty_characters():
+    ten = {f"k{i}": i for i in range(10)}
+    assert "the method_args of rsd (k0, k1, k2, k3, k4, k5, k6, k7, k8, k9) are dropped" in _switch_note(ten)
+    eleven = {f"k{i}": i for i in range(11)}
+    assert "the method_args of rsd (k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, ...) are dropped" in _switch_note(eleven)
+    long_key = "x" * 60
+    assert f"the method_args of rsd ({'x' * 50}) are dropped" in _switch_note({long_key: 1})
+
+
+def test_the_switch_note_shows_values_that_are_not_names_shortened():
+    # method_args that is not a mapping (a config error later) and a method that is not a name
+    assert "the method_args of rsd ('abc') are dropped" in _switch_note("abc")
+    assert "method changed from rsd to 123 on the command line" in _switch_note({"weight": 1}, method="123")
+    long = "[" + ", ".join(str(i) for i in range(100)) + "]"  # a list as the method: shown cut, not whole
+    note = _switch_note({"weight": 1}, method=long)
+    assert "method changed from rsd to [0, 1, 2, 3, 4, 5, 6, 7, ...] on the command line" in note
+
+
+def test_a_method_override_is_split_at_its_first_equals_sign_and_parsed_as_any_value():
+    dropped = apply_overrides({"method": "kd", "method_args": {"temperature": 2.0}}, ["method=a=b"])
+    assert dropped["method"] == "a=b" and "method_args" not in dropped
+    from crossdistill.config import MAX_CONFIG_VALUES
+
+    too_big = "[" + ",".join(["0"] * MAX_CONFIG_VALUES) + "]"
+    with pytest.raises(ConfigError, match=r"^the value of override method expands to more than"):
+        apply_overrides({"method": "kd"}, [f"method={too_big}"])
+
+
+def test_overrides_refuse_a_config_that_expands_too_far():
+    from crossdistill.config import MAX_CONFIG_VALUES
+
+    huge = {"method_args": {f"k{i}": i for i in range(MAX_CONFIG_VALUES)}}
+    with pytest.raises(ConfigError, match=r"^the run config expands to more than"):
+        apply_overrides(huge, ["train.epochs=1"])
+
+
+def test_a_config_from_overrides_alone_needs_no_file():
+    cfg = load_config(None, ["student.name=resnet18", "method=kd", "train.epochs=3"])
+    assert cfg.student.name == "resnet18" and cfg.method == "kd" and cfg.train.epochs == 3
+
+
+def test_a_method_switch_in_any_base_is_noted_where_it_happens(tmp_path):
+    (tmp_path / "kd.yaml").write_text("student: {name: resnet18}\nmethod: kd\nmethod_args: {temperature: 2.0}\n")
+    (tmp_path / "dist.yaml").write_text("method: dist\n")
+    (tmp_path / "both.yaml").write_text("base: [kd.yaml, dist.yaml]\n")  # the second base switches the method
+    (tmp_path / "top.yaml").write_text("base: both.yaml\ntrain: {epochs: 2}\n")  # a base of a base switches it
+    notes = []
+    cfg = load_config(tmp_path / "top.yaml", notes=notes)
+    assert cfg.method == "dist" and cfg.method_args == {}
+    assert notes == [
+        f"method changed from kd to dist in {tmp_path / 'dist.yaml'}: the method_args of kd (temperature) are "
+        "dropped and dist starts from its defaults (set method_args.KEY=VALUE to change one)"
+    ]
+
+
+def test_a_yaml_error_without_a_problem_text_is_still_one_line():
+    from crossdistill.config import _yaml_problem
+
+    assert _yaml_problem(yaml.MarkedYAMLError(note="expected a\n   mapping  here")) == "expected a mapping here"

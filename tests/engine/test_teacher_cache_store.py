@@ -2,6 +2,7 @@
 damaged files, key.json, epochs. The end-to-end runs are in test_teacher_cache.py."""
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from crossdistill.engine.teacher_cache import (
+    CACHE_DISK_HINT,
     TeacherCache,
     _Store,
     cache_widths,
@@ -392,6 +394,20 @@ def test_the_key_layout_is_pinned(tmp_path):
         store_dtype="fp32",
     )
     assert plain["data"]["root_file"] is None and plain["teacher"]["renormalization"] is None
+    assert "val_split" not in plain["data"]  # caches written before validation splits existed stay valid
+    data.val_fraction, data.val_seed = 0.1, 7  # a validation split carved out of the training images
+    split = cache_key(
+        cfg,
+        RealTeacher(model),
+        num_train=90,
+        data_mean=(0.5,) * 3,
+        data_std=(0.25,) * 3,
+        device_type="cpu",
+        amp_dtype=None,
+        channels_last=False,
+        store_dtype="fp32",
+    )
+    assert split["data"]["val_split"] == {"fraction": 0.1, "seed": 7}
     assert plain["compute"]["amp"] == "none" and plain["compute"]["channels_last"] is False
     assert key_digest({"a": 1, "b": [1, 2]}) == key_digest({"b": [1, 2], "a": 1})  # insertion order is no part
 
@@ -423,6 +439,8 @@ def test_a_new_store_file_has_all_its_blocks_reserved(tmp_path, monkeypatch):
     calls, real = [], getattr(os, "posix_fallocate", None)
 
     def fallocate(fd, offset, length):
+        # a descriptor open for writing: on a read-only one fallocate fails (EBADF), which would pass unnoticed
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
         calls.append((offset, length, os.fstat(fd).st_size))
         if real is not None:
             real(fd, offset, length)
@@ -487,6 +505,8 @@ def test_the_rows_a_batch_carries_become_float32_teacher_outputs():
     both = prefetched_outputs({"embedding": torch.ones(1, 3, dtype=torch.float64), **rows}, torch.device("cpu"))
     assert both.embedding.dtype == torch.float32 and torch.equal(both.embedding, torch.ones(1, 3))
     assert torch.equal(both.logits, outputs.logits)
+    on_device = prefetched_outputs(rows, torch.device("meta"))  # moved to the batch's device, whichever it is
+    assert on_device.logits.device.type == "meta" and on_device.logits.dtype == torch.float32
 
 
 def test_a_second_run_preparing_the_same_epoch_waits_instead_of_deleting_half_created_files(tmp_path, monkeypatch):
@@ -521,3 +541,17 @@ def test_a_second_run_preparing_the_same_epoch_waits_instead_of_deleting_half_cr
     assert os.stat(folder / "embedding.npy").st_ino == data_file  # the first run's file, not deleted and remade
     stores["second"].open()
     assert stores["second"].check.shape == (8,) and (np.asarray(stores["second"].check) == -1).all()
+
+
+def test_a_full_disk_while_writing_key_json_says_what_to_do(tmp_path, monkeypatch):
+    import crossdistill.files as files
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(CrossDistillError) as raised:
+        _cache(tmp_path)
+    message = str(raised.value)
+    assert message.startswith("no space left on the device while writing ") and "key.json" in message
+    assert message.endswith(CACHE_DISK_HINT)
