@@ -22,6 +22,7 @@ from study_protocols import (
     PAIRS,
     SPEEDS,
     Protocol,
+    crd_negatives,
     method_defaults,
     rsd_default,
 )
@@ -173,11 +174,18 @@ def run_config(
     return cfg
 
 
-def method_args_for(method: str, student: str) -> dict[str, Any]:
+def method_args_for(method: str, student: str, protocol: Protocol) -> dict[str, Any]:
     args = method_defaults(method)
     if method == "ofa" and MODELS[student].family == "cnn":
         args.update(OFA_CNN_STUDENT)
+    if method == "crd":
+        args["num_negatives"] = crd_negatives(train_images(protocol))
     return args
+
+
+def train_images(protocol: Protocol) -> int:
+    """How many images a student run of ``protocol`` trains on (CIFAR's 50,000 without a subset)."""
+    return protocol.train_subset or 50_000
 
 
 def build_plan(s: Settings) -> list[Run]:
@@ -208,7 +216,7 @@ def build_plan(s: Settings) -> list[Run]:
                 if name in runs:
                     runs[name].pairs += (pair,)
                     continue
-                args = method_args_for(method, student)
+                args = method_args_for(method, student, p)
                 t = None if method == "vanilla" else teacher
                 runs[name] = Run(
                     name,
@@ -229,7 +237,7 @@ def build_plan(s: Settings) -> list[Run]:
                 name = grid_run_name(p.sens_pair, weight, kappa, p.sens_seed)
                 if name in runs:
                     continue
-                args = dict(method_args_for("rsd", student), weight=weight, kappa=kappa)
+                args = dict(method_args_for("rsd", student, p), weight=weight, kappa=kappa)
                 runs[name] = Run(
                     name,
                     "sensitivity",

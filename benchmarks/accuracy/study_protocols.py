@@ -9,6 +9,7 @@ protocol).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ RESULTS_ARCHIVE = HERE / "results"  # <protocol>/: copies of the finished run di
 CIFAR10_MEAN = (0.4913, 0.4821, 0.4465)  # of the JPEG copy's training set (shared/data/README.md)
 CIFAR10_STD = (0.2452, 0.2428, 0.2606)
 
-STUDY_METHODS = ("vanilla", "kd", "dkd", "dist", "fitnet", "ofa", "rsd")
+STUDY_METHODS = ("vanilla", "kd", "dkd", "dist", "fitnet", "ofa", "crd", "rkd", "cc", "at", "rsd")
 METHOD_LABELS = {
     "vanilla": "Scratch",
     "kd": "KD",
@@ -29,6 +30,10 @@ METHOD_LABELS = {
     "dist": "DIST",
     "fitnet": "FitNet",
     "ofa": "OFA",
+    "crd": "CRD",
+    "rkd": "RKD",
+    "cc": "CC",
+    "at": "AT",
     "rsd": "RSD",
     "sd_kd": "SD-KD",
     "sd_dkd": "SD-DKD",
@@ -45,10 +50,25 @@ RECORDED_ARGS: dict[str, tuple[str, ...]] = {
     "dist": ("beta", "gamma", "tau", "weight", "ce_weight"),
     "fitnet": ("weight", "stages"),  # img_size: the engine fills in data.img_size
     "ofa": ("eps", "temperature", "w_gt", "w_kd", "w_ofa"),
+    "crd": ("feat_dim", "num_negatives", "momentum", "temperature", "weight", "w_gt"),
+    "rkd": ("distance_weight", "angle_weight", "weight", "w_gt"),
+    "cc": ("scale", "feat_dim", "weight", "w_gt"),
+    "at": ("weight", "p", "stages", "w_gt"),
     "rsd": ("weight", "kappa", "gamma"),
 }
 # Overrides of those defaults (the RSD grid of each protocol is the other one):
 OFA_CNN_STUDENT = {"w_ofa": 0.1}  # the OFA maintainers' CIFAR ResNet-18 run (configs/cifar100/ofa/*-resnet18.yaml)
+# CRD's official CIFAR-100 run draws 16,384 negatives for each sample out of 50,000 training images; a protocol
+# training on fewer images keeps that share of the training set (rounded to a power of two): 2,048 of the cpu
+# protocol's 4,992 images, where 16,384 would draw each image about 3.6 times per sample and take about 10 min an
+# epoch on the cpu protocol's cores (the [batch, K + 1, 128] gathers from both memory banks).
+CRD_NEGATIVES_SHARE = 16384 / 50_000
+
+
+def crd_negatives(train_images: int) -> int:
+    """CRD's ``num_negatives`` for a run on ``train_images`` images: the official share, at most its default."""
+    default = method_defaults("crd")["num_negatives"]
+    return min(default, 2 ** round(math.log2(max(1.0, CRD_NEGATIVES_SHARE * train_images))))
 
 
 def method_defaults(method: str) -> dict[str, Any]:

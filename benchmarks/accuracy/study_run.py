@@ -104,8 +104,11 @@ def train_one(config_path: str | Path, log_path: str | Path) -> dict[str, Any]:
             f"# {datetime.datetime.now().isoformat(timespec='seconds')} {'resume' if resume else 'start'} {run_dir}\n"
         )
         log.flush()
+        cpu0 = time.process_time()
         summary = train(cfg, resume=resume, overwrite=overwrite, out=log)
-    return dataclasses.asdict(summary)
+    # CPU seconds of this process (all its threads; not of data-loader worker processes): unlike the wall time, not
+    # inflated by other jobs on a shared machine, so speeds can be read from a loaded run (see SPEEDS)
+    return {**dataclasses.asdict(summary), "cpu_s": round(time.process_time() - cpu0, 2), "resumed": resume}
 
 
 def loadavg() -> float | None:
@@ -168,6 +171,8 @@ def execute(s: Settings, todo: list[Run], invocation: str) -> None:
                 "invocation": invocation,
                 "run": run.name,
                 "seconds": round(seconds, 2),
+                "cpu_s": (summary or {}).get("cpu_s"),
+                "resumed": (summary or {}).get("resumed"),
                 "est_s": round(run.est_s, 1),
                 "load_before": load0,
                 "load_after": load1,
