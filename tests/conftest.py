@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import socket
 
 import pytest
 import torch
+
+from crossdistill.engine.distributed import init_distributed, shutdown
 
 TINY_TEACHER = {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}}
 TINY_STUDENT = {"name": "test_resnet"}
@@ -170,3 +175,37 @@ def rsd_nan_at_calls_3_and_4(monkeypatch):
 
     monkeypatch.setattr(RSD, "forward", sometimes_nan)
     return calls
+
+
+def tiny_config_file(tmp_path, method: str = "kd", **sections) -> str:
+    """:func:`tiny_run` (1 epoch, a validation split) written as a YAML file; its path."""
+    import yaml
+
+    sections.setdefault("train", {})
+    sections["train"] = {"epochs": 1, "run_name": None, **sections["train"]}
+    sections["data"] = {"train_subset": 128, "eval_subset": 60, "val_fraction": 0.2, **sections.get("data", {})}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_run(tmp_path, method, **sections)))
+    return str(path)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a test's process group)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def cpu_process_group(rank: int, world_size: int, port: int):
+    """Rank ``rank`` of a ``world_size``-process gloo group on this machine, with one torch thread (in a spawned test
+    worker): yields the engine's DistEnv, shut down on exit."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    try:
+        yield env
+    finally:
+        shutdown(env)

@@ -268,6 +268,12 @@ def test_eval_of_a_plain_weights_file_needs_the_model_name(tmp_path, capsys):
         (["eval", "a=1", "--checkpoint", "best.pt", "b=2", "--json"], "overrides", ["a=1", "b=2"]),
         (["plot", "runs/a", "--out", "curves", "runs/b"], "run_dirs", ["runs/a", "runs/b"]),
         (["report", "runs/a", "--csv", "t.csv", "runs/b"], "run_dirs", ["runs/a", "runs/b"]),
+        (["sweep", "a=1", "--config", "x.yaml", "--grid", "k=1,2", "b=2"], "overrides", ["a=1", "b=2"]),
+        (
+            ["tune", "a=1", "--config", "x.yaml", "--space", "s.yaml", "b=2", "--trials", "3"],
+            "overrides",
+            ["a=1", "b=2"],
+        ),
     ],
 )
 def test_positionals_may_follow_options(argv, key, expected):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import timm
 import torch
 import torch.multiprocessing as mp
 
-from conftest import tiny_run
+from conftest import cpu_process_group, free_port, tiny_run
 from crossdistill.config import build_config
 from crossdistill.engine import Trainer
 from test_cli import image_folder, one_error_line, run_cli, write_config
@@ -148,6 +147,22 @@ def test_a_feature_method_accepts_a_teacher_head_of_other_classes(tmp_path, caps
     assert "% top-1 on" not in out  # a head of other classes cannot be scored on this dataset
 
 
+def test_the_start_up_lines_name_the_weights_each_model_starts_from(tmp_path, capsys):
+    # a fine-tune from weights of 1000 classes (step 1 of the own-data path) and a distillation from a file
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    student, teacher = weights(folder, num_classes=1000), weights(folder, num_classes=1000)
+    args = ["train", "--config", str(config(tmp_path)), f"student.checkpoint={student}", "student.name=test_vit"]
+    code, out, err = run_cli(
+        capsys, *args, "student.kwargs={img_size: 32, patch_size: 8}", f"teacher.checkpoint={teacher}"
+    )
+    assert code == 0, err
+    assert f"weights: student {student} | teacher {teacher}" in out.splitlines()
+    code, out, err = run_cli(capsys, "train", "--config", str(config(tmp_path)), "method=vanilla", "train.run_name=s")
+    assert code == 0, err
+    assert "weights: student random initialisation" in out.splitlines()
+
+
 @pytest.mark.parametrize("method", ["kd", "ofa", "sd_kd"])
 def test_a_logit_method_refuses_a_teacher_head_of_other_classes(tmp_path, capsys, method):
     folder = tmp_path / "weights"
@@ -200,27 +215,12 @@ def test_the_teacher_accuracy_is_printed_before_the_student_trains_and_kept_on_r
     assert saved["teacher_top1"] == summary.teacher_top1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _teacher_eval_worker(rank: int, world_size: int, port: int, raw: dict, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    from crossdistill.engine.distributed import init_distributed, shutdown
-
-    env = init_distributed("cpu")
-    try:
+    with cpu_process_group(rank, world_size, port) as env:
         trainer = Trainer(build_config(raw), env=env, out=io.StringIO())
         trainer._measure_teacher()
         torch.save(trainer.teacher_eval, os.path.join(out_dir, f"teacher{rank}.pt"))
         trainer.run_dir_claim.release(failed=True)
-    finally:
-        shutdown(env)
 
 
 @pytest.mark.slow
@@ -233,7 +233,7 @@ def test_the_teacher_accuracy_under_ddp_counts_every_sample_once(tmp_path):
     single._measure_teacher()
     single.run_dir_claim.release(failed=True)
     mp.start_processes(
-        _teacher_eval_worker, args=(2, _free_port(), raw, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+        _teacher_eval_worker, args=(2, free_port(), raw, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     for rank in (0, 1):
         found = torch.load(tmp_path / f"teacher{rank}.pt", weights_only=True)

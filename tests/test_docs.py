@@ -520,6 +520,7 @@ CHECKED_ERROR_INPUTS = [
     "method_args.kappa=-1",
     "method_args.gamma=0",
     "train.amp=fp8",
+    "data.val_fraction=1.5",
 ]
 
 

@@ -32,7 +32,12 @@ def is_partial(path: Path) -> bool:
     return "_base" in path.relative_to(CONFIGS).parts
 
 
-RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if not is_partial(p))
+def is_search_space(path: Path) -> bool:
+    """configs/search/ holds search spaces for ``crossdistill tune`` (tests/search/test_tune.py reads them)."""
+    return path.relative_to(CONFIGS).parts[0] == "search"
+
+
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if not is_partial(p) and not is_search_space(p))
 BASES = sorted(p for p in CONFIGS.rglob("*.yaml") if is_partial(p))
 
 DATASETS = {  # first directory under configs/ -> (num_classes, data.dataset)

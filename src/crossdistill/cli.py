@@ -1,4 +1,4 @@
-"""Command line: ``crossdistill {train,eval,params,demo}`` (also ``python -m crossdistill``)."""
+"""Command line: ``crossdistill {train,eval,params,demo,sweep,tune,...}`` (also ``python -m crossdistill``)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from .engine.preemption import EXIT_PREEMPTED, Preempted
 from .errors import CrossDistillError, one_line
 from .evaluation import evaluate_checkpoint
 from .params import count_method_parameters
+from .search import sweep as search_sweep
+from .search import tune as search_tune
 from .version import __version__
 
 
@@ -203,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="refuse to replace earlier demo runs instead of replacing them")
     p.set_defaults(func=_cmd_demo)
 
-    for module in (export, analysis_cli, plots, report, bench):
+    for module in (export, analysis_cli, plots, report, bench, search_sweep, search_tune):
         module.add_parser(sub)
     return parser
 

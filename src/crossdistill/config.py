@@ -94,6 +94,12 @@ class DataConfig:
     image is replaced by the next decodable one of its split, with a warning per file."""
     train_subset: int | None = None
     """Use only this many training images (a fixed, class-balanced random subset)."""
+    val_fraction: float | None = None
+    """Carve a validation split out of the training split: per class round(fraction x its images), at least 1,
+    drawn with ``val_seed``. The run trains on the rest and evaluates on this split (``eval_split: val`` in its
+    summary), never on the test split: what hyper-parameter search tunes on. null: evaluate on ``eval_split``."""
+    val_seed: int = 0
+    """Seed of the validation split (independent of train.seed: every seed and trial sees the same split)."""
     eval_subset: int | None = None
     num_workers: int = 2
     cache_dir: str | None = None
@@ -655,5 +661,10 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= d.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
     _check(0 <= d.re_prob <= 1, "data.re_prob", "must be a probability in [0, 1]")
     _check(d.train_subset is None or d.train_subset >= 1, "data.train_subset", "must be >= 1")
+    _check(
+        d.val_fraction is None or 0 < d.val_fraction < 1,
+        "data.val_fraction",
+        f"must be in (0, 1) (or null: no validation split), got {d.val_fraction}",
+    )
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.num_classes is None or cfg.num_classes >= 2, "num_classes", "must be >= 2")

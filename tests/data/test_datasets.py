@@ -17,9 +17,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from crossdistill.config import DataConfig
-from crossdistill.data import DATASETS, DataBundle, balanced_subset, build_data
+from crossdistill.data import DATASETS, DataBundle, balanced_subset, build_data, evaluated_split
 from crossdistill.data import archive as archive_module
-from crossdistill.data.datasets import DIGITS_MEAN, DIGITS_STD, digits_arrays
+from crossdistill.data.datasets import DIGITS_MEAN, DIGITS_STD, digits_arrays, validation_split
 from crossdistill.errors import CrossDistillError
 
 CIFAR_TARBALL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10_jpg.tar.gz"
@@ -195,6 +195,47 @@ def test_balanced_subset_with_a_small_class():
     assert balanced_subset(targets, 30) == idx
 
 
+def test_val_fraction_carves_a_fixed_class_balanced_split_out_of_training():
+    full = build_data(DataConfig(), STUDENT)
+    cfg = DataConfig(val_fraction=0.1)
+    a, b = build_data(cfg, STUDENT), build_data(cfg, STUDENT)
+    per_class = np.bincount(full.train.targets, minlength=10)
+    val_counts = np.bincount(a.eval.targets, minlength=10)
+    assert val_counts.tolist() == [max(1, round(0.1 * n)) for n in per_class]  # per class, rounded
+    assert len(a.train) + len(a.eval) == len(full.train) == 1437  # carved out of training, not the test split
+    assert np.array_equal(a.eval.images, b.eval.images) and a.train.targets == b.train.targets  # fixed
+    train_idx, val_idx = validation_split(full.train.targets, 0.1, seed=0)
+    assert not set(train_idx) & set(val_idx)
+    assert np.array_equal(a.eval.images, full.train.images[val_idx])  # val images are training images
+    assert np.array_equal(a.train.images, full.train.images[train_idx])  # the rest, in their order
+    assert a.eval.transform is not None and a.eval.transform is not a.train.transform  # eval transforms on val
+    assert evaluated_split(cfg) == "val" and evaluated_split(DataConfig()) == "test"
+
+
+def test_val_split_does_not_follow_train_seed_or_subset_and_moves_with_val_seed():
+    cfg = DataConfig(val_fraction=0.2)
+    val = build_data(cfg, STUDENT).eval.images
+    subset = build_data(DataConfig(val_fraction=0.2, train_subset=300), STUDENT)
+    assert np.array_equal(subset.eval.images, val) and len(subset.train) == 300
+    other_seed = build_data(DataConfig(val_fraction=0.2, val_seed=1), STUDENT).eval.images
+    assert not np.array_equal(other_seed, val)
+
+
+def test_validation_split_keeps_one_per_class_and_refuses_to_empty_a_class():
+    train, val = validation_split([0] * 10 + [1] * 3, 0.01)
+    assert len(val) == 2 and sorted(train + val) == list(range(13)) and train == sorted(train)
+    with pytest.raises(CrossDistillError, match="leaves no training image of class 1"):
+        validation_split([0] * 10 + [1], 0.5)
+
+
+def test_val_fraction_outside_zero_one_is_a_config_error():
+    from crossdistill.config import build_config
+    from crossdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'data.val_fraction': must be in \\(0, 1\\)"):
+        build_config({"student": {"name": "resnet18"}, "data": {"val_fraction": 1.0}})
+
+
 # ---------------------------------------------------------------- folder: directory
 
 
@@ -207,6 +248,12 @@ def test_folder_directory(tree):
         for px, (x, y) in zip(raw_pixels(ds), (ds[i] for i in range(len(ds)))):
             assert x.shape == (3, 16, 16) and x.dtype == torch.float32
             assert px[0, 0, 0] == 50 + 100 * y  # the label matches the class directory
+
+
+def test_folder_directory_val_fraction_takes_val_from_the_train_directory(tree):
+    b = build_data(folder_cfg(tree, img_size=16, val_fraction=0.3), STUDENT)
+    assert (len(b.train), len(b.eval)) == (4, 2) and sorted(b.eval.targets) == [0, 1]
+    assert all("/train/" in path for path, _ in b.eval.samples)
 
 
 def test_folder_directory_corrupt_file(tree):

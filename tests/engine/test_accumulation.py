@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 
-from conftest import TINY_TEACHER, tiny_batch, tiny_run, tiny_vit
+from conftest import TINY_TEACHER, free_port, tiny_batch, tiny_run, tiny_vit
 from crossdistill.config import OptimConfig, TrainConfig, build_config
 from crossdistill.engine import Trainer
 from crossdistill.engine.step import MicroBatch, TrainStep, build_train_step
@@ -124,10 +124,9 @@ def test_under_ddp_only_the_last_micro_batch_all_reduces(tmp_path):
     """``no_sync`` for all but the last micro-batch (a one-process gloo group), and the step equals the
     step on the concatenated batch."""
     import torch.distributed as dist
-    from test_training import _free_port
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         model, plain = _RecordsSync(), _RecordsSync()
@@ -184,7 +183,7 @@ def test_two_process_accumulation_trains_as_the_bigger_per_process_batch(tmp_pat
     """Under DDP each rank accumulates its own shard's batches; the ranks agree, and equal the run whose
     per-process batch is twice as big."""
     import torch.multiprocessing as mp
-    from test_training import _ddp_worker, _free_port
+    from test_training import _ddp_worker
 
     def run(name, batch_size, accum):
         raw = tiny_run(
@@ -195,9 +194,7 @@ def test_two_process_accumulation_trains_as_the_bigger_per_process_batch(tmp_pat
             data={"train_subset": 128, "eval_subset": 20},
         )
         out = tmp_path / name
-        mp.start_processes(
-            _ddp_worker, args=(2, _free_port(), raw, str(out)), nprocs=2, join=True, start_method="spawn"
-        )
+        mp.start_processes(_ddp_worker, args=(2, free_port(), raw, str(out)), nprocs=2, join=True, start_method="spawn")
         return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
     big, small = run("big", 16, 1), run("small", 8, 2)

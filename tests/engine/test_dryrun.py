@@ -105,3 +105,12 @@ def test_the_run_directory_is_judged_as_a_run_judges_it_without_a_lock(tmp_path)
     with pytest.raises(CrossDistillError, match="is a file, not a directory"):
         preview_run_dir(blocked, resume=False, overwrite=False)
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK, CHECKPOINT]
+
+
+def test_dry_run_says_a_run_with_val_fraction_is_evaluated_on_the_val_split(tmp_path):
+    out = io.StringIO()
+    dry_run(build_config(tiny_run(tmp_path, data={"val_fraction": 0.1, "eval_subset": None})), out=out)
+    assert (
+        "data: digits, 256 train / 142 eval images, 10 classes; evaluated on the val split (0.1 of train, "
+        "val_seed 0), not test"
+    ) in out.getvalue()

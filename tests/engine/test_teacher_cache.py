@@ -172,6 +172,7 @@ def test_the_key_changes_with_teacher_seed_augmentation_and_data(tmp_path):
         ("data", {"img_size": 48}),
         ("data", {"train_subset": 128}),
         ("data", {"auto_augment": "rand-m9-mstd0.5"}),
+        ("data", {"val_fraction": 0.1}),
     ]:
         changed = build_config(tiny_run(tmp_path, **{section: change}))
         assert _key(changed, teacher) != base, change
@@ -187,6 +188,10 @@ def test_the_key_changes_with_teacher_seed_augmentation_and_data(tmp_path):
         ("data", {"num_workers": 2, "eval_subset": 50}),
     ]:
         assert _key(build_config(tiny_run(tmp_path, **{section: change})), teacher) == base, change
+    split = build_config(tiny_run(tmp_path, data={"val_fraction": 0.1}))
+    assert _key(build_config(tiny_run(tmp_path, data={"val_fraction": 0.1, "val_seed": 1})), teacher) != _key(
+        split, teacher
+    )
 
 
 def _filled_cache(tmp_path):

@@ -17,6 +17,7 @@ from crossdistill.engine.teacher_cache import (
     cache_widths,
     key_digest,
     prefetched_outputs,
+    prepare_stores,
     state_dict_sha256,
 )
 from crossdistill.errors import CrossDistillError
@@ -123,7 +124,12 @@ def test_epochs_are_stored_apart(tmp_path):
     cache.begin_epoch(3)
     later = Teacher(offset=5.0)
     assert torch.equal(_lookup(cache, [1], later).embedding, later(_images([1])).embedding)
-    assert later.calls == 2 and sorted(p.name for p in cache.dir.iterdir()) == ["epoch-0000", "epoch-0003", "key.json"]
+    assert later.calls == 2 and sorted(p.name for p in cache.dir.iterdir()) == [
+        ".prepare.lock",
+        "epoch-0000",
+        "epoch-0003",
+        "key.json",
+    ]
     cache.close()
     with pytest.raises(RuntimeError, match="^TeacherCache.lookup before begin_epoch$"):
         _lookup(cache, [1], Teacher())
@@ -320,7 +326,7 @@ def test_the_key_layout_is_pinned(tmp_path):
 
     root = tmp_path / "images.tar.gz"
     root.write_bytes(b"12345")
-    data = SimpleNamespace(**{name: f"<{name}>" for name in DATA_KEY_FIELDS})
+    data = SimpleNamespace(**{name: f"<{name}>" for name in DATA_KEY_FIELDS}, val_fraction=None, val_seed=0)
     data.root, data.scale = str(root), (0.5, 1.0)
     cfg = SimpleNamespace(
         teacher=SimpleNamespace(name="vit_t", kwargs={"img_size": 32}), data=data, train=SimpleNamespace(seed=11)
@@ -481,3 +487,37 @@ def test_the_rows_a_batch_carries_become_float32_teacher_outputs():
     both = prefetched_outputs({"embedding": torch.ones(1, 3, dtype=torch.float64), **rows}, torch.device("cpu"))
     assert both.embedding.dtype == torch.float32 and torch.equal(both.embedding, torch.ones(1, 3))
     assert torch.equal(both.logits, outputs.logits)
+
+
+def test_a_second_run_preparing_the_same_epoch_waits_instead_of_deleting_half_created_files(tmp_path, monkeypatch):
+    """Two workers of a sweep share the cache: one has created an epoch's data file but not its check file yet when
+    the other prepares the same epoch. Without the lock the second judged the pair damaged and deleted it."""
+    import threading
+
+    folder = tmp_path / "epoch-0000"
+    warnings: list[str] = []
+    stores = {name: _Store(folder, "embedding", 8, 4, np.float16, warnings.append) for name in ("first", "second")}
+    created, resume = threading.Event(), threading.Event()
+    create = _Store._create
+
+    def create_then_pause(path, shape, dtype, fill):
+        create(path, shape, dtype, fill)
+        if threading.current_thread().name == "first" and path.name == "embedding.npy":
+            created.set()
+            resume.wait()
+
+    monkeypatch.setattr(_Store, "_create", staticmethod(create_then_pause))
+    first = threading.Thread(target=prepare_stores, args=(folder, [stores["first"]]), name="first")
+    first.start()
+    created.wait()
+    data_file = os.stat(folder / "embedding.npy").st_ino
+    second = threading.Thread(target=prepare_stores, args=(folder, [stores["second"]]), name="second")
+    second.start()
+    second.join(timeout=5)  # unlocked, the second run does its damage by now; locked, it waits for the first
+    resume.set()
+    first.join()
+    second.join()
+    assert warnings == []
+    assert os.stat(folder / "embedding.npy").st_ino == data_file  # the first run's file, not deleted and remade
+    stores["second"].open()
+    assert stores["second"].check.shape == (8,) and (np.asarray(stores["second"].check) == -1).all()

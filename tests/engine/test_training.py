@@ -3,15 +3,14 @@
 import io
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import tiny_run
+from conftest import cpu_process_group, free_port, tiny_run
 from crossdistill.config import build_config
-from crossdistill.engine import Trainer, train
+from crossdistill.engine import StoppedByHook, Trainer, train
 from crossdistill.errors import CrossDistillError
 
 
@@ -28,6 +27,38 @@ def test_rsd_training_loss_falls(tmp_path):
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["best_top1"] == summary.best_top1
     assert len((run_dir / "metrics.csv").read_text().strip().splitlines()) == 1 + 4
+
+
+def test_a_run_with_val_fraction_evaluates_on_the_validation_split_and_says_so(tmp_path):
+    cfg = build_config(tiny_run(tmp_path, train={"epochs": 1}, data={"val_fraction": 0.2, "eval_subset": 60}))
+    out = io.StringIO()
+    summary = train(cfg, out=out)
+    text = out.getvalue()
+    assert "256 train / 60 eval images | eval split: val (0.2 of train, per class, val_seed 0; not the test split)" in (
+        text
+    )
+    assert "| on val |" in text
+    saved = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
+    assert summary.eval_split == saved["eval_split"] == "val"
+    plain = train(build_config(tiny_run(tmp_path, train={"epochs": 1, "run_name": "plain"})), out=io.StringIO())
+    assert plain.eval_split == "test"
+
+
+def test_the_epoch_hook_sees_each_epochs_row_and_can_stop_the_run_resumably(tmp_path):
+    cfg = build_config(tiny_run(tmp_path, train={"epochs": 3}))
+    seen = []
+
+    def hook(epoch, row):
+        seen.append((epoch, row["epoch"], row.get("eval_top1")))
+        return epoch == 2
+
+    with pytest.raises(StoppedByHook, match="stopped after epoch 2 at the request of its epoch hook"):
+        train(cfg, on_epoch=hook, out=io.StringIO())
+    assert [(e, r) for e, r, _ in seen] == [(1, 1), (2, 2)] and all(top1 is not None for *_, top1 in seen)
+    run_dir = tmp_path / "runs" / "run"
+    assert (run_dir / "last.pt").exists() and not (run_dir / "summary.json").exists()  # unfinished, kept
+    summary = train(cfg, resume=True, on_epoch=lambda epoch, row: None, out=io.StringIO())
+    assert [row["epoch"] for row in summary.history] == [1, 2, 3]
 
 
 def _weights(module):
@@ -115,21 +146,8 @@ def test_teacher_checkpoint_from_an_earlier_run(tmp_path):
         Trainer(build_config({**raw, "train": {**raw["train"], "run_name": "x"}}))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, raw: dict, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    from crossdistill.engine.distributed import init_distributed, shutdown
-
-    env = init_distributed("cpu")
-    try:
+    with cpu_process_group(rank, world_size, port) as env:
         trainer = Trainer(build_config(raw), env=env)
         summary = trainer.fit()
         params = {k: v.detach().clone() for k, v in trainer.distiller.named_parameters()}
@@ -137,25 +155,14 @@ def _ddp_worker(rank: int, world_size: int, port: int, raw: dict, out_dir: str) 
             {"params": params, "top1": summary.last_top1, "steps": trainer.steps_per_epoch},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
-    finally:
-        shutdown(env)
 
 
 def _ddp_run_worker(rank: int, world_size: int, port: int, raw: dict, out_file: str, resume: bool) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    from crossdistill.engine.distributed import init_distributed, shutdown
-
-    env = init_distributed("cpu")
-    try:
+    with cpu_process_group(rank, world_size, port) as env:
         trainer = Trainer(build_config(raw), env=env, resume=resume, out=io.StringIO())
         trainer.fit()
         if rank == 0:
             torch.save({k: v.detach().clone() for k, v in trainer.distiller.state_dict().items()}, out_file)
-    finally:
-        shutdown(env)
 
 
 @pytest.mark.slow
@@ -172,7 +179,7 @@ def test_two_process_mid_epoch_resume_is_exact(tmp_path):
         raw = tiny_run(tmp_path / folder, **sections)
         mp.start_processes(
             _ddp_run_worker,
-            args=(2, _free_port(), raw, str(tmp_path / f"{folder}.pt"), resume),
+            args=(2, free_port(), raw, str(tmp_path / f"{folder}.pt"), resume),
             nprocs=2,
             join=True,
             start_method="spawn",
@@ -194,7 +201,7 @@ def test_two_process_mid_epoch_resume_is_exact(tmp_path):
 def test_two_process_ddp_ranks_end_with_identical_weights(tmp_path):
     raw = tiny_run(tmp_path, train={"epochs": 1, "batch_size": 16, "log_every": 2})
     mp.start_processes(
-        _ddp_worker, args=(2, _free_port(), raw, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+        _ddp_worker, args=(2, free_port(), raw, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     log = (tmp_path / "runs" / "run" / "train.log").read_text().splitlines()  # rank 0's alone
     assert sum(" step " in line and "img/s" in line for line in log) == 4 and sum("done:" in line for line in log) == 1
@@ -288,20 +295,11 @@ def test_a_run_that_fails_on_bad_input_leaves_no_run_directory(tmp_path):
 
 
 def _ddp_state_worker(rank: int, world_size: int, port: int, raw: dict, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    from crossdistill.engine.distributed import init_distributed, shutdown
-
-    env = init_distributed("cpu")
-    try:
+    with cpu_process_group(rank, world_size, port) as env:
         trainer = Trainer(build_config(raw), env=env, out=io.StringIO())
         trainer.fit()
         state = {k: v.detach().clone() for k, v in trainer.distiller.state_dict().items()}
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        shutdown(env)
 
 
 @pytest.mark.slow
@@ -319,7 +317,7 @@ def test_two_process_crd_keeps_one_memory_bank_with_every_ranks_samples(tmp_path
         data={"train_subset": 128},
     )
     mp.start_processes(
-        _ddp_state_worker, args=(2, _free_port(), raw, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+        _ddp_state_worker, args=(2, free_port(), raw, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

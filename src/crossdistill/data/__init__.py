@@ -3,7 +3,7 @@
 Datasets are registered in :data:`DATASETS` (digits, cifar10, cifar100, folder).
 """
 
-from .datasets import CLASS_COUNTS, DATASETS, DataBundle, balanced_subset, build_data, opening_writes
+from .datasets import CLASS_COUNTS, DATASETS, DataBundle, balanced_subset, build_data, evaluated_split, opening_writes
 from .transforms import build_transforms
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "balanced_subset",
     "build_data",
     "build_transforms",
+    "evaluated_split",
     "opening_writes",
 ]

@@ -412,6 +412,31 @@ def balanced_subset(targets: Sequence[int], n: int, seed: int = 0, what: str = "
     return sorted(order[:n].tolist())
 
 
+def validation_split(targets: Sequence[int], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train, val) indices: per class, ``round(fraction x its items)`` (at least 1) drawn at random with ``seed``
+    go to the validation split, the rest stay for training; both sorted, so the training samples keep their
+    order (and the teacher cache, keyed by sample index, sees the same sample i in every run)."""
+    targets = np.asarray(targets, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    val: list[int] = []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        take = max(1, round(fraction * len(idx)))
+        if take >= len(idx):
+            raise CrossDistillError(
+                f"data.val_fraction={fraction} leaves no training image of class {int(c)} ({len(idx)} image(s)); "
+                "lower data.val_fraction"
+            )
+        val.extend(rng.permutation(idx)[:take].tolist())
+    val_set = set(val)
+    return [i for i in range(len(targets)) if i not in val_set], sorted(val)
+
+
+def evaluated_split(cfg: DataConfig) -> str:
+    """The split a run of ``cfg`` evaluates on: ``val`` (carved out of the training split) or ``data.eval_split``."""
+    return "val" if cfg.val_fraction is not None else cfg.eval_split
+
+
 @dataclass
 class DataBundle:
     train: torch.utils.data.Dataset
@@ -461,6 +486,9 @@ def build_data(cfg: DataConfig, student_data_config: Mapping[str, Any]) -> DataB
     """
     data = DATASETS.get(cfg.dataset)(cfg)
     train, eval_ = data.train, data.eval
+    if cfg.val_fraction is not None:  # before train_subset: the split does not depend on the subset's size
+        train_idx, val_idx = validation_split(train.targets, cfg.val_fraction, cfg.val_seed)
+        train, eval_ = train.select(train_idx), train.select(val_idx)
     if cfg.train_subset is not None:
         train = train.select(balanced_subset(train.targets, cfg.train_subset, what="data.train_subset"))
     if cfg.eval_subset is not None:
@@ -472,10 +500,11 @@ def build_data(cfg: DataConfig, student_data_config: Mapping[str, Any]) -> DataB
         _check_device_augment(cfg, train)
     train.transform, eval_.transform = build_transforms(cfg, student_data_config, mean, std)
     logger.info(
-        "data %s: %d train / %d eval images, %d classes, mean %s std %s",
+        "data %s: %d train / %d eval (%s) images, %d classes, mean %s std %s",
         cfg.dataset,
         len(train),
         len(eval_),
+        evaluated_split(cfg),
         len(data.classes),
         mean,
         std,

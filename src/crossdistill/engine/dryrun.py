@@ -32,6 +32,7 @@ from .setup import (
     optimizer_steps_per_epoch,
     training_targets,
     untrained_teacher_warning,
+    weights_source,
 )
 from .step import build_train_step
 
@@ -101,6 +102,12 @@ def dry_run(
             say(
                 f"data: {cfg.data.dataset}, {len(data.train)} train / {len(data.eval)} eval images, "
                 f"{num_classes} classes"
+                + (
+                    f"; evaluated on the val split ({cfg.data.val_fraction:g} of {cfg.data.train_split}, val_seed "
+                    f"{cfg.data.val_seed}), not {cfg.data.eval_split}"
+                    if cfg.data.val_fraction is not None
+                    else ""
+                )
             )
     if num_classes is None:
         num_classes = CLASS_COUNTS.get(cfg.data.dataset)
@@ -218,8 +225,7 @@ def _data_stats(cfg: RunConfig) -> tuple[Any, Any]:
 
 def _weights(model, loaded: bool) -> str:
     if model.checkpoint:
-        ema = " (EMA)" if model.checkpoint_ema else ""
-        return f"{model.checkpoint}{ema} " + ("loaded" if loaded else "not loaded (see the problem above)")
+        return weights_source(model) + (" loaded" if loaded else " not loaded (see the problem above)")
     if model.pretrained:
         return "pretrained (timm): not downloaded by --dry-run, random weights stand in"
-    return "random initialisation"
+    return weights_source(model)

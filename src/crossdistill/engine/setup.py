@@ -342,6 +342,23 @@ def effective_batch(train: TrainConfig, world_size: int) -> int:
     return train.batch_size * world_size * train.grad_accum_steps
 
 
+def weights_source(model: ModelConfig) -> str:
+    """Where a model's weights come from, as the start-up lines say it."""
+    if model.checkpoint:
+        return str(model.checkpoint) + (" (EMA)" if model.checkpoint_ema else "")
+    if model.pretrained:
+        return f"timm's pretrained {model.name}"
+    return "random initialisation"
+
+
+def describe_weights(cfg: RunConfig, with_teacher: bool) -> str:
+    """The start-up line naming the weights each model starts from."""
+    text = f"weights: student {weights_source(cfg.student)}"
+    if with_teacher and cfg.teacher is not None:
+        text += f" | teacher {weights_source(cfg.teacher)}"
+    return text
+
+
 def describe_batch(train: TrainConfig, world_size: int) -> str:
     """``per-process batch B x W process(es) [x N accumulation steps] = effective batch E``."""
     accum = f" x {train.grad_accum_steps} accumulation steps" if train.grad_accum_steps > 1 else ""

@@ -14,7 +14,7 @@ batch size, worker count, process count or data order, so the key of one stored 
 
 * **Key** (:func:`cache_key`): the teacher (name, kwargs, SHA-256 of its state dict including
   buffers, input re-normalisation), the data (dataset, root and, for a file, its size and mtime,
-  split, subset, training-set length), the augmentation (every training-transform field of
+  split, subset, validation split, training-set length), the augmentation (every training-transform field of
   ``data``: img_size, scale, ratio, hflip, color_jitter, auto_augment, re_prob,
   train_interpolation, and the resolved normalisation), the run seed, and how the teacher is
   computed (device type, autocast dtype, channels_last, storage dtype, torch and timm versions).
@@ -26,6 +26,9 @@ batch size, worker count, process count or data order, so the key of one stored 
   Each output (embedding, logits) fills independently: an RSD sweep and a KD sweep share the
   directory. Disk: N x D x 2 bytes per output and epoch (CIFAR-100 with a 768-d teacher
   embedding: 77 MB per epoch).
+* **Several runs at once** (the workers of a sweep or study): an epoch's files are created under a lock
+  (:func:`prepare_stores`); rows are written without one, and a row two writers raced on fails its
+  checksum and is recomputed.
 * **Invalidation**: a different key is a different directory (nothing is ever overwritten with
   another teacher's outputs). A row whose checksum does not match is recomputed; a file that
   cannot be opened, is truncated or has the wrong shape is rebuilt with a warning; a
@@ -43,6 +46,8 @@ teacher stage features (FitNet, SDD's regions) or compute something else from th
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -130,6 +135,8 @@ def cache_key(
     if teacher.renormalizes:
         renorm = {"scale": teacher._scale.flatten().tolist(), "shift": teacher._shift.flatten().tolist()}
     data = {name: plain(getattr(cfg.data, name)) for name in DATA_KEY_FIELDS}
+    if cfg.data.val_fraction is not None:  # only then: the keys of caches filled without a split stay as they were
+        data["val_split"] = {"fraction": cfg.data.val_fraction, "seed": cfg.data.val_seed}
     return {
         "format": CACHE_FORMAT,
         "teacher": {
@@ -283,6 +290,32 @@ class _Store:
         self.data = self.check = None
 
 
+PREPARE_LOCK = ".prepare.lock"
+"""The lock file (in the key's directory, beside the epoch folders) under which an epoch's files are prepared."""
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An exclusive ``flock`` on ``path`` (created if missing) for the block: one process at a time."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def prepare_stores(folder: Path, stores: Sequence[_Store]) -> None:
+    """Create or validate an epoch's files, one process at a time: several runs (the workers of a sweep) share the
+    cache, and without the lock one would find another's data file created but its check file not yet, judge the
+    pair damaged and delete it under the other's feet. Rows are written without a lock: each carries its CRC-32, so
+    a row two writers raced on is recomputed by whoever reads it next."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with _exclusive(folder.parent / PREPARE_LOCK):
+        for store in stores:
+            store.prepare()
+
+
 class TeacherCache:
     """Teacher outputs per (epoch, training-sample index), memory-mapped on disk; see the module doc.
 
@@ -371,12 +404,7 @@ class TeacherCache:
         folder = self.dir / f"epoch-{epoch:04d}"
         stores = {o: _Store(folder, o, self.num_rows, self.widths[o], self.np_dtype, self.warn) for o in self.outputs}
 
-        def prepare() -> None:
-            folder.mkdir(parents=True, exist_ok=True)
-            for store in stores.values():
-                store.prepare()
-
-        self._on_main_then_agree(prepare)
+        self._on_main_then_agree(lambda: prepare_stores(folder, list(stores.values())))
         for store in stores.values():
             store.open()
         self.stores, self.epoch = stores, epoch

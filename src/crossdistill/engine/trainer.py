@@ -8,17 +8,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..checkpoint import RESUME_HINT, write_text_atomic
 from ..config import RunConfig, with_absolute_paths
+from ..data import evaluated_split
 from ..data.device_augment import DeviceAugment
 from ..errors import CrossDistillError
 from .checkpointing import Checkpointer, Resumed
 from .claim import RunDirClaim
-from .distributed import DistEnv, all_ranks_ok, init_distributed, shutdown
+from .distributed import DistEnv, all_ranks_ok, broadcast_from_main, init_distributed, shutdown
 from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_everything, unwrap_worker_error
 from .logs import Progress, RunLogger
 from .metrics import EpochTotals, MetricsLog, TeacherClassifier, evaluate
@@ -33,6 +34,7 @@ from .setup import (
     count_parameters,
     describe_batch,
     describe_lr,
+    describe_weights,
     lr_plan,
     make_mixup,
     optimizer_steps_per_epoch,
@@ -45,7 +47,16 @@ from .snapshot import TensorSnapshot
 from .step import MicroBatch, build_train_step, collect_nonfinite_now
 from .teacher_cache import TeacherCache, cache_key, cache_widths
 
-__all__ = ["RunSummary", "Trainer", "evaluate", "train"]
+__all__ = ["EpochHook", "RunSummary", "StoppedByHook", "Trainer", "evaluate", "train"]
+
+EpochHook = Callable[[int, dict[str, Any]], bool | None]
+"""Called after each epoch with (epoch, its row: lr, train losses, eval_top1 on evaluated epochs, ...), once the
+epoch's checkpoint is saved; returning True stops the run there (:class:`StoppedByHook`), e.g. a pruned trial of
+a hyper-parameter search. Under DDP rank 0's answer counts."""
+
+
+class StoppedByHook(Preempted):
+    """Raised by the trainer when its epoch hook asked it to stop: the run is unfinished and resumable."""
 
 
 @dataclass
@@ -63,13 +74,24 @@ class RunSummary:
     student_parameters: int = 0
     teacher_top1: float | None = None
     """The teacher's top-1 on the evaluation split, measured before the student trained (None: not measured)."""
+    eval_split: str = "test"
+    """The split the accuracies are measured on: ``val`` (data.val_fraction, carved out of training) or the
+    evaluation split (``test``)."""
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Trainer:
     def __init__(
-        self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, env: DistEnv | None = None, out=None
+        self,
+        cfg: RunConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        env: DistEnv | None = None,
+        out=None,
+        on_epoch: EpochHook | None = None,
     ):
+        self.on_epoch = on_epoch
         check_run_config(cfg)  # bad method arguments or data options fail here, before the run directory is touched
         self.cfg = cfg = with_absolute_paths(cfg)
         self.env = env or init_distributed(cfg.train.device)
@@ -279,6 +301,7 @@ class Trainer:
             f"method {cfg.method}: teacher {cfg.teacher.name if teacher is not None else '-'}"
             f" -> student {cfg.student.name}"
             f" | {self.num_classes} classes | {len(self.data.train)} train / {len(self.data.eval)} eval images"
+            f" | eval split: {self._eval_split_described()}"
         )
         self.print(
             f"student {count_parameters(self.student) / 1e6:.2f}M parameters, "
@@ -289,6 +312,7 @@ class Trainer:
                 else ""
             )
         )
+        self.print(describe_weights(cfg, with_teacher=teacher is not None))
         if teacher is not None:
             self._describe_teacher(teacher)
         warning = untrained_teacher_warning(cfg, self.distiller)
@@ -302,6 +326,13 @@ class Trainer:
         warning = batch_warning(cfg, env.world_size)
         if warning:
             self.print(warning)
+
+    def _eval_split_described(self) -> str:
+        data = self.cfg.data
+        if data.val_fraction is None:
+            return evaluated_split(data)
+        carved = f"{data.val_fraction:g} of {data.train_split}, per class, val_seed {data.val_seed}"
+        return f"val ({carved}; not the test split)"
 
     def _describe_teacher(self, teacher) -> None:
         """What the method uses of the teacher, when that is not all of it: a classifier of other classes, inputs
@@ -329,10 +360,10 @@ class Trainer:
         measured = self.teacher_eval is not None
         if not measured:
             result = evaluate(TeacherClassifier(teacher), self.eval_loader, self.device, self.env, self.amp_dtype)
-            self.teacher_eval = {**result, "split": cfg.data.eval_split}
+            self.teacher_eval = {**result, "split": evaluated_split(cfg.data)}
         found = self.teacher_eval
         self.print(
-            f"teacher: {found['top1']:.1f} % top-1 on {found.get('split', cfg.data.eval_split)} "
+            f"teacher: {found['top1']:.1f} % top-1 on {found.get('split', evaluated_split(cfg.data))} "
             f"({found['samples']} images)" + ("; measured at the start of the run" if measured else "")
         )
 
@@ -435,6 +466,19 @@ class Trainer:
         self.history.append(row)
         self.checkpoints.save_epoch(epoch + 1, improved, then=lambda: self._log_row(row))
         self.print(self._format_row(row))
+        if self.on_epoch is not None:
+            self._call_epoch_hook(epoch + 1, row)
+
+    def _call_epoch_hook(self, epoch: int, row: dict[str, Any]) -> None:
+        stop = bool(self.on_epoch(epoch, dict(row)))
+        if self.env.distributed:
+            stop = broadcast_from_main(self.env, stop)
+        if stop and epoch < self.cfg.train.epochs:
+            raise StoppedByHook(
+                f"stopped after epoch {epoch} at the request of its epoch hook: saved {self.run_dir / CHECKPOINT}; "
+                f"continue with: crossdistill train --resume {self.run_dir}",
+                str(self.run_dir / CHECKPOINT),
+            )
 
     def _log_row(self, row: dict[str, Any]) -> None:
         """Rank 0, once the epoch's checkpoint is saved: its row to metrics.csv, TensorBoard and the trackers."""
@@ -627,21 +671,25 @@ class Trainer:
             extra_parameters=self.distiller.extra_parameter_count(),
             student_parameters=count_parameters(self.student),
             teacher_top1=self.teacher_eval["top1"] if self.teacher_eval is not None else None,
+            eval_split=evaluated_split(self.cfg.data),
             history=self.history,
         )
         if self.env.is_main:
             write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary.__dict__, indent=2), hint=RESUME_HINT)
             self.print(
                 f"done: last top-1 {summary.last_top1:.2f} | best top-1 {summary.best_top1:.2f} "
-                f"(epoch {summary.best_epoch}) | {wall:.1f}s | {self.run_dir}"
+                f"(epoch {summary.best_epoch}) | on {summary.eval_split} | {wall:.1f}s | {self.run_dir}"
             )
         return summary
 
 
-def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, out=None) -> RunSummary:
-    """Train one run described by ``cfg``; returns its summary. Works under torchrun as well."""
+def train(
+    cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, out=None, on_epoch: EpochHook | None = None
+) -> RunSummary:
+    """Train one run described by ``cfg``; returns its summary. Works under torchrun as well. ``on_epoch``: see
+    :data:`EpochHook`."""
     env = init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg, resume=resume, overwrite=overwrite, env=env, out=out).fit()
+        return Trainer(cfg, resume=resume, overwrite=overwrite, env=env, out=out, on_epoch=on_epoch).fit()
     finally:
         shutdown(env)

@@ -1,0 +1,107 @@
+"""crossdistill sweep: every grid combination and seed a run directory, each trained once, skipped when finished."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import yaml
+
+from conftest import tiny_config_file
+from crossdistill.cli import main
+from crossdistill.config import load_config
+from crossdistill.engine import StoppedByHook, train
+from crossdistill.errors import CrossDistillError
+from crossdistill.search import runs
+from crossdistill.search.runs import split_values
+from crossdistill.search.sweep import sweep
+
+
+def _trained_sessions(run_dir) -> int:
+    """How many sessions of the run trained to its end (each prints one ``done:`` line into train.log)."""
+    return (run_dir / "train.log").read_text().count(" done: last top-1")
+
+
+@pytest.mark.slow
+def test_two_workers_train_every_combination_once_and_a_rerun_trains_nothing(tmp_path, capsys):
+    config = tiny_config_file(tmp_path)
+    grid = ["method_args.temperature=1,4"]
+    finished = sweep(config, grid, seeds="0,1", workers=2)
+    folder = tmp_path / "runs" / "run"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["temperature=1,seed=0", "temperature=1,seed=1", "temperature=4,seed=0", "temperature=4,seed=1"]
+    assert sorted(finished) == [str(folder / name) for name in names]
+    for name in names:
+        saved = yaml.safe_load((folder / name / "config.yaml").read_text())
+        assert saved["method_args"]["temperature"] == float(name[12]) and saved["train"]["seed"] == int(name[-1])
+        assert saved["train"]["teacher_cache"] == str(tmp_path / "runs" / "teacher_cache")  # one cache for all
+        assert _trained_sessions(folder / name) == 1  # no run trained twice
+    out = capsys.readouterr().out
+    assert "sweep run: 4 runs" in out and "| kd |" in out and "| 0, 1 |" in out  # the report table
+
+    sweep(config, grid, seeds="0,1", workers=1)
+    out = capsys.readouterr().out
+    assert out.count(": already finished: last top-1") == 4 and ": trained:" not in out
+    assert all(_trained_sessions(folder / name) == 1 for name in names)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_of_the_sweep_resumes_from_its_checkpoint(tmp_path, capsys):
+    config = tiny_config_file(tmp_path, train={"epochs": 2})
+    folder = tmp_path / "runs" / "run"
+    cfg = load_config(
+        config, [f"train.output_dir={folder}", "train.run_name=temperature=2", "method_args.temperature=2"]
+    )
+    with pytest.raises(StoppedByHook):
+        train(cfg, out=io.StringIO(), on_epoch=lambda epoch, row: True)
+    sweep(config, ["method_args.temperature=2"], teacher_cache=False)
+    log = (folder / "temperature=2" / "train.log").read_text()
+    assert "---- resumed at epoch 2" in log and _trained_sessions(folder / "temperature=2") == 1
+    assert "temperature=2: trained: last top-1" in capsys.readouterr().out
+
+
+def test_a_typo_in_a_grid_key_is_the_configs_unknown_key_error_before_any_run(tmp_path, capsys):
+    config = tiny_config_file(tmp_path)
+    assert main(["sweep", "--config", config, "--grid", "method_args.temprature=1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "crossdistill: error: unknown config key 'method_args.temprature'. Did you mean: temperature?" in err
+    assert main(["sweep", "--config", config, "--grid", "optim.lrr=0.1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_grid_arguments_are_checked(tmp_path):
+    config = tiny_config_file(tmp_path)
+    for grid, message in [
+        (["method_args.temperature"], "give KEY=V1,V2"),
+        (["method_args.temperature=1,,2"], "an empty value between commas"),
+        (["method_args.temperature=1", "method_args.temperature=2"], "names method_args.temperature twice"),
+        (["train.seed=1,2"], "give the seeds with --seeds"),
+    ]:
+        with pytest.raises(CrossDistillError, match=message):
+            sweep(config, grid)
+    with pytest.raises(CrossDistillError, match="--seeds 'a': give integers"):
+        sweep(config, [], seeds="a")
+    assert split_values("0.1, [1, 2],{a: 1, b: 2}") == ["0.1", "[1, 2]", "{a: 1, b: 2}"]
+
+
+def test_no_shared_teacher_cache_for_a_method_without_a_teacher(tmp_path):
+    config = tiny_config_file(tmp_path, method="vanilla")
+    sweep(config, ["optim.lr=0.002"])
+    saved = yaml.safe_load((tmp_path / "runs" / "run" / "lr=0.002" / "config.yaml").read_text())
+    assert saved["train"]["teacher_cache"] is None
+
+
+def test_workers_take_the_visible_gpus_in_turn(monkeypatch):
+    # one node, 2 GPUs, 3 workers: each worker's runs see one GPU (as cuda:0), not all of them on the first
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    gpus = runs.visible_gpus()
+    assert gpus == ["2", "5"]
+    assert [runs.worker_gpu(gpus, worker) for worker in range(3)] == ["2", "5", "2"]
+    assert runs.worker_gpu([], 0) is None  # no GPU: nothing is set
+
+    seen = []
+    monkeypatch.setattr(runs, "_set_threads", lambda workers: None)
+    runs._worker_main(lambda worker, workers: seen.append(os.environ["CUDA_VISIBLE_DEVICES"]), (), 1, 3, "5")
+    assert seen == ["5"]

@@ -1,0 +1,159 @@
+"""crossdistill tune: an Optuna study whose trials are runs; outputs, resume, pruning, the space file's checks."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_config_file
+from crossdistill.cli import main
+from crossdistill.config import load_config
+from crossdistill.errors import CrossDistillError
+from crossdistill.search.space import read_space
+from crossdistill.search.tune import Study, objective, open_storage, tune
+
+optuna = pytest.importorskip("optuna", reason="crossdistill tune needs optuna (pip install 'crossdistill[search]')")
+
+
+def _space(tmp_path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+SPACE = "method_args.temperature: {type: float, low: 1.0, high: 8.0, log: true}\n"
+
+
+def _states(storage: str, study: str = "run") -> list[str]:
+    loaded = optuna.load_study(study_name=study, storage=open_storage(storage))
+    return [t.state.name for t in loaded.get_trials()]
+
+
+@pytest.mark.slow
+def test_tune_writes_best_yaml_history_and_trials_and_a_rerun_continues_the_study(tmp_path, capsys):
+    config = tiny_config_file(tmp_path)
+    written = tune(config, _space(tmp_path, SPACE), trials=2, sampler="random", pruner="none")
+    folder = tmp_path / "runs" / "run"
+    out = capsys.readouterr().out
+    assert "study run: 0/2 trials finished; storage sqlite:///" in out
+    assert "trial 0 complete: method_args.temperature=" in out and "trial 1 complete:" in out
+    assert "| value " in out and "| best " in out
+    assert (folder / "trial-0000" / "summary.json").exists() and (folder / "trial-0001" / "summary.json").exists()
+    rows = list(csv.DictReader((folder / "trials.csv").open()))
+    assert [(r["number"], r["state"]) for r in rows] == [("0", "COMPLETE"), ("1", "COMPLETE")]
+    assert (folder / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = written["best"]
+    saved = yaml.safe_load((folder / "best.yaml").read_text())
+    assert saved["method_args"]["temperature"] == best.params["method_args.temperature"]
+    assert saved["data"]["val_fraction"] is None and saved["train"]["run_name"] == "run-best"  # the full training set
+    assert (folder / "best.yaml").read_text().startswith(f"# The best trial ({best.number}) of study run:")
+
+    assert main(["train", "--config", str(folder / "best.yaml"), "train.progress=off"]) == 0  # as it is
+    assert "| on test |" in capsys.readouterr().out
+
+    tune(config, _space(tmp_path, SPACE), trials=3, sampler="random", pruner="none")  # N is the total
+    out = capsys.readouterr().out
+    assert "study run: 2/3 trials finished" in out and "trial 2 complete" in out and "trial 3" not in out
+    assert _states(f"sqlite:///{folder / 'study.db'}") == ["COMPLETE"] * 3
+    trials = optuna.load_study(study_name="run", storage=open_storage(f"sqlite:///{folder / 'study.db'}")).trials
+    assert trials[2].params not in (trials[0].params, trials[1].params)  # the continued study draws anew
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_a_pruned_trial_is_marked_pruned_and_keeps_its_unfinished_run(tmp_path):
+    from crossdistill.search.runs import read_base
+    from crossdistill.search.space import read_space
+
+    config = tiny_config_file(tmp_path, train={"epochs": 2})
+    base = read_base(config, [], None)
+    spec = Study(base, read_space(_space(tmp_path, SPACE), base.config), "unused", "run", 1, "random", 0, "none")
+    study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
+    study.optimize(lambda trial: objective(spec, trial), n_trials=1)
+    (trial,) = study.get_trials()
+    assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [1]
+    run_dir = tmp_path / "runs" / "run" / "trial-0000"
+    assert (run_dir / "last.pt").exists() and not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ("method_args.temprature: {type: float, low: 1, high: 2}\n", "unknown config key 'method_args.temprature'"),
+        ("optim.lrr: {type: float, low: 0.1, high: 0.2}\n", "unknown config key 'optim.lrr'"),
+        ("optim.lr: {type: float, low: 0.2, high: 0.1}\n", "optim.lr: low must be < high, got low 0.2 and high 0.1"),
+        ("optim.lr: {type: float, low: 0, high: 0.1, log: true}\n", "a log range needs low > 0, got 0"),
+        ("optim.lr: {type: categorical, choices: []}\n", "categorical needs a non-empty list of choices"),
+        ("optim.lr: {type: uniform, low: 0, high: 1}\n", "type must be one of float, int, categorical"),
+        ("optim.lr: {type: float, low: 0.1, high: 1, lo: 2}\n", "unknown field(s) lo for type float"),
+        ("train.epochs: {type: int, low: 1.5, high: 3}\n", "low must be an integer, got 1.5"),
+        ("optim.lr: {type: categorical, choices: [-1.0]}\n", "'optim.lr': must be > 0 and finite"),
+    ],
+)
+def test_the_space_file_is_checked_before_any_trial(tmp_path, capsys, space, message):
+    config = tiny_config_file(tmp_path)
+    assert main(["tune", "--config", config, "--space", _space(tmp_path, space), "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 + err.count("note:")
+    assert not (tmp_path / "runs" / "run").exists() or not any((tmp_path / "runs" / "run").glob("trial-*"))
+
+
+def test_grid_needs_finite_values(tmp_path):
+    with pytest.raises(CrossDistillError, match="--sampler grid needs categorical parameters or int ones with a step"):
+        tune(tiny_config_file(tmp_path), _space(tmp_path, SPACE), trials=1, sampler="grid")
+
+
+def test_without_optuna_tune_is_a_one_line_error_naming_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    config = tiny_config_file(tmp_path)
+    assert main(["tune", "--config", config, "--space", _space(tmp_path, SPACE)]) == 2
+    assert capsys.readouterr().err == (
+        "crossdistill: error: crossdistill tune needs Optuna: pip install 'crossdistill[search]'\n"
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_worker_s_trial_is_asked_again_and_the_study_reaches_n_trials(tmp_path):
+    config = tiny_config_file(tmp_path, train={"epochs": 3})
+    command = [sys.executable, "-m", "crossdistill", "tune", "--config", config, "--space", _space(tmp_path, SPACE)]
+    command += ["--trials", "2", "--sampler", "random", "--pruner", "none"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = tmp_path / "runs" / "run" / "trial-0000" / "last.pt"
+    while not checkpoint.exists() and first.poll() is None:  # killed in its first trial, after one epoch
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    storage = f"sqlite:///{tmp_path / 'runs' / 'run' / 'study.db'}"
+    assert _states(storage) == ["RUNNING"]
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "trial(s) 0 of a killed worker: failed and asked again" in again.stdout
+    assert _states(storage) == ["FAIL", "COMPLETE", "COMPLETE"]
+    log = (tmp_path / "runs" / "run" / "trial-0000" / "train.log").read_text()
+    assert "---- resumed at epoch 2" in log  # the retry took over the killed trial's run directory
+    assert not (tmp_path / "runs" / "run" / "trial-0001").exists()  # trial 1 was the retry
+    assert (tmp_path / "runs" / "run" / "trial-0002" / "summary.json").exists()
+
+
+SPACES = sorted((Path(__file__).resolve().parents[2] / "configs" / "search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
+def test_the_shipped_search_spaces_fit_the_own_data_recipe(path):
+    # the README tunes configs/search/*.yaml on a user's run config: every key and range must check against one
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "own_data" / "distill.yaml"
+    params = read_space(path, lambda overrides: load_config(recipe, overrides))
+    assert params
