@@ -202,7 +202,7 @@ def test_method_defaults_and_teacher_needs_come_from_the_package(tmp_path, monke
     runs = {run.name: run for run in plan_module.build_plan(settings)}
     kd, rsd = runs["resnet-resmlp-kd-s0"], runs["resnet-resmlp-rsd-s0"]
     assert kd.config["method_args"] == {"temperature": 4.0, "weight": 1.0, "ce_weight": 1.0}
-    assert plan_module.cache_group(settings, kd) is None  # nothing of KD's is cached any more
-    assert plan_module.cache_group(settings, rsd) == ("resnet_t", 0)
+    assert plan_module.teacher_outputs("kd") == ()  # nothing of KD's is cached any more
+    assert plan_module.teacher_outputs("rsd") == ("embedding",)
     assert rsd.config["method_args"] == {"weight": 0.1, "kappa": 0.01, "gamma": 2}
     assert plan_module.method_args_for("ofa", "resnet_s", settings.protocol)["w_ofa"] == 0.1  # a stated override

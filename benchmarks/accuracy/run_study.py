@@ -78,7 +78,6 @@ from study_run import (  # noqa: E402
     check_build,
     check_existing,
     execute,
-    lane_worker_main,
     loadavg,
     machine_info,
 )
@@ -142,7 +141,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="override a config key in every run (e.g. train.epochs=1 for a quick check); the results "
         "page then says that these are not the protocol's settings",
     )
-    ap.add_argument("--lane-worker", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -154,8 +152,6 @@ def teacher_cache_supported() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.lane_worker:
-        return lane_worker_main(args.threads)
     protocol = PROTOCOLS[args.protocol]
     out = (args.out or REPO / "runs" / f"accuracy-{protocol.name}").resolve()
     docs_dir = args.docs_dir or (out / "docs" if not protocol.results else REPO / "docs")
@@ -234,9 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         except Exception as err:
             from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted
+            from crossdistill.errors import CrossDistillError, one_line
 
             if isinstance(err, Preempted):
                 return EXIT_PREEMPTED
+            if isinstance(err, CrossDistillError):  # a worker stopped (its message is above)
+                print(f"run_study.py: error: {one_line(err)}", file=sys.stderr, flush=True)
+                return 1
             raise
         finally:
             append_log(

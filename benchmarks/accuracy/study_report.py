@@ -16,10 +16,10 @@ from study_plan import (
     Run,
     Settings,
     cell_run_name,
+    estimate_wall,
     fmt_min,
     grid_runs,
     method_args_for,
-    plan_makespan,
     train_images,
 )
 from study_protocols import (
@@ -560,7 +560,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         + "."
     )
     L.append(
-        f"- Planned time of the whole study on a free machine: {fmt_min(plan_makespan(s, plan))}"
+        f"- Planned time of the whole study on a free machine: {fmt_min(estimate_wall(s, plan))}"
         + (f" (limit of the {p.name} protocol: {p.budget_min:g} min)." if p.budget_min else ".")
     )
     L.append("")
