@@ -6,8 +6,8 @@ ImageFolder / CIFAR path with ``--data-root``), the study
 
 1. trains two teachers of different families from scratch: a ResNet-18-style CNN and a ViT;
 2. distils three cross-architecture pairs, CNN -> ViT, ViT -> CNN and CNN -> ResMLP (an MLP
-   student), with every method of ``vanilla kd dkd dist fitnet ofa rsd`` that this installation
-   has (``crossdistill.METHODS``), 3 seeds per cell;
+   student), with every method of ``vanilla kd dkd dist fitnet ofa crd rkd cc at rsd`` that this
+   installation has (``crossdistill.METHODS``), 3 seeds per cell;
 3. runs a lambda x kappa grid for RSD on one pair (one seed);
 4. writes ``RESULTS.md`` (tables: mean ± sample std over seeds of last- and best-epoch top-1), a bar
    chart and the sensitivity heat map into ``--docs-dir``.
@@ -17,15 +17,16 @@ summary.json, metrics.csv, checkpoints); the YAML of every planned run is also w
 ``<out>/configs/`` so each can be rerun alone with ``crossdistill train --config`` (the ResMLP
 runs need ``study_models`` imported: see that module). A run whose summary.json exists is
 skipped, an interrupted one is resumed from its checkpoint: the study can be run in chunks
-(``--only teachers``, ``--only pair=vit-resnet``, ...) or simply re-invoked.
+(``--only teachers``, ``--only pair=vit-resnet``, ...) or simply re-invoked. The runs are trained by
+the workers of ``crossdistill sweep`` (``--jobs`` processes, each taking the next run that is
+neither finished nor claimed; the teachers first).
 
 Protocols (``--protocol``):
 
-* ``cpu``: the whole study (2 teachers, 63 table runs, 8 more grid runs) in at most 90 minutes on 2 CPU
+* ``cpu``: the whole study (2 teachers, 99 table runs, 8 more grid runs) in at most 90 minutes on 2 CPU
   cores: 5,000 class-balanced training images, 6 epochs per student and 15 per teacher, every epoch
   evaluated on 5,000 class-balanced test images, two runs at a time with one torch thread each;
-  planned at 74 minutes on a free machine from the calibration below (which already assumes that
-  machine 20% slower than measured).
+  planned at 89.5 minutes on a free machine from the speeds in ``study_protocols.SPEEDS``.
 * ``gpu``: the full 50,000-image training set (3 epochs per student, 10 per teacher: 5x and 7x the
   cpu protocol's training images per run), the full test set, bf16, 12 runs at a time on one GPU;
   3.9 minutes on one H100 (crop, flip and normalisation on the GPU: ``data.device_augment``).
