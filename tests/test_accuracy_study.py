@@ -106,6 +106,10 @@ def test_tiny_protocol_end_to_end(tmp_path):
     # teacher, scratch, kd, rsd (= the grid's default cell) and 3 more grid cells
     assert len(lines) == 7, first
     assert all("top-1 last" in line and "ETA" in line for line in lines), first
+    logged = [json.loads(line) for line in (out / "study_log.jsonl").read_text().splitlines()]
+    runs_logged = [event for event in logged if event["event"] == "run"]
+    # each run's own CPU seconds, from which speeds can be read on a shared machine
+    assert len(runs_logged) == 7 and all(e["cpu_s"] > 0 and e["resumed"] is False for e in runs_logged), runs_logged
 
     md = (docs / "RESULTS_TINY.md").read_text()
     assert "SMOKE TEST OUTPUT, NOT RESULTS" in md
@@ -141,17 +145,26 @@ def _study_module(name: str):
 
 
 def test_cpu_and_gpu_plans_validate(tmp_path, capsys):
-    """Both real protocols: 73 runs whose configs validate, planned within their time limits."""
+    """Both real protocols: 109 runs whose configs validate, planned within their time limits."""
     runner = _runner_module()
     for protocol, limit in (("cpu", 90), ("gpu", 9)):
         assert runner.main(["--protocol", protocol, "--out", str(tmp_path / protocol), "--dry-list"]) == 0
         text = capsys.readouterr().out
-        assert "73 runs listed, 0 done" in text, text
+        assert "109 runs listed, 0 done" in text, text
         assert f"(limit {limit} min: fits)" in text, text
     runner.main(["--protocol", "cpu", "--out", str(tmp_path / "cpu"), "--dry-list", "--only", "pair=vit-resnet"])
     only = capsys.readouterr().out
     assert "teacher-vit_t" in only and "resnet-vit-kd-s0" not in only and "vit-resnet-rsd-s2" in only
     assert "scratch-resnet_s-s0" in only and "teacher-resnet_t" not in only
+
+
+def test_crd_keeps_the_official_share_of_negatives_per_training_image():
+    # the official CIFAR-100 run: 16,384 negatives out of 50,000 images; the cpu protocol trains on 4,992
+    plan_module, protocols = _study_module("study_plan"), _study_module("study_protocols")
+    cpu, gpu = protocols.PROTOCOLS["cpu"], protocols.PROTOCOLS["gpu"]
+    assert plan_module.method_args_for("crd", "vit_s", cpu)["num_negatives"] == 2048
+    assert plan_module.method_args_for("crd", "vit_s", gpu)["num_negatives"] == 16384
+    assert protocols.crd_negatives(10**6) == 16384  # never above the method's default
 
 
 def test_method_defaults_and_teacher_needs_come_from_the_package(tmp_path, monkeypatch):
@@ -189,7 +202,7 @@ def test_method_defaults_and_teacher_needs_come_from_the_package(tmp_path, monke
     runs = {run.name: run for run in plan_module.build_plan(settings)}
     kd, rsd = runs["resnet-resmlp-kd-s0"], runs["resnet-resmlp-rsd-s0"]
     assert kd.config["method_args"] == {"temperature": 4.0, "weight": 1.0, "ce_weight": 1.0}
-    assert plan_module.cache_group(settings, kd) is None  # nothing of KD's is cached any more
-    assert plan_module.cache_group(settings, rsd) == ("resnet_t", 0)
+    assert plan_module.teacher_outputs("kd") == ()  # nothing of KD's is cached any more
+    assert plan_module.teacher_outputs("rsd") == ("embedding",)
     assert rsd.config["method_args"] == {"weight": 0.1, "kappa": 0.01, "gamma": 2}
-    assert plan_module.method_args_for("ofa", "resnet_s")["w_ofa"] == 0.1  # the study's stated override
+    assert plan_module.method_args_for("ofa", "resnet_s", settings.protocol)["w_ofa"] == 0.1  # a stated override

@@ -6,8 +6,8 @@ ImageFolder / CIFAR path with ``--data-root``), the study
 
 1. trains two teachers of different families from scratch: a ResNet-18-style CNN and a ViT;
 2. distils three cross-architecture pairs, CNN -> ViT, ViT -> CNN and CNN -> ResMLP (an MLP
-   student), with every method of ``vanilla kd dkd dist fitnet ofa rsd`` that this installation
-   has (``crossdistill.METHODS``), 3 seeds per cell;
+   student), with every method of ``vanilla kd dkd dist fitnet ofa crd rkd cc at rsd`` that this
+   installation has (``crossdistill.METHODS``), 3 seeds per cell;
 3. runs a lambda x kappa grid for RSD on one pair (one seed);
 4. writes ``RESULTS.md`` (tables: mean ± sample std over seeds of last- and best-epoch top-1), a bar
    chart and the sensitivity heat map into ``--docs-dir``.
@@ -17,15 +17,16 @@ summary.json, metrics.csv, checkpoints); the YAML of every planned run is also w
 ``<out>/configs/`` so each can be rerun alone with ``crossdistill train --config`` (the ResMLP
 runs need ``study_models`` imported: see that module). A run whose summary.json exists is
 skipped, an interrupted one is resumed from its checkpoint: the study can be run in chunks
-(``--only teachers``, ``--only pair=vit-resnet``, ...) or simply re-invoked.
+(``--only teachers``, ``--only pair=vit-resnet``, ...) or simply re-invoked. The runs are trained by
+the workers of ``crossdistill sweep`` (``--jobs`` processes, each taking the next run that is
+neither finished nor claimed; the teachers first).
 
 Protocols (``--protocol``):
 
-* ``cpu``: the whole study (2 teachers, 63 table runs, 8 more grid runs) in at most 90 minutes on 2 CPU
+* ``cpu``: the whole study (2 teachers, 99 table runs, 8 more grid runs) in at most 90 minutes on 2 CPU
   cores: 5,000 class-balanced training images, 6 epochs per student and 15 per teacher, every epoch
   evaluated on 5,000 class-balanced test images, two runs at a time with one torch thread each;
-  planned at 74 minutes on a free machine from the calibration below (which already assumes that
-  machine 20% slower than measured).
+  planned at 89.5 minutes on a free machine from the speeds in ``study_protocols.SPEEDS``.
 * ``gpu``: the full 50,000-image training set (3 epochs per student, 10 per teacher: 5x and 7x the
   cpu protocol's training images per run), the full test set, bf16, 12 runs at a time on one GPU;
   3.9 minutes on one H100 (crop, flip and normalisation on the GPU: ``data.device_augment``).
@@ -78,7 +79,6 @@ from study_run import (  # noqa: E402
     check_build,
     check_existing,
     execute,
-    lane_worker_main,
     loadavg,
     machine_info,
 )
@@ -142,7 +142,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="override a config key in every run (e.g. train.epochs=1 for a quick check); the results "
         "page then says that these are not the protocol's settings",
     )
-    ap.add_argument("--lane-worker", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -154,8 +153,6 @@ def teacher_cache_supported() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.lane_worker:
-        return lane_worker_main(args.threads)
     protocol = PROTOCOLS[args.protocol]
     out = (args.out or REPO / "runs" / f"accuracy-{protocol.name}").resolve()
     docs_dir = args.docs_dir or (out / "docs" if not protocol.results else REPO / "docs")
@@ -234,9 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         except Exception as err:
             from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted
+            from crossdistill.errors import CrossDistillError, one_line
 
             if isinstance(err, Preempted):
                 return EXIT_PREEMPTED
+            if isinstance(err, CrossDistillError):  # a worker stopped (its message is above)
+                print(f"run_study.py: error: {one_line(err)}", file=sys.stderr, flush=True)
+                return 1
             raise
         finally:
             append_log(

@@ -1,13 +1,12 @@
 """The accuracy study's plan: every run (teachers, the pairs x methods x seeds cells, the RSD grid) with its
 crossdistill config, which runs the command line selects, and how long they should take (from the speeds of
-``study_protocols.SPEEDS``, with the scheduler's rules: runs at a time, teachers first, cache groups)."""
+``study_protocols.SPEEDS``, the workers' rules: runs at a time, teachers first)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +21,7 @@ from study_protocols import (
     PAIRS,
     SPEEDS,
     Protocol,
+    crd_negatives,
     method_defaults,
     rsd_default,
 )
@@ -173,11 +173,18 @@ def run_config(
     return cfg
 
 
-def method_args_for(method: str, student: str) -> dict[str, Any]:
+def method_args_for(method: str, student: str, protocol: Protocol) -> dict[str, Any]:
     args = method_defaults(method)
     if method == "ofa" and MODELS[student].family == "cnn":
         args.update(OFA_CNN_STUDENT)
+    if method == "crd":
+        args["num_negatives"] = crd_negatives(train_images(protocol))
     return args
+
+
+def train_images(protocol: Protocol) -> int:
+    """How many images a student run of ``protocol`` trains on (CIFAR's 50,000 without a subset)."""
+    return protocol.train_subset or 50_000
 
 
 def build_plan(s: Settings) -> list[Run]:
@@ -200,15 +207,17 @@ def build_plan(s: Settings) -> list[Run]:
             tuple(pp for pp in p.pairs if PAIRS[pp][0] == t),
             run_config(s, name, t, None, "vanilla", {}, 0),
         )
+    # seeds innermost: the workers take runs in this order, and runs side by side then differ in seed, so they
+    # neither share teacher-cache files nor both compute the same teacher outputs
     for pair in p.pairs:
         teacher, student = PAIRS[pair]
-        for seed in p.seeds:
-            for method in s.methods:
+        for method in s.methods:
+            for seed in p.seeds:
                 name = cell_run_name(pair, method, seed)
                 if name in runs:
                     runs[name].pairs += (pair,)
                     continue
-                args = method_args_for(method, student)
+                args = method_args_for(method, student, p)
                 t = None if method == "vanilla" else teacher
                 runs[name] = Run(
                     name,
@@ -229,7 +238,7 @@ def build_plan(s: Settings) -> list[Run]:
                 name = grid_run_name(p.sens_pair, weight, kappa, p.sens_seed)
                 if name in runs:
                     continue
-                args = dict(method_args_for("rsd", student), weight=weight, kappa=kappa)
+                args = dict(method_args_for("rsd", student, p), weight=weight, kappa=kappa)
                 runs[name] = Run(
                     name,
                     "sensitivity",
@@ -341,13 +350,6 @@ def estimate_plan(s: Settings, plan: Sequence[Run]) -> None:
         run.est_s = estimate_seconds(s, run, cached)
 
 
-def cache_group(s: Settings, run: Run) -> tuple | None:
-    """Runs that share teacher-cache files (same teacher and seed) never run at the same time."""
-    if s.teacher_cache and run.teacher is not None and teacher_outputs(run.method):
-        return (run.teacher, run.seed)
-    return None
-
-
 # ------------------------------------------------------------------------------------------ selection
 
 
@@ -396,44 +398,16 @@ def select(plan: Sequence[Run], filters: dict[str, set[str]]) -> list[Run]:
 # ------------------------------------------------------------------------------------------ schedule
 
 
-def plan_makespan(s: Settings, plan: Sequence[Run]) -> float:
-    """Estimated wall time of the whole plan from scratch (finished runs counted too)."""
-    return simulate_makespan(s, plan, count_done=True)
-
-
-def simulate_makespan(s: Settings, plan: Sequence[Run], count_done: bool = False) -> float:
-    """Estimated wall time of ``plan`` with the scheduler's rules (jobs, teacher dependencies, cache groups)."""
-    done_at: dict[str, float] = {} if count_done else {r.name: 0.0 for r in plan if is_done(r)}
-    names = {r.name for r in plan}
-    pending = [r for r in plan if r.name not in done_at]
-    for run in pending:  # needs outside the plan (already trained): available at once
-        for need in run.needs:
-            if need not in names:
-                done_at.setdefault(need, 0.0)
-    lanes = [0.0] * max(1, s.jobs)
-    busy: list[tuple[float, tuple | None]] = []  # (end time, group) of scheduled runs
-    while pending:
-        lane = min(range(len(lanes)), key=lanes.__getitem__)
-        now = lanes[lane]
-        choice = None
-        for run in pending:
-            need_time = max((done_at.get(n, math.inf) for n in run.needs), default=0.0)
-            group = cache_group(s, run)
-            clash = max((end for end, g in busy if g is not None and g == group and end > now), default=0.0)
-            start = max(now, need_time, clash)
-            if math.isfinite(start) and (choice is None or start < choice[1]):
-                choice = (run, start)
-                if start == now:
-                    break
-        if choice is None:
-            break
-        run, start = choice
-        end = start + run.est_s
-        pending.remove(run)
-        done_at[run.name] = end
-        busy.append((end, cache_group(s, run)))
-        lanes[lane] = end
-    return max(lanes)
+def estimate_wall(s: Settings, runs: Sequence[Run]) -> float:
+    """Estimated wall time of ``runs`` on ``s.jobs`` workers that each take the next free run, the teachers before
+    the rest: per phase the bound of such a greedy schedule, work / jobs + (1 - 1 / jobs) x the longest run."""
+    jobs = max(1, s.jobs)
+    total = 0.0
+    for phase in ([r for r in runs if r.part == "teachers"], [r for r in runs if r.part != "teachers"]):
+        if phase:
+            seconds = [r.est_s for r in phase]
+            total += sum(seconds) / jobs + (1 - 1 / jobs) * max(seconds)
+    return total
 
 
 # ------------------------------------------------------------------------------------------ dry list
@@ -470,9 +444,9 @@ def dry_list(s: Settings, plan: Sequence[Run], selected: Sequence[Run]) -> None:
             f"{status:7s} {run.name:36s} {run.part:11s} {run.config['train']['epochs']:6d} "
             f"{_train_images(run):7d} {fmt_min(run.est_s):>8s}"
         )
-    left = simulate_makespan(s, selected)
+    left = estimate_wall(s, [r for r in selected if not is_done(r)])
     total_work = sum(r.est_s for r in plan)
-    makespan = plan_makespan(s, plan)
+    makespan = estimate_wall(s, plan)
     parts = {}
     for run in plan:
         parts[run.part] = parts.get(run.part, 0.0) + run.est_s

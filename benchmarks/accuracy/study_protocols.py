@@ -9,6 +9,7 @@ protocol).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ RESULTS_ARCHIVE = HERE / "results"  # <protocol>/: copies of the finished run di
 CIFAR10_MEAN = (0.4913, 0.4821, 0.4465)  # of the JPEG copy's training set (shared/data/README.md)
 CIFAR10_STD = (0.2452, 0.2428, 0.2606)
 
-STUDY_METHODS = ("vanilla", "kd", "dkd", "dist", "fitnet", "ofa", "rsd")
+STUDY_METHODS = ("vanilla", "kd", "dkd", "dist", "fitnet", "ofa", "crd", "rkd", "cc", "at", "rsd")
 METHOD_LABELS = {
     "vanilla": "Scratch",
     "kd": "KD",
@@ -29,6 +30,10 @@ METHOD_LABELS = {
     "dist": "DIST",
     "fitnet": "FitNet",
     "ofa": "OFA",
+    "crd": "CRD",
+    "rkd": "RKD",
+    "cc": "CC",
+    "at": "AT",
     "rsd": "RSD",
     "sd_kd": "SD-KD",
     "sd_dkd": "SD-DKD",
@@ -45,10 +50,25 @@ RECORDED_ARGS: dict[str, tuple[str, ...]] = {
     "dist": ("beta", "gamma", "tau", "weight", "ce_weight"),
     "fitnet": ("weight", "stages"),  # img_size: the engine fills in data.img_size
     "ofa": ("eps", "temperature", "w_gt", "w_kd", "w_ofa"),
+    "crd": ("feat_dim", "num_negatives", "momentum", "temperature", "weight", "w_gt"),
+    "rkd": ("distance_weight", "angle_weight", "weight", "w_gt"),
+    "cc": ("scale", "feat_dim", "weight", "w_gt"),
+    "at": ("weight", "p", "stages", "w_gt"),
     "rsd": ("weight", "kappa", "gamma"),
 }
 # Overrides of those defaults (the RSD grid of each protocol is the other one):
 OFA_CNN_STUDENT = {"w_ofa": 0.1}  # the OFA maintainers' CIFAR ResNet-18 run (configs/cifar100/ofa/*-resnet18.yaml)
+# CRD's official CIFAR-100 run draws 16,384 negatives for each sample out of 50,000 training images; a protocol
+# training on fewer images keeps that share of the training set (rounded to a power of two): 2,048 of the cpu
+# protocol's 4,992 images, where 16,384 would draw each image about 3.6 times per sample and take about 10 min an
+# epoch on the cpu protocol's cores (the [batch, K + 1, 128] gathers from both memory banks).
+CRD_NEGATIVES_SHARE = 16384 / 50_000
+
+
+def crd_negatives(train_images: int) -> int:
+    """CRD's ``num_negatives`` for a run on ``train_images`` images: the official share, at most its default."""
+    default = method_defaults("crd")["num_negatives"]
+    return min(default, 2 ** round(math.log2(max(1.0, CRD_NEGATIVES_SHARE * train_images))))
 
 
 def method_defaults(method: str) -> dict[str, Any]:
@@ -289,10 +309,17 @@ GPU_NOTE = (
 # per-step serial work (data loading in the main process, Python) does not use a second thread, while two
 # runs use both cores for all of it; and 2-thread runs collapse on a shared machine (OpenMP barriers wait for
 # descheduled threads: a 2-thread ViT run took 5x its 1-thread time at load 7). Two runs at a time were not
-# measured on a free machine (none was free for long enough); the estimates divide the speeds by MARGIN (0.8: a
-# free machine assumed 20% slower than measured, for the two runs sharing caches and memory bandwidth).
+# measured on a free machine (none was free for long enough); the estimates first divided the speeds by a margin
+# of 0.8 (a free machine assumed 20% slower than measured, for the two runs sharing caches and memory bandwidth).
+# The whole 7-method study then took 59.2 min (2026-11-26, load 1.0 to 3.1) where it was planned at 73.6: the
+# speeds held for two runs at a time, and MARGIN is 1.0 since.
 # Teacher forward speeds are derived: 1/forward = 1/train(student with teacher, kd) - 1/train(student alone).
-MARGIN = 0.8
+# CRD, RKD, CC and AT (added 2026-12-02) are ratios to KD of the same pair measured in one calibration run
+# (`--calibrate --only method=kd --only method=crd ... --only seed=0 --only part=cells`, CPU-time speeds, load 2.5
+# from other jobs): each is SPEEDS[kd of the pair] x (its speed / KD's speed in that run), CRD with the whole-bank
+# scoring. Ratios: crd 0.90 / 0.90 / 1.01, rkd 0.76 / 0.77 / 0.78, cc 0.68 / 0.90 / 0.93, at 0.79 / 0.72 / 0.96
+# (ResNet -> ViT / ViT -> ResNet / ResNet -> ResMLP).
+MARGIN = 1.0
 SPEEDS: dict[str, dict[str, Any]] = {
     "cpu": {
         "train": {
@@ -319,6 +346,18 @@ SPEEDS: dict[str, dict[str, Any]] = {
             "resmlp_s|resnet_t|fitnet": 480.8,
             "resmlp_s|resnet_t|ofa": 199.6,
             "resmlp_s|resnet_t|rsd": 591.9,
+            "vit_s|resnet_t|crd": 391.7,
+            "vit_s|resnet_t|rkd": 329.0,
+            "vit_s|resnet_t|cc": 294.1,
+            "vit_s|resnet_t|at": 342.4,
+            "resnet_s|vit_t|crd": 366.4,
+            "resnet_s|vit_t|rkd": 312.1,
+            "resnet_s|vit_t|cc": 366.8,
+            "resnet_s|vit_t|at": 292.5,
+            "resmlp_s|resnet_t|crd": 612.0,
+            "resmlp_s|resnet_t|rkd": 469.6,
+            "resmlp_s|resnet_t|cc": 563.5,
+            "resmlp_s|resnet_t|at": 581.1,
         },
         "forward": {"resnet_t": 4400.0, "vit_t": 545.0},
         "eval": {"resnet_t": 2380.0, "vit_t": 508.0, "vit_s": 1220.0, "resnet_s": 3570.0, "resmlp_s": 1540.0},

@@ -12,7 +12,16 @@ import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
-from study_plan import Run, Settings, cell_run_name, fmt_min, grid_runs, method_args_for, plan_makespan
+from study_plan import (
+    Run,
+    Settings,
+    cell_run_name,
+    estimate_wall,
+    fmt_min,
+    grid_runs,
+    method_args_for,
+    train_images,
+)
 from study_protocols import (
     DEFAULT_DATA,
     METHOD_LABELS,
@@ -24,6 +33,7 @@ from study_protocols import (
     RESULTS_ARCHIVE,
     ModelSpec,
     Protocol,
+    method_defaults,
     rsd_default,
 )
 from study_run import machine_info, read_log
@@ -386,10 +396,15 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     L.append("|---|---|")
     for method in methods:
         student = PAIRS[p.pairs[0]][1]
-        args = method_args_of({"method": method, "method_args": method_args_for(method, student)})
+        args = method_args_of({"method": method, "method_args": method_args_for(method, student, p)})
         text = ", ".join(f"{k}={v}" for k, v in args.items()) or "-"
         if method == "ofa":
             text += f" (w_ofa={OFA_CNN_STUDENT['w_ofa']} for the CNN student)"
+        if method == "crd" and args["num_negatives"] != method_defaults("crd")["num_negatives"]:
+            text += (
+                f" (num_negatives: the official 16384 per 50,000 training images, scaled to this protocol's "
+                f"{train_images(p):,})"
+            )
         L.append(f"| {METHOD_LABELS.get(method, method)} (`{method}`) | {text} |")
     L.append("")
 
@@ -545,7 +560,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         + "."
     )
     L.append(
-        f"- Planned time of the whole study on a free machine: {fmt_min(plan_makespan(s, plan))}"
+        f"- Planned time of the whole study on a free machine: {fmt_min(estimate_wall(s, plan))}"
         + (f" (limit of the {p.name} protocol: {p.budget_min:g} min)." if p.budget_min else ".")
     )
     L.append("")

@@ -1,6 +1,7 @@
-"""Running the accuracy study's plan: each run as an ordinary crossdistill training run (in-process, or on
-long-lived worker processes, several at a time), the study's log, and the two checks that run no study:
-``--check-build`` (every model/method combination builds) and ``--calibrate`` (this machine's speeds)."""
+"""Running the accuracy study's plan: each run an ordinary crossdistill training run, trained by the workers of
+``crossdistill sweep`` (``crossdistill.search.runs``: several processes, each taking the next free run); the study's
+log; and the two checks that run no study: ``--check-build`` (every model/method combination builds) and
+``--calibrate`` (this machine's speeds)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,13 @@ import datetime
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from study_plan import Run, Settings, cache_group, fmt_min, is_done_name, speed_key
-from study_protocols import CIFAR10_MEAN, CIFAR10_STD, HERE
+from study_plan import Run, Settings, estimate_wall, fmt_min, is_done, is_done_name, speed_key
+from study_protocols import CIFAR10_MEAN, CIFAR10_STD
 
 # ------------------------------------------------------------------------------------------ execution
 
@@ -86,28 +85,6 @@ def write_run_yaml(run: Run, out: Path) -> Path:
     return path
 
 
-def train_one(config_path: str | Path, log_path: str | Path) -> dict[str, Any]:
-    """Train (or resume, or finish) one run; its output goes to ``log_path``. Returns the summary dict."""
-    import study_models  # noqa: F401  (registers resmlp_cifar)
-    from crossdistill.config import load_config
-    from crossdistill.engine.claim import run_dir_of
-    from crossdistill.engine.rundir import CHECKPOINT, STEP_DIR
-    from crossdistill.engine.trainer import train
-
-    cfg = load_config(config_path)
-    run_dir = run_dir_of(cfg)
-    resume = (run_dir / CHECKPOINT).exists() or any((run_dir / STEP_DIR).glob("step-*.pt"))
-    overwrite = run_dir.exists() and not resume
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log:
-        log.write(
-            f"# {datetime.datetime.now().isoformat(timespec='seconds')} {'resume' if resume else 'start'} {run_dir}\n"
-        )
-        log.flush()
-        summary = train(cfg, resume=resume, overwrite=overwrite, out=log)
-    return dataclasses.asdict(summary)
-
-
 def loadavg() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -142,79 +119,123 @@ def describe_run(run: Run) -> str:
     return f"{where} {run.method}{grid} seed {run.seed}"
 
 
-def execute(s: Settings, todo: list[Run], invocation: str) -> None:
-    """Train the runs of ``todo`` (teachers first), printing one line per finished run and an ETA."""
-    from crossdistill.engine.preemption import Preempted
+@dataclass(frozen=True)
+class StudyJob:
+    """A run as a worker sees it: its name (folder and ``configs/<name>.yaml``), how it is described, its estimate."""
 
-    done_names: set[str] = set()
-    failed: list[str] = []
-    est_total = sum(r.est_s for r in todo)
-    spent_est, spent_real = 0.0, 0.0
-    started = time.time()
+    name: str
+    label: str
+    est_s: float
+
+
+def execute(s: Settings, todo: list[Run], invocation: str) -> None:
+    """Train the runs of ``todo`` on ``s.jobs`` processes, the workers of ``crossdistill sweep``: each takes the next
+    run that is neither finished nor claimed by another (the run directory's lock), the teachers first, then the
+    rest. One line per finished run, with an ETA; a failed run is reported and the others go on."""
+    from crossdistill.search.runs import start_workers
+
     print(
-        f"{len(todo)} runs to train, estimated {fmt_min(est_total)} ({s.jobs} at a time); logs in {s.out / 'logs'}",
+        f"{len(todo)} runs to train, estimated {fmt_min(estimate_wall(s, todo))} ({s.jobs} at a time); "
+        f"logs in {s.out / 'logs'}",
         flush=True,
     )
+    prepare_data(s)
+    todo_est = {run.name: run.est_s for run in todo}
+    started = time.time()
+    for phase in ([r for r in todo if r.part == "teachers"], [r for r in todo if r.part != "teachers"]):
+        jobs = []
+        for run in phase:
+            missing = [name for name in run.needs if not is_done_name(s, name)]
+            if missing:
+                print(f"{describe_run(run)}: not trained, it needs {', '.join(missing)}, which did not finish")
+                continue
+            write_run_yaml(run, s.out)
+            jobs.append(StudyJob(run.name, describe_run(run), run.est_s))
+        if jobs:
+            start_workers(train_jobs, (str(s.out), jobs, todo_est, s.threads, invocation, started), s.jobs)
+    unfinished = [run.name for run in todo if not is_done(run)]
+    if unfinished:
+        print(f"{len(unfinished)} run(s) not finished: {', '.join(unfinished)}; see {s.out / 'logs'}", flush=True)
 
-    def finish(run: Run, seconds: float, summary: dict[str, Any] | None, error: str | None, load0, load1) -> None:
-        nonlocal spent_est, spent_real
-        done_names.add(run.name)
-        spent_est += run.est_s
-        spent_real += seconds
+
+def train_jobs(
+    out: str,
+    jobs: Sequence[StudyJob],
+    todo_est: dict[str, float],
+    threads: int | None,
+    invocation: str,
+    started: float,
+    worker: int,
+    workers: int,
+) -> None:
+    """One worker (``crossdistill.search.runs.start_workers``'s target): every job not finished, starting at its own
+    offset, each trained (or resumed) by ``train_once`` with its output in ``logs/<name>.log``. A run another worker
+    holds is left to it."""
+    import torch
+
+    import study_models  # noqa: F401  (registers resmlp_cifar in this process)
+    from crossdistill.config import load_config
+    from crossdistill.engine.preemption import Preempted
+    from crossdistill.engine.rundir import inspect_run_dir
+    from crossdistill.search.runs import train_once
+
+    if threads:
+        torch.set_num_threads(threads)
+    root = Path(out)
+    for job in list(jobs[worker:]) + list(jobs[:worker]):
+        if (root / job.name / "summary.json").is_file():
+            continue
+        cfg = load_config(root / "configs" / f"{job.name}.yaml")
+        resumed = inspect_run_dir(root / job.name).has_checkpoint
+        log_path = root / "logs" / f"{job.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        load0, wall0, cpu0 = loadavg(), time.time(), time.process_time()
+        try:
+            with open(log_path, "a") as log:
+                stamp = datetime.datetime.now().isoformat(timespec="seconds")
+                log.write(f"# {stamp} {'resume' if resumed else 'start'} {root / job.name}\n")
+                log.flush()
+                status, summary = train_once(cfg, out=log)
+            error = None
+        except (KeyboardInterrupt, Preempted):  # Ctrl-C, or SIGTERM/SIGUSR1 (the run saved a checkpoint)
+            print(f"stopped during {job.name}; rerun the same command to resume it", flush=True)
+            raise
+        except Exception as err:  # one failed run must not stop the study
+            status, summary, error = "failed", None, f"{type(err).__name__}: {err}"
+        if status in ("busy", "finished"):  # another worker holds it, or finished it between our look and claim
+            continue
+        seconds = time.time() - wall0
+        # CPU seconds of this process (all its threads; not of data-loader worker processes): unlike the wall time,
+        # not inflated by other jobs on a shared machine, so speeds can be read from a loaded run (see SPEEDS)
+        cpu_s = round(time.process_time() - cpu0, 2)
         append_log(
-            s.out,
+            root,
             {
                 "event": "run",
                 "invocation": invocation,
-                "run": run.name,
+                "run": job.name,
                 "seconds": round(seconds, 2),
-                "est_s": round(run.est_s, 1),
+                "cpu_s": cpu_s if error is None else None,
+                "resumed": resumed,
+                "est_s": round(job.est_s, 1),
                 "load_before": load0,
-                "load_after": load1,
+                "load_after": loadavg(),
                 "ok": error is None,
                 "time": datetime.datetime.now().isoformat(timespec="seconds"),
             },
         )
-        remaining = sum(r.est_s for r in todo if r.name not in done_names)
-        ratio = spent_real / spent_est if spent_est > 0 else 1.0
-        eta = remaining * ratio / max(1, s.jobs)
-        n = len(done_names)
-        if error is None:
-            top = f"top-1 last {summary['last_top1']:.2f} best {summary['best_top1']:.2f}"
-        else:
-            failed.append(run.name)
-            top = f"FAILED: {error}"
+        done = [name for name in todo_est if (root / name / "summary.json").is_file()]
+        done_est = sum(todo_est[name] for name in done)
+        elapsed = time.time() - started
+        eta = (sum(todo_est.values()) - done_est) * elapsed / done_est if done_est else 0.0
+        top = (
+            f"top-1 last {summary.last_top1:.2f} best {summary.best_top1:.2f}" if error is None else f"FAILED: {error}"
+        )
         print(
-            f"[{n}/{len(todo)}] {describe_run(run):42s} {top} | {fmt_min(seconds)} "
-            f"(est {fmt_min(run.est_s)}) | elapsed {fmt_min(time.time() - started)} | ETA {fmt_min(eta)}",
+            f"[{len(done)}/{len(todo_est)}] {job.label:42s} {top} | {fmt_min(seconds)} (est {fmt_min(job.est_s)}) | "
+            f"elapsed {fmt_min(elapsed)} | ETA {fmt_min(eta)}",
             flush=True,
         )
-
-    def ready(run: Run) -> bool:
-        return all(is_done_name(s, n) for n in run.needs)
-
-    prepare_data(s)
-    pending = list(todo)
-    if s.jobs <= 1:
-        for run in pending:
-            if not ready(run):
-                finish(run, 0.0, None, f"needs {', '.join(run.needs)}, which did not finish", loadavg(), loadavg())
-                continue
-            path = write_run_yaml(run, s.out)
-            load0, t0 = loadavg(), time.time()
-            try:
-                summary = train_one(path, s.out / "logs" / f"{run.name}.log")
-                error = None
-            except (KeyboardInterrupt, Preempted):  # Ctrl-C, or SIGTERM/SIGUSR1 (the run saved a checkpoint)
-                print(f"\nstopped during {run.name}; rerun the same command to resume it", flush=True)
-                raise
-            except Exception as err:  # one failed run must not stop the study
-                summary, error = None, f"{type(err).__name__}: {err}"
-            finish(run, time.time() - t0, summary, error, load0, loadavg())
-    else:
-        run_parallel(s, pending, ready, finish, failed)
-    if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)}; see {s.out / 'logs'}", flush=True)
 
 
 def prepare_data(s: Settings) -> None:
@@ -227,133 +248,6 @@ def prepare_data(s: Settings) -> None:
         open_archive(root, s.cache_dir)
         if time.time() - t0 > 2:
             print(f"decoded {root.name} into the cache in {time.time() - t0:.0f} s", flush=True)
-
-
-class LaneWorker:
-    """A long-lived worker process (``run_study.py --lane-worker``) that trains the runs it is sent one after
-    another in-process (no interpreter start per run, kernels stay warm). One JSON line in, one out."""
-
-    def __init__(self, threads: int | None):
-        cmd = [sys.executable, str(HERE / "run_study.py"), "--lane-worker"]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-
-    def run(self, config_path: Path, log_path: Path) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"config": str(config_path), "log": str(log_path)}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the worker process exited (code {self.proc.poll()}); see {log_path}")
-        message = json.loads(line)
-        if "error" in message:
-            raise RuntimeError(message["error"])
-        return message["summary"]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def terminate(self) -> None:
-        """SIGTERM: a run in progress saves a checkpoint and stops (it is resumed next time)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-
-    def close(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def lane_worker_main(threads: int | None) -> int:
-    """The worker side of :class:`LaneWorker`: stray prints go to stderr, protocol lines to the real stdout."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the scheduler decides
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        job = json.loads(line)
-        try:
-            summary = train_one(job["config"], job["log"])
-            summary.pop("history", None)
-            proto.write(json.dumps({"summary": summary}) + "\n")
-        except Exception as err:  # reported to the scheduler, which goes on with other runs
-            proto.write(json.dumps({"error": f"{type(err).__name__}: {err}"}) + "\n")
-            if type(err).__name__ == "Preempted":
-                return 75
-    return 0
-
-
-def run_parallel(s: Settings, pending: list[Run], ready, finish, failed: list[str]) -> None:
-    """Up to ``s.jobs`` runs at a time on long-lived worker processes, each with ``s.threads`` torch threads;
-    a run starts once its teacher has finished, and never beside a run that shares its teacher cache."""
-    workers = [LaneWorker(s.threads) for _ in range(s.jobs)]
-    idle = list(workers)
-    running: dict[Any, tuple[Run, LaneWorker, float, float | None]] = {}
-    pool = ThreadPoolExecutor(max_workers=s.jobs)
-    try:
-        while pending or running:
-            for run in [r for r in pending if any(n in failed for n in r.needs)]:
-                pending.remove(run)
-                finish(run, 0.0, None, f"needs {', '.join(run.needs)}, which failed", loadavg(), loadavg())
-            groups = {cache_group(s, r) for r, *_ in running.values()} - {None}
-            for run in list(pending):
-                if not idle:
-                    break
-                group = cache_group(s, run)
-                if not ready(run) or (group is not None and group in groups):
-                    continue
-                pending.remove(run)
-                worker = idle.pop()
-                path = write_run_yaml(run, s.out)
-                future = pool.submit(worker.run, path, s.out / "logs" / f"{run.name}.log")
-                running[future] = (run, worker, time.time(), loadavg())
-                if group is not None:
-                    groups.add(group)
-            if not running:
-                for run in list(pending):  # nothing can start: their needs will never finish
-                    pending.remove(run)
-                    finish(run, 0.0, None, f"needs {', '.join(run.needs)}", loadavg(), loadavg())
-                break
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in finished:
-                run, worker, t0, load0 = running.pop(future)
-                try:
-                    summary, error = future.result(), None
-                except Exception as err:
-                    summary, error = None, str(err)
-                if not worker.alive():
-                    workers.remove(worker)
-                    worker = LaneWorker(s.threads)
-                    workers.append(worker)
-                idle.append(worker)
-                finish(run, time.time() - t0, summary, error, load0, loadavg())
-    except BaseException:  # Ctrl-C / SIGINT: the workers' runs save a checkpoint and stop
-        print("\nstopping: the runs in progress save a checkpoint; rerun the same command to resume them", flush=True)
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.close()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    for worker in workers:
-        worker.close()
-    pool.shutdown(wait=True)
 
 
 # ------------------------------------------------------------------------------------------ machine

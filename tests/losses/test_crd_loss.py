@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from crossdistill.losses import contrast_exp, crd_nce_loss
-from crossdistill.losses.crd import CRD_EPS
+from crossdistill.losses import bank_contrast_exp, contrast_exp, crd_nce_loss
+from crossdistill.losses.crd import CRD_EPS, FULL_BANK_RATIO
 
 
 def reference(anchor, rows, temperature, z, num_data):
@@ -59,3 +59,55 @@ def test_shapes_that_do_not_match_are_refused():
         contrast_exp(torch.zeros(2, 3), torch.zeros(2, 4, 5), 0.07)
     with pytest.raises(ValueError, match="K >= 1"):
         crd_nce_loss(torch.ones(2, 1), 10)
+
+
+@pytest.mark.parametrize("whole_bank", [True, False])
+def test_scores_against_the_bank_match_the_loop_reference_either_way(whole_bank):
+    # rows drawn with replacement (a row twice in one sample, as CRD's negatives may be), the positive first
+    anchor, bank = unit(3, 6, seed=4), unit(9, 6, seed=5)
+    sample = torch.tensor([[0, 4, 4, 8], [1, 0, 2, 2], [7, 3, 5, 6]])
+    exps = bank_contrast_exp(anchor, bank, sample, 0.07, whole_bank=whole_bank)
+    assert exps.dtype == torch.float64 and exps.shape == (3, 4)
+    z = float(exps.mean()) * 9
+    expected = reference(anchor, bank[sample], 0.07, z, 9)
+    assert crd_nce_loss(exps / z, 9).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_whole_bank_is_scored_only_when_it_is_small_beside_the_sample(monkeypatch):
+    """One [B, N] product when N <= 16 (1 + K) (CIFAR's 50,000 rows at K = 16,384), the gathered rows beyond
+    (ImageNet's 1.28 M, where [B, N] scores would take gigabytes); gradients flow to the anchors either way."""
+    import crossdistill.losses.crd as module
+
+    calls = []
+    monkeypatch.setattr(module, "contrast_exp", lambda *args: calls.append("gathered") or contrast_exp(*args))
+    bank, anchor = unit(FULL_BANK_RATIO * 4, 5, seed=6), unit(2, 5, seed=7).requires_grad_()
+    sample = torch.randint(0, bank.shape[0], (2, 4), generator=torch.Generator().manual_seed(8))
+    whole = bank_contrast_exp(anchor, bank, sample, 0.1)
+    assert calls == []
+    gathered = bank_contrast_exp(anchor, torch.cat([bank, bank[:1]]), sample, 0.1)
+    assert calls == ["gathered"]
+    torch.testing.assert_close(whole, gathered, rtol=1e-12, atol=0)
+    whole.sum().backward()
+    assert anchor.grad is not None and anchor.grad.abs().sum() > 0
+
+
+def test_bank_scores_of_half_inputs_are_float32_and_bad_shapes_are_refused():
+    anchor, bank = unit(2, 4, seed=9), unit(6, 4, seed=10)
+    sample = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bank_contrast_exp(anchor.bfloat16(), bank.bfloat16(), sample, 0.1).dtype == torch.float32
+    with pytest.raises(ValueError, match="bank_contrast_exp"):
+        bank_contrast_exp(anchor, torch.zeros(6, 5), sample, 0.1)
+
+
+def test_the_bank_may_change_in_place_before_the_backward_pass():
+    # CRD updates its memory bank inside the forward pass, after scoring against it
+    anchor, bank = unit(2, 4, seed=11).requires_grad_(), unit(6, 4, seed=12)
+    sample = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    bank_contrast_exp(anchor, bank, sample, 0.1, whole_bank=True).sum().backward()
+    expected = anchor.grad.clone()
+    anchor.grad = None
+    exps = bank_contrast_exp(anchor, bank, sample, 0.1, whole_bank=True)
+    bank.mul_(0.5)
+    exps.sum().backward()
+    torch.testing.assert_close(anchor.grad, expected, rtol=0, atol=0)

@@ -12,6 +12,7 @@ from conftest import tiny_config_file
 from crossdistill.cli import main
 from crossdistill.config import load_config
 from crossdistill.engine import StoppedByHook, train
+from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted
 from crossdistill.errors import CrossDistillError
 from crossdistill.search import runs
 from crossdistill.search.runs import split_values
@@ -105,3 +106,20 @@ def test_workers_take_the_visible_gpus_in_turn(monkeypatch):
     monkeypatch.setattr(runs, "_set_threads", lambda workers: None)
     runs._worker_main(lambda worker, workers: seen.append(os.environ["CUDA_VISIBLE_DEVICES"]), (), 1, 3, "5")
     assert seen == ["5"]
+
+
+def _preempted_worker(worker: int, workers: int) -> None:
+    raise Preempted("stopped by SIGTERM after saving a checkpoint", checkpoint="last.pt")
+
+
+def test_a_preempted_worker_exits_as_a_preempted_run_does(monkeypatch, capsys):
+    """SIGTERM reaches every worker of a sweep under SLURM: each saves its run and exits 75 (not a traceback and
+    exit 1), and the sweep itself ends as a preempted run, which a requeue script tells from a failure."""
+    monkeypatch.setattr(runs, "_set_threads", lambda workers: None)
+    with pytest.raises(SystemExit) as stop:
+        runs._worker_main(_preempted_worker, (), 1, 2)
+    assert stop.value.code == EXIT_PREEMPTED == 75
+    assert "worker 1: stopped by SIGTERM" in capsys.readouterr().err
+
+    with pytest.raises(Preempted, match="run the same command again to continue"):
+        runs.start_workers(_preempted_worker, (), 2)

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..collectives import all_gather_no_grad, world_size
 from ..errors import ConfigError, CrossDistillError
-from ..losses.crd import contrast_exp, crd_nce_loss
+from ..losses.crd import bank_contrast_exp, crd_nce_loss
 from ..models import TeacherOutputs, embedding_dim
 from .base import Distiller, DistillOutput, MethodConfig, register_method
 from .kd import check_range
@@ -221,12 +221,8 @@ class CRD(Distiller):
         teacher_embedding = self.embed_t(teacher.embedding)
         index = indices.to(memory.student.device, non_blocking=True).long()
         sample = torch.cat([index[:, None], draw_negatives(memory, index, cfg.num_negatives, self.seed, self.epoch)], 1)
-        flat = sample.reshape(-1)
-        shape = (*sample.shape, cfg.feat_dim)
-        teacher_rows = memory.teacher.index_select(0, flat).reshape(shape)
-        student_rows = memory.student.index_select(0, flat).reshape(shape)
-        exp_student = contrast_exp(student, teacher_rows, cfg.temperature)  # student anchor, teacher bank
-        exp_teacher = contrast_exp(teacher_embedding, student_rows, cfg.temperature)
+        exp_student = bank_contrast_exp(student, memory.teacher, sample, cfg.temperature)  # student anchor
+        exp_teacher = bank_contrast_exp(teacher_embedding, memory.student, sample, cfg.temperature)
         z = memory.fixed_z(exp_student, exp_teacher)
         contrast = crd_nce_loss(exp_student / z[0], memory.num_data) + crd_nce_loss(exp_teacher / z[1], memory.num_data)
         memory.update(index, student.detach(), teacher_embedding.detach(), cfg.momentum)

@@ -2,7 +2,7 @@
 
 from .at import at_loss, attention_map
 from .cc import cc_loss
-from .crd import contrast_exp, crd_nce_loss
+from .crd import bank_contrast_exp, contrast_exp, crd_nce_loss
 from .dist import dist_loss, pearson_correlation
 from .dkd import dkd_loss, dkd_warmup_factor
 from .fitnet import fitnet_loss
@@ -16,6 +16,7 @@ __all__ = [
     "attention_map",
     "batch_standardize",
     "cc_loss",
+    "bank_contrast_exp",
     "contrast_exp",
     "crd_nce_loss",
     "dist_loss",

@@ -23,7 +23,7 @@ import torch
 
 from .kd import loss_dtype
 
-__all__ = ["CRD_EPS", "contrast_exp", "crd_nce_loss"]
+__all__ = ["CRD_EPS", "FULL_BANK_RATIO", "bank_contrast_exp", "contrast_exp", "crd_nce_loss"]
 
 CRD_EPS = 1e-7
 """The code's eps in the NCE denominators."""
@@ -40,6 +40,37 @@ def contrast_exp(anchor: torch.Tensor, rows: torch.Tensor, temperature: float) -
     dtype = loss_dtype(anchor, rows)
     with torch.autocast(anchor.device.type, enabled=False):
         dots = torch.bmm(rows.to(dtype), anchor.to(dtype).unsqueeze(2)).squeeze(2)
+        return torch.exp(dots / temperature)
+
+
+FULL_BANK_RATIO = 16
+""":func:`bank_contrast_exp` scores the whole bank when it has at most this many rows per scored row (1 + K)."""
+
+
+def bank_contrast_exp(
+    anchor: torch.Tensor, bank: torch.Tensor, sample: torch.Tensor, temperature: float, whole_bank: bool | None = None
+) -> torch.Tensor:
+    """``contrast_exp(anchor, bank[sample], temperature)`` [B, 1 + K] for anchors [B, D], a memory bank [N, D] and
+    the rows each anchor is scored against, ``sample`` [B, 1 + K], computed the cheaper way: with a bank of at most
+    ``FULL_BANK_RATIO`` x (1 + K) rows (CIFAR's 50,000 at K = 16,384), one product with the whole bank ([B, N]
+    scores, B x N x D multiply-adds) and the sampled scores picked from it; with a larger one (ImageNet's 1.28 M),
+    the sampled rows gathered first ([B, 1 + K, D]: memory-bound copies, far slower per element than a matrix
+    product). ``whole_bank`` forces one way. The same values up to float rounding."""
+    if anchor.ndim != 2 or bank.ndim != 2 or sample.ndim != 2 or bank.shape[1] != anchor.shape[1]:
+        raise ValueError(
+            f"bank_contrast_exp: anchors {tuple(anchor.shape)}, bank {tuple(bank.shape)} and sampled rows "
+            f"{tuple(sample.shape)} do not match ([B, D], [N, D] and [B, 1 + K])"
+        )
+    if whole_bank is None:
+        whole_bank = bank.shape[0] <= FULL_BANK_RATIO * sample.shape[1]
+    if not whole_bank:
+        return contrast_exp(anchor, bank.index_select(0, sample.reshape(-1)).reshape(*sample.shape, -1), temperature)
+    dtype = loss_dtype(anchor, bank)
+    # the product keeps the bank for the anchors' gradient: a copy, as the caller may update its bank in place
+    # before the backward pass (CRD's memory update does); N x D floats, at most 16 / B of the gathered rows' size
+    kept = bank.to(dtype, copy=True) if anchor.requires_grad else bank.to(dtype)
+    with torch.autocast(anchor.device.type, enabled=False):
+        dots = (anchor.to(dtype) @ kept.T).gather(1, sample)
         return torch.exp(dots / temperature)
 
 

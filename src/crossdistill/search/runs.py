@@ -21,6 +21,7 @@ from ..distillers import METHODS, Distiller
 from ..engine import RunSummary, Trainer
 from ..engine.claim import run_dir_of
 from ..engine.distributed import init_distributed, shutdown
+from ..engine.preemption import EXIT_PREEMPTED, Preempted
 from ..engine.rundir import SUMMARY, inspect_run_dir, lock_holder
 from ..engine.setup import check_run_config
 from ..engine.trainer import EpochHook
@@ -195,6 +196,13 @@ def start_workers(target: Callable[..., None], args: tuple, workers: int) -> Non
         for process in processes:
             process.join()
         raise
+    stopped = [p.exitcode for p in processes if p.exitcode != 0]
+    if stopped and all(code == EXIT_PREEMPTED for code in stopped):
+        raise Preempted(
+            "stopped by a signal (SIGTERM/SIGUSR1): each run in training saved a checkpoint; run the same command "
+            "again to continue",
+            checkpoint="",
+        )
     failed = [f"worker {i} (exit code {p.exitcode})" for i, p in enumerate(processes) if p.exitcode != 0]
     if failed:
         raise CrossDistillError(
@@ -229,6 +237,9 @@ def _worker_main(target: Callable[..., None], args: tuple, worker: int, workers:
     except CrossDistillError as err:
         print(f"crossdistill: error: worker {worker}: {one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Preempted as stop:  # SIGTERM/SIGUSR1 (a SLURM preemption reaches every process): its run is saved
+        print(f"crossdistill: worker {worker}: {stop}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:
         sys.exit(130)
 
