@@ -60,8 +60,8 @@ RECORDED_ARGS: dict[str, tuple[str, ...]] = {
 OFA_CNN_STUDENT = {"w_ofa": 0.1}  # the OFA maintainers' CIFAR ResNet-18 run (configs/cifar100/ofa/*-resnet18.yaml)
 # CRD's official CIFAR-100 run draws 16,384 negatives for each sample out of 50,000 training images; a protocol
 # training on fewer images keeps that share of the training set (rounded to a power of two): 2,048 of the cpu
-# protocol's 4,992 images, where 16,384 would draw each image about 3.6 times per sample and take about 10 min an
-# epoch on the cpu protocol's cores (the [batch, K + 1, 128] gathers from both memory banks).
+# protocol's 4,992 images, where 16,384 would draw each image of other classes about 3.6 times per sample: a
+# contrast unlike the official one's, where each is drawn about 0.3 times.
 CRD_NEGATIVES_SHARE = 16384 / 50_000
 
 

@@ -40,7 +40,7 @@ from study_run import machine_info, read_log
 
 # tests/test_docs.py runs every shell block of docs/ that is not marked like this one
 DOC_TEST_SKIP = (
-    "<!-- doc-test: skip the whole study: an hour on 2 CPU cores (cpu) or a GPU (gpu); "
+    "<!-- doc-test: skip the whole study: 90 minutes on 2 CPU cores (cpu) or a GPU (gpu); "
     "tests/test_accuracy_study.py runs its tiny protocol -->"
 )
 

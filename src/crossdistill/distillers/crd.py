@@ -19,6 +19,9 @@ Loss = w_gt * CE(student logits, y) + weight * (NCE(student anchor, teacher bank
   gets the same negatives whatever the batch, worker count, process count or resume point, and nothing travels
   through the loader (16,384 indices per sample would be 64 KiB per image). The class of every training sample
   comes from the dataset's ``targets`` (:meth:`CRD.bind_training_set`), without decoding an image.
+* Scores: each anchor against the bank rows of its positive and negatives
+  (:func:`crossdistill.losses.crd.bank_contrast_exp`): one product with the whole bank when it has at most
+  16 x (1 + K) rows (CIFAR), the sampled rows gathered first otherwise (ImageNet).
 * Under DDP every rank gathers the batch's indices and embeddings of all ranks before updating its banks, and
   averages the first batch's Z over the ranks, so the banks stay identical on every rank.
 * Defaults: OFA ``train.py`` flags ``--crd-feat-dim 128``, ``--crd-k 16384``, ``--crd-momentum 0.5``,
