@@ -5,8 +5,9 @@ On the `make demo` pair (a narrow ResNet-18 teaching a small ViT on scikit-learn
 1. trains the demo's teacher (or takes ``--teacher FILE``);
 2. trains the demo's RSD student at its defaults on a validation split (``data.val_fraction``): the
    reference a search has to beat;
-3. runs ``crossdistill tune`` over ``configs/search/rsd_space.yaml`` twice, the same trials each time
-   (random sampler, one seed, no pruning, so both runs train the same 12 configs for all their epochs):
+3. runs ``crossdistill tune`` over ``configs/search/rsd_space.yaml`` twice, on the same trials: 12 configs
+   drawn once (random sampler, seed 0) and queued in both studies (several workers would otherwise draw
+   different ones), no pruning, so both searches train the same 12 configs for all their epochs:
    ``cached`` (every trial reads the shared teacher cache; the first trial of each epoch fills it) and
    ``uncached`` (``--no-teacher-cache``: every trial runs the teacher on every batch);
 4. prints, and writes as JSON (``--json``), the wall time of each search, their ratio, the teacher-cache
@@ -34,7 +35,9 @@ from pathlib import Path
 from crossdistill.config import load_config
 from crossdistill.demo import recipe
 from crossdistill.engine import train
-from crossdistill.search.tune import tune
+from crossdistill.search.runs import read_base
+from crossdistill.search.space import read_space
+from crossdistill.search.tune import open_storage, tune
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = REPO / "configs" / "search" / "rsd_space.yaml"
@@ -63,6 +66,32 @@ def tried(trials_csv: Path) -> list[dict[str, str]]:
         rows = list(csv.DictReader(handle))
     fixed = {"number", "state", "value", "run", "duration_s"}
     return [{k: v for k, v in row.items() if k not in fixed} for row in sorted(rows, key=lambda r: int(r["number"]))]
+
+
+def draw_configs(config: Path, overrides: list[str], trials: int) -> list[dict]:
+    """``trials`` configs of the search space drawn by Optuna's random sampler (seed 0), each checked as a run."""
+    import optuna
+
+    params = read_space(SPACE, read_base(str(config), overrides, "draw").config)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    configs = []
+    for _ in range(trials):
+        trial = draw.ask()
+        configs.append({param.key: param.suggest(trial) for param in params})
+        draw.tell(trial, 0.0)
+    return configs
+
+
+def queue(storage: str, study: str, configs: list[dict]) -> None:
+    """Put ``configs`` in the study as waiting trials: tune's workers take them first, each once."""
+    import optuna
+
+    created = optuna.create_study(
+        study_name=study, storage=open_storage(storage), direction="maximize", load_if_exists=True
+    )
+    for params in configs:
+        created.enqueue_trial(params, skip_if_exists=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,13 +129,19 @@ def main(argv: list[str] | None = None) -> int:
         "searches": {},
     }
     config = recipe("demo/rsd.yaml")
+    configs = draw_configs(config, student, args.trials)
     for name, cached in (("cached", True), ("uncached", False)):
+        folder = out / f"search-{name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{folder / 'study.db'}"
+        queue(storage, f"search-{name}", configs)
         load0, started = loadavg(), time.perf_counter()
         written = tune(
             str(config),
             str(SPACE),
             trials=args.trials,
             workers=args.workers,
+            storage=storage,
             study_name=f"search-{name}",
             sampler="random",
             pruner="none",

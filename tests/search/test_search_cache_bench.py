@@ -21,7 +21,7 @@ def test_the_search_benchmark_runs_the_same_trials_with_and_without_the_cache(tm
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     report = tmp_path / "result.json"
-    argv = ["--trials", "2", "--workers", "1", "--epochs", "1", "--out", str(tmp_path / "runs"), "--json", str(report)]
+    argv = ["--trials", "2", "--workers", "2", "--epochs", "1", "--out", str(tmp_path / "runs"), "--json", str(report)]
     assert bench.main(argv) == 0
     result = json.loads(report.read_text())
     cached, uncached = result["searches"]["cached"], result["searches"]["uncached"]
