@@ -140,3 +140,36 @@ def test_fp32_under_bf16_autocast():
 def test_bad_inputs_are_errors(student, teacher, p, message):
     with pytest.raises(ValueError, match=message):
         at_loss(torch.randn(student), torch.randn(teacher), p)
+
+
+@pytest.mark.parametrize(
+    "batch, grid, size, mode",
+    [
+        (1, (6, 6), (2, 2), "area"),  # both sides shrink (a batch of 1, unlike the grid's sides)
+        (2, (6, 6), (6, 2), "area"),  # one side kept, the other shrinks by 3 (area and bilinear differ there)
+        (2, (6, 6), (2, 6), "area"),
+        (2, (6, 12), (2, 9), "area"),  # each side against its own target, not the other's
+        (2, (6, 1), (2, 2), "bilinear"),  # the last side grows
+        (2, (1, 6), (2, 2), "bilinear"),  # the first side grows
+    ],
+)
+def test_each_side_is_compared_with_its_own_target_size(batch, grid, size, mode):
+    attention = features((batch, *grid), 11).abs()
+    options = {"mode": "area"} if mode == "area" else {"mode": "bilinear", "align_corners": False}
+    expected = torch.nn.functional.interpolate(attention.unsqueeze(1), size=size, **options).squeeze(1)
+    assert torch.equal(resize_attention(attention, size), expected)
+
+
+def test_the_attention_map_squares_by_default():
+    feat = features((2, 3, 4, 4), 12)
+    assert torch.equal(attention_map(feat), feat.abs().pow(2).mean(dim=1))
+
+
+@pytest.mark.parametrize("float64_side", ["student", "teacher"])
+def test_a_float64_input_on_either_side_gives_a_float64_loss(float64_side):
+    student, teacher = features((2, 4, 4, 4), 13), features((2, 5, 2, 2), 14)
+    student = student if float64_side == "student" else student.float()
+    teacher = teacher if float64_side == "teacher" else teacher.float()
+    loss = at_loss(student, teacher)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(at_loss(student.double(), teacher.double()).item(), rel=1e-12)

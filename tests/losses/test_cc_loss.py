@@ -63,3 +63,16 @@ def test_fp32_under_bf16_autocast():
 def test_bad_inputs_are_errors(student, teacher, message):
     with pytest.raises(ValueError, match=message):
         cc_loss(torch.randn(student), torch.randn(teacher))
+
+
+@pytest.mark.parametrize("float64_side", ["student", "teacher"])
+def test_a_float64_input_on_either_side_gives_a_float64_loss(float64_side):
+    student, teacher = embedded(seed=4)
+    student = student if float64_side == "student" else student.float()
+    teacher = teacher if float64_side == "teacher" else teacher.float()
+    assert cc_loss(student, teacher).dtype == torch.float64
+
+
+def test_its_errors_name_it():
+    with pytest.raises(ValueError, match=r"^cc_loss relates samples of a batch: it needs at least 2, got 1$"):
+        cc_loss(torch.randn(1, 4), torch.randn(1, 4))

@@ -111,3 +111,35 @@ def test_the_bank_may_change_in_place_before_the_backward_pass():
     bank.mul_(0.5)
     exps.sum().backward()
     torch.testing.assert_close(anchor.grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("float64_side", ["anchor", "memory"])
+def test_a_float64_input_on_either_side_gives_float64_scores(float64_side):
+    anchor, bank = unit(2, 4, seed=13), unit(6, 4, seed=14)
+    anchor = anchor if float64_side == "anchor" else anchor.float()
+    bank = bank if float64_side == "memory" else bank.float()
+    anchor.requires_grad_(True)  # the whole-bank product keeps a copy of the bank: in the scores' dtype too
+    sample = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    for whole_bank in (True, False):
+        assert bank_contrast_exp(anchor, bank, sample, 0.1, whole_bank=whole_bank).dtype == torch.float64
+    assert contrast_exp(anchor, bank[sample], 0.1).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "anchor, rows",
+    [((2, 4, 1), (2, 5, 4)), ((2, 4), (3, 5, 4)), ((2, 4), (2, 5)), ((2, 4), (2, 5, 3))],
+)
+def test_each_shape_mismatch_of_the_scores_is_refused_with_the_expected_shapes(anchor, rows):
+    message = f"contrast_exp: anchors {anchor} and memory rows {rows} do not match ([B, D] and [B, 1 + K, D])"
+    with pytest.raises(ValueError) as raised:
+        contrast_exp(torch.zeros(anchor), torch.zeros(rows), 0.07)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    "anchor, bank, sample",
+    [((4,), (6, 4), (2, 3)), ((2, 4), (6,), (2, 3)), ((2, 4), (6, 4), (6,)), ((2, 4), (6, 5), (2, 3))],
+)
+def test_each_shape_mismatch_of_the_bank_scores_is_refused(anchor, bank, sample):
+    with pytest.raises(ValueError, match="^bank_contrast_exp: anchors"):
+        bank_contrast_exp(torch.zeros(anchor), torch.zeros(bank), torch.zeros(sample, dtype=torch.long), 0.07)

@@ -131,3 +131,48 @@ def test_bad_inputs_are_errors(student, teacher, message):
 def test_eps_must_be_positive():
     with pytest.raises(ValueError, match="eps must be > 0"):
         rkd_loss(torch.randn(3, 4), torch.randn(3, 4), eps=0.0)
+
+
+def test_under_bf16_autocast_it_computes_as_float32_does_outside():
+    """Its products (the Gram matrix, the angle cosines) are on autocast's bfloat16 list: computed in float32."""
+    student, teacher = outlier_batch(seed=6)
+    student, teacher = student.float(), teacher.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = rkd_loss(student, teacher)
+    assert torch.equal(inside, rkd_loss(student, teacher))
+
+
+@pytest.mark.parametrize("float64_side", ["student", "teacher"])
+def test_a_float64_input_on_either_side_computes_both_sides_in_float64(float64_side):
+    student, teacher = outlier_batch(seed=7)
+    student = student if float64_side == "student" else student.float()
+    teacher = teacher if float64_side == "teacher" else teacher.float()
+    loss = rkd_loss(student, teacher)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(rkd_loss(student.double(), teacher.double()).item(), rel=1e-12)
+
+
+def test_eps_reaches_the_distances_of_both_sides():
+    from crossdistill.losses.rkd import rkd_distances
+
+    student, teacher = outlier_batch(seed=8)
+    student[1], teacher[2] = student[0], teacher[0]  # a pair at distance 0 on each side: the floor eps applies
+    eps = 0.5
+    expected = torch.nn.functional.smooth_l1_loss(rkd_distances(student, eps=eps), rkd_distances(teacher, eps=eps))
+    loss = rkd_loss(student, teacher, distance_weight=1.0, angle_weight=0.0, eps=eps)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert loss.item() != pytest.approx(rkd_loss(student, teacher, distance_weight=1.0, angle_weight=0.0).item())
+
+
+def test_distances_are_not_squared_by_default_and_stay_on_the_embeddings_device():
+    from crossdistill.losses.rkd import rkd_distances
+
+    student, _ = outlier_batch(seed=9)
+    assert torch.equal(rkd_distances(student), rkd_distances(student, squared=False))
+    assert not torch.allclose(rkd_distances(student), rkd_distances(student, squared=True))
+    assert rkd_distances(torch.empty(4, 3, device="meta")).device.type == "meta"
+
+
+def test_its_errors_name_it_and_the_batch_it_got():
+    with pytest.raises(ValueError, match=r"^rkd_loss relates samples of a batch: it needs at least 2, got 1$"):
+        rkd_loss(torch.randn(1, 4), torch.randn(1, 4))
