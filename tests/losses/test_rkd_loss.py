@@ -139,7 +139,9 @@ def test_under_bf16_autocast_it_computes_as_float32_does_outside():
     student, teacher = student.float(), teacher.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = rkd_loss(student, teacher)
-    assert torch.equal(inside, rkd_loss(student, teacher))
+    assert inside.dtype == torch.float32
+    # float32 rounding only (bfloat16 products would be off by about 1e-3)
+    assert inside.item() == pytest.approx(reference_rkd(student.double(), teacher.double())[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("float64_side", ["student", "teacher"])
