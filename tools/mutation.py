@@ -141,15 +141,17 @@ EQUIVALENT: dict[str, str] = {
     "crossdistill.losses.rkd.x_rkd_distances__mutmut_40": "the diagonal's zero without dtype=: same as above",
     "crossdistill.losses.rkd.x_rkd_distances__mutmut_38": "the diagonal's zero on the CPU: torch.where takes a 0-dim CPU tensor beside tensors of any device",
     "crossdistill.losses.rkd.x_rkd_distances__mutmut_41": "the diagonal's zero without device=: same as above",
-    "crossdistill.models.adapter.x__final_map__mutmut_6": 'getattr(model, "output_fmt", None) for the default "NCHW": the value is only compared with "NHWC", which '
+    "crossdistill.models.adapter.x_is_channels_last__mutmut_3": 'getattr(model, "output_fmt", None) for the default "NCHW": the value is only compared with "NHWC", which '
     "neither default equals",
-    "crossdistill.models.adapter.x__final_map__mutmut_12": 'the default "XXNCHWXX": same as above',
-    "crossdistill.models.adapter.x__final_map__mutmut_13": 'the default "nchw": same as above',
+    "crossdistill.models.adapter.x_is_channels_last__mutmut_9": 'the default "XXNCHWXX": same as above',
+    "crossdistill.models.adapter.x_is_channels_last__mutmut_10": 'the default "nchw": same as above',
     "crossdistill.models.adapter.x_num_prefix_tokens__mutmut_5": 'getattr(model, "num_prefix_tokens", None) for the default 0: both are turned into 0 by the `or 0` that follows',
-    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_7": '_shift starts as "" instead of None: it is read only when _scale is set, which sets _shift too',
-    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_28": "_scale viewed [3, 1, 1] instead of [1, 3, 1, 1]: broadcast over a [B, 3, H, W] batch it is the same product, "
+    "crossdistill.models.teacher.xǁTeacherǁprepare__mutmut_7": "x.shape[+2:] for x.shape[-2:]: the batch is [B, C, H, W], where both are (H, W)",
+    "crossdistill.models.teacher.xǁTeacherǁprepare__mutmut_8": "x.shape[-3:] never equals (size, size), so a batch already at the teacher's size is resized too: bilinear to the same size (align_corners=False, no antialias) returns the same values bit for bit",
+    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_8": '_shift starts as "" instead of None: it is read only when _scale is set, which sets _shift too',
+    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_29": "_scale viewed [3, 1, 1] instead of [1, 3, 1, 1]: broadcast over a [B, 3, H, W] batch it is the same product, "
     "and the cache key flattens it",
-    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_43": "_shift viewed [3, 1, 1]: same as above",
+    "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_44": "_shift viewed [3, 1, 1]: same as above",
     "crossdistill.engine.teacher_cache.x__row_crc__mutmut_2": "view(None) for view(np.uint8) before zlib.crc32: crc32 reads the row's bytes through the buffer protocol, whatever the view's dtype",
     "crossdistill.engine.teacher_cache.x__row_crc__mutmut_10": "reshape(N, -2) for reshape(N, -1): numpy takes any negative size as the one to infer",
     "crossdistill.engine.teacher_cache.x__row_crc__mutmut_12": "np.fromiter(dtype=None) gives float64 CRCs: exact below 2**53, and stored into the int64 check file",

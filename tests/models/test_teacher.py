@@ -251,3 +251,27 @@ def test_outputs_map_applies_to_every_tensor_and_keeps_what_is_absent():
     assert torch.equal(out.embedding, torch.ones(2, 3))  # the original is left as it was
     logits_only = TeacherOutputs(logits=torch.ones(2, 3)).map(lambda t: t + 1)
     assert logits_only.embedding is None and torch.equal(logits_only.logits, torch.full((2, 3), 2.0))
+
+
+@pytest.mark.parametrize(
+    "grid, antialias",
+    [
+        ((4, 4), False),  # smaller than the teacher's size: bilinear upsampling
+        ((16, 12), True),  # larger: downsampling with antialiasing
+        ((16, 8), False),  # as wide as the teacher's size and taller: the width decides, as the code's rule says
+    ],
+)
+def test_a_teacher_with_an_input_size_resizes_other_sizes_bilinearly(grid, antialias):
+    teacher = make_teacher(input_size=8)
+    assert teacher.input_size == 8
+    x = torch.randn(2, 3, *grid, generator=torch.Generator().manual_seed(3))
+    expected = torch.nn.functional.interpolate(
+        x, size=(8, 8), mode="bilinear", align_corners=False, antialias=antialias
+    )
+    assert torch.equal(teacher.prepare(x), expected)
+
+
+def test_a_batch_at_the_teachers_size_or_a_teacher_without_one_is_not_resized():
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(make_teacher(input_size=8).prepare(x), x)
+    assert make_teacher().prepare(torch.randn(2, 3, 5, 7)).shape == (2, 3, 5, 7)
