@@ -146,6 +146,8 @@ EQUIVALENT: dict[str, str] = {
     "crossdistill.models.adapter.x_is_channels_last__mutmut_9": 'the default "XXNCHWXX": same as above',
     "crossdistill.models.adapter.x_is_channels_last__mutmut_10": 'the default "nchw": same as above',
     "crossdistill.models.adapter.x_num_prefix_tokens__mutmut_5": 'getattr(model, "num_prefix_tokens", None) for the default 0: both are turned into 0 by the `or 0` that follows',
+    "crossdistill.models.teacher.xǁTeacherǁprepare__mutmut_14": "F.interpolate(align_corners=None) for align_corners=False: None means False for the bilinear mode",
+    "crossdistill.models.teacher.xǁTeacherǁprepare__mutmut_19": "F.interpolate without align_corners: same as above",
     "crossdistill.models.teacher.xǁTeacherǁprepare__mutmut_7": "x.shape[+2:] for x.shape[-2:]: the batch is [B, C, H, W], where both are (H, W)",
     "crossdistill.models.teacher.xǁTeacherǁprepare__mutmut_8": "x.shape[-3:] never equals (size, size), so a batch already at the teacher's size is resized too: bilinear to the same size (align_corners=False, no antialias) returns the same values bit for bit",
     "crossdistill.models.teacher.xǁTeacherǁ__init____mutmut_8": '_shift starts as "" instead of None: it is read only when _scale is set, which sets _shift too',
