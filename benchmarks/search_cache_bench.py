@@ -160,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             "tried": tried(Path(written["trials"])),
             **cache_lines(out / f"search-{name}"),
         }
-        print(f"{name}: {seconds:.0f} s", flush=True)
+        ran = len(results["searches"][name]["tried"])
+        extra = (
+            f" ({ran - args.trials} trial(s) past --trials: two workers both asked for the last one)"
+            if ran > args.trials
+            else ""
+        )
+        print(f"{name}: {seconds:.0f} s, {ran} trials{extra}", flush=True)
     cached, uncached = results["searches"]["cached"], results["searches"]["uncached"]
     results["speedup"] = round(uncached["seconds"] / cached["seconds"], 2)
     print(

@@ -26,11 +26,13 @@ def test_the_search_benchmark_runs_the_same_trials_with_and_without_the_cache(tm
     result = json.loads(report.read_text())
     cached, uncached = result["searches"]["cached"], result["searches"]["uncached"]
     assert result["trials"] == 3 and result["epochs"] == 1 and result["speedup"] > 0
-    assert cached["tried"] == uncached["tried"] and len(cached["tried"]) == 3  # configs drawn once: the same ones
+    # the configs drawn once and queued come first in both; a worker may add one more past --trials (README)
+    assert cached["tried"][:3] == uncached["tried"][:3] and 3 <= len(cached["tried"]) <= 4
     # the first two trials run side by side and may both compute a row; the third starts after one of them has
     # stored every row and reads them all; without the cache nothing is stored or read
-    rows = (cached["rows_computed"] + cached["rows_read"]) // 3
-    assert rows > 0 and cached["rows_computed"] + cached["rows_read"] == 3 * rows
+    trials = len(cached["tried"])
+    rows = (cached["rows_computed"] + cached["rows_read"]) // trials
+    assert rows > 0 and cached["rows_computed"] + cached["rows_read"] == trials * rows
     assert rows <= cached["rows_computed"] <= 2 * rows and cached["rows_read"] >= rows
     assert uncached["rows_computed"] == uncached["rows_read"] == 0
     assert "faster with the cache" in capsys.readouterr().out
