@@ -206,3 +206,59 @@ def test_method_defaults_and_teacher_needs_come_from_the_package(tmp_path, monke
     assert plan_module.teacher_outputs("rsd") == ("embedding",)
     assert rsd.config["method_args"] == {"weight": 0.1, "kappa": 0.01, "gamma": 2}
     assert plan_module.method_args_for("ofa", "resnet_s", settings.protocol)["w_ofa"] == 0.1  # a stated override
+
+
+def _fake_training(study_run, monkeypatch, fails=()):
+    """``train_job`` replaced by one that records the order and writes summary.json, unless the run is in ``fails``."""
+    trained = []
+
+    def train_job(root, job, todo_est, invocation, started):
+        trained.append(job.name)
+        if job.name not in fails:
+            (root / job.name).mkdir(parents=True, exist_ok=True)
+            (root / job.name / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(study_run, "train_job", train_job)
+    monkeypatch.setattr(study_run, "POLL_S", 0.0)
+    return trained
+
+
+def test_a_student_waits_for_its_teacher_that_the_worker_has_not_tried_yet(tmp_path, monkeypatch, capsys):
+    """Worker 1 of 2 starts at the second job: the student comes before its teacher in its order, so it waits for
+    the teacher and is trained after it (not reported as lacking one); no barrier holds the unrelated run."""
+    study_run = _study_module("study_run")
+    trained = _fake_training(study_run, monkeypatch)
+    jobs = [
+        study_run.StudyJob("teacher", "teacher", 10.0),
+        study_run.StudyJob("student", "student", 5.0, needs=("teacher",)),
+        study_run.StudyJob("scratch", "scratch", 5.0),
+    ]
+    study_run.train_jobs(str(tmp_path), jobs, {}, None, "test", 0.0, worker=1, workers=2)
+    assert trained == ["scratch", "teacher", "student"]
+    assert "not trained" not in capsys.readouterr().out
+
+
+def test_a_student_whose_teacher_failed_is_reported_not_trained(tmp_path, monkeypatch, capsys):
+    study_run = _study_module("study_run")
+    trained = _fake_training(study_run, monkeypatch, fails=("teacher",))
+    jobs = [
+        study_run.StudyJob("teacher", "teacher", 10.0),
+        study_run.StudyJob("student", "the student", 5.0, needs=("teacher",)),
+    ]
+    study_run.train_jobs(str(tmp_path), jobs, {}, None, "test", 0.0, worker=0, workers=1)
+    assert trained == ["teacher"]
+    assert "the student: not trained, it needs teacher, which did not finish" in capsys.readouterr().out
+
+
+def test_the_estimate_is_grahams_bound_with_the_teacher_before_its_student(tmp_path):
+    plan_module, protocols = _study_module("study_plan"), _study_module("study_protocols")
+
+    def run(name, est_s, needs=()):
+        return plan_module.Run(name, "cells", "kd", 0, "resnet_s", None, (), {}, needs=needs, est_s=est_s)
+
+    settings = plan_module.Settings(
+        protocols.PROTOCOLS["tiny"], tmp_path, str(tmp_path), "folder", None, True, "cpu", ("kd",), jobs=2
+    )
+    runs = [run("teacher", 100.0), run("student", 50.0, needs=("teacher",)), run("other", 10.0)]
+    assert plan_module.estimate_wall(settings, runs) == pytest.approx(160 / 2 + 0.5 * 150)
+    assert plan_module.estimate_wall(settings, []) == 0.0

@@ -399,15 +399,15 @@ def select(plan: Sequence[Run], filters: dict[str, set[str]]) -> list[Run]:
 
 
 def estimate_wall(s: Settings, runs: Sequence[Run]) -> float:
-    """Estimated wall time of ``runs`` on ``s.jobs`` workers that each take the next free run, the teachers before
-    the rest: per phase the bound of such a greedy schedule, work / jobs + (1 - 1 / jobs) x the longest run."""
+    """Estimated wall time of ``runs`` on ``s.jobs`` workers that each take the next free run whose needs (its
+    teacher) have finished: Graham's bound for such a greedy schedule with precedence, work / jobs + (1 - 1 / jobs)
+    x the longest chain of runs (a teacher then its longest student)."""
+    if not runs:
+        return 0.0
     jobs = max(1, s.jobs)
-    total = 0.0
-    for phase in ([r for r in runs if r.part == "teachers"], [r for r in runs if r.part != "teachers"]):
-        if phase:
-            seconds = [r.est_s for r in phase]
-            total += sum(seconds) / jobs + (1 - 1 / jobs) * max(seconds)
-    return total
+    est = {r.name: r.est_s for r in runs}
+    chain = max(r.est_s + max((est.get(n, 0.0) for n in r.needs), default=0.0) for r in runs)
+    return sum(est.values()) / jobs + (1 - 1 / jobs) * chain
 
 
 # ------------------------------------------------------------------------------------------ dry list

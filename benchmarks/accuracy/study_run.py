@@ -119,6 +119,9 @@ def describe_run(run: Run) -> str:
     return f"{where} {run.method}{grid} seed {run.seed}"
 
 
+POLL_S = 5.0  # how often a worker with only waiting students looks whether their teacher finished
+
+
 @dataclass(frozen=True)
 class StudyJob:
     """A run as a worker sees it: its name (folder and ``configs/<name>.yaml``), how it is described, its estimate."""
@@ -126,12 +129,14 @@ class StudyJob:
     name: str
     label: str
     est_s: float
+    needs: tuple[str, ...] = ()  # runs that must have finished first (a student's teacher)
 
 
 def execute(s: Settings, todo: list[Run], invocation: str) -> None:
     """Train the runs of ``todo`` on ``s.jobs`` processes, the workers of ``crossdistill sweep``: each takes the next
-    run that is neither finished nor claimed by another (the run directory's lock), the teachers first, then the
-    rest. One line per finished run, with an ETA; a failed run is reported and the others go on."""
+    run that is neither finished nor claimed by another (the run directory's lock) and whose teacher has finished:
+    the teachers first, and a student as soon as its own teacher is done (no barrier after all the teachers). One
+    line per finished run, with an ETA; a failed run is reported and the others go on."""
     from crossdistill.search.runs import start_workers
 
     print(
@@ -142,17 +147,16 @@ def execute(s: Settings, todo: list[Run], invocation: str) -> None:
     prepare_data(s)
     todo_est = {run.name: run.est_s for run in todo}
     started = time.time()
-    for phase in ([r for r in todo if r.part == "teachers"], [r for r in todo if r.part != "teachers"]):
-        jobs = []
-        for run in phase:
-            missing = [name for name in run.needs if not is_done_name(s, name)]
-            if missing:
-                print(f"{describe_run(run)}: not trained, it needs {', '.join(missing)}, which did not finish")
-                continue
-            write_run_yaml(run, s.out)
-            jobs.append(StudyJob(run.name, describe_run(run), run.est_s))
-        if jobs:
-            start_workers(train_jobs, (str(s.out), jobs, todo_est, s.threads, invocation, started), s.jobs)
+    jobs = []
+    for run in sorted(todo, key=lambda r: r.part != "teachers"):  # the teachers first
+        never = [name for name in run.needs if not is_done_name(s, name) and name not in todo_est]
+        if never:
+            print(f"{describe_run(run)}: not trained, it needs {', '.join(never)}, which is not trained")
+            continue
+        write_run_yaml(run, s.out)
+        jobs.append(StudyJob(run.name, describe_run(run), run.est_s, run.needs))
+    if jobs:
+        start_workers(train_jobs, (str(s.out), jobs, todo_est, s.threads, invocation, started), s.jobs)
     unfinished = [run.name for run in todo if not is_done(run)]
     if unfinished:
         print(f"{len(unfinished)} run(s) not finished: {', '.join(unfinished)}; see {s.out / 'logs'}", flush=True)
@@ -170,72 +174,93 @@ def train_jobs(
 ) -> None:
     """One worker (``crossdistill.search.runs.start_workers``'s target): every job not finished, starting at its own
     offset, each trained (or resumed) by ``train_once`` with its output in ``logs/<name>.log``. A run another worker
-    holds is left to it."""
+    holds is left to it; a student whose teacher is still training (or not yet tried by this worker) waits, polled
+    every ``POLL_S`` seconds, while the worker trains what it can; a student whose teacher failed is reported."""
     import torch
 
     import study_models  # noqa: F401  (registers resmlp_cifar in this process)
+    from crossdistill.engine.rundir import lock_holder
+
+    if threads:
+        torch.set_num_threads(threads)
+    root = Path(out)
+    pending = list(jobs[worker:]) + list(jobs[:worker])
+    untried = {job.name for job in pending}
+    while pending:
+        waiting = []
+        for job in pending:
+            missing = [name for name in job.needs if not (root / name / "summary.json").is_file()]
+            if missing and any(name in untried or lock_holder(root / name) is not None for name in missing):
+                waiting.append(job)
+                continue
+            untried.discard(job.name)
+            if missing:
+                print(f"{job.label}: not trained, it needs {', '.join(missing)}, which did not finish", flush=True)
+                continue
+            train_job(root, job, todo_est, invocation, started)
+        pending = waiting
+        if pending:
+            time.sleep(POLL_S)
+
+
+def train_job(root: Path, job: StudyJob, todo_est: dict[str, float], invocation: str, started: float) -> None:
+    """Train (or resume) one job unless it is finished or another worker holds it; log it and print its line."""
     from crossdistill.config import load_config
     from crossdistill.engine.preemption import Preempted
     from crossdistill.engine.rundir import inspect_run_dir
     from crossdistill.search.runs import train_once
 
-    if threads:
-        torch.set_num_threads(threads)
-    root = Path(out)
-    for job in list(jobs[worker:]) + list(jobs[:worker]):
-        if (root / job.name / "summary.json").is_file():
-            continue
-        cfg = load_config(root / "configs" / f"{job.name}.yaml")
-        resumed = inspect_run_dir(root / job.name).has_checkpoint
-        log_path = root / "logs" / f"{job.name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        load0, wall0, cpu0 = loadavg(), time.time(), time.process_time()
-        try:
-            with open(log_path, "a") as log:
-                stamp = datetime.datetime.now().isoformat(timespec="seconds")
-                log.write(f"# {stamp} {'resume' if resumed else 'start'} {root / job.name}\n")
-                log.flush()
-                status, summary = train_once(cfg, out=log)
-            error = None
-        except (KeyboardInterrupt, Preempted):  # Ctrl-C, or SIGTERM/SIGUSR1 (the run saved a checkpoint)
-            print(f"stopped during {job.name}; rerun the same command to resume it", flush=True)
-            raise
-        except Exception as err:  # one failed run must not stop the study
-            status, summary, error = "failed", None, f"{type(err).__name__}: {err}"
-        if status in ("busy", "finished"):  # another worker holds it, or finished it between our look and claim
-            continue
-        seconds = time.time() - wall0
-        # CPU seconds of this process (all its threads; not of data-loader worker processes): unlike the wall time,
-        # not inflated by other jobs on a shared machine, so speeds can be read from a loaded run (see SPEEDS)
-        cpu_s = round(time.process_time() - cpu0, 2)
-        append_log(
-            root,
-            {
-                "event": "run",
-                "invocation": invocation,
-                "run": job.name,
-                "seconds": round(seconds, 2),
-                "cpu_s": cpu_s if error is None else None,
-                "resumed": resumed,
-                "est_s": round(job.est_s, 1),
-                "load_before": load0,
-                "load_after": loadavg(),
-                "ok": error is None,
-                "time": datetime.datetime.now().isoformat(timespec="seconds"),
-            },
-        )
-        done = [name for name in todo_est if (root / name / "summary.json").is_file()]
-        done_est = sum(todo_est[name] for name in done)
-        elapsed = time.time() - started
-        eta = (sum(todo_est.values()) - done_est) * elapsed / done_est if done_est else 0.0
-        top = (
-            f"top-1 last {summary.last_top1:.2f} best {summary.best_top1:.2f}" if error is None else f"FAILED: {error}"
-        )
-        print(
-            f"[{len(done)}/{len(todo_est)}] {job.label:42s} {top} | {fmt_min(seconds)} (est {fmt_min(job.est_s)}) | "
-            f"elapsed {fmt_min(elapsed)} | ETA {fmt_min(eta)}",
-            flush=True,
-        )
+    if (root / job.name / "summary.json").is_file():
+        return
+    cfg = load_config(root / "configs" / f"{job.name}.yaml")
+    resumed = inspect_run_dir(root / job.name).has_checkpoint
+    log_path = root / "logs" / f"{job.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    load0, wall0, cpu0 = loadavg(), time.time(), time.process_time()
+    try:
+        with open(log_path, "a") as log:
+            stamp = datetime.datetime.now().isoformat(timespec="seconds")
+            log.write(f"# {stamp} {'resume' if resumed else 'start'} {root / job.name}\n")
+            log.flush()
+            status, summary = train_once(cfg, out=log)
+        error = None
+    except (KeyboardInterrupt, Preempted):  # Ctrl-C, or SIGTERM/SIGUSR1 (the run saved a checkpoint)
+        print(f"stopped during {job.name}; rerun the same command to resume it", flush=True)
+        raise
+    except Exception as err:  # one failed run must not stop the study
+        status, summary, error = "failed", None, f"{type(err).__name__}: {err}"
+    if status in ("busy", "finished"):  # another worker holds it, or finished it between our look and claim
+        return
+    seconds = time.time() - wall0
+    # CPU seconds of this process (all its threads; not of data-loader worker processes): unlike the wall time,
+    # not inflated by other jobs on a shared machine, so speeds can be read from a loaded run (see SPEEDS)
+    cpu_s = round(time.process_time() - cpu0, 2)
+    append_log(
+        root,
+        {
+            "event": "run",
+            "invocation": invocation,
+            "run": job.name,
+            "seconds": round(seconds, 2),
+            "cpu_s": cpu_s if error is None else None,
+            "resumed": resumed,
+            "est_s": round(job.est_s, 1),
+            "load_before": load0,
+            "load_after": loadavg(),
+            "ok": error is None,
+            "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        },
+    )
+    done = [name for name in todo_est if (root / name / "summary.json").is_file()]
+    done_est = sum(todo_est[name] for name in done)
+    elapsed = time.time() - started
+    eta = (sum(todo_est.values()) - done_est) * elapsed / done_est if done_est else 0.0
+    top = f"top-1 last {summary.last_top1:.2f} best {summary.best_top1:.2f}" if error is None else f"FAILED: {error}"
+    print(
+        f"[{len(done)}/{len(todo_est)}] {job.label:42s} {top} | {fmt_min(seconds)} (est {fmt_min(job.est_s)}) | "
+        f"elapsed {fmt_min(elapsed)} | ETA {fmt_min(eta)}",
+        flush=True,
+    )
 
 
 def prepare_data(s: Settings) -> None:
