@@ -65,7 +65,35 @@ def test_rsd_on_logits_has_no_projector_and_uses_teacher_logits():
     assert torch.allclose(out.losses["rsd"], expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method,args", [("rsd", {"projector": "linear"}), ("rsd", {"kappa": 0.0}), ("rsd_logits", {})])
+def test_the_mean_reduction_is_the_sum_at_its_reference_width_and_scaled_elsewhere():
+    s, t = pair()  # the test_vit teacher is 64 wide
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    total = build_distiller("rsd", s, t, {"kappa": 0.05})
+    for args in ({"reduction": "mean", "reference_dim": 64}, {"reduction": "mean"}):
+        torch.manual_seed(1)
+        mean = build_distiller("rsd", s, t, {"kappa": 0.05, **args})
+        mean.aad.load_state_dict(total.aad.state_dict())
+        z_s = total.aad(s.forward_head(s.forward_features(x), pre_logits=True))
+        expected = rsd_loss(z_s, run_teacher(t, x).embedding, kappa=0.05, **args)
+        assert torch.allclose(distill(mean, x, y).losses["rsd"], 0.1 * expected, rtol=1e-5)
+    at_64 = build_distiller("rsd", s, t, {"kappa": 0.05, "reduction": "mean", "reference_dim": 64})
+    at_64.aad.load_state_dict(total.aad.state_dict())
+    assert torch.allclose(distill(at_64, x, y).losses["rsd"], distill(total, x, y).losses["rsd"], rtol=1e-5)
+    with pytest.raises(ConfigError, match="method_args.reduction': must be one of"):
+        build_distiller("rsd", s, t, {"reduction": "avg"})
+    with pytest.raises(ConfigError, match="method_args.reference_dim': must be >= 2, got 0"):
+        build_distiller("rsd", s, t, {"reference_dim": 0})
+
+
+@pytest.mark.parametrize(
+    "method,args",
+    [
+        ("rsd", {"projector": "linear"}),
+        ("rsd", {"kappa": 0.0}),
+        ("rsd", {"reduction": "mean"}),
+        ("rsd_logits", {}),
+    ],
+)
 def test_variants_train_through_the_engine(tmp_path, method, args):
     summary = train(build_config(tiny_run(tmp_path, method=method, method_args=args, train={"epochs": 3})))
     losses = [row["train_rsd"] for row in summary.history]

@@ -10,6 +10,9 @@ Variants the paper reports, as options or sibling methods:
   widths differ, the identity when they are equal);
 * ``global_batch: true``: the correlation over the batch of all DDP ranks (default off,
   as the official code uses per-GPU statistics);
+* ``reduction: mean``: not in the paper; the loss averaged over its diagonal and off-diagonal terms and scaled
+  to their counts at ``reference_dim`` (768), so lambda and kappa mean at every teacher width what they mean for
+  the paper's Swin-T teacher (see ``rsd_loss``);
 * ``rsd_logits``: the same loss on student vs teacher logits, with no projector.
 """
 
@@ -23,6 +26,7 @@ from torch import nn
 from ..collectives import all_gather_no_grad, all_gather_with_grad
 from ..errors import ConfigError
 from ..losses import rsd_loss
+from ..losses.rsd import REDUCTIONS, REFERENCE_DIM
 from ..models import AADProjector, TeacherOutputs, embedding_dim
 from .base import Distiller, DistillOutput, MethodConfig, register_method
 
@@ -41,11 +45,18 @@ def check_batch(images: torch.Tensor) -> None:
         raise ValueError(f"RSD needs at least 2 samples per batch (per process), got {images.shape[0]}")
 
 
-def global_rsd_loss(z_s: torch.Tensor, z_t: torch.Tensor, kappa: float, global_batch: bool) -> torch.Tensor:
+def global_rsd_loss(
+    z_s: torch.Tensor,
+    z_t: torch.Tensor,
+    kappa: float,
+    global_batch: bool,
+    reduction: str = "sum",
+    reference_dim: int = REFERENCE_DIM,
+) -> torch.Tensor:
     """``rsd_loss`` on this process's batch, or on the batch of all ranks when ``global_batch``."""
     if global_batch:
         z_s, z_t = all_gather_with_grad(z_s), all_gather_no_grad(z_t)
-    return rsd_loss(z_s, z_t, kappa=kappa)
+    return rsd_loss(z_s, z_t, kappa=kappa, reduction=reduction, reference_dim=reference_dim)
 
 
 @dataclass
@@ -62,9 +73,20 @@ class RSDConfig(MethodConfig):
     """Correlate over the batch of all DDP ranks instead of each rank's own batch. With train.grad_accum_steps
     the correlation is per micro-batch: over the ranks' batches of the same micro-step, never the accumulated
     batch."""
+    reduction: str = "sum"
+    """sum (the official loss) | mean: each term averaged over its count and scaled to the counts at reference_dim,
+    so that weight and kappa keep their meaning at any teacher width (equal to sum at reference_dim)."""
+    reference_dim: int = REFERENCE_DIM
+    """The teacher width at which reduction mean equals the sum (768: the paper's Swin-T teacher)."""
 
     def validate(self) -> None:
         _check_common(self)
+        if self.reduction not in REDUCTIONS:
+            raise ConfigError(
+                f"config key 'method_args.reduction': must be one of {REDUCTIONS}, got {self.reduction!r}"
+            )
+        if self.reference_dim < 2:
+            raise ConfigError(f"config key 'method_args.reference_dim': must be >= 2, got {self.reference_dim}")
         if self.gamma < 1:
             raise ConfigError(f"config key 'method_args.gamma': must be >= 1, got {self.gamma}")
         if self.projector not in PROJECTORS:
@@ -113,7 +135,15 @@ class RSD(Distiller):
             logits=out.logits,
             losses={
                 "ce": self.criterion(out.logits, target),
-                "rsd": self.cfg.weight * global_rsd_loss(z_s, teacher.embedding, self.cfg.kappa, self.cfg.global_batch),
+                "rsd": self.cfg.weight
+                * global_rsd_loss(
+                    z_s,
+                    teacher.embedding,
+                    self.cfg.kappa,
+                    self.cfg.global_batch,
+                    self.cfg.reduction,
+                    self.cfg.reference_dim,
+                ),
             },
         )
 
