@@ -212,7 +212,7 @@ def _fake_training(study_run, monkeypatch, fails=()):
     """``train_job`` replaced by one that records the order and writes summary.json, unless the run is in ``fails``."""
     trained = []
 
-    def train_job(root, job, todo_est, invocation, started):
+    def train_job(root, job, *_):
         trained.append(job.name)
         if job.name not in fails:
             (root / job.name).mkdir(parents=True, exist_ok=True)
@@ -262,3 +262,19 @@ def test_the_estimate_is_grahams_bound_with_the_teacher_before_its_student(tmp_p
     runs = [run("teacher", 100.0), run("student", 50.0, needs=("teacher",)), run("other", 10.0)]
     assert plan_module.estimate_wall(settings, runs) == pytest.approx(160 / 2 + 0.5 * 150)
     assert plan_module.estimate_wall(settings, []) == 0.0
+
+
+def test_the_eta_spreads_what_is_left_over_the_workers_at_the_slowdown_measured_so_far():
+    study_run = _study_module("study_run")
+    log = [
+        {"event": "invocation", "invocation": "now"},
+        {"event": "run", "invocation": "now", "run": "a", "seconds": 300.0, "est_s": 100.0, "ok": True},
+        {"event": "run", "invocation": "now", "run": "b", "seconds": 100.0, "est_s": 100.0, "ok": True},
+        {"event": "run", "invocation": "now", "run": "c", "seconds": 9.0, "est_s": 100.0, "ok": True, "resumed": True},
+        {"event": "run", "invocation": "now", "run": "d", "seconds": 1.0, "est_s": 100.0, "ok": False},
+        {"event": "run", "invocation": "before", "run": "e", "seconds": 900.0, "est_s": 100.0, "ok": True},
+    ]
+    left = {"f": 60.0, "g": 40.0}
+    assert study_run.eta_seconds(log, "now", left, workers=2) == pytest.approx(100 / 2 * 2.0)
+    assert study_run.eta_seconds(log, "later", left, workers=2) == pytest.approx(50.0)  # nothing finished yet
+    assert study_run.eta_seconds(log, "now", {}, workers=2) == 0.0

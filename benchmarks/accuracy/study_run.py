@@ -197,13 +197,30 @@ def train_jobs(
             if missing:
                 print(f"{job.label}: not trained, it needs {', '.join(missing)}, which did not finish", flush=True)
                 continue
-            train_job(root, job, todo_est, invocation, started)
+            train_job(root, job, todo_est, invocation, started, workers)
         pending = waiting
         if pending:
             time.sleep(POLL_S)
 
 
-def train_job(root: Path, job: StudyJob, todo_est: dict[str, float], invocation: str, started: float) -> None:
+def eta_seconds(log: Sequence[dict[str, Any]], invocation: str, left_est: dict[str, float], workers: int) -> float:
+    """The time the runs of ``left_est`` (name -> estimated seconds) will take on ``workers`` workers: their
+    estimates, spread over the workers, times how much slower than estimated this invocation's finished runs were
+    (runs trained from the start only; 1 before any finished). A rate of estimated work done per elapsed second
+    would count nothing of the runs in progress and, early on, overshoot by hours."""
+    runs = [
+        r
+        for r in log
+        if r.get("event") == "run" and r.get("invocation") == invocation and r.get("ok") and not r.get("resumed")
+    ]
+    est = sum(r["est_s"] for r in runs)
+    slowdown = sum(r["seconds"] for r in runs) / est if est > 0 else 1.0
+    return sum(left_est.values()) / max(1, workers) * slowdown
+
+
+def train_job(
+    root: Path, job: StudyJob, todo_est: dict[str, float], invocation: str, started: float, workers: int = 1
+) -> None:
     """Train (or resume) one job unless it is finished or another worker holds it; log it and print its line."""
     from crossdistill.config import load_config
     from crossdistill.engine.preemption import Preempted
@@ -252,9 +269,8 @@ def train_job(root: Path, job: StudyJob, todo_est: dict[str, float], invocation:
         },
     )
     done = [name for name in todo_est if (root / name / "summary.json").is_file()]
-    done_est = sum(todo_est[name] for name in done)
     elapsed = time.time() - started
-    eta = (sum(todo_est.values()) - done_est) * elapsed / done_est if done_est else 0.0
+    eta = eta_seconds(read_log(root), invocation, {n: e for n, e in todo_est.items() if n not in done}, workers)
     top = f"top-1 last {summary.last_top1:.2f} best {summary.best_top1:.2f}" if error is None else f"FAILED: {error}"
     print(
         f"[{len(done)}/{len(todo_est)}] {job.label:42s} {top} | {fmt_min(seconds)} (est {fmt_min(job.est_s)}) | "
