@@ -52,9 +52,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -74,13 +72,10 @@ from study_plan import (  # noqa: E402
 from study_protocols import DEFAULT_DATA, PROTOCOLS, REPO  # noqa: E402
 from study_report import write_report  # noqa: E402
 from study_run import (  # noqa: E402
-    append_log,
     calibrate,
     check_build,
     check_existing,
-    execute,
-    loadavg,
-    machine_info,
+    run_invocation,
 )
 
 # ------------------------------------------------------------------------------------------ main
@@ -208,41 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         skipped = len(selected) - len(todo)
         if skipped:
             print(f"{skipped} of {len(selected)} selected runs already finished (summary.json): skipped", flush=True)
-        invocation = datetime.datetime.now().isoformat(timespec="seconds")
-        t0 = time.time()
-        machine = machine_info(device)
-        if threads:
-            machine["torch_threads"] = threads
-        machine["jobs"] = jobs
-        append_log(
-            out,
-            {
-                "event": "invocation",
-                "invocation": invocation,
-                "argv": sys.argv[1:],
-                "machine": machine,
-                "load": loadavg(),
-                "todo": len(todo),
-            },
-        )
-        try:
-            execute(settings, todo, invocation)
-        except KeyboardInterrupt:
-            return 130
-        except Exception as err:
-            from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted
-            from crossdistill.errors import CrossDistillError, one_line
-
-            if isinstance(err, Preempted):
-                return EXIT_PREEMPTED
-            if isinstance(err, CrossDistillError):  # a worker stopped (its message is above)
-                print(f"run_study.py: error: {one_line(err)}", file=sys.stderr, flush=True)
-                return 1
-            raise
-        finally:
-            append_log(
-                out, {"event": "invocation_end", "invocation": invocation, "seconds": round(time.time() - t0, 1)}
-            )
+        stopped = run_invocation(settings, todo, sys.argv[1:], "run_study.py")
+        if stopped is not None:
+            return stopped
     if not args.no_report:
         path = write_report(settings, plan, Path(docs_dir))
         print(f"wrote {path}", flush=True)

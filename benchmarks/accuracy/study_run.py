@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,46 @@ def train_job(
         f"elapsed {fmt_min(elapsed)} | ETA {fmt_min(eta)}",
         flush=True,
     )
+
+
+def run_invocation(s: Settings, todo: list[Run], argv: Sequence[str], prog: str) -> int | None:
+    """Train ``todo`` as one logged invocation (its machine, load and argv before, its duration after) and turn a stop
+    into an exit code: 130 for Ctrl-C, the preemption code for SIGTERM/SIGUSR1, 1 (one line on stderr) when a worker
+    stopped with an error (``prog: error: ...``); None when it ran to its end."""
+    invocation = datetime.datetime.now().isoformat(timespec="seconds")
+    t0 = time.time()
+    machine = machine_info(s.device)
+    if s.threads:
+        machine["torch_threads"] = s.threads
+    machine["jobs"] = s.jobs
+    append_log(
+        s.out,
+        {
+            "event": "invocation",
+            "invocation": invocation,
+            "argv": list(argv),
+            "machine": machine,
+            "load": loadavg(),
+            "todo": len(todo),
+        },
+    )
+    try:
+        execute(s, todo, invocation)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:
+        from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted
+        from crossdistill.errors import CrossDistillError, one_line
+
+        if isinstance(err, Preempted):
+            return EXIT_PREEMPTED
+        if isinstance(err, CrossDistillError):  # a worker stopped (its message is above)
+            print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
+            return 1
+        raise
+    finally:
+        append_log(s.out, {"event": "invocation_end", "invocation": invocation, "seconds": round(time.time() - t0, 1)})
+    return None
 
 
 def prepare_data(s: Settings) -> None:

@@ -51,7 +51,7 @@ from study_plan import (  # noqa: E402
     teacher_run_name,
 )
 from study_protocols import DEFAULT_DATA, MODELS, PROTOCOLS, REPO, SPEEDS, ModelSpec  # noqa: E402
-from study_run import append_log, check_existing, execute, loadavg, machine_info  # noqa: E402
+from study_run import check_existing, run_invocation  # noqa: E402
 
 STUDENT = "resmlp_s"
 REDUCTIONS = ("sum", "mean")
@@ -165,6 +165,12 @@ def stats(values: Sequence[float]) -> tuple[float, float] | None:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def point_stats(plan: Sequence[Run], width: int, reduction: str, point: tuple[float, float]):
+    """(mean, std) over seeds of the finished runs of one (width, reduction, (lambda, kappa)), or None."""
+    runs = [r for r in plan if r.grid == point and r.name.startswith(f"w{width}-{reduction}-")]
+    return stats([v for v in (last_top1(r) for r in runs) if v is not None])
+
+
 def sweep_table(plan: Sequence[Run], widths, reduction: str, points, axis: int) -> list[str]:
     """One markdown table: a row per width, a column per value of lambda (axis 0) or kappa (axis 1)."""
     head = "lambda (kappa 0.01)" if axis == 0 else "kappa (lambda 0.1)"
@@ -174,8 +180,7 @@ def sweep_table(plan: Sequence[Run], widths, reduction: str, points, axis: int) 
     for width in widths:
         cells, means = [], {}
         for point in points:
-            runs = [r for r in plan if r.grid == point and r.name.startswith(f"w{width}-{reduction}-")]
-            got = stats([v for v in (last_top1(r) for r in runs) if v is not None])
+            got = point_stats(plan, width, reduction, point)
             if got is None:
                 cells.append("-")
                 continue
@@ -198,10 +203,7 @@ def plot(plan: Sequence[Run], widths, kappas, path: Path) -> None:
         for width in widths:
             xs, ys, es = [], [], []
             for kappa in kappas:
-                runs = [
-                    r for r in plan if r.grid == (DEFAULT_WEIGHT, kappa) and r.name.startswith(f"w{width}-{reduction}-")
-                ]
-                got = stats([v for v in (last_top1(r) for r in runs) if v is not None])
+                got = point_stats(plan, width, reduction, (DEFAULT_WEIGHT, kappa))
                 if got:
                     xs.append(kappa)
                     ys.append(got[0])
@@ -321,22 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"data not found: {data_root}; pass --data-root")
         for run in plan:
             check_existing(run)
-        invocation = datetime.datetime.now().isoformat(timespec="seconds")
-        append_log(
-            settings.out,
-            {
-                "event": "invocation",
-                "invocation": invocation,
-                "argv": sys.argv[1:],
-                "machine": machine_info(settings.device),
-                "load": loadavg(),
-                "todo": len(todo),
-            },
-        )
-        try:
-            execute(settings, todo, invocation)
-        except KeyboardInterrupt:
-            return 130
+        stopped = run_invocation(settings, todo, sys.argv[1:], "width_sweep.py")
+        if stopped is not None:
+            return stopped
     print(f"wrote {write_report(settings, plan, widths, kappas, weights, args.docs_dir)}", flush=True)
     return 0
 
