@@ -145,10 +145,12 @@ def _study_module(name: str):
 
 
 def test_cpu_and_gpu_plans_validate(tmp_path, capsys):
-    """Both real protocols: 109 runs whose configs validate, planned within their time limits."""
+    """Both real protocols with their teachers trained in the study: 109 runs whose configs validate, planned within
+    their time limits."""
     runner = _runner_module()
     for protocol, limit in (("cpu", 90), ("gpu", 9)):
-        assert runner.main(["--protocol", protocol, "--out", str(tmp_path / protocol), "--dry-list"]) == 0
+        args = ["--protocol", protocol, "--out", str(tmp_path / protocol), "--dry-list", "--train-teachers"]
+        assert runner.main(args) == 0
         text = capsys.readouterr().out
         assert "109 runs listed, 0 done" in text, text
         assert f"(limit {limit} min: fits)" in text, text

@@ -4,7 +4,9 @@
 On CIFAR-10 at native 32 px (the JPEG copy at ``../shared/data/cifar10_jpg.tar.gz``, or any
 ImageFolder / CIFAR path with ``--data-root``), the study
 
-1. trains two teachers of different families from scratch: a ResNet-18-style CNN and a ViT;
+1. starts from two teachers of different families, a ResNet-18-style CNN and a ViT: the kept ones
+   (``benchmarks/accuracy/teachers/``, trained once to convergence: ``study_teachers.py``) where there are
+   any, else trained from scratch in the study (always with ``--train-teachers``);
 2. distils three cross-architecture pairs, CNN -> ViT, ViT -> CNN and CNN -> ResMLP (an MLP
    student), with every method of ``vanilla kd dkd dist fitnet ofa crd rkd cc at rsd`` that this
    installation has (``crossdistill.METHODS``), 3 seeds per cell;
@@ -69,7 +71,7 @@ from study_plan import (  # noqa: E402
     parse_only,
     select,
 )
-from study_protocols import DEFAULT_DATA, PROTOCOLS, REPO  # noqa: E402
+from study_protocols import DEFAULT_DATA, PAIRS, PROTOCOLS, REPO, Protocol  # noqa: E402
 from study_report import write_report  # noqa: E402
 from study_run import (  # noqa: E402
     calibrate,
@@ -77,6 +79,7 @@ from study_run import (  # noqa: E402
     check_existing,
     run_invocation,
 )
+from study_teachers import TEACHERS_DIR, KeptTeacher, KeptTeacherError, kept_teachers, verify  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ main
 
@@ -130,6 +133,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the protocol's)")
     ap.add_argument("--no-teacher-cache", action="store_true", help="run the teacher every step")
     ap.add_argument(
+        "--train-teachers",
+        action="store_true",
+        help="train the teachers as part of the study instead of starting from the kept ones "
+        "(benchmarks/accuracy/teachers/)",
+    )
+    ap.add_argument(
+        "--teachers-dir",
+        type=Path,
+        default=TEACHERS_DIR,
+        help="where the kept teachers are (<key>.safetensors and <key>.json; default benchmarks/accuracy/teachers)",
+    )
+    ap.add_argument(
         "--set",
         action="append",
         default=[],
@@ -144,6 +159,20 @@ def teacher_cache_supported() -> bool:
     from crossdistill.config import TrainConfig
 
     return "teacher_cache" in {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def kept_for(protocol: Protocol, train_teachers: bool, directory: Path) -> dict[str, KeptTeacher]:
+    """The kept teachers this run of ``protocol`` starts from, checked against their SHA-256."""
+    if train_teachers or not protocol.kept_teachers:
+        return {}
+    wanted = {PAIRS[pair][0] for pair in protocol.pairs}
+    try:
+        kept = {key: t for key, t in kept_teachers(directory).items() if key in wanted}
+        for t in kept.values():
+            verify(t)
+    except KeptTeacherError as err:
+        raise SystemExit(f"run_study.py: {err}") from None
+    return kept
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs=jobs,
         threads=threads,
         overrides=tuple(args.set),
+        kept=kept_for(protocol, args.train_teachers, args.teachers_dir),
     )
     if threads and (jobs <= 1 or args.calibrate):
         import torch

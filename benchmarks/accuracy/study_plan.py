@@ -7,9 +7,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from study_protocols import (
     CIFAR10_MEAN,
@@ -25,6 +25,7 @@ from study_protocols import (
     method_defaults,
     rsd_default,
 )
+from study_teachers import KeptTeacher
 
 # ------------------------------------------------------------------------------------------- the plan
 
@@ -61,6 +62,12 @@ class Settings:
     jobs: int
     threads: int | None = None
     overrides: tuple[str, ...] = ()  # --set KEY=VALUE on every run (not the protocol: marked in the report)
+    kept: Mapping[str, KeptTeacher] = field(default_factory=dict)  # teachers the students start from, by model key
+
+
+def teacher_needs(s: Settings, teacher: str) -> tuple[str, ...]:
+    """What a student of ``teacher`` waits for: the teacher's run, unless a kept teacher is used."""
+    return () if teacher in s.kept else (teacher_run_name(teacher),)
 
 
 def is_done(run: Run) -> bool:
@@ -168,7 +175,9 @@ def run_config(
         cfg["teacher"] = {
             "name": t.name,
             "kwargs": copy.deepcopy(t.kwargs),
-            "checkpoint": str(s.out / teacher_run_name(teacher) / "last.pt"),
+            "checkpoint": str(
+                s.kept[teacher].weights if teacher in s.kept else s.out / teacher_run_name(teacher) / "last.pt"
+            ),
         }
     return cfg
 
@@ -196,6 +205,8 @@ def build_plan(s: Settings) -> list[Run]:
         if t not in teachers:
             teachers.append(t)
     for t in teachers:
+        if t in s.kept:
+            continue
         name = teacher_run_name(t)
         runs[name] = Run(
             name,
@@ -228,7 +239,7 @@ def build_plan(s: Settings) -> list[Run]:
                     t,
                     (pair,),
                     run_config(s, name, student, t, method, args, seed),
-                    needs=(teacher_run_name(teacher),) if t else (),
+                    needs=teacher_needs(s, teacher) if t else (),
                     grid=rsd_default() if method == "rsd" else None,
                 )
     if "rsd" in s.methods and p.grid_weights and p.grid_kappas:
@@ -248,7 +259,7 @@ def build_plan(s: Settings) -> list[Run]:
                     teacher,
                     (p.sens_pair,),
                     run_config(s, name, student, teacher, "rsd", args, p.sens_seed),
-                    needs=(teacher_run_name(teacher),),
+                    needs=teacher_needs(s, teacher),
                     grid=(weight, kappa),
                 )
     plan = list(runs.values())

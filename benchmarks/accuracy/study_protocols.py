@@ -209,6 +209,7 @@ class Protocol:
     docs_suffix: str = ""  # RESULTS{suffix}.md, results{suffix}_accuracy.png, ...
     results: bool = True  # False: a smoke test, never presented as results
     speed: str = "cpu"  # which calibration table estimates its time
+    kept_teachers: bool = True  # start from the kept teachers (study_teachers.py) where there are any
 
 
 # How the cpu protocol was sized: with the speeds of SPEEDS["cpu"] (images/s of every student/teacher/method
@@ -284,6 +285,7 @@ PROTOCOLS: dict[str, Protocol] = {
         budget_min=None,
         docs_suffix="_tiny",
         results=False,
+        kept_teachers=False,  # trains its own one-epoch teacher on the test's own tiny data
     ),
 }
 

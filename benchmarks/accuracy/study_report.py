@@ -37,6 +37,7 @@ from study_protocols import (
     rsd_default,
 )
 from study_run import machine_info, read_log
+from study_teachers import TEACHERS_DIR
 
 # tests/test_docs.py runs every shell block of docs/ that is not marked like this one
 DOC_TEST_SKIP = (
@@ -232,6 +233,8 @@ def study_command(protocol: Protocol, s: Settings, extra: str = "") -> str:
     if Path(s.data_root).resolve() != DEFAULT_DATA.resolve():
         parts.append(f"--data-root {shlex.quote(_rel(Path(s.data_root)))}")
     parts += [f"--set {shlex.quote(o)}" for o in s.overrides]
+    if protocol.kept_teachers and not s.kept:
+        parts.append("--train-teachers")
     return " ".join(parts) + (f" {extra}" if extra else "")
 
 
@@ -257,8 +260,13 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     summaries = {r.name: read_summary(r) for r in plan}
     n_done = sum(v is not None for v in summaries.values())
 
-    teacher_acc: dict[str, float] = {}
-    teacher_rows = []
+    teacher_acc: dict[str, float] = {key: kept.last_top1 for key, kept in s.kept.items()}
+    teacher_rows = [
+        f"| {MODELS[key].label} (`{MODELS[key].name}`) | {param_count(MODELS[key]) / 1e6:.2f}M | {kept.epochs} "
+        f"(kept: {kept.train_images:,} images) | {kept.last_top1:.2f} | {kept.best_top1:.2f} "
+        f"(epoch {kept.best_epoch}) | {format_seconds(kept.wall_time_s)} ({kept.trained_with.get('device', '?')}) |"
+        for key, kept in s.kept.items()
+    ]
     for run in plan:
         if run.part != "teachers":
             continue
@@ -334,6 +342,9 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     )
 
     L.append("## Setup\n")
+    teacher_keys = list(dict.fromkeys(PAIRS[pair][0] for pair in p.pairs))
+    trained = [key for key in teacher_keys if key not in s.kept]
+    kept_labels = ", ".join(MODELS[key].label for key in teacher_keys if key in s.kept)
     subset = "all 50,000" if p.train_subset is None else f"{p.train_subset:,} (class-balanced, fixed)"
     tsubset = (
         "all 50,000"
@@ -349,7 +360,11 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     )
     L.append(
         f"- Data: CIFAR-10 ({_rel(Path(s.data_root))}, dataset `{s.dataset}`) at its native 32 px. Students "
-        f"train on {subset} training images, teachers on {tsubset}; every epoch is evaluated on {esubset}."
+        f"train on {subset} training images, "
+        + (f"teachers trained in the study on {tsubset}" if trained else "")
+        + ("; " if trained and s.kept else "")
+        + (f"kept teachers ({kept_labels}) on all 50,000 (see Teachers)" if s.kept else "")
+        + f"; every epoch is evaluated on {esubset}."
     )
     L.append(
         f"- Augmentation: RandomResizedCrop(32, scale {tuple(p.scale)}) + horizontal flip; evaluation on the "
@@ -357,14 +372,22 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         "random erasing."
     )
     L.append(
-        f"- Schedule: students {p.epochs} epochs, teachers {p.teacher_epochs} epochs, batch {p.batch_size}, "
+        f"- Schedule: students {p.epochs} epochs"
+        + (f", teachers trained in the study {p.teacher_epochs} epochs" if trained else "")
+        + f", batch {p.batch_size}, "
         "cosine learning rate with 1 warm-up epoch. CNN students: SGD (momentum 0.9) lr 0.05, weight decay "
         "2e-3 (the paper's CNN recipe); ViT and ResMLP: AdamW lr 1e-3, weight decay 0.05, gradient clipping 5."
     )
     L.append(
         f"- Seeds {', '.join(map(str, p.seeds))} for every cell (a seed sets the initialisation, the data "
         "order and the augmentation); teachers: one run each (seed 0), from scratch, no pre-training; "
-        "students use the teacher's last-epoch weights."
+        "students use the teacher's last-epoch weights"
+        + (
+            f" (kept teachers: the last-epoch weights of one long run each, `{_rel(TEACHERS_DIR)}/` with their "
+            "config, SHA-256 and command; `--train-teachers` trains them in the study instead)."
+            if s.kept
+            else "."
+        )
     )
     L.append(
         f"- Device `{s.device}`, precision `{p.amp}`, {s.jobs} run(s) at a time"
@@ -483,9 +506,14 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     L.append("## How this differs from the paper's setting\n")
     L.append(
         "- **Teachers.** The paper distils ImageNet-pretrained teachers fine-tuned on CIFAR-100 (ViT-S 92.4%, "
-        "Swin-T, ConvNeXt-T, Mixer-B/16). Ours are small models trained here from scratch on the same "
-        "training images as the students, for a few epochs: weak teachers, and a token-model teacher trained "
-        "from scratch on little data is weaker than a CNN (no locality prior)."
+        "Swin-T, ConvNeXt-T, Mixer-B/16). Ours are small models trained from scratch on CIFAR-10 alone"
+        + (
+            ", the ones trained in the study on the same training images as the students, for a few epochs: "
+            "weak teachers, and a token-model teacher trained from scratch on little data is weaker than a CNN "
+            "(no locality prior)."
+            if trained
+            else ", to convergence on all 50,000 training images."
+        )
     )
     L.append(
         "- **Resolution.** The paper upsamples CIFAR to 224 px (RandomResizedCrop); we train at the native "
@@ -507,8 +535,11 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     L.append("```bash")
     L.append(study_command(p, s, "--dry-list") + "   # the plan, estimated time, what is already done")
     L.append(study_command(p, s) + "              # everything; resumable, finished runs are skipped")
-    L.append("# or in chunks (any order; teachers are trained first when a chunk needs them):")
-    L.append(study_command(p, s, "--only teachers"))
+    if trained:
+        L.append("# or in chunks (any order; teachers are trained first when a chunk needs them):")
+        L.append(study_command(p, s, "--only teachers"))
+    else:
+        L.append("# or in chunks (any order):")
     for pair in p.pairs:
         L.append(study_command(p, s, f"--only pair={pair}"))
     L.append(study_command(p, s, "--only sensitivity"))

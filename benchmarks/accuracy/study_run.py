@@ -49,7 +49,10 @@ def _defining(config: dict[str, Any]) -> dict[str, Any]:
     from crossdistill.report import flatten
 
     flat = flatten(config)
-    return {k: v for k, v in flat.items() if any(k == c or k.startswith(c + ".") for c in _COMPARED)}
+    out = {k: v for k, v in flat.items() if any(k == c or k.startswith(c + ".") for c in _COMPARED)}
+    if flat.get("teacher.checkpoint"):  # a kept teacher (<key>.safetensors) or one trained in the study (last.pt)
+        out["teacher.checkpoint"] = Path(flat["teacher.checkpoint"]).name
+    return out
 
 
 def check_existing(run: Run) -> None:
