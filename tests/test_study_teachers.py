@@ -107,7 +107,8 @@ def test_the_runner_refuses_a_kept_teacher_whose_weights_changed(kept_dir, tmp_p
     runner = _runner_module()
     args = ["--protocol", "cpu", "--out", str(tmp_path / "out"), "--teachers-dir", str(kept_dir), "--dry-list"]
     assert runner.main(args) == 0
-    assert "teacher-resnet_t" not in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "teacher-resnet_t" not in listed and f"teacher resnet_t: kept, {kept_dir / 'resnet_t.safetensors'}" in listed
     assert runner.main([*args, "--train-teachers"]) == 0
     assert "teacher-resnet_t" in capsys.readouterr().out
 

@@ -445,6 +445,11 @@ def dry_list(s: Settings, plan: Sequence[Run], selected: Sequence[Run]) -> None:
             else ""
         )
     )
+    for key, kept in s.kept.items():
+        print(
+            f"teacher {key}: kept, {kept.weights} (top-1 {kept.last_top1:.2f} after {kept.epochs} epochs on "
+            f"{kept.train_images:,} images; SHA-256 {kept.sha256[:12]}... checked)"
+        )
     print(f"{'status':7s} {'run':36s} {'part':11s} {'epochs':>6s} {'images':>7s} {'est':>8s}")
     todo_s = 0.0
     for run in selected:

@@ -599,8 +599,9 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     return md_path
 
 
-KEPT_BLOCKS = re.compile(r"<!-- (demo-seeds):start -->.*?<!-- \1:end -->", re.S)
-"""Sections other benchmarks write into the same page (benchmarks/demo_seeds.py): kept when the study rewrites it."""
+KEPT_BLOCKS = re.compile(r"<!-- (demo-seeds|equal-budget):start -->.*?<!-- \1:end -->", re.S)
+"""Sections other benchmarks write into the same page (benchmarks/demo_seeds.py, equal_budget.py): kept when the study
+rewrites it."""
 
 
 def kept_blocks(md_path: Path) -> str:

@@ -1,0 +1,370 @@
+#!/usr/bin/env python
+"""Equal-budget comparison (issue 19): does a method win because of the method or because of its defaults?
+
+Every method of the accuracy study gets the same search budget on the same pairs: ``--trials`` (12) Optuna trials
+(``crossdistill tune``: TPE sampler, median pruner on the per-epoch validation top-1) over its own key
+hyper-parameters (``configs/search/methods/<method>.yaml``; the first trial is the method's defaults), each trial a
+run of the study's cpu protocol on a validation split carved from the training images (``data.val_fraction``
+0.1: 5,000 images; the test images are never seen while tuning). The best trial's config is then trained with the
+study's seeds (0, 1, 2) on the training subset and evaluated on the test subset, exactly as the study's cells are.
+
+The table sets that tuned result beside the study's cell at the defaults (the same runs of ``run_study.py``, in
+the same output folder: the teacher is the study's); it is written between markers into ``docs/RESULTS.md``,
+where the study's own rewrite keeps it.
+
+Usage::
+
+    python benchmarks/accuracy/equal_budget.py --dry-list        # the cells, their budget and estimated time
+    python benchmarks/accuracy/equal_budget.py                   # tune and evaluate what is missing (resumable)
+    python benchmarks/accuracy/equal_budget.py --only pair=resnet-vit --only method=rsd
+    python benchmarks/accuracy/equal_budget.py --report-only     # rewrite the table from what is finished
+
+Run the study first (``run_study.py --protocol cpu``): its teacher (or the kept one) is the teacher here and its
+cells are the default column. Everything goes to ``<out>/equal-budget/<pair>-<method>/`` (Optuna's study.db,
+trials.csv, best.yaml, history.png, the trial runs and the ``-best-seed<N>`` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import study_models  # noqa: E402,F401  (registers resmlp_cifar here and, under spawn, in the tune workers)
+from study_plan import (  # noqa: E402
+    Run,
+    Settings,
+    cell_run_name,
+    detect_dataset,
+    estimate_seconds,
+    fmt_min,
+    method_args_for,
+    run_config,
+    teacher_run_name,
+)
+from study_protocols import DEFAULT_DATA, METHOD_LABELS, PAIR_LABELS, PAIRS, PROTOCOLS, REPO  # noqa: E402
+from study_teachers import TEACHERS_DIR, KeptTeacherError, kept_teachers, verify  # noqa: E402
+
+PAIRS_TUNED = ("resnet-vit", "resnet-resmlp")
+METHODS_TUNED = ("kd", "dkd", "dist", "fitnet", "ofa", "crd", "rkd", "cc", "at", "rsd")
+SPACES = REPO / "configs" / "search" / "methods"
+TRIALS = 12
+VAL_FRACTION = 0.1
+START, END = "<!-- equal-budget:start -->", "<!-- equal-budget:end -->"
+
+
+@dataclass
+class Cell:
+    pair: str
+    method: str
+    config: dict[str, Any]  # the base run config of the trials
+    space: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.pair}-{self.method}"
+
+
+def cells(s: Settings, pairs: Sequence[str], methods: Sequence[str]) -> list[Cell]:
+    out = []
+    for pair in pairs:
+        teacher, student = PAIRS[pair]
+        for method in methods:
+            cfg = run_config(s, "base", student, teacher, method, method_args_for(method, student, s.protocol), 0)
+            cfg["data"]["val_fraction"] = VAL_FRACTION
+            cfg["train"]["output_dir"] = str(s.out / "equal-budget")
+            cfg["train"].pop("run_name", None)
+            cfg["train"].pop("teacher_cache", None)  # tune gives the trials of one study a shared cache
+            out.append(Cell(pair, method, cfg, SPACES / f"{method}.yaml"))
+    return out
+
+
+def folder(s: Settings, cell: Cell) -> Path:
+    return s.out / "equal-budget" / cell.name
+
+
+def default_params(cell: Cell) -> dict[str, Any]:
+    """The method's defaults for the keys of its space: the study's arguments (what the first trial runs)."""
+    import yaml
+
+    keys = list((yaml.safe_load(cell.space.read_text()) or {}).keys())
+    out = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        value = cell.config.get(section, {}).get(name)
+        if value is None:
+            from crossdistill.distillers import method_config
+
+            value = getattr(method_config(cell.method), name)
+        out[key] = value
+    return out
+
+
+def cell_estimate(s: Settings, cell: Cell, trials: int, seeds: Sequence[int]) -> float:
+    """Seconds of run time of a cell: every trial and final run as long as the study's cell at the defaults."""
+    teacher, student = PAIRS[cell.pair]
+    run = Run("estimate", "cells", cell.method, 0, student, teacher, (cell.pair,), cell.config)
+    return (trials + len(seeds)) * estimate_seconds(s, run, teacher_cached=True)
+
+
+def check_teacher(s: Settings, pair: str) -> None:
+    teacher = PAIRS[pair][0]
+    if teacher in s.kept:
+        return
+    if not (s.out / teacher_run_name(teacher) / "summary.json").is_file():
+        raise SystemExit(
+            f"equal_budget.py: the study's teacher {teacher} is not in {s.out} (no kept teacher either): run "
+            f"`python benchmarks/accuracy/run_study.py --protocol {s.protocol.name} --only teachers` first"
+        )
+
+
+def run_cell(s: Settings, cell: Cell, trials: int, seeds: Sequence[int]) -> dict[str, Any]:
+    import optuna
+    import yaml
+
+    from crossdistill.search.tune import open_storage, tune
+
+    base = folder(s, cell)
+    base.mkdir(parents=True, exist_ok=True)
+    config_path = s.out / "equal-budget" / "configs" / f"{cell.name}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(
+        f"# equal-budget base config of {cell.name}; written by benchmarks/accuracy/equal_budget.py\n"
+        + yaml.safe_dump(cell.config, sort_keys=False)
+    )
+    storage = f"sqlite:///{base / 'study.db'}"
+    study = optuna.create_study(
+        study_name=cell.name, storage=open_storage(storage), direction="maximize", load_if_exists=True
+    )
+    study.enqueue_trial(default_params(cell), skip_if_exists=True)  # trial 0: the defaults
+    return tune(
+        str(config_path),
+        str(cell.space),
+        trials=trials,
+        workers=s.jobs,
+        storage=storage,
+        study_name=cell.name,
+        sampler="tpe",
+        pruner="median",
+        seed=0,
+        evaluate_best=True,
+        seeds=",".join(map(str, seeds)),
+    )
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def _summary(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.2f} ± {std:.2f}" + (f" (n={len(values)})" if len(values) < 3 else "")
+
+
+def cell_result(s: Settings, cell: Cell, seeds: Sequence[int]) -> dict[str, Any]:
+    import yaml
+
+    default = [_summary(s.out / cell_run_name(cell.pair, cell.method, seed)) for seed in seeds]
+    tuned = [_summary(folder(s, cell) / f"{cell.name}-best-seed{seed}") for seed in seeds]
+    best_path = folder(s, cell) / "best.yaml"
+    params = {}
+    if best_path.is_file():
+        best = yaml.safe_load(best_path.read_text()) or {}
+        space = yaml.safe_load(cell.space.read_text()) or {}
+        for key in space:
+            section, _, name = key.partition(".")
+            params[name] = (best.get(section) or {}).get(name)
+    trials = {"complete": 0, "pruned": 0}
+    csv_path = folder(s, cell) / "trials.csv"
+    if csv_path.is_file():
+        import csv
+
+        for row in csv.DictReader(csv_path.open()):
+            state = (row.get("state") or "").lower()
+            if state in trials:
+                trials[state] += 1
+    return {
+        "default": [x["last_top1"] for x in default if x],
+        "tuned": [x["last_top1"] for x in tuned if x],
+        "params": params,
+        "trials": trials,
+    }
+
+
+def table(s: Settings, all_cells: Sequence[Cell], seeds: Sequence[int], trials: int) -> str:
+    L = [
+        START,
+        "## Equal tuning budget: defaults vs tuned\n",
+        f"Generated {datetime.date.today().isoformat()} by `benchmarks/accuracy/equal_budget.py`. Each method: "
+        f"{trials} Optuna trials (TPE, median pruning; the first trial at its defaults) over its key "
+        "hyper-parameters (`configs/search/methods/<method>.yaml`), each trial measured on a validation split of "
+        f"{VAL_FRACTION:.0%} of the training images; then its best config with seeds "
+        f"{', '.join(map(str, seeds))} on the test subset, as the study's cells. Last-epoch top-1 (%), "
+        "mean ± std over seeds; **bold**: the best tuned mean of the pair.\n",
+        "| pair | method | defaults | tuned | tuned - defaults | best values | trials (complete / pruned) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    results = {c.name: cell_result(s, c, seeds) for c in all_cells}
+    for pair in dict.fromkeys(c.pair for c in all_cells):
+        here = [c for c in all_cells if c.pair == pair]
+        tuned_means = {c.name: statistics.mean(results[c.name]["tuned"]) for c in here if results[c.name]["tuned"]}
+        top = max(tuned_means.values(), default=None)
+        for c in here:
+            r = results[c.name]
+            tuned = _mean_std(r["tuned"])
+            if top is not None and tuned_means.get(c.name) == top:
+                tuned = f"**{tuned}**"
+            gain = (
+                f"{statistics.mean(r['tuned']) - statistics.mean(r['default']):+.2f}"
+                if r["tuned"] and r["default"]
+                else "-"
+            )
+            values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+            L.append(
+                f"| {PAIR_LABELS.get(pair, pair)} | {METHOD_LABELS.get(c.method, c.method)} | "
+                f"{_mean_std(r['default'])} | {tuned} | {gain} | {values or '-'} | "
+                f"{r['trials']['complete']} / {r['trials']['pruned']} |"
+            )
+    L.append("")
+    L.append("<!-- doc-test: skip hours on 2 CPU cores; tests/test_equal_budget.py runs it at a toy size -->")
+    L.append("```bash")
+    L.append("python benchmarks/accuracy/run_study.py --protocol cpu      # the teacher and the default column")
+    L.append("python benchmarks/accuracy/equal_budget.py                  # resumable; --dry-list for the plan")
+    L.append("```")
+    L.append(END)
+    return "\n".join(L)
+
+
+def write_block(path: Path, block: str) -> None:
+    from crossdistill.files import write_text_atomic
+
+    text = path.read_text() if path.is_file() else ""
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text, hint="the results page")
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def parse_only(tokens: Sequence[str]) -> dict[str, set[str]]:
+    wanted: dict[str, set[str]] = {}
+    for token in (t for chunk in tokens for t in chunk.split(",") if t):
+        key, sep, value = token.partition("=")
+        if not sep or key not in ("pair", "method"):
+            raise SystemExit(f"equal_budget.py: --only {token!r}: use pair=NAME or method=NAME")
+        wanted.setdefault(key, set()).add(value)
+    return wanted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="the study's output folder (default runs/accuracy-<protocol>)"
+    )
+    ap.add_argument("--data-root", default=None, help=f"as run_study.py (default {DEFAULT_DATA})")
+    ap.add_argument("--cache-dir", default=None, help="data.cache_dir: where decoded archives are cached")
+    ap.add_argument("--pairs", default=None, help=f"default: those of {', '.join(PAIRS_TUNED)} in the protocol")
+    ap.add_argument("--methods", default=",".join(METHODS_TUNED))
+    ap.add_argument("--only", action="append", default=[], metavar="SEL", help="pair=NAME | method=NAME")
+    ap.add_argument("--trials", type=int, default=TRIALS, help=f"trials per method and pair (default {TRIALS})")
+    ap.add_argument("--seeds", default=None, help="seeds of the final runs (default: the protocol's)")
+    ap.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the protocol's)")
+    ap.add_argument("--train-teachers", action="store_true", help="as run_study.py: the study's own teachers")
+    ap.add_argument("--teachers-dir", type=Path, default=TEACHERS_DIR)
+    ap.add_argument("--results", type=Path, default=REPO / "docs" / "RESULTS.md", help="the page the table goes in")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as run_study.py --set")
+    ap.add_argument("--dry-list", action="store_true", help="list the cells and the estimate; train nothing")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the table from what is finished")
+    args = ap.parse_args(argv)
+
+    protocol = PROTOCOLS[args.protocol]
+    pairs = [p for p in args.pairs.split(",") if p] if args.pairs else [p for p in PAIRS_TUNED if p in protocol.pairs]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [p for p in pairs if p not in PAIRS] + [m for m in methods if not (SPACES / f"{m}.yaml").is_file()]
+    if unknown:
+        raise SystemExit(f"equal_budget.py: unknown pair or method without a space file: {', '.join(unknown)}")
+    if args.trials < 1:
+        raise SystemExit(f"equal_budget.py: --trials {args.trials}: must be at least 1")
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(protocol.seeds)
+    data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else str(DEFAULT_DATA)
+    kept = {}
+    if protocol.kept_teachers and not args.train_teachers:
+        try:
+            kept = {k: t for k, t in kept_teachers(args.teachers_dir).items() if any(PAIRS[p][0] == k for p in pairs)}
+            for t in kept.values():
+                verify(t)
+        except KeptTeacherError as err:
+            raise SystemExit(f"equal_budget.py: {err}") from None
+    s = Settings(
+        protocol=protocol,
+        out=(args.out or REPO / "runs" / f"accuracy-{protocol.name}").resolve(),
+        data_root=data_root,
+        dataset=detect_dataset(data_root),
+        cache_dir=args.cache_dir,
+        teacher_cache=True,
+        device=protocol.device,
+        methods=tuple(methods),
+        jobs=args.jobs or protocol.jobs,
+        threads=protocol.threads,
+        overrides=tuple(args.set),
+        kept=kept,
+    )
+    all_cells = cells(s, pairs, methods)
+    if s.overrides:
+        from crossdistill.config import apply_overrides
+
+        for cell in all_cells:
+            cell.config = apply_overrides(cell.config, list(s.overrides))
+    wanted = parse_only(args.only)
+    chosen = [
+        c for c in all_cells if c.pair in wanted.get("pair", {c.pair}) and c.method in wanted.get("method", {c.method})
+    ]
+
+    if args.dry_list:
+        total = 0.0
+        for cell in chosen:
+            est = cell_estimate(s, cell, args.trials, seeds)
+            total += est
+            done = all((folder(s, cell) / f"{cell.name}-best-seed{seed}" / "summary.json").is_file() for seed in seeds)
+            print(
+                f"{'done' if done else 'todo':5s} {cell.name:24s} {args.trials} trials + {len(seeds)} seeds "
+                f"{fmt_min(est):>9s}"
+            )
+        print(
+            f"{len(chosen)} cells; estimated {fmt_min(total / s.jobs)} on {s.jobs} worker(s) (pruned trials are "
+            "shorter) from the speeds of the study's calibration"
+        )
+        return 0
+    if not args.report_only:
+        for pair in dict.fromkeys(c.pair for c in chosen):
+            check_teacher(s, pair)
+        for i, cell in enumerate(chosen, 1):
+            print(f"\n=== [{i}/{len(chosen)}] {cell.name}: {args.trials} trials, then seeds {seeds}", flush=True)
+            run_cell(s, cell, args.trials, seeds)
+    write_block(args.results, table(s, all_cells, seeds, args.trials))
+    print(f"wrote the equal-budget table into {args.results}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The equal-budget comparison (benchmarks/accuracy/equal_budget.py) at a toy size: on the study's tiny protocol,
+after its teacher and KD cell, two methods get two trials each (the first at the method's defaults) and one final
+seed; the table goes between its markers into the results page, beside the study's default cell, and a second
+invocation trains nothing and replaces the block instead of adding one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from test_accuracy_study import CIFAR_TARBALL, ROOT, run, small_cifar, synthetic_cifar
+
+SCRIPT = ROOT / "benchmarks" / "accuracy" / "equal_budget.py"
+
+
+def equal_budget(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_each_method_gets_the_same_trials_and_its_tuned_result_sits_beside_its_default(tmp_path):
+    data = (small_cifar if CIFAR_TARBALL.is_file() else synthetic_cifar)(tmp_path / "cifar10_small.tar.gz")
+    out, results = tmp_path / "runs", tmp_path / "docs" / "RESULTS.md"
+    common = ["--protocol", "tiny", "--out", str(out), "--data-root", str(data), "--cache-dir", str(tmp_path / "c")]
+    common += ["--set", "data.eval_subset=40"]  # what a 10 % validation split of 400 training images holds
+    results.parent.mkdir()
+    results.write_text("# Results\n\nthe study's page\n")
+
+    run(*common, "--only", "teachers", "--no-report")
+    run(*common, "--only", "method=kd", "--no-report")
+    tuned = [*common, "--methods", "kd,rsd", "--trials", "2", "--seeds", "0", "--jobs", "1", "--results", str(results)]
+    listed = equal_budget(*tuned, "--dry-list").stdout
+    assert "todo  resnet-resmlp-kd" in listed and "2 cells" in listed, listed
+    first = equal_budget(*tuned).stdout
+    assert first.count("trial 0 complete") == 2 and first.count("trial 1 complete") == 2, first
+
+    folder = out / "equal-budget"
+    for method, defaults in (("kd", {"temperature": 1.0, "weight": 1.0}), ("rsd", {"weight": 0.1, "kappa": 0.01})):
+        trial0 = yaml.safe_load((folder / f"resnet-resmlp-{method}" / "trial-0000" / "config.yaml").read_text())
+        assert {k: trial0["method_args"][k] for k in defaults} == defaults  # the first trial runs the defaults
+        assert trial0["data"]["val_fraction"] == 0.1
+        final = yaml.safe_load(
+            (folder / f"resnet-resmlp-{method}" / f"resnet-resmlp-{method}-best-seed0" / "config.yaml").read_text()
+        )
+        assert final["data"]["val_fraction"] is None and final["train"]["seed"] == 0
+
+    page = results.read_text()
+    assert page.startswith("# Results\n\nthe study's page\n")
+    rows = [line for line in page.splitlines() if line.startswith("| ResNet → ResMLP |")]
+    assert len(rows) == 2, page
+    kd, rsd = (row.split(" | ") for row in rows)
+    assert kd[2] != "-" and kd[3] != "-" and kd[6] == "2 / 0 |", kd  # the study's KD cell is the default column
+    assert rsd[2] == "-" and rsd[3] != "-", rsd  # no default RSD cell was trained
+
+    again = equal_budget(*tuned).stdout
+    assert "trial 0 complete" not in again and "2/2 trials finished" in again, again
+    page = results.read_text()
+    assert page.count("<!-- equal-budget:start -->") == 1 and page.count("<!-- equal-budget:end -->") == 1
