@@ -65,3 +65,46 @@ def test_each_method_gets_the_same_trials_and_its_tuned_result_sits_beside_its_d
     assert "trial 0 complete" not in again and "2/2 trials finished" in again, again
     page = results.read_text()
     assert page.count("<!-- equal-budget:start -->") == 1 and page.count("<!-- equal-budget:end -->") == 1
+
+
+def test_every_method_s_space_fits_its_runs_and_holds_its_defaults(tmp_path):
+    """Each configs/search/methods/<method>.yaml checks against the study's run config of that method, and its
+    ranges hold the defaults the study runs (the first trial), so tuning can only add to the defaults' chances."""
+    from crossdistill.config import apply_overrides, build_config
+    from crossdistill.engine.setup import check_run_config
+    from crossdistill.search.space import read_space
+    from test_accuracy_study import _study_module
+
+    _study_module("study_plan")
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import equal_budget
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+    protocols, plan = _study_module("study_protocols"), _study_module("study_plan")
+    settings = plan.Settings(
+        protocol=protocols.PROTOCOLS["cpu"],
+        out=tmp_path,
+        data_root="data.tar.gz",
+        dataset="folder",
+        cache_dir=None,
+        teacher_cache=True,
+        device="cpu",
+        methods=equal_budget.METHODS_TUNED,
+        jobs=2,
+    )
+    cells = equal_budget.cells(settings, equal_budget.PAIRS_TUNED, equal_budget.METHODS_TUNED)
+    assert {c.method for c in cells} == set(equal_budget.METHODS_TUNED) and len(cells) == 20
+    for cell in cells:
+
+        def config(overrides, cell=cell):
+            cfg = build_config(apply_overrides(cell.config, list(overrides)))
+            check_run_config(cfg)
+            return cfg
+
+        params = read_space(cell.space, config)
+        defaults = equal_budget.default_params(cell)
+        assert set(defaults) == {p.key for p in params}
+        for param in params:
+            assert param.low <= defaults[param.key] <= param.high, (cell.name, param.key, defaults[param.key])
