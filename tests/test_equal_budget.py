@@ -108,3 +108,32 @@ def test_every_method_s_space_fits_its_runs_and_holds_its_defaults(tmp_path):
         assert set(defaults) == {p.key for p in params}
         for param in params:
             assert param.low <= defaults[param.key] <= param.high, (cell.name, param.key, defaults[param.key])
+
+
+def test_the_table_replaces_its_block_keeps_the_rest_and_survives_the_study_s_rewrite(tmp_path):
+    from test_accuracy_study import _study_module
+
+    _study_module("study_plan")
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import equal_budget
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    start, end = equal_budget.START, equal_budget.END
+    page = tmp_path / "new" / "RESULTS.md"
+    page.parent.mkdir()
+    equal_budget.write_block(page, f"{start}\nfirst\n{end}")
+    assert page.read_text() == f"{start}\nfirst\n{end}\n"
+
+    page.write_text(
+        f"# Results\n\n{start}\nold\n{end}\n\n## After\n<!-- demo-seeds:start -->\nseeds\n<!-- demo-seeds:end -->\n"
+    )
+    equal_budget.write_block(page, f"{start}\nnew\n{end}")
+    text = page.read_text()
+    assert "old" not in text and text.startswith(f"# Results\n\n{start}\nnew\n{end}\n\n## After\n")
+    kept = _study_module("study_report").kept_blocks(page)  # what the study's rewrite of the page carries over
+    assert f"{start}\nnew\n{end}" in kept and "seeds" in kept
+
+    page.write_text(f"# Results\n{start}\nno end\n")
+    with pytest.raises(SystemExit, match="unpaired or repeated"):
+        equal_budget.write_block(page, f"{start}\nnew\n{end}")

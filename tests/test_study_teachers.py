@@ -8,10 +8,12 @@ import copy
 import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import tiny_run
 from crossdistill.config import ModelConfig, build_config
@@ -23,13 +25,15 @@ from test_accuracy_study import _runner_module, _study_module
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> Path:
     """The study's resnet_t trained alone for one short epoch on the digits."""
-    spec = _study_module("study_protocols").MODELS["resnet_t"]
+    protocols = _study_module("study_protocols")
+    spec = protocols.MODELS["resnet_t"]
     tmp = tmp_path_factory.mktemp("teacher")
+    normalisation = {"mean": list(protocols.CIFAR10_MEAN), "std": list(protocols.CIFAR10_STD)}
     cfg = tiny_run(
         tmp,
         method="vanilla",
         student={"name": spec.name, "kwargs": copy.deepcopy(spec.kwargs)},
-        data={"train_subset": 64, "eval_subset": 40},
+        data={"train_subset": 64, "eval_subset": 40, **normalisation},
         train={"epochs": 1, "run_name": "resnet_t"},
     )
     train(build_config(cfg), out=io.StringIO())
@@ -40,7 +44,7 @@ def teacher_run(tmp_path_factory) -> Path:
 def kept_dir(tmp_path, teacher_run) -> Path:
     folder = tmp_path / "teachers"
     folder.mkdir()
-    (folder / "resnet_t.yaml").write_text("# the config that trained it\n")
+    shutil.copyfile(teacher_run / "config.yaml", folder / "resnet_t.yaml")  # the config that trained it
     _study_module("study_teachers").keep(teacher_run, "resnet_t", folder)
     return folder
 
@@ -76,6 +80,39 @@ def test_keeping_again_needs_replace_and_a_run_of_another_model_is_refused(kept_
         teachers.keep(teacher_run, "resnet_s", kept_dir)
     with pytest.raises(teachers.KeptTeacherError, match="no summary.json"):
         teachers.keep(tmp_path, "resnet_t", kept_dir, replace=True)
+
+    config = yaml.safe_load((kept_dir / "resnet_t.yaml").read_text())
+    config["train"]["epochs"] = 40  # the kept config says 40 epochs, the run trained 1
+    (kept_dir / "resnet_t.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(teachers.KeptTeacherError, match=r"was not trained with .*resnet_t.yaml: train.epochs: run 1"):
+        teachers.keep(teacher_run, "resnet_t", kept_dir, replace=True)
+
+
+def test_a_teacher_normalised_unlike_the_study_s_students_is_not_kept(teacher_run, tmp_path):
+    teachers = _study_module("study_teachers")
+    run = tmp_path / "run"
+    shutil.copytree(teacher_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["mean"], config["data"]["std"] = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "resnet_t.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(teachers.KeptTeacherError, match=r"normalised its inputs with mean \[0.5, 0.5, 0.5\]"):
+        teachers.keep(run, "resnet_t", tmp_path)
+
+
+def test_the_shipped_teacher_configs_train_the_study_s_models():
+    from crossdistill.config import build_config
+
+    protocols = _study_module("study_protocols")
+    folder = Path(protocols.__file__).parent / "teachers"
+    configs = sorted(folder.glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"resnet_t", "vit_t"}
+    for path in configs:
+        cfg = build_config(yaml.safe_load(path.read_text()))
+        spec = protocols.MODELS[path.stem]
+        assert (cfg.student.name, cfg.student.kwargs, cfg.method) == (spec.name, spec.kwargs, "vanilla"), path
+        assert (tuple(cfg.data.mean), tuple(cfg.data.std)) == (protocols.CIFAR10_MEAN, protocols.CIFAR10_STD)
+        assert cfg.data.train_subset is None and cfg.data.root == "../shared/data/cifar10_jpg.tar.gz", path
 
 
 def test_students_start_from_the_kept_teacher_and_no_teacher_run_is_planned(kept_dir, tmp_path):
@@ -123,3 +160,37 @@ def test_the_runner_refuses_a_kept_teacher_whose_weights_changed(kept_dir, tmp_p
     weights.unlink()
     with pytest.raises(SystemExit, match="is missing; restore it, or run the study with --train-teachers"):
         runner.main(args)
+
+
+def test_a_folder_of_students_of_a_trained_teacher_is_not_reused_with_a_kept_one(kept_dir, tmp_path, capsys):
+    """Resuming or re-reporting a folder whose students learnt from the study's own teacher, now that a kept teacher
+    exists, stops with what to pass; so does a folder whose kept teacher was replaced since."""
+    runner, study_run = _runner_module(), _study_module("study_run")
+    out = tmp_path / "out"
+    common = ["--protocol", "cpu", "--out", str(out), "--teachers-dir", str(kept_dir)]
+    runner.main([*common, "--train-teachers", "--dry-list", "--only", "run=resnet-vit-kd-s0"])
+    capsys.readouterr()
+    plan_mod = _study_module("study_plan")
+    trained = plan_mod.build_plan(
+        plan_mod.Settings(
+            protocol=_study_module("study_protocols").PROTOCOLS["cpu"],
+            out=out,
+            data_root=str(_study_module("study_protocols").DEFAULT_DATA),
+            dataset="folder",
+            cache_dir=None,
+            teacher_cache=True,
+            device="cpu",
+            methods=_study_module("study_protocols").STUDY_METHODS,
+            jobs=2,
+        )
+    )
+    student = next(run for run in trained if run.name == "resnet-vit-kd-s0")
+    student.run_dir.mkdir(parents=True)
+    (student.run_dir / "config.yaml").write_text(yaml.safe_dump(student.config))
+    with pytest.raises(SystemExit, match="distilled from a teacher trained in the study.*pass --train-teachers"):
+        runner.main([*common, "--report-only", "--docs-dir", str(tmp_path / "docs")])
+    assert runner.main([*common, "--train-teachers", "--report-only", "--docs-dir", str(tmp_path / "docs")]) == 0
+
+    (out / study_run.KEPT_RECORD).write_text(json.dumps({"resnet_t": "0" * 64}))
+    with pytest.raises(SystemExit, match="distilled from another kept resnet_t .*use another --out"):
+        runner.main([*common, "--report-only", "--docs-dir", str(tmp_path / "docs")])

@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import re
+import shlex
 import statistics
 import sys
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ import study_models  # noqa: E402,F401  (registers resmlp_cifar here and, under 
 from study_plan import (  # noqa: E402
     Run,
     Settings,
+    build_plan,
     cell_run_name,
     detect_dataset,
     estimate_seconds,
@@ -52,6 +54,7 @@ from study_plan import (  # noqa: E402
     teacher_run_name,
 )
 from study_protocols import DEFAULT_DATA, METHOD_LABELS, PAIR_LABELS, PAIRS, PROTOCOLS, REPO  # noqa: E402
+from study_run import check_teachers, record_kept  # noqa: E402
 from study_teachers import TEACHERS_DIR, KeptTeacherError, kept_teachers, verify  # noqa: E402
 
 PAIRS_TUNED = ("resnet-vit", "resnet-resmlp")
@@ -116,30 +119,39 @@ def cell_estimate(s: Settings, cell: Cell, trials: int, seeds: Sequence[int]) ->
     return (trials + len(seeds)) * estimate_seconds(s, run, teacher_cached=True)
 
 
-def check_teacher(s: Settings, pair: str) -> None:
-    teacher = PAIRS[pair][0]
-    if teacher in s.kept:
-        return
-    if not (s.out / teacher_run_name(teacher) / "summary.json").is_file():
-        raise SystemExit(
-            f"equal_budget.py: the study's teacher {teacher} is not in {s.out} (no kept teacher either): run "
-            f"`python benchmarks/accuracy/run_study.py --protocol {s.protocol.name} --only teachers` first"
-        )
+def check_teachers_of(s: Settings, chosen: Sequence[Cell], study_command: str) -> None:
+    """The teachers exist, and the study's cells in ``s.out`` (the default column) learnt from the same ones."""
+    for teacher in dict.fromkeys(PAIRS[c.pair][0] for c in chosen):
+        if teacher not in s.kept and not (s.out / teacher_run_name(teacher) / "summary.json").is_file():
+            raise SystemExit(
+                f"equal_budget.py: the study's teacher {teacher} is not in {s.out} and none is kept: run "
+                f"`{study_command} --only teachers` first"
+            )
+    wanted = {(c.pair, c.method) for c in chosen}
+    check_teachers(s, [run for run in build_plan(s) if run.part == "cells" and (run.pairs[0], run.method) in wanted])
 
 
 def run_cell(s: Settings, cell: Cell, trials: int, seeds: Sequence[int]) -> dict[str, Any]:
     import optuna
     import yaml
 
+    from crossdistill.files import write_text_atomic
     from crossdistill.search.tune import open_storage, tune
 
     base = folder(s, cell)
-    base.mkdir(parents=True, exist_ok=True)
     config_path = s.out / "equal-budget" / "configs" / f"{cell.name}.yaml"
+    if config_path.is_file() and yaml.safe_load(config_path.read_text()) != json.loads(json.dumps(cell.config)):
+        raise SystemExit(
+            f"equal_budget.py: {base} holds trials of another base config ({config_path} differs: other --set, "
+            "teacher or version); use another --out, or delete that folder to tune again"
+        )
+    base.mkdir(parents=True, exist_ok=True)
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(
+    write_text_atomic(
+        config_path,
         f"# equal-budget base config of {cell.name}; written by benchmarks/accuracy/equal_budget.py\n"
-        + yaml.safe_dump(cell.config, sort_keys=False)
+        + yaml.safe_dump(cell.config, sort_keys=False),
+        hint="the equal-budget folder",
     )
     storage = f"sqlite:///{base / 'study.db'}"
     study = optuna.create_study(
@@ -171,26 +183,38 @@ def _summary(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def _mean_std(values: Sequence[float], seeds: int) -> str:
     if not values:
         return "-"
     std = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.2f} ± {std:.2f}" + (f" (n={len(values)})" if len(values) < 3 else "")
+    return f"{statistics.mean(values):.2f} ± {std:.2f}" + (f" (n={len(values)})" if len(values) < seeds else "")
+
+
+def _space_values(config: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in space:
+        section, _, name = key.partition(".")
+        out[name] = (config.get(section) or {}).get(name)
+    return out
 
 
 def cell_result(s: Settings, cell: Cell, seeds: Sequence[int]) -> dict[str, Any]:
     import yaml
 
     default = [_summary(s.out / cell_run_name(cell.pair, cell.method, seed)) for seed in seeds]
-    tuned = [_summary(folder(s, cell) / f"{cell.name}-best-seed{seed}") for seed in seeds]
+    finals = [folder(s, cell) / f"{cell.name}-best-seed{seed}" for seed in seeds]
+    tuned = [_summary(path) for path in finals]
+    space = yaml.safe_load(cell.space.read_text()) or {}
+    # the values the final runs trained with (best.yaml may be newer: more trials found another best since)
+    trained = [
+        _space_values(yaml.safe_load((p / "config.yaml").read_text()) or {}, space)
+        for p in finals
+        if p.joinpath("config.yaml").is_file()
+    ]
     best_path = folder(s, cell) / "best.yaml"
-    params = {}
-    if best_path.is_file():
-        best = yaml.safe_load(best_path.read_text()) or {}
-        space = yaml.safe_load(cell.space.read_text()) or {}
-        for key in space:
-            section, _, name = key.partition(".")
-            params[name] = (best.get(section) or {}).get(name)
+    best = _space_values(yaml.safe_load(best_path.read_text()) or {}, space) if best_path.is_file() else {}
+    params = trained[0] if trained else best
+    stale = bool(trained and best and any(t != best for t in trained))
     trials = {"complete": 0, "pruned": 0}
     csv_path = folder(s, cell) / "trials.csv"
     if csv_path.is_file():
@@ -204,11 +228,47 @@ def cell_result(s: Settings, cell: Cell, seeds: Sequence[int]) -> dict[str, Any]
         "default": [x["last_top1"] for x in default if x],
         "tuned": [x["last_top1"] for x in tuned if x],
         "params": params,
+        "stale": stale,
         "trials": trials,
     }
 
 
-def table(s: Settings, all_cells: Sequence[Cell], seeds: Sequence[int], trials: int) -> str:
+def commands(s: Settings, args: argparse.Namespace) -> tuple[str, str]:
+    """The study's and this script's command lines with this invocation's settings."""
+    shared = [f"--protocol {s.protocol.name}"]
+    if s.out != (REPO / "runs" / f"accuracy-{s.protocol.name}").resolve():
+        shared.append(f"--out {shlex.quote(str(s.out))}")
+    if Path(s.data_root).resolve() != DEFAULT_DATA.resolve():
+        shared.append(f"--data-root {shlex.quote(s.data_root)}")
+    shared += [f"--set {shlex.quote(o)}" for o in s.overrides]
+    if s.protocol.kept_teachers and not s.kept:
+        shared.append("--train-teachers")
+    if args.teachers_dir != TEACHERS_DIR:
+        shared.append(f"--teachers-dir {shlex.quote(str(args.teachers_dir))}")
+    study = " ".join(["python benchmarks/accuracy/run_study.py", *shared])
+    own = shared + ([f"--trials {args.trials}"] if args.trials != TRIALS else [])
+    return study, " ".join(["python benchmarks/accuracy/equal_budget.py", *own])
+
+
+def teacher_line(s: Settings, pairs: Sequence[str]) -> str:
+    parts = []
+    for teacher in dict.fromkeys(PAIRS[p][0] for p in pairs):
+        kept = s.kept.get(teacher)
+        parts.append(
+            f"{teacher}: kept (top-1 {kept.last_top1:.2f} after {kept.epochs} epochs on {kept.train_images:,} images, "
+            f"SHA-256 {kept.sha256[:12]}...)"
+            if kept
+            else f"{teacher}: trained in the study ({teacher_run_name(teacher)})"
+        )
+    return (
+        "Teachers: "
+        + "; ".join(parts)
+        + "."
+        + (f" Not the protocol's settings: --set {' '.join(s.overrides)}." if s.overrides else "")
+    )
+
+
+def table(s: Settings, all_cells: Sequence[Cell], seeds: Sequence[int], trials: int, cmds: tuple[str, str]) -> str:
     L = [
         START,
         "## Equal tuning budget: defaults vs tuned\n",
@@ -217,7 +277,9 @@ def table(s: Settings, all_cells: Sequence[Cell], seeds: Sequence[int], trials: 
         "hyper-parameters (`configs/search/methods/<method>.yaml`), each trial measured on a validation split of "
         f"{VAL_FRACTION:.0%} of the training images; then its best config with seeds "
         f"{', '.join(map(str, seeds))} on the test subset, as the study's cells. Last-epoch top-1 (%), "
-        "mean ± std over seeds; **bold**: the best tuned mean of the pair.\n",
+        "mean ± std over seeds; **bold**: the best tuned mean of the pair. "
+        + teacher_line(s, [c.pair for c in all_cells])
+        + "\n",
         "| pair | method | defaults | tuned | tuned - defaults | best values | trials (complete / pruned) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -228,7 +290,7 @@ def table(s: Settings, all_cells: Sequence[Cell], seeds: Sequence[int], trials: 
         top = max(tuned_means.values(), default=None)
         for c in here:
             r = results[c.name]
-            tuned = _mean_std(r["tuned"])
+            tuned = _mean_std(r["tuned"], len(seeds))
             if top is not None and tuned_means.get(c.name) == top:
                 tuned = f"**{tuned}**"
             gain = (
@@ -239,14 +301,15 @@ def table(s: Settings, all_cells: Sequence[Cell], seeds: Sequence[int], trials: 
             values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
             L.append(
                 f"| {PAIR_LABELS.get(pair, pair)} | {METHOD_LABELS.get(c.method, c.method)} | "
-                f"{_mean_std(r['default'])} | {tuned} | {gain} | {values or '-'} | "
+                f"{_mean_std(r['default'], len(seeds))} | {tuned} | {gain} | "
+                f"{values or '-'}{' (stale: best.yaml has another best now)' if r['stale'] else ''} | "
                 f"{r['trials']['complete']} / {r['trials']['pruned']} |"
             )
     L.append("")
     L.append("<!-- doc-test: skip hours on 2 CPU cores; tests/test_equal_budget.py runs it at a toy size -->")
     L.append("```bash")
-    L.append("python benchmarks/accuracy/run_study.py --protocol cpu      # the teacher and the default column")
-    L.append("python benchmarks/accuracy/equal_budget.py                  # resumable; --dry-list for the plan")
+    L.append(f"{cmds[0]}   # the teacher and the default column")
+    L.append(f"{cmds[1]}   # resumable; --dry-list for the plan")
     L.append("```")
     L.append(END)
     return "\n".join(L)
@@ -256,8 +319,13 @@ def write_block(path: Path, block: str) -> None:
     from crossdistill.files import write_text_atomic
 
     text = path.read_text() if path.is_file() else ""
+    if text.count(START) != text.count(END) or text.count(START) > 1:
+        raise SystemExit(f"equal_budget.py: {path} has unpaired or repeated {START} / {END} markers; mend it by hand")
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text, hint="the results page")
 
@@ -290,8 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, help="seeds of the final runs (default: the protocol's)")
     ap.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the protocol's)")
     ap.add_argument("--train-teachers", action="store_true", help="as run_study.py: the study's own teachers")
-    ap.add_argument("--teachers-dir", type=Path, default=TEACHERS_DIR)
-    ap.add_argument("--results", type=Path, default=REPO / "docs" / "RESULTS.md", help="the page the table goes in")
+    ap.add_argument("--teachers-dir", type=lambda text: Path(text).expanduser().resolve(), default=TEACHERS_DIR)
+    ap.add_argument("--results", type=Path, default=None, help="the page the table goes in (default: the study's page)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as run_study.py --set")
     ap.add_argument("--dry-list", action="store_true", help="list the cells and the estimate; train nothing")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the table from what is finished")
@@ -355,14 +423,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "shorter) from the speeds of the study's calibration"
         )
         return 0
+    cmds = commands(s, args)
+    check_teachers_of(s, chosen, cmds[0])
     if not args.report_only:
-        for pair in dict.fromkeys(c.pair for c in chosen):
-            check_teacher(s, pair)
+        record_kept(s)
         for i, cell in enumerate(chosen, 1):
             print(f"\n=== [{i}/{len(chosen)}] {cell.name}: {args.trials} trials, then seeds {seeds}", flush=True)
             run_cell(s, cell, args.trials, seeds)
-    write_block(args.results, table(s, all_cells, seeds, args.trials))
-    print(f"wrote the equal-budget table into {args.results}", flush=True)
+    results = (
+        args.results
+        or (REPO / "docs" if protocol.results else s.out / "docs") / f"RESULTS{protocol.docs_suffix.upper()}.md"
+    )
+    write_block(results, table(s, all_cells, seeds, args.trials, cmds))
+    print(f"wrote the equal-budget table into {results}", flush=True)
     return 0
 
 

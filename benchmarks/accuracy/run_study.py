@@ -76,7 +76,8 @@ from study_report import write_report  # noqa: E402
 from study_run import (  # noqa: E402
     calibrate,
     check_build,
-    check_existing,
+    check_teachers,
+    record_kept,
     run_invocation,
 )
 from study_teachers import TEACHERS_DIR, KeptTeacher, KeptTeacherError, kept_teachers, verify  # noqa: E402
@@ -140,7 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--teachers-dir",
-        type=Path,
+        type=lambda text: Path(text).expanduser().resolve(),
         default=TEACHERS_DIR,
         help="where the kept teachers are (<key>.safetensors and <key>.json; default benchmarks/accuracy/teachers)",
     )
@@ -227,8 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"data not found: {data_root}; pass --data-root (an ImageFolder tree, a .tar.gz of one, "
                 "or a torchvision CIFAR-10 folder)"
             )
-        for run in selected:
-            check_existing(run)
+        check_teachers(settings, selected)
+        record_kept(settings)
         todo = [r for r in selected if not is_done(r)]
         skipped = len(selected) - len(todo)
         if skipped:
@@ -236,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stopped = run_invocation(settings, todo, sys.argv[1:], "run_study.py")
         if stopped is not None:
             return stopped
+    if args.report_only:
+        check_teachers(settings, plan)  # the page must not put a kept teacher above students of another
     if not args.no_report:
         path = write_report(settings, plan, Path(docs_dir))
         print(f"wrote {path}", flush=True)

@@ -68,12 +68,55 @@ def check_existing(run: Run) -> None:
     saved = _defining(normalised_config(yaml.safe_load(path.read_text()) or {}))
     planned = _defining(build_config(copy.deepcopy(run.config)).to_dict())
     diff = sorted(k for k in set(saved) | set(planned) if saved.get(k) != planned.get(k))
+    if diff == ["teacher.checkpoint"]:
+        trained_here = saved["teacher.checkpoint"] == "last.pt"
+        raise SystemExit(
+            f"{run.run_dir} was distilled from "
+            + (
+                "a teacher trained in the study, the plan uses a kept teacher: pass --train-teachers, or use "
+                "another --out"
+                if trained_here
+                else "a kept teacher, the plan trains its own (--train-teachers): leave that flag out, or use "
+                "another --out"
+            )
+        )
     if diff:
         details = "; ".join(f"{k}: run has {saved.get(k)!r}, plan has {planned.get(k)!r}" for k in diff[:4])
         raise SystemExit(
             f"{run.run_dir} holds a run with other settings ({details}). It belongs to another protocol or "
             "version of the study: use another --out, or delete that run directory to retrain it."
         )
+
+
+KEPT_RECORD = "kept_teachers.json"  # in an output folder: the SHA-256 of the kept teachers its students learnt from
+
+
+def check_teachers(s: Settings, runs: Sequence[Run]) -> None:
+    """The runs already in ``s.out`` were distilled from the teachers the plan uses: kept or trained in the study
+    (each existing run's config, :func:`check_existing`), and the same kept weights (the folder's record)."""
+    path = s.out / KEPT_RECORD
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    for key, kept in s.kept.items():
+        if recorded.get(key, kept.sha256) != kept.sha256:
+            raise SystemExit(
+                f"{s.out}: its students were distilled from another kept {key} (SHA-256 {recorded[key][:12]}..., "
+                f"the kept one now is {kept.sha256[:12]}...): use another --out"
+            )
+    for run in runs:
+        check_existing(run)
+
+
+def record_kept(s: Settings) -> None:
+    """Remember in ``s.out`` which kept teachers its runs use (before any of them trains)."""
+    from crossdistill.files import write_text_atomic
+
+    if not s.kept:
+        return
+    path = s.out / KEPT_RECORD
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded.update({key: kept.sha256 for key, kept in s.kept.items()})
+    s.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(recorded, indent=2, sort_keys=True) + "\n", hint="the study's output folder")
 
 
 def write_run_yaml(run: Run, out: Path) -> Path:

@@ -18,7 +18,7 @@ import platform
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +29,7 @@ MANIFEST_FORMAT = "crossdistill-kept-teacher/1"
 if str(HERE) not in sys.path:  # run as a script: the study_* modules beside this file
     sys.path.insert(0, str(HERE))
 
-from study_protocols import MODELS  # noqa: E402
+from study_protocols import CIFAR10_MEAN, CIFAR10_STD, MODELS  # noqa: E402
 
 
 class KeptTeacherError(Exception):
@@ -51,6 +51,8 @@ class KeptTeacher:
     config: str  # the training config's file name, beside the weights
     command: str
     trained_with: dict[str, str]  # crossdistill, torch, timm versions and the device
+    mean: list[float]  # the input normalisation it was trained with (the study's CIFAR-10 mean and std)
+    std: list[float]
 
     def manifest(self) -> dict[str, Any]:
         out = asdict(self)
@@ -73,18 +75,39 @@ def read_kept(manifest_path: Path) -> KeptTeacher:
         raise KeptTeacherError(f"{manifest_path}: not a readable kept-teacher manifest ({err})") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise KeptTeacherError(f"{manifest_path}: not a kept-teacher manifest (format is not {MANIFEST_FORMAT})")
-    fields = {k: v for k, v in data.items() if k != "format"}
+    names = {f.name for f in fields(KeptTeacher)}
+    given = {k: v for k, v in data.items() if k != "format"}
+    if set(given) != names:
+        missing, unknown = sorted(names - set(given)), sorted(set(given) - names)
+        raise KeptTeacherError(
+            f"{manifest_path}: "
+            + "; ".join(
+                text
+                for text in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"unknown {', '.join(unknown)} (a newer manifest?)" if unknown else "",
+                )
+                if text
+            )
+        )
+    given["weights"] = manifest_path.parent / str(given["weights"])
+    return KeptTeacher(**given)
+
+
+def _is_manifest(path: Path) -> bool:
+    """Any other JSON file beside the kept teachers is not ours to read."""
     try:
-        fields["weights"] = manifest_path.parent / fields["weights"]
-        return KeptTeacher(**fields)
-    except (KeyError, TypeError) as err:
-        raise KeptTeacherError(f"{manifest_path}: incomplete kept-teacher manifest ({err})") from None
+        return f'"{MANIFEST_FORMAT}"' in path.read_text()
+    except OSError:
+        return False
 
 
 def kept_teachers(directory: Path = TEACHERS_DIR) -> dict[str, KeptTeacher]:
     """The kept teachers in ``directory`` by model key (manifests whose key the study knows)."""
     out = {}
     for path in sorted(Path(directory).glob("*.json")):
+        if not _is_manifest(path):
+            continue
         kept = read_kept(path)
         if kept.key != path.stem:
             raise KeptTeacherError(f"{path}: the manifest is for {kept.key!r}, its file name says {path.stem!r}")
@@ -122,6 +145,42 @@ def _versions(device: str) -> dict[str, str]:
     }
 
 
+# what makes a teacher run the one its config describes (data.root and the output folder may differ)
+DEFINING = (
+    "student",
+    "method",
+    "optim",
+    "data.img_size",
+    "data.scale",
+    "data.hflip",
+    "data.train_subset",
+    "data.mean",
+    "data.std",
+    "data.auto_augment",
+    "data.re_prob",
+    "train.epochs",
+    "train.batch_size",
+    "train.seed",
+    "train.label_smoothing",
+    "train.mixup",
+    "train.cutmix",
+)
+
+
+def differences(run_config: dict[str, Any], kept_config: dict[str, Any]) -> str:
+    """The defining settings in which a run's config.yaml and a kept config differ (empty: none)."""
+    from crossdistill.config import build_config
+    from crossdistill.report import flatten
+
+    def defining(raw: dict[str, Any]) -> dict[str, Any]:
+        flat = flatten(build_config(raw).to_dict())
+        return {k: v for k, v in flat.items() if any(k == d or k.startswith(d + ".") for d in DEFINING)}
+
+    a, b = defining(run_config), defining(kept_config)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "; ".join(f"{k}: run {a.get(k)!r}, config {b.get(k)!r}" for k in keys[:4])
+
+
 def keep(run_dir: Path, key: str, directory: Path = TEACHERS_DIR, replace: bool = False) -> KeptTeacher:
     """Export the last-epoch weights of the finished teacher run ``run_dir`` (a model of ``MODELS[key]``) into
     ``directory`` with its manifest; the training config must already be there as ``<key>.yaml``."""
@@ -129,6 +188,7 @@ def keep(run_dir: Path, key: str, directory: Path = TEACHERS_DIR, replace: bool 
 
     from crossdistill.export import export_run
     from crossdistill.files import write_path_atomic, write_text_atomic
+    from crossdistill.report import normalised_config
 
     if key not in MODELS:
         raise KeptTeacherError(f"unknown model key {key!r}; the study's models: {', '.join(MODELS)}")
@@ -138,7 +198,7 @@ def keep(run_dir: Path, key: str, directory: Path = TEACHERS_DIR, replace: bool 
     if not summary_path.is_file():
         raise KeptTeacherError(f"{run_dir}: no summary.json; keep a finished run")
     summary = json.loads(summary_path.read_text())
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    cfg = normalised_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
     student, method = cfg.get("student") or {}, cfg.get("method")
     if student.get("name") != spec.name or (student.get("kwargs") or {}) != spec.kwargs or method != "vanilla":
         raise KeptTeacherError(
@@ -148,11 +208,20 @@ def keep(run_dir: Path, key: str, directory: Path = TEACHERS_DIR, replace: bool 
     config_path = Path(directory) / f"{key}.yaml"
     if not config_path.is_file():
         raise KeptTeacherError(f"{config_path} is missing: keep the config that trained the teacher beside it")
+    differ = differences(cfg, yaml.safe_load(config_path.read_text()) or {})
+    if differ:
+        raise KeptTeacherError(f"{run_dir} was not trained with {config_path}: {differ}")
+    data = cfg.get("data") or {}
+    mean, std = [float(x) for x in data.get("mean") or ()], [float(x) for x in data.get("std") or ()]
+    if mean != list(CIFAR10_MEAN) or std != list(CIFAR10_STD):
+        raise KeptTeacherError(
+            f"{run_dir} normalised its inputs with mean {mean or 'default'} std {std or 'default'}; the study's "
+            f"students use {list(CIFAR10_MEAN)} {list(CIFAR10_STD)}, which its teachers must share"
+        )
     weights = Path(directory) / f"{key}.safetensors"
     manifest_path = Path(directory) / f"{key}.json"
     if not replace and (weights.exists() or manifest_path.exists()):
         raise KeptTeacherError(f"{weights.parent} already keeps a {key} teacher; pass --replace to replace it")
-    data = cfg.get("data") or {}
     with tempfile.TemporaryDirectory() as tmp:
         export_run(run_dir, formats="safetensors", weights="last", out=tmp)
         exported = Path(tmp) / "model.safetensors"
@@ -171,6 +240,8 @@ def keep(run_dir: Path, key: str, directory: Path = TEACHERS_DIR, replace: bool 
         config=config_path.name,
         command=f"crossdistill train --config benchmarks/accuracy/teachers/{config_path.name}",
         trained_with=_versions(str((cfg.get("train") or {}).get("device", "auto"))),
+        mean=mean,
+        std=std,
     )
     write_text_atomic(manifest_path, json.dumps(kept.manifest(), indent=2) + "\n", hint="the kept teacher's manifest")
     return kept
@@ -183,10 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=TEACHERS_DIR, help=f"where to keep it (default {TEACHERS_DIR})")
     ap.add_argument("--replace", action="store_true", help="replace a kept teacher of this key")
     args = ap.parse_args(argv)
+    from crossdistill.errors import CrossDistillError, one_line
+
     try:
         kept = keep(args.run_dir, args.key, args.dir, args.replace)
-    except KeptTeacherError as err:
-        print(f"study_teachers: {err}", file=sys.stderr)
+    except (KeptTeacherError, CrossDistillError, OSError, ValueError, KeyError) as err:
+        print(f"study_teachers: {one_line(err)}", file=sys.stderr)
         return 1
     print(
         f"kept {kept.key}: {kept.weights} (SHA-256 {kept.sha256}), top-1 last {kept.last_top1:.2f} "
