@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shlex
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -594,9 +595,36 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         f"- Planned time of the whole study on a free machine: {fmt_min(estimate_wall(s, plan))}"
         + (f" (limit of the {p.name} protocol: {p.budget_min:g} min)." if p.budget_min else ".")
     )
+    L.extend(speed_lines(run_records, by_name, wall_clock))
     L.append("")
     md_path.write_text("\n".join(L) + "\n" + kept_blocks(md_path))
     return md_path
+
+
+def speed_lines(records: Sequence[dict[str, Any]], by_name: dict[str, Run], wall_clock: float) -> list[str]:
+    """How much slower (or faster) than the plan's calibration this machine ran the runs, as ratios: the median of
+    measured / estimated seconds over the runs trained from the start, overall and per method."""
+    fresh = [r for r in records if not r.get("resumed") and r.get("est_s") and r["run"] in by_name]
+    if not fresh:
+        return []
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in fresh:
+        run = by_name[r["run"]]
+        label = "teachers" if run.part == "teachers" else METHOD_LABELS.get(run.method, run.method)
+        groups.setdefault(label, []).append(r)
+    wall = statistics.median(r["seconds"] / r["est_s"] for r in fresh)
+    cpu = [r["cpu_s"] / r["est_s"] for r in fresh if r.get("cpu_s")]
+    per_method = ", ".join(
+        f"{label} {statistics.median(r.get('cpu_s', r['seconds']) / r['est_s'] for r in rs):.2f}"
+        for label, rs in groups.items()
+    )
+    return [
+        f"- Against the speeds the plan is calibrated with (`study_protocols.SPEEDS`): the runs took {wall:.2f} x their"
+        f" estimate on this machine (median over the {len(fresh)} runs trained from the start"
+        + (f"; CPU time {statistics.median(cpu):.2f} x" if cpu else "")
+        + f"); CPU time / estimate by method: {per_method}. At the calibration's speed the wall-clock time above "
+        f"is {fmt_min(wall_clock / wall)}."
+    ]
 
 
 KEPT_BLOCKS = re.compile(r"<!-- (demo-seeds|equal-budget):start -->.*?<!-- \1:end -->", re.S)
