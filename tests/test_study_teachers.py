@@ -194,3 +194,38 @@ def test_a_folder_of_students_of_a_trained_teacher_is_not_reused_with_a_kept_one
     (out / study_run.KEPT_RECORD).write_text(json.dumps({"resnet_t": "0" * 64}))
     with pytest.raises(SystemExit, match="distilled from another kept resnet_t .*use another --out"):
         runner.main([*common, "--report-only", "--docs-dir", str(tmp_path / "docs")])
+
+
+def test_the_results_page_names_a_kept_teacher_and_its_commands_need_no_flag(kept_dir, tmp_path):
+    plan_mod, protocols = _study_module("study_plan"), _study_module("study_protocols")
+    report = _study_module("study_report")
+    kept = _study_module("study_teachers").kept_teachers(kept_dir)
+    settings = plan_mod.Settings(
+        protocol=protocols.PROTOCOLS["cpu"],
+        out=tmp_path / "runs",
+        data_root=str(protocols.DEFAULT_DATA),
+        dataset="folder",
+        cache_dir=None,
+        teacher_cache=True,
+        device="cpu",
+        methods=("vanilla", "kd", "rsd"),
+        jobs=2,
+        kept=kept,
+    )
+    page = report.write_report(settings, plan_mod.build_plan(settings), tmp_path / "docs").read_text()
+    manifest = kept["resnet_t"]
+    assert f"| {manifest.epochs} (kept: 64 images; top-1 on 40 test images) | {manifest.last_top1:.2f} |" in page
+    assert "teachers trained in the study on 5,000" in page  # the ViT teacher is not kept here
+    assert f"`{kept_dir}/` with their config, SHA-256 and command" in page
+    commands = [line for line in page.splitlines() if line.startswith("python benchmarks/accuracy/run_study.py")]
+    assert commands and all(f"--teachers-dir {kept_dir}" in c and "--train-teachers" not in c for c in commands)
+    assert any(c.endswith("--only teachers") for c in commands)  # the ViT teacher is still trained in the study
+
+    trained = report.write_report(
+        dataclasses.replace(settings, kept={}),
+        plan_mod.build_plan(dataclasses.replace(settings, kept={})),
+        tmp_path / "d2",
+    ).read_text()
+    commands = [line for line in trained.splitlines() if line.startswith("python benchmarks/accuracy/run_study.py")]
+    assert commands and all("--train-teachers" in c and "--teachers-dir" not in c for c in commands)
+    assert "(kept:" not in trained

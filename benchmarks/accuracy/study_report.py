@@ -236,6 +236,9 @@ def study_command(protocol: Protocol, s: Settings, extra: str = "") -> str:
     parts += [f"--set {shlex.quote(o)}" for o in s.overrides]
     if protocol.kept_teachers and not s.kept:
         parts.append("--train-teachers")
+    kept_dirs = {kept.weights.parent for kept in s.kept.values()}
+    if kept_dirs and kept_dirs != {TEACHERS_DIR}:
+        parts.append(f"--teachers-dir {shlex.quote(_rel(next(iter(kept_dirs))))}")
     return " ".join(parts) + (f" {extra}" if extra else "")
 
 
@@ -264,7 +267,8 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     teacher_acc: dict[str, float] = {key: kept.last_top1 for key, kept in s.kept.items()}
     teacher_rows = [
         f"| {MODELS[key].label} (`{MODELS[key].name}`) | {param_count(MODELS[key]) / 1e6:.2f}M | {kept.epochs} "
-        f"(kept: {kept.train_images:,} images) | {kept.last_top1:.2f} | {kept.best_top1:.2f} "
+        f"(kept: {kept.train_images:,} images; top-1 on {kept.eval_images:,} test images) | {kept.last_top1:.2f} | "
+        f"{kept.best_top1:.2f} "
         f"(epoch {kept.best_epoch}) | {format_seconds(kept.wall_time_s)} ({kept.trained_with.get('device', '?')}) |"
         for key, kept in s.kept.items()
     ]
@@ -346,6 +350,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     teacher_keys = list(dict.fromkeys(PAIRS[pair][0] for pair in p.pairs))
     trained = [key for key in teacher_keys if key not in s.kept]
     kept_labels = ", ".join(MODELS[key].label for key in teacher_keys if key in s.kept)
+    kept_dir = next(iter(s.kept.values())).weights.parent if s.kept else TEACHERS_DIR
     subset = "all 50,000" if p.train_subset is None else f"{p.train_subset:,} (class-balanced, fixed)"
     tsubset = (
         "all 50,000"
@@ -364,7 +369,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         f"train on {subset} training images, "
         + (f"teachers trained in the study on {tsubset}" if trained else "")
         + ("; " if trained and s.kept else "")
-        + (f"kept teachers ({kept_labels}) on all 50,000 (see Teachers)" if s.kept else "")
+        + (f"kept teachers ({kept_labels}) trained once on their own schedule (see Teachers)" if s.kept else "")
         + f"; every epoch is evaluated on {esubset}."
     )
     L.append(
@@ -384,7 +389,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         "order and the augmentation); teachers: one run each (seed 0), from scratch, no pre-training; "
         "students use the teacher's last-epoch weights"
         + (
-            f" (kept teachers: the last-epoch weights of one long run each, `{_rel(TEACHERS_DIR)}/` with their "
+            f" (kept teachers: the last-epoch weights of one long run each, `{_rel(kept_dir)}/` with their "
             "config, SHA-256 and command; `--train-teachers` trains them in the study instead)."
             if s.kept
             else "."
