@@ -6,8 +6,9 @@ Every method of the accuracy study gets the same search budget on the same pairs
 hyper-parameters (``configs/search/methods/<method>.yaml``; the first trial is the method's defaults), each trial a
 run of the study's cpu protocol on a validation split carved from the training images (``data.val_fraction``
 0.1: 5,000 images; the test images are never seen while tuning; a kept teacher was trained on all 50,000
-training images, these included, as the paper's teachers were trained on their students' training set). The best trial's config is then trained with the
-study's seeds (0, 1, 2) on the training subset and evaluated on the test subset, exactly as the study's cells are.
+training images, these included, as the paper's teachers were trained on their students' training set). The
+best trial's config is then trained with the study's seeds (0, 1, 2) on the training subset and evaluated on the
+test subset, exactly as the study's cells are.
 
 The table sets that tuned result beside the study's cell at the defaults (the same runs of ``run_study.py``, in
 the same output folder: the teacher is the study's); it is written between markers into ``docs/RESULTS.md``,
