@@ -452,11 +452,11 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
             t = PAIRS[pair][0]
             stats = {m: cell_stats(plan, pair, m, p.seeds, key) for m in methods}
             finite = {m: v[0] for m, v in stats.items() if v[2] and math.isfinite(v[0])}
-            best = max(finite, key=finite.get) if finite else None
+            top = round(max(finite.values()), 2) if finite else None  # ties as shown (two decimals) all bold
             cells = []
             for m in methods:
                 text = _pm(stats[m])
-                cells.append(f"**{text}**" if m == best else text)
+                cells.append(f"**{text}**" if m in finite and round(finite[m], 2) == top else text)
             tacc = teacher_acc.get(t)
             L.append(
                 f"| {PAIR_LABELS.get(pair, pair)} | {tacc:.2f} | "
@@ -467,7 +467,8 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         L.append("")
         if key == "last_top1":
             L.append(
-                f"Bold: the highest mean in the row. Sample standard deviation (n - 1) over seeds "
+                "Bold: the highest mean in the row (every mean level with it at two decimals). Sample standard "
+                f"deviation (n - 1) over seeds "
                 f"{', '.join(map(str, p.seeds))}. Bar chart of the last-epoch table (dashed line: the "
                 "teacher):\n"
             )
