@@ -60,6 +60,8 @@ def test_each_method_gets_the_same_trials_and_its_tuned_result_sits_beside_its_d
     kd, rsd = (row.split(" | ") for row in rows)
     assert kd[2] != "-" and kd[3] != "-" and kd[6] == "2 / 0 |", kd  # the study's KD cell is the default column
     assert rsd[2] == "-" and rsd[3] != "-", rsd  # no default RSD cell was trained
+    command = next(line for line in page.splitlines() if line.startswith("python benchmarks/accuracy/equal_budget.py"))
+    assert "--protocol tiny" in command and "--methods kd,rsd --trials 2 --seeds 0" in command, command
 
     again = equal_budget(*tuned).stdout
     assert "trial 0 complete" not in again and "2/2 trials finished" in again, again

@@ -248,7 +248,16 @@ def commands(s: Settings, args: argparse.Namespace) -> tuple[str, str]:
     if args.teachers_dir != TEACHERS_DIR:
         shared.append(f"--teachers-dir {shlex.quote(str(args.teachers_dir))}")
     study = " ".join(["python benchmarks/accuracy/run_study.py", *shared])
-    own = shared + ([f"--trials {args.trials}"] if args.trials != TRIALS else [])
+    own = shared + [
+        flag
+        for flag, given in (
+            (f"--pairs {args.pairs}", args.pairs),
+            (f"--methods {args.methods}", args.methods != ",".join(METHODS_TUNED)),
+            (f"--trials {args.trials}", args.trials != TRIALS),
+            (f"--seeds {args.seeds}", args.seeds),
+        )
+        if given
+    ]
     return study, " ".join(["python benchmarks/accuracy/equal_budget.py", *own])
 
 
