@@ -144,6 +144,24 @@ def _study_module(name: str):
     return importlib.import_module(name)
 
 
+def study_settings(out: Path, protocol: str = "cpu", methods=("vanilla", "kd", "rsd"), **fields):
+    """The study's Settings for planning and reporting in a test (nothing trains): cpu device, two workers, the
+    default data path; ``fields`` sets the rest (e.g. ``kept``)."""
+    protocols, plan = _study_module("study_protocols"), _study_module("study_plan")
+    return plan.Settings(
+        protocol=protocols.PROTOCOLS[protocol],
+        out=out,
+        data_root=str(protocols.DEFAULT_DATA),
+        dataset="folder",
+        cache_dir=None,
+        teacher_cache=True,
+        device="cpu",
+        methods=tuple(methods),
+        jobs=2,
+        **fields,
+    )
+
+
 def test_cpu_and_gpu_plans_validate(tmp_path, capsys):
     """Both real protocols with their teachers trained in the study: 109 runs whose configs validate, planned within
     their time limits."""
@@ -177,7 +195,7 @@ def test_method_defaults_and_teacher_needs_come_from_the_package(tmp_path, monke
     from crossdistill.distillers.kd import KDConfig
     from crossdistill.models import TeacherRequest
 
-    plan_module, protocols = _study_module("study_plan"), _study_module("study_protocols")
+    plan_module = _study_module("study_plan")
     monkeypatch.setattr(plan_module, "teacher_outputs", plan_module.teacher_outputs.__wrapped__)  # uncached
 
     @dataclasses.dataclass
@@ -190,17 +208,7 @@ def test_method_defaults_and_teacher_needs_come_from_the_package(tmp_path, monke
         "teacher_request",  # as if KD read teacher stage features
         lambda self: TeacherRequest(stages=(-1,)),
     )
-    settings = plan_module.Settings(
-        protocol=protocols.PROTOCOLS["tiny"],
-        out=tmp_path,
-        data_root=str(tmp_path),
-        dataset="folder",
-        cache_dir=None,
-        teacher_cache=True,
-        device="cpu",
-        methods=("vanilla", "kd", "rsd"),
-        jobs=2,
-    )
+    settings = study_settings(tmp_path, "tiny")
     runs = {run.name: run for run in plan_module.build_plan(settings)}
     kd, rsd = runs["resnet-resmlp-kd-s0"], runs["resnet-resmlp-rsd-s0"]
     assert kd.config["method_args"] == {"temperature": 4.0, "weight": 1.0, "ce_weight": 1.0}

@@ -75,7 +75,7 @@ def test_every_method_s_space_fits_its_runs_and_holds_its_defaults(tmp_path):
     from crossdistill.config import apply_overrides, build_config
     from crossdistill.engine.setup import check_run_config
     from crossdistill.search.space import read_space
-    from test_accuracy_study import _study_module
+    from test_accuracy_study import _study_module, study_settings
 
     _study_module("study_plan")
     sys.path.insert(0, str(SCRIPT.parent))
@@ -84,18 +84,7 @@ def test_every_method_s_space_fits_its_runs_and_holds_its_defaults(tmp_path):
     finally:
         sys.path.remove(str(SCRIPT.parent))
 
-    protocols, plan = _study_module("study_protocols"), _study_module("study_plan")
-    settings = plan.Settings(
-        protocol=protocols.PROTOCOLS["cpu"],
-        out=tmp_path,
-        data_root="data.tar.gz",
-        dataset="folder",
-        cache_dir=None,
-        teacher_cache=True,
-        device="cpu",
-        methods=equal_budget.METHODS_TUNED,
-        jobs=2,
-    )
+    settings = study_settings(tmp_path, methods=equal_budget.METHODS_TUNED)
     cells = equal_budget.cells(settings, equal_budget.PAIRS_TUNED, equal_budget.METHODS_TUNED)
     assert {c.method for c in cells} == set(equal_budget.METHODS_TUNED) and len(cells) == 20
     for cell in cells:

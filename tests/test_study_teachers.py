@@ -19,7 +19,7 @@ from conftest import tiny_run
 from crossdistill.config import ModelConfig, build_config
 from crossdistill.engine import train
 from crossdistill.models.factory import create_model
-from test_accuracy_study import _runner_module, _study_module
+from test_accuracy_study import _runner_module, _study_module, study_settings
 
 
 @pytest.fixture(scope="module")
@@ -116,20 +116,9 @@ def test_the_shipped_teacher_configs_train_the_study_s_models():
 
 
 def test_students_start_from_the_kept_teacher_and_no_teacher_run_is_planned(kept_dir, tmp_path):
-    plan_mod, protocols = _study_module("study_plan"), _study_module("study_protocols")
+    plan_mod = _study_module("study_plan")
     kept = _study_module("study_teachers").kept_teachers(kept_dir)
-    settings = plan_mod.Settings(
-        protocol=protocols.PROTOCOLS["cpu"],
-        out=tmp_path / "runs",
-        data_root="data.tar.gz",
-        dataset="folder",
-        cache_dir=None,
-        teacher_cache=True,
-        device="cpu",
-        methods=("vanilla", "kd", "rsd"),
-        jobs=2,
-        kept=kept,
-    )
+    settings = study_settings(tmp_path / "runs", kept=kept)
     plan = {run.name: run for run in plan_mod.build_plan(settings)}
     assert "teacher-resnet_t" not in plan and "teacher-vit_t" in plan  # only resnet_t is kept here
     student = plan["resnet-vit-kd-s0"]
@@ -171,19 +160,7 @@ def test_a_folder_of_students_of_a_trained_teacher_is_not_reused_with_a_kept_one
     runner.main([*common, "--train-teachers", "--dry-list", "--only", "run=resnet-vit-kd-s0"])
     capsys.readouterr()
     plan_mod = _study_module("study_plan")
-    trained = plan_mod.build_plan(
-        plan_mod.Settings(
-            protocol=_study_module("study_protocols").PROTOCOLS["cpu"],
-            out=out,
-            data_root=str(_study_module("study_protocols").DEFAULT_DATA),
-            dataset="folder",
-            cache_dir=None,
-            teacher_cache=True,
-            device="cpu",
-            methods=_study_module("study_protocols").STUDY_METHODS,
-            jobs=2,
-        )
-    )
+    trained = plan_mod.build_plan(study_settings(out, methods=_study_module("study_protocols").STUDY_METHODS))
     student = next(run for run in trained if run.name == "resnet-vit-kd-s0")
     student.run_dir.mkdir(parents=True)
     (student.run_dir / "config.yaml").write_text(yaml.safe_dump(student.config))
@@ -197,21 +174,10 @@ def test_a_folder_of_students_of_a_trained_teacher_is_not_reused_with_a_kept_one
 
 
 def test_the_results_page_names_a_kept_teacher_and_its_commands_need_no_flag(kept_dir, tmp_path):
-    plan_mod, protocols = _study_module("study_plan"), _study_module("study_protocols")
+    plan_mod = _study_module("study_plan")
     report = _study_module("study_report")
     kept = _study_module("study_teachers").kept_teachers(kept_dir)
-    settings = plan_mod.Settings(
-        protocol=protocols.PROTOCOLS["cpu"],
-        out=tmp_path / "runs",
-        data_root=str(protocols.DEFAULT_DATA),
-        dataset="folder",
-        cache_dir=None,
-        teacher_cache=True,
-        device="cpu",
-        methods=("vanilla", "kd", "rsd"),
-        jobs=2,
-        kept=kept,
-    )
+    settings = study_settings(tmp_path / "runs", kept=kept)
     page = report.write_report(settings, plan_mod.build_plan(settings), tmp_path / "docs").read_text()
     manifest = kept["resnet_t"]
     assert f"| {manifest.epochs} (kept: 64 images; top-1 on 40 test images) | {manifest.last_top1:.2f} |" in page
