@@ -101,17 +101,13 @@ def default_params(cell: Cell) -> dict[str, Any]:
     """The method's defaults for the keys of its space: the study's arguments (what the first trial runs)."""
     import yaml
 
-    keys = list((yaml.safe_load(cell.space.read_text()) or {}).keys())
-    out = {}
-    for key in keys:
-        section, _, name = key.partition(".")
-        value = cell.config.get(section, {}).get(name)
-        if value is None:
-            from crossdistill.distillers import method_config
+    from crossdistill.distillers import method_config
 
-            value = getattr(method_config(cell.method), name)
-        out[key] = value
-    return out
+    given = _space_values(cell.config, yaml.safe_load(cell.space.read_text()) or {})
+    return {
+        key: value if value is not None else getattr(method_config(cell.method), key.partition(".")[2])
+        for key, value in given.items()
+    }
 
 
 def cell_estimate(s: Settings, cell: Cell, trials: int, seeds: Sequence[int]) -> float:
@@ -178,13 +174,6 @@ def run_cell(s: Settings, cell: Cell, trials: int, seeds: Sequence[int]) -> dict
 # ------------------------------------------------------------------------------------------ the table
 
 
-def _summary(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((path / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _mean_std(values: Sequence[float], seeds: int) -> str:
     if not values:
         return "-"
@@ -193,19 +182,21 @@ def _mean_std(values: Sequence[float], seeds: int) -> str:
 
 
 def _space_values(config: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key in space:
-        section, _, name = key.partition(".")
-        out[name] = (config.get(section) or {}).get(name)
-    return out
+    """The values of a run config at the dotted keys of a search space (None where the config leaves one out)."""
+    from crossdistill.report import flatten
+
+    flat = flatten(config)
+    return {key: flat.get(key) for key in space}
 
 
 def cell_result(s: Settings, cell: Cell, seeds: Sequence[int]) -> dict[str, Any]:
     import yaml
 
-    default = [_summary(s.out / cell_run_name(cell.pair, cell.method, seed)) for seed in seeds]
+    from crossdistill.search.runs import read_summary
+
+    default = [read_summary(s.out / cell_run_name(cell.pair, cell.method, seed)) for seed in seeds]
     finals = [folder(s, cell) / f"{cell.name}-best-seed{seed}" for seed in seeds]
-    tuned = [_summary(path) for path in finals]
+    tuned = [read_summary(path) for path in finals]
     space = yaml.safe_load(cell.space.read_text()) or {}
     # the values the final runs trained with (best.yaml may be newer: more trials found another best since)
     trained = [
@@ -227,8 +218,8 @@ def cell_result(s: Settings, cell: Cell, seeds: Sequence[int]) -> dict[str, Any]
             if state in trials:
                 trials[state] += 1
     return {
-        "default": [x["last_top1"] for x in default if x],
-        "tuned": [x["last_top1"] for x in tuned if x],
+        "default": [x.last_top1 for x in default if x],
+        "tuned": [x.last_top1 for x in tuned if x],
         "params": params,
         "stale": stale,
         "trials": trials,
@@ -309,7 +300,10 @@ def table(s: Settings, all_cells: Sequence[Cell], seeds: Sequence[int], trials: 
                 if r["tuned"] and r["default"]
                 else "-"
             )
-            values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+            values = ", ".join(
+                f"{key.partition('.')[2]}={v:.3g}" if isinstance(v, float) else f"{key.partition('.')[2]}={v}"
+                for key, v in r["params"].items()
+            )
             L.append(
                 f"| {PAIR_LABELS.get(pair, pair)} | {METHOD_LABELS.get(c.method, c.method)} | "
                 f"{_mean_std(r['default'], len(seeds))} | {tuned} | {gain} | "
