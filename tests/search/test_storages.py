@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,46 @@ def test_two_workers_on_postgresql_run_each_grid_point_once_with_the_results_of_
         assert [state for state, _, _ in results] == ["COMPLETE"] * 4, name
         assert len({params for _, params, _ in results}) == 4, name
     assert outcomes["postgresql"] == outcomes["sqlite"]
+
+
+def _claim_waiting_trials(storage: str, count: int, start: float, claimed) -> None:
+    study = optuna.load_study(study_name="queue", storage=open_storage(storage))
+    time.sleep(max(0.0, start - time.time()))  # all workers ask at once
+    numbers = []
+    for _ in range(count):
+        trial = study.ask()
+        numbers.append(trial.number)
+        try:
+            study.tell(trial, 0.0)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker ran it and told it first
+            numbers.append("told twice")
+    claimed.put(numbers)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_workers_asking_at_once_never_take_the_same_waiting_trial(tmp_path, kind):
+    # Optuna claims a waiting trial by reading WAITING and writing RUNNING; on SQLite, without an immediate
+    # transaction, four workers took the same trial (two runs of one grid point, one failed) about once in six asks
+    storage = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'study.log'}"
+    workers, each = 4, 15
+    study = optuna.create_study(study_name="queue", storage=open_storage(storage))
+    for i in range(workers * each):
+        study.enqueue_trial({"x": float(i)})
+    context = multiprocessing.get_context("spawn")
+    claimed = context.Queue()
+    start = time.time() + 5
+    processes = [
+        context.Process(target=_claim_waiting_trials, args=(storage, each, start, claimed)) for _ in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [process.exitcode for process in processes] == [0] * workers
+    numbers = [number for _ in processes for number in claimed.get(timeout=10)]
+    assert numbers.count("told twice") == 0
+    assert sorted(numbers) == list(range(workers * each))
+    assert all(trial.state.name == "COMPLETE" for trial in study.get_trials())
 
 
 def test_a_journal_file_storage_holds_the_study(tmp_path):

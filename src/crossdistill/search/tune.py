@@ -68,19 +68,33 @@ def open_storage(url: str):
             f"--storage {url!r}: give an SQLAlchemy URL (sqlite:///study.db, postgresql://user@host/db) or "
             "journal:FILE (a journal file on a shared file system)"
         )
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    sqlite = url.startswith("sqlite")
+    # pysqlite's own BEGIN is off: every transaction is an immediate one (below)
+    engine_kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite else {}
     if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9
         retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)}
     else:
         retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)}
     try:
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **retry
         )
     except ImportError as err:
         raise CrossDistillError(f"--storage {url}: {one_line(err)} (PostgreSQL: {INSTALL})") from None
     except Exception as err:  # SQLAlchemy's errors: a server down, a bad URL, a wrong password
         raise CrossDistillError(f"cannot open the study storage {url}: {one_line(err)[:300]}") from None
+    if sqlite:
+        _begin_immediate(storage.engine)
+    return storage
+
+
+def _begin_immediate(engine) -> None:
+    """SQLite transactions that take the write lock when they begin. Optuna claims a waiting trial by reading its
+    state and then setting it to RUNNING; on SQLite its SELECT ... FOR UPDATE locks nothing, so two workers could
+    both read WAITING and run the same trial (an enqueued grid point, a retried trial)."""
+    from sqlalchemy import event
+
+    event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def make_sampler(name: str, seed: int):
