@@ -288,3 +288,21 @@ def test_the_eta_spreads_what_is_left_over_the_workers_at_the_slowdown_measured_
     assert study_run.eta_seconds(log, "now", left, workers=2) == pytest.approx(100 / 2 * 2.0)
     assert study_run.eta_seconds(log, "later", left, workers=2) == pytest.approx(50.0)  # nothing finished yet
     assert study_run.eta_seconds(log, "now", {}, workers=2) == 0.0
+
+
+def test_the_studys_rewrite_keeps_the_takeaways_under_the_title_and_the_other_blocks_at_the_end(tmp_path):
+    plan_mod, report = _study_module("study_plan"), _study_module("study_report")
+    settings = study_settings(tmp_path / "runs")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    takeaways = "<!-- takeaways:start -->\n## What to take away\n\n- try DIST first\n<!-- takeaways:end -->"
+    tuned = "<!-- equal-budget:start -->\n## Equal budget\n<!-- equal-budget:end -->"
+    (docs / "RESULTS.md").write_text(f"# Old title\n\n## Setup\n\nstale setup text\n\n{takeaways}\n\n{tuned}\n")
+
+    page = report.write_report(settings, plan_mod.build_plan(settings), docs).read_text()
+    assert page.startswith(f"# Cross-architecture accuracy study\n\n{takeaways}\n\n")
+    assert page.count("<!-- takeaways:start -->") == 1 and "stale setup text" not in page
+    assert page.rstrip("\n").endswith(tuned)
+
+    again = report.write_report(settings, plan_mod.build_plan(settings), docs).read_text()
+    assert again == page

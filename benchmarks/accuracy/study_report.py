@@ -322,6 +322,8 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     if p.name != "cpu":
         title += f" ({p.name} protocol)"
     L.append(f"# {title}\n")
+    if takeaways := leading_block(md_path):
+        L.append(takeaways + "\n")
     if not p.results:
         L.append(
             "> **SMOKE TEST OUTPUT, NOT RESULTS.** This file was written by the `tiny` protocol (a few hundred "
@@ -636,12 +638,20 @@ def speed_lines(records: Sequence[dict[str, Any]], by_name: dict[str, Run], wall
 KEPT_BLOCKS = re.compile(r"<!-- (demo-seeds|equal-budget):start -->.*?<!-- \1:end -->", re.S)
 """Sections other benchmarks write into the same page (benchmarks/demo_seeds.py, equal_budget.py): kept when the study
 rewrites it."""
+LEADING_BLOCK = re.compile(r"<!-- takeaways:start -->.*?<!-- takeaways:end -->", re.S)
+"""What a reader should take away, written by hand from all the studies: kept under the title when the study rewrites
+the page."""
 
 
 def kept_blocks(md_path: Path) -> str:
     if not md_path.is_file():
         return ""
     return "".join("\n" + m.group(0) + "\n" for m in KEPT_BLOCKS.finditer(md_path.read_text()))
+
+
+def leading_block(md_path: Path) -> str:
+    found = LEADING_BLOCK.search(md_path.read_text()) if md_path.is_file() else None
+    return found.group(0) if found else ""
 
 
 def findings(p: Protocol, plan: Sequence[Run], methods: Sequence[str], teacher_acc: dict[str, float]) -> list[str]:
