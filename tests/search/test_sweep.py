@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -123,3 +127,50 @@ def test_a_preempted_worker_exits_as_a_preempted_run_does(monkeypatch, capsys):
 
     with pytest.raises(Preempted, match="run the same command again to continue"):
         runs.start_workers(_preempted_worker, (), 2)
+
+
+WAITS_FOR_A_STOP = """
+import pathlib, time
+from crossdistill.engine.preemption import Preempted, StopSignal
+
+def wait_for_a_stop(folder, worker, workers):
+    with StopSignal() as stop:
+        pathlib.Path(folder, f"ready-{worker}").write_text("")
+        deadline = time.monotonic() + 60
+        while not stop.requested:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no stop signal reached this worker")
+            time.sleep(0.05)
+    pathlib.Path(folder, f"stopped-{worker}").write_text("")
+    raise Preempted("stopped by SIGTERM after saving a checkpoint", checkpoint="")
+"""
+
+
+def test_a_stop_signal_sent_to_the_main_process_alone_stops_every_worker(tmp_path):
+    """``kill PID`` of a sweep (or a study) reaches its main process only: the workers must save and stop with it,
+    not train on as orphans that a rerun then races."""
+    (tmp_path / "stopper.py").write_text(WAITS_FOR_A_STOP)
+    script = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import stopper\n"
+        "from crossdistill.engine.preemption import Preempted\n"
+        "from crossdistill.search import runs\n"
+        "try:\n"
+        f"    runs.start_workers(stopper.wait_for_a_stop, ({str(tmp_path)!r},), 2)\n"
+        "except Preempted as stop:\n"
+        "    print(stop)\n"
+        "    sys.exit(75)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready-{w}").exists() for w in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, output
+    assert "run the same command again to continue" in output
+    assert all((tmp_path / f"stopped-{w}").exists() for w in (0, 1))

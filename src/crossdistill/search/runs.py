@@ -9,7 +9,9 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,7 +23,7 @@ from ..distillers import METHODS, Distiller
 from ..engine import RunSummary, Trainer
 from ..engine.claim import run_dir_of
 from ..engine.distributed import init_distributed, shutdown
-from ..engine.preemption import EXIT_PREEMPTED, Preempted
+from ..engine.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS, Preempted
 from ..engine.rundir import SUMMARY, inspect_run_dir, lock_holder
 from ..engine.setup import check_run_config
 from ..engine.trainer import EpochHook
@@ -187,15 +189,32 @@ def start_workers(target: Callable[..., None], args: tuple, workers: int) -> Non
         context.Process(target=_worker_main, args=(target, args, i, workers, worker_gpu(gpus, i)))
         for i in range(workers)
     ]
-    for process in processes:
-        process.start()
+
+    def forward(signum, frame) -> None:
+        for process in processes:
+            if process.pid is not None and process.exitcode is None:
+                os.kill(process.pid, signum)
+
+    # A stop signal sent to this process alone (``kill PID``, a scheduler that signals only the job's main process)
+    # would otherwise end it and leave its workers training on, unseen: each worker saves its run and stops instead.
+    previous = (
+        {sig: signal.signal(sig, forward) for sig in PREEMPTION_SIGNALS}
+        if threading.current_thread() is threading.main_thread()
+        else {}
+    )
     try:
         for process in processes:
-            process.join()
-    except KeyboardInterrupt:
-        for process in processes:
-            process.join()
-        raise
+            process.start()
+        try:
+            for process in processes:
+                process.join()
+        except KeyboardInterrupt:
+            for process in processes:
+                process.join()
+            raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     stopped = [p.exitcode for p in processes if p.exitcode != 0]
     if stopped and all(code == EXIT_PREEMPTED for code in stopped):
         raise Preempted(
