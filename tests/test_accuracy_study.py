@@ -306,3 +306,21 @@ def test_the_studys_rewrite_keeps_the_takeaways_under_the_title_and_the_other_bl
 
     again = report.write_report(settings, plan_mod.build_plan(settings), docs).read_text()
     assert again == page
+
+
+def test_a_finished_teacher_without_its_weights_stops_the_study_before_any_student_trains(tmp_path):
+    """Archived run folders (benchmarks/accuracy/results/) keep no checkpoints: copied into an output folder, the
+    teacher counts as finished, and every student would fail on the missing last.pt."""
+    plan_mod, study_run = _study_module("study_plan"), _study_module("study_run")
+    settings = study_settings(tmp_path / "runs")
+    students = [r for r in plan_mod.build_plan(settings) if r.needs == ("teacher-resnet_t",)]
+    teacher = settings.out / "teacher-resnet_t"
+    teacher.mkdir(parents=True)
+    (teacher / "summary.json").write_text("{}")
+
+    with pytest.raises(SystemExit, match=r"teacher-resnet_t: finished in .* but without its weights \(last.pt"):
+        study_run.execute(settings, students, "run_study.py")
+    assert not (settings.out / "logs").exists() and not (settings.out / students[0].name).exists()
+
+    (teacher / "last.pt").write_bytes(b"weights")
+    plan_mod.check_teacher_weights(settings, ["teacher-resnet_t", "teacher-vit_t"])  # vit_t: not finished, to train

@@ -128,3 +128,14 @@ def test_the_table_replaces_its_block_keeps_the_rest_and_survives_the_study_s_re
     page.write_text(f"# Results\n{start}\nno end\n")
     with pytest.raises(SystemExit, match="unpaired or repeated"):
         equal_budget.write_block(page, f"{start}\nnew\n{end}")
+
+
+def test_a_study_teacher_without_its_weights_is_named_before_any_trial(tmp_path):
+    out = tmp_path / "runs"
+    (out / "teacher-resnet_t").mkdir(parents=True)
+    (out / "teacher-resnet_t" / "summary.json").write_text("{}")  # as the archive keeps it: no last.pt
+    args = ["--protocol", "tiny", "--out", str(out), "--methods", "kd", "--results", str(tmp_path / "RESULTS.md")]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "teacher-resnet_t: finished in" in proc.stderr and "without its weights (last.pt" in proc.stderr
+    assert not (out / "equal-budget").exists()

@@ -48,6 +48,7 @@ from study_plan import (  # noqa: E402
     Settings,
     build_plan,
     cell_run_name,
+    check_teacher_weights,
     detect_dataset,
     estimate_seconds,
     fmt_min,
@@ -431,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmds = commands(s, args)
     check_teachers_of(s, chosen, cmds[0])
     if not args.report_only:
+        check_teacher_weights(s, [teacher_run_name(t) for t in {PAIRS[c.pair][0] for c in chosen} - set(s.kept)])
         record_kept(s)
         for i, cell in enumerate(chosen, 1):
             print(f"\n=== [{i}/{len(chosen)}] {cell.name}: {args.trials} trials, then seeds {seeds}", flush=True)

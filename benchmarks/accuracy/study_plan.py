@@ -78,6 +78,18 @@ def is_done_name(s: Settings, name: str) -> bool:
     return (s.out / name / "summary.json").is_file()
 
 
+def check_teacher_weights(s: Settings, names: Sequence[str]) -> None:
+    """The finished teacher runs among ``names`` hold their weights: the archived run folders of
+    ``benchmarks/accuracy/results/`` keep no checkpoints, and a student would fail on a missing one."""
+    weightless = [n for n in dict.fromkeys(names) if is_done_name(s, n) and not (s.out / n / "last.pt").is_file()]
+    if weightless:
+        folders = " ".join(str(s.out / n) for n in weightless)
+        raise SystemExit(
+            f"{', '.join(weightless)}: finished in {s.out} but without its weights (last.pt; archived run folders "
+            f"keep no checkpoints): delete {folders} to train it again (deterministic on CPU), or use another --out"
+        )
+
+
 def available_methods(wanted: Sequence[str]) -> tuple[str, ...]:
     from crossdistill import METHODS
 

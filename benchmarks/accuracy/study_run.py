@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from study_plan import Run, Settings, estimate_wall, fmt_min, is_done, is_done_name, speed_key
+from study_plan import (
+    Run,
+    Settings,
+    check_teacher_weights,
+    estimate_wall,
+    fmt_min,
+    is_done,
+    is_done_name,
+    speed_key,
+)
 from study_protocols import CIFAR10_MEAN, CIFAR10_STD
 
 # ------------------------------------------------------------------------------------------ execution
@@ -191,6 +200,7 @@ def execute(s: Settings, todo: list[Run], invocation: str) -> None:
         f"logs in {s.out / 'logs'}",
         flush=True,
     )
+    check_teacher_weights(s, [name for run in todo for name in run.needs])
     prepare_data(s)
     todo_est = {run.name: run.est_s for run in todo}
     started = time.time()
