@@ -161,12 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             **cache_lines(out / f"search-{name}"),
         }
         ran = len(results["searches"][name]["tried"])
-        extra = (
-            f" ({ran - args.trials} trial(s) past --trials: two workers both asked for the last one)"
-            if ran > args.trials
-            else ""
-        )
-        print(f"{name}: {seconds:.0f} s, {ran} trials{extra}", flush=True)
+        print(f"{name}: {seconds:.0f} s, {ran} trials", flush=True)
     cached, uncached = results["searches"]["cached"], results["searches"]["uncached"]
     results["speedup"] = round(uncached["seconds"] / cached["seconds"], 2)
     print(

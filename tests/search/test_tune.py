@@ -157,3 +157,31 @@ def test_the_shipped_search_spaces_fit_the_own_data_recipe(path):
     recipe = Path(__file__).resolve().parents[2] / "configs" / "own_data" / "distill.yaml"
     params = read_space(path, lambda overrides: load_config(recipe, overrides))
     assert params
+
+
+def test_a_trial_begun_after_the_study_reached_its_target_is_left_out_before_it_trains(tmp_path, capsys):
+    """Two workers count 1 of 2 trials finished and both ask: the later trial is one too many (with the grid, a point
+    run twice). It fails before it trains, marked, and neither counts nor appears in trials.csv."""
+    from crossdistill.search.runs import read_base
+    from crossdistill.search.tune import SURPLUS, SurplusTrial, _counts, _progress, check_not_surplus, write_trials_csv
+
+    base = read_base(tiny_config_file(tmp_path), [], None)
+    spec = Study(base, read_space(_space(tmp_path, SPACE), base.config), "unused", "run", 2, "random", 0, "none")
+    study = optuna.create_study(direction="maximize")
+    study.tell(study.ask(), 50.0)
+    running = study.ask()  # the other worker's trial
+    late = study.ask()
+    with pytest.raises(SurplusTrial, match="trial 2 is not run: 2 trials had begun, the study's target is 2"):
+        objective(spec, late)
+    study.tell(late, state=optuna.trial.TrialState.FAIL)
+    assert not (tmp_path / "runs" / "run").exists()  # nothing trained
+    assert _counts(study) == {"COMPLETE": 1, "RUNNING": 1, "SURPLUS": 1}
+    _progress(study, study.get_trials()[late.number])
+    assert capsys.readouterr().out == ""
+    rows = list(csv.DictReader(write_trials_csv(study, tmp_path / "trials.csv").open()))
+    assert [row["number"] for row in rows] == ["0", "1"]
+
+    assert study.get_trials()[late.number].user_attrs[SURPLUS] is True
+
+    study.tell(running, state=optuna.trial.TrialState.FAIL)  # the other worker's trial failed: room for one more
+    check_not_surplus(study.ask(), 2)  # one finished trial ahead of it: it runs

@@ -155,11 +155,36 @@ class Study:
         return min(self.trials, size)
 
 
+SURPLUS = "surplus"
+"""User attribute of a trial left out because the study already held its target when the trial began."""
+
+
+class SurplusTrial(CrossDistillError):
+    """Raised at the start of a trial that would exceed the study's target (failed, marked, left out)."""
+
+
 def _counts(study) -> dict[str, int]:
     counts: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+        state = "SURPLUS" if trial.user_attrs.get(SURPLUS) else trial.state.name
+        counts[state] = counts.get(state, 0) + 1
     return counts
+
+
+def check_not_surplus(trial, target: int) -> None:
+    """A worker counts the trials, then asks for one; another can ask in between, so two workers that both counted
+    fewer than the target can begin one trial too many (with the grid, a point twice). The trial whose number comes
+    after ``target`` others that finished or run is that one: it is failed before it trains, marked, and left out of
+    the counts and of trials.csv, so that a study runs exactly its target."""
+    optuna = _optuna()
+    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    ahead = sum(t.number < trial.number for t in trial.study.get_trials(deepcopy=False, states=live))
+    if ahead >= target:
+        trial.set_user_attr(SURPLUS, True)
+        raise SurplusTrial(
+            f"trial {trial.number} is not run: {ahead} trials had begun, the study's target is {target} (two workers "
+            "asked at once); it is left out of the results"
+        )
 
 
 def _worker_id() -> str:
@@ -195,6 +220,7 @@ def retry_dead_trials(study) -> list[int]:
 def objective(spec: Study, trial) -> float:
     """One trial: its run config (the base with the sampled values), trained, pruned on the validation accuracy."""
     optuna = _optuna()
+    check_not_surplus(trial, spec.target())
     trial.set_user_attr("worker", _worker_id())
     values = {param.key: param.suggest(trial) for param in spec.params}
     name = trial.user_attrs.get("run") or f"trial-{trial.number:04d}"
@@ -221,6 +247,8 @@ def objective(spec: Study, trial) -> float:
 
 
 def _progress(study, trial) -> None:
+    if trial.user_attrs.get(SURPLUS):
+        return
     params = " ".join(f"{key}={_short(value)}" for key, value in trial.params.items())
     value = f"{trial.value:.2f}" if trial.value is not None else "-"
     try:
@@ -300,6 +328,8 @@ def write_trials_csv(study, path: Path) -> Path:
     writer = csv.writer(buffer)
     writer.writerow(["number", "state", "value", *keys, "run", "duration_s"])
     for trial in trials:
+        if trial.user_attrs.get(SURPLUS):
+            continue
         duration = trial.duration.total_seconds() if trial.duration is not None else ""
         writer.writerow(
             [trial.number, trial.state.name, "" if trial.value is None else trial.value]
