@@ -26,6 +26,18 @@ def equal_budget(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def _equal_budget_module():
+    from test_accuracy_study import _study_module
+
+    _study_module("study_plan")
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import equal_budget
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return equal_budget
+
+
 @pytest.mark.slow
 def test_each_method_gets_the_same_trials_and_its_tuned_result_sits_beside_its_default(tmp_path):
     data = (small_cifar if CIFAR_TARBALL.is_file() else synthetic_cifar)(tmp_path / "cifar10_small.tar.gz")
@@ -75,15 +87,9 @@ def test_every_method_s_space_fits_its_runs_and_holds_its_defaults(tmp_path):
     from crossdistill.config import apply_overrides, build_config
     from crossdistill.engine.setup import check_run_config
     from crossdistill.search.space import read_space
-    from test_accuracy_study import _study_module, study_settings
+    from test_accuracy_study import study_settings
 
-    _study_module("study_plan")
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import equal_budget
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-
+    equal_budget = _equal_budget_module()
     settings = study_settings(tmp_path, methods=equal_budget.METHODS_TUNED)
     cells = equal_budget.cells(settings, equal_budget.PAIRS_TUNED, equal_budget.METHODS_TUNED)
     assert {c.method for c in cells} == set(equal_budget.METHODS_TUNED) and len(cells) == 20
@@ -104,12 +110,7 @@ def test_every_method_s_space_fits_its_runs_and_holds_its_defaults(tmp_path):
 def test_the_table_replaces_its_block_keeps_the_rest_and_survives_the_study_s_rewrite(tmp_path):
     from test_accuracy_study import _study_module
 
-    _study_module("study_plan")
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import equal_budget
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    equal_budget = _equal_budget_module()
     start, end = equal_budget.START, equal_budget.END
     page = tmp_path / "new" / "RESULTS.md"
     page.parent.mkdir()
@@ -139,3 +140,30 @@ def test_a_study_teacher_without_its_weights_is_named_before_any_trial(tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "teacher-resnet_t: finished in" in proc.stderr and "without its weights (last.pt" in proc.stderr
     assert not (out / "equal-budget").exists()
+
+
+@pytest.mark.parametrize("stop, code", [("preempted", 75), ("error", 1)])
+def test_a_stopped_or_failed_cell_ends_the_command_with_one_line_and_its_exit_code(
+    tmp_path, monkeypatch, capsys, stop, code
+):
+    from crossdistill.engine.preemption import Preempted
+    from crossdistill.errors import CrossDistillError
+
+    equal_budget = _equal_budget_module()
+
+    def stopped(*args, **kwargs):
+        if stop == "preempted":
+            raise Preempted("stopped by a signal (SIGTERM/SIGUSR1): run the same command again", checkpoint="")
+        raise CrossDistillError("worker 1 (exit code 1) stopped with an error")
+
+    monkeypatch.setattr(equal_budget, "run_cell", stopped)
+    out = tmp_path / "runs"
+    (out / "teacher-resnet_t").mkdir(parents=True)
+    for name in ("summary.json", "last.pt"):
+        (out / "teacher-resnet_t" / name).write_text("{}")
+    results = tmp_path / "RESULTS.md"
+    args = ["--protocol", "tiny", "--out", str(out), "--methods", "kd", "--results", str(results)]
+    assert equal_budget.main(args) == code
+    err = capsys.readouterr().err
+    assert err.startswith("equal_budget.py: resnet-resmlp-kd: ") and err.count("\n") == 1, err
+    assert not results.exists()  # no table from a study that stopped

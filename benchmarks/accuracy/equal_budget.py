@@ -434,9 +434,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         check_teacher_weights(s, [teacher_run_name(t) for t in {PAIRS[c.pair][0] for c in chosen} - set(s.kept)])
         record_kept(s)
+        from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted
+        from crossdistill.errors import CrossDistillError, one_line
+
         for i, cell in enumerate(chosen, 1):
             print(f"\n=== [{i}/{len(chosen)}] {cell.name}: {args.trials} trials, then seeds {seeds}", flush=True)
-            run_cell(s, cell, args.trials, seeds)
+            try:
+                run_cell(s, cell, args.trials, seeds)
+            except KeyboardInterrupt:
+                return 130
+            except Preempted as stop:  # SIGTERM/SIGUSR1: the runs in training saved a checkpoint
+                print(f"equal_budget.py: {cell.name}: {one_line(stop)}", file=sys.stderr, flush=True)
+                return EXIT_PREEMPTED
+            except CrossDistillError as err:
+                print(f"equal_budget.py: {cell.name}: error: {one_line(err)}", file=sys.stderr, flush=True)
+                return 1
     results = (
         args.results
         or (REPO / "docs" if protocol.results else s.out / "docs") / f"RESULTS{protocol.docs_suffix.upper()}.md"

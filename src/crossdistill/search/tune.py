@@ -119,12 +119,20 @@ def grid_of(params: Sequence[Param]) -> dict[str, list[Any]]:
     return grid
 
 
-def make_pruner(name: str):
+def first_prunable_epoch(warmup_epochs: int) -> int:
+    """Trials report their validation top-1 at epochs 1, 2, ...; during the learning-rate warm-up and one epoch after
+    it, trials of different hyper-parameters score alike (pruning there drops configs at random), so the first epoch
+    a trial may be pruned at is the second one after the warm-up (never the first evaluation)."""
+    return max(warmup_epochs, 0) + 2
+
+
+def make_pruner(name: str, first_epoch: int):
+    """``first_epoch``: :func:`first_prunable_epoch` of the study's base config."""
     optuna = _optuna()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)  # not on the first evaluation
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=first_epoch)
     if name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_epoch)
     return optuna.pruners.NopPruner()
 
 
@@ -139,7 +147,9 @@ class Study:
     def load(self, worker: int = 0):
         optuna = _optuna()
         study = optuna.load_study(
-            study_name=self.study, storage=open_storage(self.storage), pruner=make_pruner(self.pruner)
+            study_name=self.study,
+            storage=open_storage(self.storage),
+            pruner=make_pruner(self.pruner, first_prunable_epoch(self.base.config([]).optim.warmup_epochs)),
         )
         # the seed also follows the trials so far: a continued study does not replay the first session's draws
         study.sampler = make_sampler(self.sampler, self.seed + 1000 * worker + len(study.get_trials(deepcopy=False)))
