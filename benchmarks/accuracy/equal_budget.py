@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmds = commands(s, args)
     check_teachers_of(s, chosen, cmds[0])
     if not args.report_only:
-        check_teacher_weights(s, [teacher_run_name(t) for t in {PAIRS[c.pair][0] for c in chosen} - set(s.kept)])
+        check_teacher_weights(s, [teacher_run_name(PAIRS[c.pair][0]) for c in chosen if PAIRS[c.pair][0] not in s.kept])
         record_kept(s)
         from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted
         from crossdistill.errors import CrossDistillError, one_line
