@@ -24,6 +24,7 @@ from pathlib import Path
 
 from crossdistill import __version__
 from crossdistill.demo import RUNS, run_demo
+from crossdistill.files import write_text_atomic
 
 START, END = "<!-- demo-seeds:start -->", "<!-- demo-seeds:end -->"
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def write_block(path: Path, block: str) -> None:
     text = path.read_text() if path.is_file() else ""
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     new = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(new)
+    write_text_atomic(path, new, hint="the results page")
 
 
 def main(argv: list[str] | None = None) -> int:

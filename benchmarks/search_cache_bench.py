@@ -35,6 +35,7 @@ from pathlib import Path
 from crossdistill.config import load_config
 from crossdistill.demo import recipe
 from crossdistill.engine import train
+from crossdistill.files import write_text_atomic
 from crossdistill.search.runs import read_base
 from crossdistill.search.space import read_space
 from crossdistill.search.tune import open_storage, tune
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        write_text_atomic(args.json, json.dumps(results, indent=1, default=str) + "\n", hint="the JSON output")
         print(f"wrote {args.json}")
     return 0
 

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from crossdistill.files import write_text_atomic
+
 
 def _load(path: Path):
     try:
@@ -59,7 +61,7 @@ def summarize(folder: Path) -> dict:
 def main(argv=None) -> int:
     folder = Path((argv or sys.argv[1:] or ["bench_results"])[0])
     summary = summarize(folder)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2), hint="the bench's output folder")
     if "loader" in summary:
         print(
             f"loader ({summary['loader']['source']}, {summary['loader']['workers']} workers): "

@@ -313,3 +313,43 @@ def test_the_handle_seam_is_given_the_temporarys_path(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "_open_temporary", open_temporary)
     write_text_atomic(tmp_path / "a.json", "x", hint=HINT)
     assert seen == [True]
+
+
+def _plain_writes(source: str) -> list[int]:
+    """Lines of ``source`` that replace a file's contents without this module: ``Path.write_text`` or
+    ``write_bytes``, or ``open`` in a ``w`` or ``x`` mode of anything but the null device (appending to a log is
+    allowed: an interrupted append loses only its own line)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        if name in ("write_text", "write_bytes"):
+            found.append(node.lineno)
+        elif name == "open":
+            method = isinstance(func, ast.Attribute)  # Path.open(mode) or open(file, mode)
+            modes = [a.value for a in node.args[0 if method else 1 :][:1] if isinstance(a, ast.Constant)]
+            modes += [k.value.value for k in node.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)]
+            null = not method and bool(node.args) and ast.unparse(node.args[0]) in ("os.devnull", "'/dev/null'")
+            if any(set(str(m)) & {"w", "x"} for m in modes) and not null:
+                found.append(node.lineno)
+    return found
+
+
+def test_the_package_and_the_studies_replace_files_only_through_this_module():
+    root = Path(__file__).resolve().parents[1]
+    sources = sorted((root / "src" / "crossdistill").rglob("*.py")) + sorted((root / "benchmarks").rglob("*.py"))
+    assert len(sources) > 50
+    plain = {str(p.relative_to(root)): lines for p in sources if (lines := _plain_writes(p.read_text()))}
+    assert plain == {}
+
+
+def test_the_scan_finds_each_kind_of_plain_write():
+    source = (
+        "p.write_text('a')\np.write_bytes(b'a')\nopen(p, 'w')\nopen(p, mode='xb')\np.open('w')\n"
+        "open(p, 'a')\nopen(os.devnull, 'w')\nopen('/dev/null', 'w')\nopen(p)\n"
+    )
+    assert _plain_writes(source) == [1, 2, 3, 4, 5]

@@ -605,7 +605,9 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     )
     L.extend(speed_lines(run_records, by_name, wall_clock))
     L.append("")
-    md_path.write_text("\n".join(L) + "\n" + kept_blocks(md_path))
+    from crossdistill.files import write_text_atomic
+
+    write_text_atomic(md_path, "\n".join(L) + "\n" + kept_blocks(md_path), hint="the results page")
     return md_path
 
 

@@ -255,7 +255,9 @@ def write_report(s: Settings, plan: Sequence[Run], widths, kappas, weights, docs
     plot(plan, widths, kappas, png)
     lines += [f"![top-1 against kappa per teacher width]({png.name})", ""]
     path = docs_dir / "RESULTS_WIDTH.md"
-    path.write_text("\n".join(lines))
+    from crossdistill.files import write_text_atomic
+
+    write_text_atomic(path, "\n".join(lines), hint="the results page")
     return path
 
 
