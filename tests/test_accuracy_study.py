@@ -324,3 +324,27 @@ def test_a_finished_teacher_without_its_weights_stops_the_study_before_any_stude
 
     (teacher / "last.pt").write_bytes(b"weights")
     plan_mod.check_teacher_weights(settings, ["teacher-resnet_t", "teacher-vit_t"])  # vit_t: not finished, to train
+
+
+@pytest.mark.parametrize(
+    "kind, code, line",
+    [
+        ("interrupt", 130, ""),
+        ("preempted", 75, "run_study.py: cell-a: stopped by a signal\n"),
+        ("error", 1, "run_study.py: cell-a: error: a run stopped\n"),
+        ("bug", None, ""),
+    ],
+)
+def test_a_stopped_study_ends_with_one_line_and_its_exit_code(kind, code, line, capsys):
+    from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted
+    from crossdistill.errors import CrossDistillError
+
+    errors = {
+        "interrupt": KeyboardInterrupt(),
+        "preempted": Preempted("stopped by a signal", checkpoint=""),
+        "error": CrossDistillError("a run\nstopped"),
+        "bug": ValueError("a fault of the script"),
+    }
+    assert EXIT_PREEMPTED == 75
+    assert _study_module("study_run").stop_code(errors[kind], "run_study.py", "cell-a") == code
+    assert capsys.readouterr().err == line

@@ -57,7 +57,7 @@ from study_plan import (  # noqa: E402
     teacher_run_name,
 )
 from study_protocols import DEFAULT_DATA, METHOD_LABELS, PAIR_LABELS, PAIRS, PROTOCOLS, REPO  # noqa: E402
-from study_run import check_teachers, record_kept  # noqa: E402
+from study_run import check_teachers, record_kept, stop_code  # noqa: E402
 from study_teachers import TEACHERS_DIR, KeptTeacherError, kept_teachers, verify  # noqa: E402
 
 PAIRS_TUNED = ("resnet-vit", "resnet-resmlp")
@@ -434,21 +434,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         check_teacher_weights(s, [teacher_run_name(PAIRS[c.pair][0]) for c in chosen if PAIRS[c.pair][0] not in s.kept])
         record_kept(s)
-        from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted
-        from crossdistill.errors import CrossDistillError, one_line
-
         for i, cell in enumerate(chosen, 1):
             print(f"\n=== [{i}/{len(chosen)}] {cell.name}: {args.trials} trials, then seeds {seeds}", flush=True)
             try:
                 run_cell(s, cell, args.trials, seeds)
-            except KeyboardInterrupt:
-                return 130
-            except Preempted as stop:  # SIGTERM/SIGUSR1: the runs in training saved a checkpoint
-                print(f"equal_budget.py: {cell.name}: {one_line(stop)}", file=sys.stderr, flush=True)
-                return EXIT_PREEMPTED
-            except CrossDistillError as err:
-                print(f"equal_budget.py: {cell.name}: error: {one_line(err)}", file=sys.stderr, flush=True)
-                return 1
+            except (KeyboardInterrupt, Exception) as err:  # a stopped or failed cell: one line and its exit code
+                code = stop_code(err, "equal_budget.py", cell.name)
+                if code is None:
+                    raise
+                return code
     results = (
         args.results
         or (REPO / "docs" if protocol.results else s.out / "docs") / f"RESULTS{protocol.docs_suffix.upper()}.md"

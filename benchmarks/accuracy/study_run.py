@@ -28,6 +28,7 @@ from study_plan import (
     speed_key,
 )
 from study_protocols import CIFAR10_MEAN, CIFAR10_STD
+from study_teachers import settings_under
 
 # ------------------------------------------------------------------------------------------ execution
 
@@ -58,7 +59,7 @@ def _defining(config: dict[str, Any]) -> dict[str, Any]:
     from crossdistill.report import flatten
 
     flat = flatten(config)
-    out = {k: v for k, v in flat.items() if any(k == c or k.startswith(c + ".") for c in _COMPARED)}
+    out = settings_under(flat, _COMPARED)
     if flat.get("teacher.checkpoint"):  # a kept teacher (<key>.safetensors) or one trained in the study (last.pt)
         out["teacher.checkpoint"] = Path(flat["teacher.checkpoint"]).name
     return out
@@ -338,10 +339,26 @@ def train_job(
     )
 
 
+def stop_code(err: BaseException, prog: str, what: str = "") -> int | None:
+    """The exit code of a study that ``err`` stopped: 130 for Ctrl-C; the preemption code for SIGTERM/SIGUSR1 and 1
+    for a run that stopped with an error, each after one line on stderr (``prog: what: ...``); None for anything
+    else, a fault of the script to raise as it is."""
+    from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted
+    from crossdistill.errors import CrossDistillError, one_line
+
+    if isinstance(err, KeyboardInterrupt):
+        return 130
+    if not isinstance(err, (Preempted, CrossDistillError)):
+        return None
+    head = f"{prog}: {what}: " if what else f"{prog}: "
+    error = "" if isinstance(err, Preempted) else "error: "
+    print(f"{head}{error}{one_line(err)}", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED if isinstance(err, Preempted) else 1
+
+
 def run_invocation(s: Settings, todo: list[Run], argv: Sequence[str], prog: str) -> int | None:
     """Train ``todo`` as one logged invocation (its machine, load and argv before, its duration after) and turn a stop
-    into an exit code: 130 for Ctrl-C, the preemption code for SIGTERM/SIGUSR1, 1 (one line on stderr) when a worker
-    stopped with an error (``prog: error: ...``); None when it ran to its end."""
+    into an exit code (``stop_code``); None when it ran to its end."""
     invocation = datetime.datetime.now().isoformat(timespec="seconds")
     t0 = time.time()
     machine = machine_info(s.device)
@@ -361,18 +378,11 @@ def run_invocation(s: Settings, todo: list[Run], argv: Sequence[str], prog: str)
     )
     try:
         execute(s, todo, invocation)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as err:
-        from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted
-        from crossdistill.errors import CrossDistillError, one_line
-
-        if isinstance(err, Preempted):
-            return EXIT_PREEMPTED
-        if isinstance(err, CrossDistillError):  # a worker stopped (its message is above)
-            print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
-            return 1
-        raise
+    except (KeyboardInterrupt, Exception) as err:
+        code = stop_code(err, prog)
+        if code is None:
+            raise
+        return code
     finally:
         append_log(s.out, {"event": "invocation_end", "invocation": invocation, "seconds": round(time.time() - t0, 1)})
     return None

@@ -167,16 +167,17 @@ DEFINING = (
 )
 
 
+def settings_under(flat: dict[str, Any], prefixes: Sequence[str]) -> dict[str, Any]:
+    """The entries of a flattened config (``a.b.c`` keys) that are one of ``prefixes`` or lie under one."""
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in prefixes)}
+
+
 def differences(run_config: dict[str, Any], kept_config: dict[str, Any]) -> str:
     """The defining settings in which a run's config.yaml and a kept config differ (empty: none)."""
     from crossdistill.config import build_config
     from crossdistill.report import flatten
 
-    def defining(raw: dict[str, Any]) -> dict[str, Any]:
-        flat = flatten(build_config(raw).to_dict())
-        return {k: v for k, v in flat.items() if any(k == d or k.startswith(d + ".") for d in DEFINING)}
-
-    a, b = defining(run_config), defining(kept_config)
+    a, b = (settings_under(flatten(build_config(raw).to_dict()), DEFINING) for raw in (run_config, kept_config))
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return "; ".join(f"{k}: run {a.get(k)!r}, config {b.get(k)!r}" for k in keys[:4])
 
