@@ -140,7 +140,10 @@ def test_the_mean_reduction_equals_the_official_sum_at_the_swin_t_width(kappa):
     assert abs(total.item() - reference_rsd(z_s.numpy(), z_t.numpy(), kappa)) / total.item() < 1e-10
 
 
-@pytest.mark.parametrize("batch,dim,reference_dim", [(8, 16, 768), (32, 64, 768), (128, 24, 512), (5, 200, 2)])
+# D = 2: the narrowest teacher with off-diagonal terms (its 2 terms are rescaled like any other width's)
+@pytest.mark.parametrize(
+    "batch,dim,reference_dim", [(8, 16, 768), (32, 64, 768), (128, 24, 512), (5, 200, 2), (16, 2, 768)]
+)
 @pytest.mark.parametrize("kappa", [0.0, 0.01, 0.5])
 def test_the_mean_reduction_matches_its_float64_reference(batch, dim, reference_dim, kappa):
     z_s, z_t = correlated_pair(batch, dim, seed=batch * 1000 + dim)
