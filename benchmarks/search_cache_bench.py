@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         f"defaults {default.last_top1:.2f}."
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.json, json.dumps(results, indent=1, default=str) + "\n", hint="the JSON output")
         print(f"wrote {args.json}")
     return 0

@@ -1,6 +1,7 @@
 """files.py: the atomic-write helper every writer goes through (the full-disk cases of each writer are in
 tests/engine/test_faults.py)."""
 
+import ast
 import errno
 import os
 import shutil
@@ -319,8 +320,6 @@ def _plain_writes(source: str) -> list[int]:
     """Lines of ``source`` that replace a file's contents without this module: ``Path.write_text`` or
     ``write_bytes``, or ``open`` in a ``w`` or ``x`` mode of anything but the null device (appending to a log is
     allowed: an interrupted append loses only its own line)."""
-    import ast
-
     found = []
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, ast.Call):
