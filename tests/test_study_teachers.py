@@ -24,9 +24,10 @@ from test_accuracy_study import _runner_module, _study_module, study_settings
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> Path:
-    """The study's resnet_t trained alone for one short epoch on the digits."""
+    """The study's kept resnet_t architecture trained alone for one short epoch on the digits."""
+    _study_module("study_models")  # registers resnet18_cifar
     protocols = _study_module("study_protocols")
-    spec = protocols.MODELS["resnet_t"]
+    spec = protocols.teacher_model("resnet_t", kept=True)
     tmp = tmp_path_factory.mktemp("teacher")
     normalisation = {"mean": list(protocols.CIFAR10_MEAN), "std": list(protocols.CIFAR10_STD)}
     cfg = tiny_run(
@@ -58,9 +59,12 @@ def test_a_kept_teacher_has_the_run_s_last_weights_and_a_manifest(kept_dir, teac
     assert manifest["sha256"] == teachers.sha256_of(kept_dir / "resnet_t.safetensors")
     assert manifest["last_top1"] == summary["last_top1"] and manifest["epochs"] == 1
     assert manifest["config"] == "resnet_t.yaml" and manifest["train_images"] == 64
-    assert manifest["command"] == "crossdistill train --config benchmarks/accuracy/teachers/resnet_t.yaml"
+    assert (
+        manifest["command"]
+        == "python benchmarks/accuracy/study_models.py train --config benchmarks/accuracy/teachers/resnet_t.yaml"
+    )
 
-    spec = _study_module("study_protocols").MODELS["resnet_t"]
+    spec = _study_module("study_protocols").teacher_model("resnet_t", kept=True)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     logits = {}
     for name, path in (("kept", kept.weights), ("run", teacher_run / "last.pt")):
@@ -109,7 +113,7 @@ def test_the_shipped_teacher_configs_train_the_study_s_models():
     assert {p.stem for p in configs} >= {"resnet_t", "vit_t"}
     for path in configs:
         cfg = build_config(yaml.safe_load(path.read_text()))
-        spec = protocols.MODELS[path.stem]
+        spec = protocols.teacher_model(path.stem, kept=True)
         assert (cfg.student.name, cfg.student.kwargs, cfg.method) == (spec.name, spec.kwargs, "vanilla"), path
         assert (tuple(cfg.data.mean), tuple(cfg.data.std)) == (protocols.CIFAR10_MEAN, protocols.CIFAR10_STD)
         assert cfg.data.train_subset is None and cfg.data.root == "../shared/data/cifar10_jpg.tar.gz", path
@@ -123,9 +127,13 @@ def test_students_start_from_the_kept_teacher_and_no_teacher_run_is_planned(kept
     assert "teacher-resnet_t" not in plan and "teacher-vit_t" in plan  # only resnet_t is kept here
     student = plan["resnet-vit-kd-s0"]
     assert student.config["teacher"]["checkpoint"] == str(kept_dir / "resnet_t.safetensors")
+    assert student.config["teacher"]["name"] == "resnet18_cifar"  # the kept architecture, not the study's own
     assert student.needs == ()
     assert plan["vit-resnet-kd-s0"].needs == ("teacher-vit_t",)
     trained = plan_mod.build_plan(dataclasses.replace(settings, kept={}))
+    trained_kd = next(r for r in trained if r.name == "resnet-vit-kd-s0")
+    assert trained_kd.config["teacher"]["name"] == "resnet18"
+    assert student.est_s > trained_kd.est_s  # the kept architecture's slower forward (the first run computes it)
     assert sum(run.est_s for run in trained) > sum(run.est_s for run in plan.values())
 
 
@@ -181,6 +189,7 @@ def test_the_results_page_names_a_kept_teacher_and_its_commands_need_no_flag(kep
     page = report.write_report(settings, plan_mod.build_plan(settings), tmp_path / "docs").read_text()
     manifest = kept["resnet_t"]
     assert f"| {manifest.epochs} (kept: 64 images; top-1 on 40 test images) | {manifest.last_top1:.2f} |" in page
+    assert "| teacher | ResNet-18 (widths 32-256, stem stride 2) | `resnet18_cifar` (" in page
     assert "teachers trained in the study on 5,000" in page  # the ViT teacher is not kept here
     assert f"`{kept_dir}/` with their config, SHA-256 and command" in page
     commands = [line for line in page.splitlines() if line.startswith("python benchmarks/accuracy/run_study.py")]
@@ -195,3 +204,21 @@ def test_the_results_page_names_a_kept_teacher_and_its_commands_need_no_flag(kep
     commands = [line for line in trained.splitlines() if line.startswith("python benchmarks/accuracy/run_study.py")]
     assert commands and all("--train-teachers" in c and "--teachers-dir" not in c for c in commands)
     assert "(kept:" not in trained
+
+
+def test_the_kept_resnet_teacher_is_resnet18_keeping_twice_the_resolution():
+    """resnet18_cifar has resnet18's parameters (its weights load) and drops only the stem's max-pool: at 32 px every
+    stage's maps are twice as wide, and the feature info says so (the aligners size from it)."""
+    import timm
+
+    _study_module("study_models")
+    spec = _study_module("study_protocols").teacher_model("resnet_t", kept=True)
+    kept = timm.create_model(spec.name, num_classes=10, **spec.kwargs).eval()
+    plain = timm.create_model("resnet18", num_classes=10, **spec.kwargs).eval()
+    kept.load_state_dict(plain.state_dict())  # strict: the same names and shapes
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sizes = [f.shape[-1] for f in kept.forward_intermediates(x, indices=5, intermediates_only=True)]
+        plain_sizes = [f.shape[-1] for f in plain.forward_intermediates(x, indices=5, intermediates_only=True)]
+    assert sizes == [16, 16, 8, 4, 2] and plain_sizes == [16, 8, 4, 2, 1]
+    assert [32 // info["reduction"] for info in kept.feature_info] == sizes

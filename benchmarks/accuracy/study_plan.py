@@ -24,6 +24,7 @@ from study_protocols import (
     crd_negatives,
     method_defaults,
     rsd_default,
+    teacher_model,
 )
 from study_teachers import KeptTeacher
 
@@ -183,7 +184,7 @@ def run_config(
     if train["epochs"] < 3:  # a smoke-test schedule: no warm-up epoch (it would be the whole run)
         cfg["optim"]["warmup_epochs"] = 0
     if teacher is not None and method != "vanilla":
-        t = MODELS[teacher]
+        t = teacher_model(teacher, kept=teacher in s.kept)
         cfg["teacher"] = {
             "name": t.name,
             "kwargs": copy.deepcopy(t.kwargs),
@@ -352,6 +353,8 @@ def estimate_seconds(s: Settings, run: Run, teacher_cached: bool = False) -> flo
     per_image = 1.0 / train_ips
     if teacher_cached and run.teacher in table["forward"]:
         per_image = max(0.5 * per_image, per_image - 1.0 / table["forward"][run.teacher])
+    elif run.teacher in s.kept and run.teacher in table["forward"]:  # the kept architecture's slower forward
+        per_image += (table.get("kept_forward_factor", {}).get(run.teacher, 1.0) - 1.0) / table["forward"][run.teacher]
     per_image /= table.get("margin", 1.0)
     eval_ips = table["eval"].get(run.student, table["default_eval"]) * table.get("margin", 1.0)
     epochs = run.config["train"]["epochs"]

@@ -140,6 +140,26 @@ MODELS: dict[str, ModelSpec] = {
     )
 }
 
+# The architecture of a kept teacher (study_teachers.py) where it is not the one the study trains itself in minutes
+# (run_study.py --train-teachers): timm's resnet18 downsamples 4x in its stem and leaves 1x1 maps at 32 px, which
+# capped 40 epochs on all of CIFAR-10 at 79.9 %; without the stem's max-pool (study_models.resnet18_cifar, same
+# parameters) a kept ResNet teacher learns from 4x the resolution at every stage.
+KEPT_MODELS: dict[str, ModelSpec] = {
+    "resnet_t": ModelSpec(
+        "resnet_t",
+        "ResNet-18 (widths 32-256, stem stride 2)",
+        "cnn",
+        "resnet18_cifar",
+        dict(MODELS["resnet_t"].kwargs),
+    ),
+}
+
+
+def teacher_model(key: str, kept: bool) -> ModelSpec:
+    """The model of the teacher ``key``: the kept teacher's architecture, or the one the study trains."""
+    return KEPT_MODELS.get(key, MODELS[key]) if kept else MODELS[key]
+
+
 # pair name -> (teacher model, student model)
 PAIRS: dict[str, tuple[str, str]] = {
     "resnet-vit": ("resnet_t", "vit_s"),  # CNN -> token model
@@ -362,6 +382,9 @@ SPEEDS: dict[str, dict[str, Any]] = {
             "resmlp_s|resnet_t|at": 581.1,
         },
         "forward": {"resnet_t": 4400.0, "vit_t": 545.0},
+        # a kept teacher's forward takes this many times the study's own one (KEPT_MODELS): resnet18_cifar's
+        # inference on 128 images at 32 px, 1 thread, CPU time, 2.92-3.02x resnet18's (measured 2026-12-03)
+        "kept_forward_factor": {"resnet_t": 3.0},
         "eval": {"resnet_t": 2380.0, "vit_t": 508.0, "vit_s": 1220.0, "resnet_s": 3570.0, "resmlp_s": 1540.0},
         "run_overhead_s": 5.0,  # measured 0.1-1.3 s (model build, data subset); 5 s allows for the data read
         "default_train": 250.0,

@@ -36,6 +36,7 @@ from study_protocols import (
     Protocol,
     method_defaults,
     rsd_default,
+    teacher_model,
 )
 from study_run import machine_info, read_log
 from study_teachers import TEACHERS_DIR
@@ -92,7 +93,12 @@ def _pm(stats, digits: int = 2) -> str:
 
 
 def plot_accuracy(
-    path: Path, protocol: Protocol, methods: Sequence[str], plan: Sequence[Run], teacher_acc: dict[str, float]
+    path: Path,
+    protocol: Protocol,
+    methods: Sequence[str],
+    plan: Sequence[Run],
+    teacher_acc: dict[str, float],
+    kept: Sequence[str] = (),
 ) -> None:
     import matplotlib
 
@@ -142,7 +148,8 @@ def plot_accuracy(
     ax.set_xticks(np.arange(len(pairs)))
     ax.set_xticklabels(
         [
-            f"{PAIR_LABELS.get(p, p)}\nteacher: {MODELS[PAIRS[p][0]].label}\nstudent: {MODELS[PAIRS[p][1]].label}"
+            f"{PAIR_LABELS.get(p, p)}\nteacher: {teacher_model(PAIRS[p][0], PAIRS[p][0] in kept).label}\n"
+            f"student: {MODELS[PAIRS[p][1]].label}"
             for p in pairs
         ],
         fontsize=8,
@@ -265,8 +272,10 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     n_done = sum(v is not None for v in summaries.values())
 
     teacher_acc: dict[str, float] = {key: kept.last_top1 for key, kept in s.kept.items()}
+    kept_specs = {key: teacher_model(key, kept=True) for key in s.kept}
     teacher_rows = [
-        f"| {MODELS[key].label} (`{MODELS[key].name}`) | {param_count(MODELS[key]) / 1e6:.2f}M | {kept.epochs} "
+        f"| {kept_specs[key].label} (`{kept_specs[key].name}`) | {param_count(kept_specs[key]) / 1e6:.2f}M | "
+        f"{kept.epochs} "
         f"(kept: {kept.train_images:,} images; top-1 on {kept.eval_images:,} test images) | {kept.last_top1:.2f} | "
         f"{kept.best_top1:.2f} "
         f"(epoch {kept.best_epoch}) | {format_seconds(kept.wall_time_s)} ({kept.trained_with.get('device', '?')}) |"
@@ -288,7 +297,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
                 else "not run | - | - |"
             )
         )
-    plot_accuracy(bar_path, p, methods, plan, teacher_acc)
+    plot_accuracy(bar_path, p, methods, plan, teacher_acc, kept=list(s.kept))
     grid = grid_runs(plan, p)
     ref = {}
     if p.sens_pair in p.pairs:
@@ -351,7 +360,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     L.append("## Setup\n")
     teacher_keys = list(dict.fromkeys(PAIRS[pair][0] for pair in p.pairs))
     trained = [key for key in teacher_keys if key not in s.kept]
-    kept_labels = ", ".join(MODELS[key].label for key in teacher_keys if key in s.kept)
+    kept_labels = ", ".join(teacher_model(key, kept=True).label for key in teacher_keys if key in s.kept)
     kept_dir = next(iter(s.kept.values())).weights.parent if s.kept else TEACHERS_DIR
     subset = "all 50,000" if p.train_subset is None else f"{p.train_subset:,} (class-balanced, fixed)"
     tsubset = (
@@ -415,7 +424,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         roles.setdefault(t, "teacher")
         roles.setdefault(st, "student")
     for key, role in roles.items():
-        spec = MODELS[key]
+        spec = teacher_model(key, kept=key in s.kept) if role == "teacher" else MODELS[key]
         kw = ", ".join(f"{k}={v}" for k, v in spec.kwargs.items())
         L.append(f"| {role} | {spec.label} | `{spec.name}` ({kw}) | {param_count(spec) / 1e6:.2f}M |")
     L.append("")

@@ -78,7 +78,8 @@ def check_existing(run: Run) -> None:
     saved = _defining(normalised_config(yaml.safe_load(path.read_text()) or {}))
     planned = _defining(build_config(copy.deepcopy(run.config)).to_dict())
     diff = sorted(k for k in set(saved) | set(planned) if saved.get(k) != planned.get(k))
-    if diff == ["teacher.checkpoint"]:
+    # a kept teacher may be another architecture than the study's own (study_protocols.KEPT_MODELS)
+    if "teacher.checkpoint" in diff and all(k.startswith("teacher.") for k in diff):
         trained_here = saved["teacher.checkpoint"] == "last.pt"
         raise SystemExit(
             f"{run.run_dir} was distilled from "

@@ -5,7 +5,7 @@ kept teacher of a model key instead of training its own, unless ``run_study.py -
 
 Keep a finished teacher run (writes the three files; an existing kept teacher is replaced only with ``--replace``)::
 
-    crossdistill train --config benchmarks/accuracy/teachers/resnet_t.yaml
+    python benchmarks/accuracy/study_models.py train --config benchmarks/accuracy/teachers/resnet_t.yaml
     python benchmarks/accuracy/study_teachers.py runs/teachers/resnet_t --key resnet_t
 """
 
@@ -25,11 +25,13 @@ from typing import Any, Sequence
 HERE = Path(__file__).resolve().parent
 TEACHERS_DIR = HERE / "teachers"
 MANIFEST_FORMAT = "crossdistill-kept-teacher/1"
+TRAIN_CONFIGS = "benchmarks/accuracy/teachers"  # the training configs, as the manifest's command names them
 
 if str(HERE) not in sys.path:  # run as a script: the study_* modules beside this file
     sys.path.insert(0, str(HERE))
 
-from study_protocols import CIFAR10_MEAN, CIFAR10_STD, MODELS  # noqa: E402
+import study_models  # noqa: E402,F401  (registers the kept ResNet teacher's resnet18_cifar for its export)
+from study_protocols import CIFAR10_MEAN, CIFAR10_STD, MODELS, teacher_model  # noqa: E402
 
 
 class KeptTeacherError(Exception):
@@ -193,7 +195,7 @@ def keep(run_dir: Path, key: str, directory: Path = TEACHERS_DIR, replace: bool 
 
     if key not in MODELS:
         raise KeptTeacherError(f"unknown model key {key!r}; the study's models: {', '.join(MODELS)}")
-    spec = MODELS[key]
+    spec = teacher_model(key, kept=True)
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
@@ -239,7 +241,7 @@ def keep(run_dir: Path, key: str, directory: Path = TEACHERS_DIR, replace: bool 
         eval_images=int(data.get("eval_subset") or 10_000),
         wall_time_s=float(summary["wall_time_s"]),
         config=config_path.name,
-        command=f"crossdistill train --config benchmarks/accuracy/teachers/{config_path.name}",
+        command=f"python benchmarks/accuracy/study_models.py train --config {TRAIN_CONFIGS}/{config_path.name}",
         trained_with=_versions(str((cfg.get("train") or {}).get("device", "auto"))),
         mean=mean,
         std=std,
