@@ -35,7 +35,7 @@ def teacher_run(tmp_path_factory) -> Path:
         method="vanilla",
         student={"name": spec.name, "kwargs": copy.deepcopy(spec.kwargs)},
         data={"train_subset": 64, "eval_subset": 40, **normalisation},
-        train={"epochs": 1, "run_name": "resnet_t"},
+        train={"epochs": 1, "run_name": "resnet_t", "device": "auto"},
     )
     train(build_config(cfg), out=io.StringIO())
     return tmp / "runs" / "resnet_t"
@@ -59,6 +59,7 @@ def test_a_kept_teacher_has_the_run_s_last_weights_and_a_manifest(kept_dir, teac
     assert manifest["sha256"] == teachers.sha256_of(kept_dir / "resnet_t.safetensors")
     assert manifest["last_top1"] == summary["last_top1"] and manifest["epochs"] == 1
     assert manifest["config"] == "resnet_t.yaml" and manifest["train_images"] == 64
+    assert manifest["trained_with"]["device"] == "cpu"  # what "auto" chose, from the run's train.log
     assert (
         manifest["command"]
         == "python benchmarks/accuracy/study_models.py train --config benchmarks/accuracy/teachers/resnet_t.yaml"

@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -147,6 +148,13 @@ def _versions(device: str) -> dict[str, str]:
     }
 
 
+def _device_of(run_dir: Path, configured: str) -> str:
+    """The device the run trained on: its config's, or for ``auto`` the one its train.log names."""
+    log = run_dir / "train.log"
+    found = re.search(r" device (\S+) \|", log.read_text()) if configured == "auto" and log.is_file() else None
+    return found.group(1) if found else configured
+
+
 # what makes a teacher run the one its config describes (data.root and the output folder may differ)
 DEFINING = (
     "student",
@@ -242,7 +250,7 @@ def keep(run_dir: Path, key: str, directory: Path = TEACHERS_DIR, replace: bool 
         wall_time_s=float(summary["wall_time_s"]),
         config=config_path.name,
         command=f"python benchmarks/accuracy/study_models.py train --config {TRAIN_CONFIGS}/{config_path.name}",
-        trained_with=_versions(str((cfg.get("train") or {}).get("device", "auto"))),
+        trained_with=_versions(_device_of(run_dir, str((cfg.get("train") or {}).get("device", "auto")))),
         mean=mean,
         std=std,
     )
