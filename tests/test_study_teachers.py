@@ -191,6 +191,7 @@ def test_the_results_page_names_a_kept_teacher_and_its_commands_need_no_flag(kep
     manifest = kept["resnet_t"]
     assert f"| {manifest.epochs} (kept: 64 images; top-1 on 40 test images) | {manifest.last_top1:.2f} |" in page
     assert "| teacher | ResNet-18 (widths 32-256, stem stride 2) | `resnet18_cifar` (" in page
+    assert "the ResNet student's last stage is 1 x 1, the kept ResNet teacher's 2 x 2" in page
     assert "teachers trained in the study on 5,000" in page  # the ViT teacher is not kept here
     assert f"`{kept_dir}/` with their config, SHA-256 and command" in page
     commands = [line for line in page.splitlines() if line.startswith("python benchmarks/accuracy/run_study.py")]
@@ -204,6 +205,7 @@ def test_the_results_page_names_a_kept_teacher_and_its_commands_need_no_flag(kep
     ).read_text()
     commands = [line for line in trained.splitlines() if line.startswith("python benchmarks/accuracy/run_study.py")]
     assert commands and all("--train-teachers" in c and "--teachers-dir" not in c for c in commands)
+    assert "and the ResNet's last stage is 1 x 1." in trained
     assert "(kept:" not in trained
 
 
@@ -223,3 +225,24 @@ def test_the_kept_resnet_teacher_is_resnet18_keeping_twice_the_resolution():
         plain_sizes = [f.shape[-1] for f in plain.forward_intermediates(x, indices=5, intermediates_only=True)]
     assert sizes == [16, 16, 8, 4, 2] and plain_sizes == [16, 8, 4, 2, 1]
     assert [32 // info["reduction"] for info in kept.feature_info] == sizes
+
+
+def test_a_kept_teacher_of_another_architecture_is_refused(kept_dir):
+    """timm's resnet18 weights load into resnet18_cifar without an error: the kept config's model is checked."""
+    teachers = _study_module("study_teachers")
+    config = yaml.safe_load((kept_dir / "resnet_t.yaml").read_text())
+    config["student"]["name"] = "resnet18"  # a resnet_t kept before the kept architecture changed
+    (kept_dir / "resnet_t.yaml").write_text(yaml.safe_dump(config))
+    kept = teachers.kept_teachers(kept_dir)["resnet_t"]
+    with pytest.raises(
+        teachers.KeptTeacherError, match=r"trained resnet18 .*the study's kept resnet_t is resnet18_cifar"
+    ):
+        teachers.verify(kept)
+
+
+def test_calibrating_needs_the_study_s_own_teachers(kept_dir, tmp_path):
+    """The speeds are keyed by the study's own teachers: a calibration with a kept one would mislabel them."""
+    runner = _runner_module()
+    args = ["--protocol", "cpu", "--out", str(tmp_path / "out"), "--teachers-dir", str(kept_dir), "--calibrate"]
+    with pytest.raises(SystemExit, match="--calibrate measures the speeds .*add --train-teachers"):
+        runner.main(args)

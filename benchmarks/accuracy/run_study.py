@@ -16,9 +16,9 @@ ImageFolder / CIFAR path with ``--data-root``), the study
 
 Every run is an ordinary crossdistill run directory ``<out>/<run name>`` (config.yaml,
 summary.json, metrics.csv, checkpoints); the YAML of every planned run is also written to
-``<out>/configs/`` so each can be rerun alone with ``crossdistill train --config`` (the ResMLP
-runs need ``study_models`` imported: see that module). A run whose summary.json exists is
-skipped, an interrupted one is resumed from its checkpoint: the study can be run in chunks
+``<out>/configs/`` so each can be rerun alone with ``python benchmarks/accuracy/study_models.py train
+--config`` (``crossdistill`` with the study's ResMLP student and kept ResNet teacher registered). A run
+whose summary.json exists is skipped, an interrupted one is resumed from its checkpoint: the study can be run in chunks
 (``--only teachers``, ``--only pair=vit-resnet``, ...) or simply re-invoked. The runs are trained by
 the workers of ``crossdistill sweep`` (``--jobs`` processes, each taking the next run that is
 neither finished nor claimed; the teachers first).
@@ -209,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [m for m in wanted if m not in methods]
     if missing:
         print(f"note: methods not in this installation, left out: {', '.join(missing)}", flush=True)
+    if args.calibrate and settings.kept:
+        raise SystemExit(
+            "run_study.py: --calibrate measures the speeds of study_protocols.SPEEDS, which are keyed by the study's "
+            "own teachers: add --train-teachers"
+        )
     plan = build_plan(settings)
     selected = select(plan, parse_only(args.only))
 

@@ -66,7 +66,7 @@ if not timm.is_model(NAME):
 RESNET_NAME = "resnet18_cifar"
 
 if not timm.is_model(RESNET_NAME):
-    from timm.models import register_model
+    from timm.models import generate_default_cfgs, register_model
     from timm.models.resnet import BasicBlock, ResNet, _cfg, _create_resnet
     from torch import nn
 

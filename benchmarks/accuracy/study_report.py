@@ -533,9 +533,14 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
             else ", to convergence on all 50,000 training images."
         )
     )
+    last_stages = (
+        "the ResNet student's last stage is 1 x 1, the kept ResNet teacher's 2 x 2 (no stem max-pool)"
+        if "resnet_t" in s.kept
+        else "the ResNet's last stage is 1 x 1"
+    )
     L.append(
         "- **Resolution.** The paper upsamples CIFAR to 224 px (RandomResizedCrop); we train at the native "
-        "32 px, so the ViT and ResMLP see 8 x 8 tokens of 4 px and the ResNet's last stage is 1 x 1."
+        f"32 px, so the ViT and ResMLP see 8 x 8 tokens of 4 px and {last_stages}."
     )
     L.append(
         f"- **Schedule and data.** The paper trains 300 epochs on all 50,000 CIFAR-100 images with mixup, cutmix "
@@ -564,8 +569,8 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     L.append(study_command(p, s, "--report-only") + "   # rewrite this page from the finished runs")
     L.append("```\n")
     L.append(
-        "Each run's resolved YAML is in `configs/` of the output folder (`crossdistill train --config` "
-        "reruns one alone; the ResMLP student is registered by `benchmarks/accuracy/study_models.py`). "
+        "Each run's resolved YAML is in `configs/` of the output folder (`python benchmarks/accuracy/study_models.py "
+        "train --config` reruns one alone: `crossdistill` with the study's ResMLP and kept ResNet registered). "
         "Runs are deterministic for a given seed, machine and torch build, on CPU and on CUDA. Checked: a second "
         "invocation of the gpu protocol into a fresh output folder on the same H100 gave the same training "
         "losses and accuracies in all 73 runs; on the CPU, two cells rerun into a fresh folder (a cold teacher "

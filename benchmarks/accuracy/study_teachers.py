@@ -120,7 +120,24 @@ def kept_teachers(directory: Path = TEACHERS_DIR) -> dict[str, KeptTeacher]:
 
 
 def verify(kept: KeptTeacher) -> None:
-    """The weights exist and are the ones the manifest describes."""
+    """The weights exist and are the ones the manifest describes, of the architecture the study plans for the key
+    (its training config says which: weights of resnet18 load into resnet18_cifar without an error)."""
+    import yaml
+
+    config_path = kept.weights.parent / kept.config
+    try:
+        student = (yaml.safe_load(config_path.read_text()) or {}).get("student") or {}
+    except (OSError, yaml.YAMLError, AttributeError) as err:
+        raise KeptTeacherError(
+            f"kept teacher {kept.key}: cannot read its training config {config_path} ({err})"
+        ) from None
+    spec = teacher_model(kept.key, kept=True)
+    if student.get("name") != spec.name or (student.get("kwargs") or {}) != spec.kwargs:
+        raise KeptTeacherError(
+            f"kept teacher {kept.key}: {config_path} trained {student.get('name')} {student.get('kwargs')}, the "
+            f"study's kept {kept.key} is {spec.name} {spec.kwargs}; keep a teacher of that model, or run the study "
+            "with --train-teachers"
+        )
     if not kept.weights.is_file():
         raise KeptTeacherError(
             f"kept teacher {kept.key}: {kept.weights} is missing; restore it, or run the study with --train-teachers"
@@ -193,8 +210,9 @@ def differences(run_config: dict[str, Any], kept_config: dict[str, Any]) -> str:
 
 
 def keep(run_dir: Path, key: str, directory: Path = TEACHERS_DIR, replace: bool = False) -> KeptTeacher:
-    """Export the last-epoch weights of the finished teacher run ``run_dir`` (a model of ``MODELS[key]``) into
-    ``directory`` with its manifest; the training config must already be there as ``<key>.yaml``."""
+    """Export the last-epoch weights of the finished teacher run ``run_dir`` (a model of
+    ``teacher_model(key, kept=True)``) into ``directory`` with its manifest; the training config must already be
+    there as ``<key>.yaml``."""
     import yaml
 
     from crossdistill.export import export_run
