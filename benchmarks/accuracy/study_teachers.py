@@ -26,13 +26,13 @@ from typing import Any, Sequence
 HERE = Path(__file__).resolve().parent
 TEACHERS_DIR = HERE / "teachers"
 MANIFEST_FORMAT = "crossdistill-kept-teacher/1"
-TRAIN_CONFIGS = "benchmarks/accuracy/teachers"  # the training configs, as the manifest's command names them
+TRAIN_CONFIGS = TEACHERS_DIR.relative_to(HERE.parent.parent).as_posix()  # as the manifest's command names them
 
 if str(HERE) not in sys.path:  # run as a script: the study_* modules beside this file
     sys.path.insert(0, str(HERE))
 
 import study_models  # noqa: E402,F401  (registers the kept ResNet teacher's resnet18_cifar for its export)
-from study_protocols import CIFAR10_MEAN, CIFAR10_STD, MODELS, teacher_model  # noqa: E402
+from study_protocols import CIFAR10_MEAN, CIFAR10_STD, MODELS, ModelSpec, teacher_model  # noqa: E402
 
 
 class KeptTeacherError(Exception):
@@ -119,6 +119,11 @@ def kept_teachers(directory: Path = TEACHERS_DIR) -> dict[str, KeptTeacher]:
     return out
 
 
+def _is_model(student: dict[str, Any], spec: ModelSpec) -> bool:
+    """A config's ``student`` section builds the model ``spec`` describes."""
+    return student.get("name") == spec.name and (student.get("kwargs") or {}) == spec.kwargs
+
+
 def verify(kept: KeptTeacher) -> None:
     """The weights exist and are the ones the manifest describes, of the architecture the study plans for the key
     (its training config says which: weights of resnet18 load into resnet18_cifar without an error)."""
@@ -132,7 +137,7 @@ def verify(kept: KeptTeacher) -> None:
             f"kept teacher {kept.key}: cannot read its training config {config_path} ({err})"
         ) from None
     spec = teacher_model(kept.key, kept=True)
-    if student.get("name") != spec.name or (student.get("kwargs") or {}) != spec.kwargs:
+    if not _is_model(student, spec):
         raise KeptTeacherError(
             f"kept teacher {kept.key}: {config_path} trained {student.get('name')} {student.get('kwargs')}, the "
             f"study's kept {kept.key} is {spec.name} {spec.kwargs}; keep a teacher of that model, or run the study "
@@ -229,7 +234,7 @@ def keep(run_dir: Path, key: str, directory: Path = TEACHERS_DIR, replace: bool 
     summary = json.loads(summary_path.read_text())
     cfg = normalised_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
     student, method = cfg.get("student") or {}, cfg.get("method")
-    if student.get("name") != spec.name or (student.get("kwargs") or {}) != spec.kwargs or method != "vanilla":
+    if not _is_model(student, spec) or method != "vanilla":
         raise KeptTeacherError(
             f"{run_dir} trained {student.get('name')} {student.get('kwargs')} with method {method}; the study's "
             f"{key} is {spec.name} {spec.kwargs} trained alone (method vanilla)"
