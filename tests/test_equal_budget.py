@@ -74,6 +74,8 @@ def test_each_method_gets_the_same_trials_and_its_tuned_result_sits_beside_its_d
     assert rsd[2] == "-" and rsd[3] != "-", rsd  # no default RSD cell was trained
     command = next(line for line in page.splitlines() if line.startswith("python benchmarks/accuracy/equal_budget.py"))
     assert "--protocol tiny" in command and "--methods kd,rsd --trials 2 --seeds 0" in command, command
+    plot = results.parent / "results_tiny_equal_budget.png"
+    assert plot.read_bytes().startswith(b"\x89PNG") and f"]({plot.name})" in page  # the plot beside the table
 
     again = equal_budget(*tuned).stdout
     assert "trial 0 complete" not in again and "2/2 trials finished" in again, again

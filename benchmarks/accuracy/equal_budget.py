@@ -56,7 +56,16 @@ from study_plan import (  # noqa: E402
     run_config,
     teacher_run_name,
 )
-from study_protocols import DEFAULT_DATA, METHOD_LABELS, PAIR_LABELS, PAIRS, PROTOCOLS, REPO  # noqa: E402
+from study_protocols import (  # noqa: E402
+    DEFAULT_DATA,
+    METHOD_LABELS,
+    PAIR_LABELS,
+    PAIRS,
+    PROTOCOLS,
+    REPO,
+    RESULTS_ARCHIVE,
+)
+from study_report import rel_path  # noqa: E402
 from study_run import check_teachers, record_kept, stop_code  # noqa: E402
 from study_teachers import TEACHERS_DIR, KeptTeacherError, kept_teachers, verify  # noqa: E402
 
@@ -92,6 +101,11 @@ def cells(s: Settings, pairs: Sequence[str], methods: Sequence[str]) -> list[Cel
             cfg["train"].pop("teacher_cache", None)  # tune gives the trials of one study a shared cache
             out.append(Cell(pair, method, cfg, SPACES / f"{method}.yaml"))
     return out
+
+
+def archive_of(protocol: str) -> Path:
+    """Where the finished cells of a protocol are kept without checkpoints, beside the study's results/<protocol>."""
+    return RESULTS_ARCHIVE / f"{protocol}-equal-budget"
 
 
 def folder(s: Settings, cell: Cell) -> Path:
@@ -230,15 +244,17 @@ def cell_result(s: Settings, cell: Cell, seeds: Sequence[int]) -> dict[str, Any]
 def commands(s: Settings, args: argparse.Namespace) -> tuple[str, str]:
     """The study's and this script's command lines with this invocation's settings."""
     shared = [f"--protocol {s.protocol.name}"]
-    if s.out != (REPO / "runs" / f"accuracy-{s.protocol.name}").resolve():
-        shared.append(f"--out {shlex.quote(str(s.out))}")
+    # an archived copy (results/<protocol>-equal-budget) is where the table is rewritten from, not where it is run
+    usual_outs = {(REPO / "runs" / f"accuracy-{s.protocol.name}").resolve(), archive_of(s.protocol.name).resolve()}
+    if s.out not in usual_outs:
+        shared.append(f"--out {shlex.quote(rel_path(s.out))}")
     if Path(s.data_root).resolve() != DEFAULT_DATA.resolve():
-        shared.append(f"--data-root {shlex.quote(s.data_root)}")
+        shared.append(f"--data-root {shlex.quote(rel_path(Path(s.data_root)))}")
     shared += [f"--set {shlex.quote(o)}" for o in s.overrides]
     if s.protocol.kept_teachers and not s.kept:
         shared.append("--train-teachers")
     if args.teachers_dir != TEACHERS_DIR:
-        shared.append(f"--teachers-dir {shlex.quote(str(args.teachers_dir))}")
+        shared.append(f"--teachers-dir {shlex.quote(rel_path(args.teachers_dir))}")
     study = " ".join(["python benchmarks/accuracy/run_study.py", *shared])
     own = shared + [
         flag
@@ -271,7 +287,71 @@ def teacher_line(s: Settings, pairs: Sequence[str]) -> str:
     )
 
 
-def table(s: Settings, all_cells: Sequence[Cell], seeds: Sequence[int], trials: int, cmds: tuple[str, str]) -> str:
+def scratch_top1(s: Settings, pair: str, seeds: Sequence[int]) -> list[float]:
+    """The study's student-alone runs of the pair's student (what both columns should beat)."""
+    from crossdistill.search.runs import read_summary
+
+    found = [read_summary(s.out / cell_run_name(pair, "vanilla", seed)) for seed in seeds]
+    return [x.last_top1 for x in found if x]
+
+
+def plot(s: Settings, all_cells: Sequence[Cell], results: dict[str, dict[str, Any]], seeds: Sequence[int], path: Path):
+    """One panel per pair: each method's defaults and tuned bars (mean, std over seeds), the student alone dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pairs = list(dict.fromkeys(c.pair for c in all_cells))
+    widest = max(sum(c.pair == p for c in all_cells) for p in pairs)
+    fig, axes = plt.subplots(
+        1, len(pairs), figsize=(max(5.0, 0.75 * widest + 1.5) * len(pairs), 4.2), sharey=True, squeeze=False
+    )
+    lows: list[float] = []
+    for ax, pair in zip(axes[0], pairs):
+        here = [c for c in all_cells if c.pair == pair]
+        x = np.arange(len(here))
+        for offset, column, color, label in (
+            (-0.2, "default", "#9ecae1", "defaults"),
+            (0.2, "tuned", "#08519c", "tuned"),
+        ):
+            values = [results[c.name][column] for c in here]
+            means = [statistics.mean(v) if v else np.nan for v in values]
+            stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            ax.bar(x + offset, means, 0.38, yerr=stds, capsize=2.5, color=color, label=label)
+            lows += [m - d for m, d in zip(means, stds) if not np.isnan(m)]
+        alone = scratch_top1(s, pair, seeds)
+        if alone:
+            ax.axhline(statistics.mean(alone), color="black", linestyle=":", linewidth=1.2, label="student alone")
+            lows.append(statistics.mean(alone))
+        ax.set_xticks(x)
+        ax.set_xticklabels([METHOD_LABELS.get(c.method, c.method) for c in here], fontsize=8, rotation=30)
+        ax.set_title(PAIR_LABELS.get(pair, pair), fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    if lows:
+        axes[0][0].set_ylim(max(0.0, 5.0 * (min(lows) // 5.0) - 5.0), None)
+    axes[0][0].set_ylabel(f"top-1 (%), last epoch, mean ± std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    title = f"CIFAR-10, {s.protocol.name} protocol: each method at its defaults and after the same tuning budget"
+    if not s.protocol.results:
+        title = "SMOKE TEST (tiny protocol), NOT RESULTS\n" + title
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(
+    s: Settings,
+    all_cells: Sequence[Cell],
+    results: dict[str, dict[str, Any]],
+    seeds: Sequence[int],
+    trials: int,
+    cmds: tuple[str, str],
+    image: str | None,
+) -> str:
     L = [
         START,
         "## Equal tuning budget: defaults vs tuned\n",
@@ -286,7 +366,6 @@ def table(s: Settings, all_cells: Sequence[Cell], seeds: Sequence[int], trials: 
         "| pair | method | defaults | tuned | tuned - defaults | best values | trials (complete / pruned) |",
         "|---|---|---|---|---|---|---|",
     ]
-    results = {c.name: cell_result(s, c, seeds) for c in all_cells}
     for pair in dict.fromkeys(c.pair for c in all_cells):
         here = [c for c in all_cells if c.pair == pair]
         tuned_means = {c.name: statistics.mean(results[c.name]["tuned"]) for c in here if results[c.name]["tuned"]}
@@ -312,6 +391,8 @@ def table(s: Settings, all_cells: Sequence[Cell], seeds: Sequence[int], trials: 
                 f"{r['trials']['complete']} / {r['trials']['pruned']} |"
             )
     L.append("")
+    if image:
+        L.append(f"![defaults vs tuned, per method and pair]({image})\n")
     L.append("<!-- doc-test: skip hours on 2 CPU cores; tests/test_equal_budget.py runs it at a toy size -->")
     L.append("```bash")
     L.append(f"{cmds[0]}   # the teacher and the default column")
@@ -447,8 +528,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.results
         or (REPO / "docs" if protocol.results else s.out / "docs") / f"RESULTS{protocol.docs_suffix.upper()}.md"
     )
-    write_block(results, table(s, all_cells, seeds, args.trials, cmds))
-    print(f"wrote the equal-budget table into {results}", flush=True)
+    found = {c.name: cell_result(s, c, seeds) for c in all_cells}
+    image = None
+    if any(r["default"] or r["tuned"] for r in found.values()):
+        image_path = results.parent / f"results{protocol.docs_suffix}_equal_budget.png"
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        plot(s, all_cells, found, seeds, image_path)
+        image = image_path.name
+    write_block(results, table(s, all_cells, found, seeds, args.trials, cmds, image))
+    print(f"wrote the equal-budget table into {results}" + (f" and its plot {image}" if image else ""), flush=True)
     return 0
 
 
