@@ -192,6 +192,11 @@ def test_the_results_page_names_a_kept_teacher_and_its_commands_need_no_flag(kep
     assert f"| {manifest.epochs} (kept: 64 images; top-1 on 40 test images) | {manifest.last_top1:.2f} |" in page
     assert "| teacher | ResNet-18 (widths 32-256, stem stride 2) | `resnet18_cifar` (" in page
     assert "the ResNet student's last stage is 1 x 1, the kept ResNet teacher's 2 x 2" in page
+    assert (  # the paper-differences bullet tells the kept teacher from the one trained in the study
+        f"alone: kept ResNet-18 (widths 32-256, stem stride 2) ({manifest.last_top1:.2f} %) after one long run on all "
+        "64 training images; ViT (patch 4, 128-d, 4 blocks) trained in the study on the same training images as the "
+        "students, for a few epochs: a weak teacher," in page
+    )
     assert "teachers trained in the study on 5,000" in page  # the ViT teacher is not kept here
     assert f"`{kept_dir}/` with their config, SHA-256 and command" in page
     commands = [line for line in page.splitlines() if line.startswith("python benchmarks/accuracy/run_study.py")]
@@ -206,6 +211,7 @@ def test_the_results_page_names_a_kept_teacher_and_its_commands_need_no_flag(kep
     commands = [line for line in trained.splitlines() if line.startswith("python benchmarks/accuracy/run_study.py")]
     assert commands and all("--train-teachers" in c and "--teachers-dir" not in c for c in commands)
     assert "and the ResNet's last stage is 1 x 1." in trained
+    assert "alone, the ones trained in the study on the same training images as the students" in trained
     assert "(kept:" not in trained
 
 

@@ -237,19 +237,19 @@ def study_command(protocol: Protocol, s: Settings, extra: str = "") -> str:
     # the archived copy of a finished study is where its page is rewritten from, not where it is run
     usual_outs = {(REPO / "runs" / f"accuracy-{protocol.name}").resolve(), (RESULTS_ARCHIVE / protocol.name).resolve()}
     if s.out.resolve() not in usual_outs:
-        parts.append(f"--out {shlex.quote(_rel(s.out))}")
+        parts.append(f"--out {shlex.quote(rel_path(s.out))}")
     if Path(s.data_root).resolve() != DEFAULT_DATA.resolve():
-        parts.append(f"--data-root {shlex.quote(_rel(Path(s.data_root)))}")
+        parts.append(f"--data-root {shlex.quote(rel_path(Path(s.data_root)))}")
     parts += [f"--set {shlex.quote(o)}" for o in s.overrides]
     if protocol.kept_teachers and not s.kept:
         parts.append("--train-teachers")
     kept_dirs = {kept.weights.parent for kept in s.kept.values()}
     if kept_dirs and kept_dirs != {TEACHERS_DIR}:
-        parts.append(f"--teachers-dir {shlex.quote(_rel(next(iter(kept_dirs))))}")
+        parts.append(f"--teachers-dir {shlex.quote(rel_path(next(iter(kept_dirs))))}")
     return " ".join(parts) + (f" {extra}" if extra else "")
 
 
-def _rel(path: Path) -> str:
+def rel_path(path: Path) -> str:
     """A path relative to the repository when it is inside it or beside it (../shared), else absolute."""
     path = Path(path).resolve()
     for base in (REPO, REPO.parent):
@@ -354,7 +354,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         )
     L.append(
         f"Generated {datetime.date.today().isoformat()} by `benchmarks/accuracy/run_study.py` from the run "
-        f"directories in `{_rel(s.out)}/` (each holds config.yaml, summary.json and metrics.csv).\n"
+        f"directories in `{rel_path(s.out)}/` (each holds config.yaml, summary.json and metrics.csv).\n"
     )
 
     L.append("## Setup\n")
@@ -376,7 +376,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         else f"a fixed class-balanced subset of {p.eval_subset:,} test images"
     )
     L.append(
-        f"- Data: CIFAR-10 ({_rel(Path(s.data_root))}, dataset `{s.dataset}`) at its native 32 px. Students "
+        f"- Data: CIFAR-10 ({rel_path(Path(s.data_root))}, dataset `{s.dataset}`) at its native 32 px. Students "
         f"train on {subset} training images, "
         + (f"teachers trained in the study on {tsubset}" if trained else "")
         + ("; " if trained and s.kept else "")
@@ -400,7 +400,7 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         "order and the augmentation); teachers: one run each (seed 0), from scratch, no pre-training; "
         "students use the teacher's last-epoch weights"
         + (
-            f" (kept teachers: the last-epoch weights of one long run each, `{_rel(kept_dir)}/` with their "
+            f" (kept teachers: the last-epoch weights of one long run each, `{rel_path(kept_dir)}/` with their "
             "config, SHA-256 and command; `--train-teachers` trains them in the study instead)."
             if s.kept
             else "."
@@ -526,11 +526,22 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
         "- **Teachers.** The paper distils ImageNet-pretrained teachers fine-tuned on CIFAR-100 (ViT-S 92.4%, "
         "Swin-T, ConvNeXt-T, Mixer-B/16). Ours are small models trained from scratch on CIFAR-10 alone"
         + (
-            ", the ones trained in the study on the same training images as the students, for a few epochs: "
-            "weak teachers, and a token-model teacher trained from scratch on little data is weaker than a CNN "
-            "(no locality prior)."
+            ": kept "
+            + ", ".join(
+                f"{teacher_model(key, kept=True).label} ({kept.last_top1:.2f} %)" for key, kept in s.kept.items()
+            )
+            + f" after {'one long run' if len(s.kept) == 1 else 'one long run each'} on all "
+            f"{max(kept.train_images for kept in s.kept.values()):,} training images" + ("; " if trained else ".")
+            if s.kept
+            else ", "
+        )
+        + (
+            f"{'the ones' if not s.kept else ', '.join(MODELS[key].label for key in trained)} trained in the "
+            f"study on the same training images as the students, for a few epochs: "
+            f"{'weak teachers' if len(trained) > 1 else 'a weak teacher'}, and a token-model teacher trained "
+            "from scratch on little data is weaker than a CNN (no locality prior)."
             if trained
-            else ", to convergence on all 50,000 training images."
+            else ""
         )
     )
     last_stages = (
@@ -579,10 +590,10 @@ def write_report(s: Settings, plan: Sequence[Run], docs_dir: Path) -> Path:
     )
     archive = RESULTS_ARCHIVE / p.name
     if (archive / "study_log.jsonl").exists():
-        archived_report = f"--out {_rel(archive)} --report-only"
+        archived_report = f"--out {rel_path(archive)} --report-only"
         L.append(
             f"The run directories behind this page (config.yaml, metrics.csv, summary.json; no checkpoints) "
-            f"and the runner's log are kept in `{_rel(archive)}/`: "
+            f"and the runner's log are kept in `{rel_path(archive)}/`: "
             f"`{study_command(p, s, '--report-only').replace('--report-only', archived_report)}` "
             "rewrites this page from them."
         )
