@@ -241,8 +241,22 @@ def cell_result(s: Settings, cell: Cell, seeds: Sequence[int]) -> dict[str, Any]
     }
 
 
-def commands(s: Settings, args: argparse.Namespace) -> tuple[str, str]:
-    """The study's and this script's command lines with this invocation's settings."""
+def table_cells(s: Settings, requested: Sequence[Cell]) -> list[Cell]:
+    """The invocation's cells and every other cell tuned in the same folder (its study.db), in the usual order of
+    pairs and methods: invocations of one method or pair at a time add up to one table instead of replacing it."""
+    default_pairs = [p for p in PAIRS_TUNED if p in s.protocol.pairs]
+    pairs = list(dict.fromkeys([*default_pairs, *(c.pair for c in requested)]))
+    methods = list(dict.fromkeys([*METHODS_TUNED, *(c.method for c in requested)]))
+    given = {c.name: c for c in requested}
+    return [
+        given.get(c.name, c)
+        for c in cells(s, pairs, methods)
+        if c.name in given or (folder(s, c) / "study.db").is_file()
+    ]
+
+
+def commands(s: Settings, args: argparse.Namespace, pairs: Sequence[str], methods: Sequence[str]) -> tuple[str, str]:
+    """The study's and this script's command lines with this invocation's settings, for ``pairs`` x ``methods``."""
     shared = [f"--protocol {s.protocol.name}"]
     # an archived copy (results/<protocol>-equal-budget) is where the table is rewritten from, not where it is run
     usual_outs = {(REPO / "runs" / f"accuracy-{s.protocol.name}").resolve(), archive_of(s.protocol.name).resolve()}
@@ -259,8 +273,8 @@ def commands(s: Settings, args: argparse.Namespace) -> tuple[str, str]:
     own = shared + [
         flag
         for flag, given in (
-            (f"--pairs {args.pairs}", args.pairs),
-            (f"--methods {args.methods}", args.methods != ",".join(METHODS_TUNED)),
+            (f"--pairs {','.join(pairs)}", list(pairs) != [p for p in PAIRS_TUNED if p in s.protocol.pairs]),
+            (f"--methods {','.join(methods)}", list(methods) != list(METHODS_TUNED)),
             (f"--trials {args.trials}", args.trials != TRIALS),
             (f"--seeds {args.seeds}", args.seeds),
         )
@@ -510,8 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "shorter) from the speeds of the study's calibration"
         )
         return 0
-    cmds = commands(s, args)
-    check_teachers_of(s, chosen, cmds[0])
+    check_teachers_of(s, chosen, commands(s, args, pairs, methods)[0])
     if not args.report_only:
         check_teacher_weights(s, [teacher_run_name(PAIRS[c.pair][0]) for c in chosen if PAIRS[c.pair][0] not in s.kept])
         record_kept(s)
@@ -528,14 +541,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.results
         or (REPO / "docs" if protocol.results else s.out / "docs") / f"RESULTS{protocol.docs_suffix.upper()}.md"
     )
-    found = {c.name: cell_result(s, c, seeds) for c in all_cells}
+    shown = table_cells(s, all_cells)
+    cmds = commands(s, args, list(dict.fromkeys(c.pair for c in shown)), list(dict.fromkeys(c.method for c in shown)))
+    found = {c.name: cell_result(s, c, seeds) for c in shown}
     image = None
     if any(r["default"] or r["tuned"] for r in found.values()):
         image_path = results.parent / f"results{protocol.docs_suffix}_equal_budget.png"
         image_path.parent.mkdir(parents=True, exist_ok=True)
-        plot(s, all_cells, found, seeds, image_path)
+        plot(s, shown, found, seeds, image_path)
         image = image_path.name
-    write_block(results, table(s, all_cells, found, seeds, args.trials, cmds, image))
+    write_block(results, table(s, shown, found, seeds, args.trials, cmds, image))
     print(f"wrote the equal-budget table into {results}" + (f" and its plot {image}" if image else ""), flush=True)
     return 0
 
