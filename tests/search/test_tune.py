@@ -123,19 +123,24 @@ def test_without_optuna_tune_is_a_one_line_error_naming_the_extra(tmp_path, monk
     )
 
 
-@pytest.mark.slow
-def test_a_killed_worker_s_trial_is_asked_again_and_the_study_reaches_n_trials(tmp_path):
+def _stopped_in_its_first_trial(tmp_path, sig: int) -> tuple[list[str], dict[str, str], str]:
+    """A tune of two 3-epoch trials, sent ``sig`` in its first trial after one epoch; its command, env and storage."""
     config = tiny_config_file(tmp_path, train={"epochs": 3})
     command = [sys.executable, "-m", "crossdistill", "tune", "--config", config, "--space", _space(tmp_path, SPACE)]
     command += ["--trials", "2", "--sampler", "random", "--pruner", "none"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = tmp_path / "runs" / "run" / "trial-0000" / "last.pt"
-    while not checkpoint.exists() and first.poll() is None:  # killed in its first trial, after one epoch
+    while not checkpoint.exists() and first.poll() is None:
         time.sleep(0.2)
-    os.kill(first.pid, signal.SIGKILL)
-    first.wait()
-    storage = f"sqlite:///{tmp_path / 'runs' / 'run' / 'study.db'}"
+    os.kill(first.pid, sig)
+    first.communicate()
+    return command, env, f"sqlite:///{tmp_path / 'runs' / 'run' / 'study.db'}"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_s_trial_is_asked_again_and_the_study_reaches_n_trials(tmp_path):
+    command, env, storage = _stopped_in_its_first_trial(tmp_path, signal.SIGKILL)
     assert _states(storage) == ["RUNNING"]
 
     again = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -146,6 +151,21 @@ def test_a_killed_worker_s_trial_is_asked_again_and_the_study_reaches_n_trials(t
     assert "---- resumed at epoch 2" in log  # the retry took over the killed trial's run directory
     assert not (tmp_path / "runs" / "run" / "trial-0001").exists()  # trial 1 was the retry
     assert (tmp_path / "runs" / "run" / "trial-0002" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_trial_stopped_by_a_signal_resumes_in_the_next_invocation_instead_of_a_new_one(tmp_path):
+    command, env, storage = _stopped_in_its_first_trial(tmp_path, signal.SIGTERM)
+    assert _states(storage) == ["FAIL"]  # its checkpoint saved; the trial is the next invocation's to resume
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "trial(s) 0 stopped by a signal: asked again to resume" in again.stdout
+    assert _states(storage) == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert "---- resumed at" in (tmp_path / "runs" / "run" / "trial-0000" / "train.log").read_text()
+    assert not (tmp_path / "runs" / "run" / "trial-0001").exists()  # trial 1 resumed trial 0's run directory
+    third = subprocess.run(command, env=env, capture_output=True, text=True)  # asked again once, not every time
+    assert "stopped by a signal" not in third.stdout and _states(storage) == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
 SPACES = sorted((Path(__file__).resolve().parents[2] / "configs" / "search").glob("*.yaml"))

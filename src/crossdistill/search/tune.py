@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import yaml
 
 from ..engine import StoppedByHook
+from ..engine.preemption import Preempted
 from ..errors import CrossDistillError, one_line
 from ..files import RERUN_HINT, write_atomic, write_text_atomic
 from .runs import Base, RunSpec, parse_seeds, read_base, read_summary, run_specs, start_workers, train_once
@@ -169,6 +170,12 @@ SURPLUS = "surplus"
 """User attribute of a trial left out because the study already held its target when the trial began."""
 
 
+STOPPED = "stopped"
+"""User attribute of a trial whose run a stop signal interrupted (its checkpoint saved): asked again, once."""
+RESUMES = "resumes"
+"""User attribute of a trial asked again for a stopped one: that trial's number."""
+
+
 class SurplusTrial(CrossDistillError):
     """Raised at the start of a trial that would exceed the study's target (failed, marked, left out)."""
 
@@ -177,6 +184,8 @@ def _counts(study) -> dict[str, int]:
     counts: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
         state = "SURPLUS" if trial.user_attrs.get(SURPLUS) else trial.state.name
+        if state == "FAIL" and trial.user_attrs.get(STOPPED):
+            state = "STOPPED"  # not a failure of the trial: it goes on in the trial asked again for it
         counts[state] = counts.get(state, 0) + 1
     return counts
 
@@ -227,6 +236,20 @@ def retry_dead_trials(study) -> list[int]:
     return retried
 
 
+def retry_stopped_trials(study) -> list[int]:
+    """Trials whose run a stop signal interrupted (SIGTERM/SIGUSR1, their checkpoint saved): asked again once with
+    the same parameters and run directory, so the next invocation resumes them instead of sampling new ones."""
+    optuna = _optuna()
+    trials = study.get_trials(deepcopy=False)
+    asked = {trial.user_attrs.get(RESUMES) for trial in trials}
+    retried = []
+    for trial in trials:
+        if trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs.get(STOPPED) and trial.number not in asked:
+            study.enqueue_trial(trial.params, user_attrs={"run": trial.user_attrs.get("run"), RESUMES: trial.number})
+            retried.append(trial.number)
+    return retried
+
+
 def objective(spec: Study, trial) -> float:
     """One trial: its run config (the base with the sampled values), trained, pruned on the validation accuracy."""
     optuna = _optuna()
@@ -250,6 +273,9 @@ def objective(spec: Study, trial) -> float:
             status, summary = train_once(cfg, out=quiet, on_epoch=on_epoch)
         except StoppedByHook:
             raise optuna.TrialPruned() from None
+        except Preempted:
+            trial.set_user_attr(STOPPED, True)  # the trial fails; the next invocation asks it again (its checkpoint)
+            raise
     if summary is None:
         raise CrossDistillError(f"the run {name} of trial {trial.number} is held by another process")
     trial.set_user_attr("eval_split", summary.eval_split)
@@ -461,6 +487,9 @@ def tune(
     retried = retry_dead_trials(study)
     if retried:
         print(f"trial(s) {', '.join(map(str, retried))} of a killed worker: failed and asked again", flush=True)
+    resumed = retry_stopped_trials(study)
+    if resumed:
+        print(f"trial(s) {', '.join(map(str, resumed))} stopped by a signal: asked again to resume", flush=True)
     if sampler == "grid":  # the grid as waiting trials: workers take each once (Optuna pops a waiting trial atomically)
         grid = grid_of(params)
         keys = list(grid)
