@@ -32,7 +32,6 @@ import argparse
 import datetime
 import json
 import re
-import shlex
 import statistics
 import sys
 from dataclasses import dataclass
@@ -64,8 +63,9 @@ from study_protocols import (  # noqa: E402
     PROTOCOLS,
     REPO,
     RESULTS_ARCHIVE,
+    Protocol,
 )
-from study_report import rel_path  # noqa: E402
+from study_report import shared_flags  # noqa: E402
 from study_run import check_teachers, record_kept, stop_code  # noqa: E402
 from study_teachers import TEACHERS_DIR, KeptTeacherError, kept_teachers, verify  # noqa: E402
 
@@ -101,6 +101,11 @@ def cells(s: Settings, pairs: Sequence[str], methods: Sequence[str]) -> list[Cel
             cfg["train"].pop("teacher_cache", None)  # tune gives the trials of one study a shared cache
             out.append(Cell(pair, method, cfg, SPACES / f"{method}.yaml"))
     return out
+
+
+def default_pairs(protocol: Protocol) -> list[str]:
+    """The pairs compared when ``--pairs`` is not given: those of PAIRS_TUNED the protocol has."""
+    return [p for p in PAIRS_TUNED if p in protocol.pairs]
 
 
 def archive_of(protocol: str) -> Path:
@@ -244,8 +249,7 @@ def cell_result(s: Settings, cell: Cell, seeds: Sequence[int]) -> dict[str, Any]
 def table_cells(s: Settings, requested: Sequence[Cell]) -> list[Cell]:
     """The invocation's cells and every other cell tuned in the same folder (its study.db), in the usual order of
     pairs and methods: invocations of one method or pair at a time add up to one table instead of replacing it."""
-    default_pairs = [p for p in PAIRS_TUNED if p in s.protocol.pairs]
-    pairs = list(dict.fromkeys([*default_pairs, *(c.pair for c in requested)]))
+    pairs = list(dict.fromkeys([*default_pairs(s.protocol), *(c.pair for c in requested)]))
     methods = list(dict.fromkeys([*METHODS_TUNED, *(c.method for c in requested)]))
     given = {c.name: c for c in requested}
     return [
@@ -257,23 +261,15 @@ def table_cells(s: Settings, requested: Sequence[Cell]) -> list[Cell]:
 
 def commands(s: Settings, args: argparse.Namespace, pairs: Sequence[str], methods: Sequence[str]) -> tuple[str, str]:
     """The study's and this script's command lines with this invocation's settings, for ``pairs`` x ``methods``."""
-    shared = [f"--protocol {s.protocol.name}"]
     # an archived copy (results/<protocol>-equal-budget) is where the table is rewritten from, not where it is run
-    usual_outs = {(REPO / "runs" / f"accuracy-{s.protocol.name}").resolve(), archive_of(s.protocol.name).resolve()}
-    if s.out not in usual_outs:
-        shared.append(f"--out {shlex.quote(rel_path(s.out))}")
-    if Path(s.data_root).resolve() != DEFAULT_DATA.resolve():
-        shared.append(f"--data-root {shlex.quote(rel_path(Path(s.data_root)))}")
-    shared += [f"--set {shlex.quote(o)}" for o in s.overrides]
-    if s.protocol.kept_teachers and not s.kept:
-        shared.append("--train-teachers")
-    if args.teachers_dir != TEACHERS_DIR:
-        shared.append(f"--teachers-dir {shlex.quote(rel_path(args.teachers_dir))}")
+    usual_outs = {REPO / "runs" / f"accuracy-{s.protocol.name}", archive_of(s.protocol.name)}
+    teachers_dir = args.teachers_dir if args.teachers_dir != TEACHERS_DIR else None
+    shared = shared_flags(s.protocol, s, usual_outs, teachers_dir)
     study = " ".join(["python benchmarks/accuracy/run_study.py", *shared])
     own = shared + [
         flag
         for flag, given in (
-            (f"--pairs {','.join(pairs)}", list(pairs) != [p for p in PAIRS_TUNED if p in s.protocol.pairs]),
+            (f"--pairs {','.join(pairs)}", list(pairs) != default_pairs(s.protocol)),
             (f"--methods {','.join(methods)}", list(methods) != list(METHODS_TUNED)),
             (f"--trials {args.trials}", args.trials != TRIALS),
             (f"--seeds {args.seeds}", args.seeds),
@@ -467,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     protocol = PROTOCOLS[args.protocol]
-    pairs = [p for p in args.pairs.split(",") if p] if args.pairs else [p for p in PAIRS_TUNED if p in protocol.pairs]
+    pairs = [p for p in args.pairs.split(",") if p] if args.pairs else default_pairs(protocol)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [p for p in pairs if p not in PAIRS] + [m for m in methods if not (SPACES / f"{m}.yaml").is_file()]
     if unknown:

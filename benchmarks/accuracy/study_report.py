@@ -233,20 +233,28 @@ def plot_sensitivity(
 
 
 def study_command(protocol: Protocol, s: Settings, extra: str = "") -> str:
-    parts = ["python benchmarks/accuracy/run_study.py", f"--protocol {protocol.name}"]
     # the archived copy of a finished study is where its page is rewritten from, not where it is run
-    usual_outs = {(REPO / "runs" / f"accuracy-{protocol.name}").resolve(), (RESULTS_ARCHIVE / protocol.name).resolve()}
-    if s.out.resolve() not in usual_outs:
-        parts.append(f"--out {shlex.quote(rel_path(s.out))}")
-    if Path(s.data_root).resolve() != DEFAULT_DATA.resolve():
-        parts.append(f"--data-root {shlex.quote(rel_path(Path(s.data_root)))}")
-    parts += [f"--set {shlex.quote(o)}" for o in s.overrides]
-    if protocol.kept_teachers and not s.kept:
-        parts.append("--train-teachers")
+    usual_outs = {REPO / "runs" / f"accuracy-{protocol.name}", RESULTS_ARCHIVE / protocol.name}
     kept_dirs = {kept.weights.parent for kept in s.kept.values()}
-    if kept_dirs and kept_dirs != {TEACHERS_DIR}:
-        parts.append(f"--teachers-dir {shlex.quote(rel_path(next(iter(kept_dirs))))}")
+    teachers_dir = next(iter(kept_dirs)) if kept_dirs and kept_dirs != {TEACHERS_DIR} else None
+    parts = ["python benchmarks/accuracy/run_study.py", *shared_flags(protocol, s, usual_outs, teachers_dir)]
     return " ".join(parts) + (f" {extra}" if extra else "")
+
+
+def shared_flags(protocol: Protocol, s: Settings, usual_outs: set[Path], teachers_dir: Path | None) -> list[str]:
+    """The flags of ``run_study.py`` (and ``equal_budget.py``) that reproduce the settings ``s``: ``--out`` unless
+    it is one of ``usual_outs``, the other settings where they differ from the protocol's."""
+    flags = [f"--protocol {protocol.name}"]
+    if s.out.resolve() not in {out.resolve() for out in usual_outs}:
+        flags.append(f"--out {shlex.quote(rel_path(s.out))}")
+    if Path(s.data_root).resolve() != DEFAULT_DATA.resolve():
+        flags.append(f"--data-root {shlex.quote(rel_path(Path(s.data_root)))}")
+    flags += [f"--set {shlex.quote(o)}" for o in s.overrides]
+    if protocol.kept_teachers and not s.kept:
+        flags.append("--train-teachers")
+    if teachers_dir is not None:
+        flags.append(f"--teachers-dir {shlex.quote(rel_path(teachers_dir))}")
+    return flags
 
 
 def rel_path(path: Path) -> str:
