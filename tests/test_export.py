@@ -11,8 +11,10 @@ import sys
 
 import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import TINY_STUDENT, TINY_TEACHER, tiny_run
@@ -21,7 +23,7 @@ from crossdistill.cli import main
 from crossdistill.config import build_config
 from crossdistill.engine import train
 from crossdistill.errors import CrossDistillError
-from crossdistill.export import export_run
+from crossdistill.export import export_run, sorted_metadata
 
 SMALL_DATA = {"train_subset": 64, "eval_subset": 40}
 
@@ -290,3 +292,31 @@ def test_a_failed_onnx_export_keeps_the_previous_file_and_leaves_no_temporary(tm
     ):
         export_onnx(torch.nn.Linear(4, 2), torch.zeros(2, 4), path, "torchscript")
     assert path.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_the_same_weights_export_to_the_same_bytes(cnn_run, tmp_path):
+    # safetensors writes its metadata in a hash map's random order: without sorting, the same export had a
+    # different SHA-256 each time (several orders within one process)
+    exports = [tmp_path / str(i) for i in range(6)]
+    for out in exports:
+        export_run(cnn_run, formats="safetensors", weights="last", out=out, stream=io.StringIO())
+    files = {(out / "model.safetensors").read_bytes() for out in exports}
+    assert len(files) == 1
+    with safe_open(str(exports[0] / "model.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "pt" and set(metadata) == {"format", "architecture", "num_classes"}
+
+
+def test_sorted_metadata_keeps_every_tensor_and_pads_the_header():
+    from safetensors.torch import save
+
+    state = {"b": torch.arange(5.0), "a": torch.ones(2, 3, dtype=torch.float16), "c": torch.tensor([7])}
+    metadata = {str(k): "v" * k for k in range(12)}
+    data = sorted_metadata(save(state, metadata=metadata))
+    header_size = int.from_bytes(data[:8], "little")
+    assert header_size % 8 == 0
+    assert list(json.loads(data[8 : 8 + header_size])["__metadata__"]) == sorted(metadata)
+    loaded = safetensors.torch.load(data)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    without_metadata = safetensors.torch.load(sorted_metadata(save(state)))
+    assert all(torch.equal(without_metadata[k], state[k]) for k in state)

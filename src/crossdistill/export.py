@@ -275,7 +275,24 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict
 
     # serialised in memory, then written through a Python handle: a full disk is an OSError we can name
     data = save(state, metadata={"format": "pt", **(metadata or {})})
-    write_bytes_atomic(path, data, hint=EXPORT_DISK_HINT)
+    write_bytes_atomic(path, sorted_metadata(data), hint=EXPORT_DISK_HINT)
+
+
+def sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a serialised safetensors file) with its ``__metadata__`` keys in sorted order.
+
+    safetensors (<= 0.8) writes the metadata in a hash map's random order, so the same weights exported twice
+    had different bytes and SHA-256s (safetensors/safetensors#584). Only the JSON header changes: tensor
+    offsets are relative to the data that follows it, and the header is padded with spaces to 8 bytes as
+    safetensors pads it.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    metadata = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(metadata.items()))} if metadata else {}) | header
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 def export_onnx(
