@@ -402,3 +402,25 @@ def test_a_method_that_needs_indices_gets_them_with_and_without_the_cache(tmp_pa
     assert batches[:4] != batches[4:]  # reshuffled per epoch
     _assert_bitwise(plain, cached)
     assert plain["memory.student"].shape == (128, 8)
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_loader_workers_started_without_fork_read_the_cache(tmp_path, context):
+    # a sweep's workers are spawned, so their loaders' workers are too (and forkserver is Python 3.14's default):
+    # the dataset is pickled, and the cache's logging lambda made every such run fail ("Can't pickle local object")
+    from crossdistill.engine.loaders import build_train_loader
+
+    images = [(torch.full((3, 4, 4), float(i)), i % 2) for i in range(8)]
+    cache = TeacherCache(
+        tmp_path, {"teacher": {"name": "t"}}, ("logits",), {"logits": 2}, len(images), log=lambda m: None
+    )
+    cache.begin_epoch(0)
+    stored = torch.arange(16.0).reshape(8, 2)
+    cache.lookup(torch.arange(4), torch.zeros(4, 3, 4, 4), lambda x: TeacherOutputs(logits=stored[:4]))
+    _, sampler, _, loader = build_train_loader(images, seed=0, batch_size=8, num_workers=1, teacher_cache=cache)
+    loader.multiprocessing_context = context
+    sampler.set_epoch(0)
+    (_, _, index, rows, ok) = next(iter(loader))
+    assert ok.tolist() == [int(i) < 4 for i in index]  # rows the main process stored are seen, the others missing
+    assert torch.equal(rows["logits"][ok].float(), stored[index[ok]])
+    cache.close()

@@ -51,6 +51,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -197,6 +198,10 @@ def _row_crc(rows: np.ndarray) -> np.ndarray:
     return np.fromiter((zlib.crc32(row) for row in flat), dtype=np.int64, count=rows.shape[0])
 
 
+def _warn_from_worker(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 class _Store:
     """One output of one epoch: ``<name>.npy`` [N, D] plus ``<name>.check.npy`` [N] (-1 or the row's CRC-32)."""
 
@@ -255,6 +260,19 @@ class _Store:
                 f"no space left on the device for the teacher cache file {path} ({size / 2**20:.1f} MiB); free some "
                 "space, point train.teacher_cache at another disk, or set train.teacher_cache=null"
             ) from None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a loader worker started with spawn or forkserver (a sweep's workers; Python 3.14's default) gets the store
+        # pickled: it maps the same files again instead of receiving a copy of the arrays
+        state = dict(self.__dict__, data=None, check=None)
+        state["_reopen"] = self.data is not None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        reopen = state.pop("_reopen")
+        self.__dict__.update(state)
+        if reopen:
+            self.open()
 
     def open(self) -> None:
         try:
@@ -349,6 +367,11 @@ class TeacherCache:
         self.hits = self.misses = 0
         self._warned: set[str] = set()
         self._on_main_then_agree(lambda: self._init_dir(digest))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # what a loader worker started with spawn or forkserver receives: it only reads rows (read_rows), never
+        # agrees with other ranks, and warns on its own stderr (the callables of the trainer do not pickle)
+        return dict(self.__dict__, agree=None, log=_warn_from_worker)
 
     def _on_main_then_agree(self, work: Callable[[], None]) -> None:
         """Run ``work`` on the main rank, then let every rank learn whether it succeeded (``agree``: a
