@@ -146,8 +146,8 @@ def test_stop_signal_records_sigterm_and_sigusr1():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def _start(tmp_path, extra=()):
-    cfg = tiny_run(tmp_path, **SECTIONS)
+def _start(tmp_path, extra=(), data=None, own_group=False):
+    cfg = tiny_run(tmp_path, **SECTIONS, **({"data": data} if data else {}))
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     # the same thread count as the in-process runs (conftest), so float reductions run in the same order
@@ -158,6 +158,7 @@ def _start(tmp_path, extra=()):
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        start_new_session=own_group,
     )
 
 
@@ -175,6 +176,24 @@ def test_sigterm_checkpoints_exits_75_and_resume_matches(tmp_path, reference):
     run_dir = tmp_path / "runs" / "run"
     _wait_for(lambda: any((run_dir / "checkpoints").glob("step-*.pt")), proc)
     proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "stop signal received" in err and "--resume" in err
+    resumed = Trainer(build_config(tiny_run(tmp_path, **SECTIONS)), resume=True)
+    resumed.fit()
+    assert_same(final_weights(resumed), reference[0])
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resume_matches(tmp_path, reference):
+    # SLURM and `kill -TERM -PGID` signal every process of the job: the loader workers died first and the main
+    # process failed ("DataLoader worker ... is killed by signal: Terminated") without saving
+    proc = _start(tmp_path, data={"num_workers": 2}, own_group=True)
+    run_dir = tmp_path / "runs" / "run"
+    _wait_for(lambda: any((run_dir / "checkpoints").glob("step-*.pt")), proc)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")

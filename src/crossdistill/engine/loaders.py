@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 import re
+import signal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..errors import CrossDistillError
+from .preemption import PREEMPTION_SIGNALS
 from .sampling import ResumableSampler, SampleSeededDataset
 from .teacher_cache import TeacherCache, WithIndex
 
@@ -34,6 +36,15 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker's ``worker_init_fn``: SIGTERM/SIGUSR1 are for the main process, which saves a checkpoint
+    and then ends its workers. A scheduler or ``kill -TERM -PGID`` signals the whole process group; a worker it
+    killed made the main process fail ("DataLoader worker ... is killed by signal: Terminated") before it could
+    save."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def seed_everything(seed: int) -> None:
@@ -78,6 +89,7 @@ def build_train_loader(
         drop_last=True,
         pin_memory=pin_memory,
         generator=generator,
+        worker_init_fn=ignore_stop_signals,
     )
     return train_set, sampler, generator, loader
 
@@ -92,6 +104,7 @@ def build_eval_loader(
         sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=num_workers,
         pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals,
     )
 
 
