@@ -171,29 +171,14 @@ def _wait_for(predicate, proc, timeout=120):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_75_and_resume_matches(tmp_path, reference):
-    proc = _start(tmp_path)
+@pytest.mark.parametrize("whole_group", [False, True], ids=["main-process", "process-group"])
+def test_sigterm_checkpoints_exits_75_and_resume_matches(tmp_path, reference, whole_group):
+    # whole_group: SLURM and `kill -TERM -PGID` signal every process of the job; the loader workers died first and
+    # the main process failed ("DataLoader worker ... is killed by signal: Terminated") without saving
+    proc = _start(tmp_path, data={"num_workers": 2} if whole_group else None, own_group=whole_group)
     run_dir = tmp_path / "runs" / "run"
     _wait_for(lambda: any((run_dir / "checkpoints").glob("step-*.pt")), proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")
-    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
-    assert "stop signal received" in err and "--resume" in err
-    resumed = Trainer(build_config(tiny_run(tmp_path, **SECTIONS)), resume=True)
-    resumed.fit()
-    assert_same(final_weights(resumed), reference[0])
-
-
-@pytest.mark.slow
-def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resume_matches(tmp_path, reference):
-    # SLURM and `kill -TERM -PGID` signal every process of the job: the loader workers died first and the main
-    # process failed ("DataLoader worker ... is killed by signal: Terminated") without saving
-    proc = _start(tmp_path, data={"num_workers": 2}, own_group=True)
-    run_dir = tmp_path / "runs" / "run"
-    _wait_for(lambda: any((run_dir / "checkpoints").glob("step-*.pt")), proc)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM) if whole_group else proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
