@@ -1,5 +1,6 @@
 """Faults: kills, pre-emption signals, non-finite losses, a full disk. Nothing is lost, resume is exact."""
 
+import csv
 import errno
 import io
 import os
@@ -64,6 +65,39 @@ def test_mid_epoch_stop_and_resume_is_exact(tmp_path, monkeypatch, reference):
     assert [r["eval_top1"] for r in resumed.history] == reference[1]
     steps = sorted(p.name for p in (tmp_path / "runs" / "run" / "checkpoints").glob("step-*.pt"))
     assert len(steps) == 2  # only the newest keep_step_checkpoints are kept
+
+
+class Killed(BaseException):
+    """A SIGKILL at that moment: nothing after it runs, not even the code that handles errors."""
+
+
+def test_a_kill_between_last_pt_and_best_pt_is_repaired_on_resume(tmp_path, monkeypatch, reference):
+    # last.pt (which records the epoch as the best) was written, best.pt and the epoch's metrics.csv row were not:
+    # the resumed run took best.pt's older weights for the best epoch's (and so would export --weights best), and the
+    # row was missing for good
+    from crossdistill.engine import checkpointing
+
+    tops = reference[1]
+    last_improvement = max(e for e in range(1, len(tops) + 1) if tops[e - 1] > max([-1.0, *tops[: e - 1]]))
+    original = checkpointing.save_atomic
+
+    def killed_before_best(state, path, **kwargs):
+        if path.name == "best.pt" and state["epoch"] == last_improvement:
+            raise Killed
+        return original(state, path, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "save_atomic", killed_before_best)
+    with pytest.raises(Killed):
+        Trainer(build_config(tiny_run(tmp_path, **SECTIONS))).fit()
+    monkeypatch.undo()
+    resumed = Trainer(build_config(tiny_run(tmp_path, **SECTIONS)), resume=True)
+    summary = resumed.fit()
+    run_dir = tmp_path / "runs" / "run"
+    assert summary.best_epoch == last_improvement
+    assert load_weights_file(run_dir / "best.pt")["epoch"] == last_improvement
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(tops) + 1))
+    assert [float(r["eval_top1"]) for r in rows] == pytest.approx(tops)
 
 
 ACCUM_SECTIONS = dict(

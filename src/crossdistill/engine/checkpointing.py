@@ -306,7 +306,22 @@ class Checkpointer:
         )
         if resumed.epochs_changed_from is not None:
             self._replan_schedule(resumed)
+        if not resumed.step and int(resumed.best.get("epoch", -1)) == done:
+            self.on_main_then_agree(lambda: self._restore_best(state, done))
         return resumed
+
+    def _restore_best(self, state: dict[str, Any], epoch: int) -> None:
+        """Write best.pt from ``state`` (the end of ``epoch``, its best epoch) unless best.pt holds that epoch: a
+        kill after last.pt was saved but before best.pt was left best.pt one improvement behind what last.pt,
+        the summary and ``export --weights best`` take it to be."""
+        path = self.run_dir / BEST
+        try:
+            current = int(load_weights_file(path).get("epoch", -1)) if path.exists() else None
+        except CrossDistillError:
+            current = None
+        if current != epoch:
+            save_atomic({k: state[k] for k in BEST_KEYS}, path, hint=self.disk_full_hint())
+            self.log(f"{BEST} restored from {CHECKPOINT}: the run was stopped before it recorded epoch {epoch}")
 
     def _read(self, path: Path) -> dict[str, Any]:
         """The checkpoint at ``path``, refused when it is not a run checkpoint or cannot resume with this many ranks."""

@@ -158,7 +158,7 @@ class Trainer:
         self.run_dir_claim.create(resume, self.epochs_changed_from)
         self.log_file = MetricsLog(self.run_dir, cfg.train.tensorboard) if self.env.is_main else None
         if self.log_file is not None and resume:
-            self.log_file.truncate_after(self.start_epoch)
+            self.log_file.restore(self.history)
         session = "run started"
         if resume:
             session = f"resumed at epoch {self.start_epoch + 1} step {self.start_step} from {self.resumed_from}"
