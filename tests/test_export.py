@@ -320,3 +320,53 @@ def test_sorted_metadata_keeps_every_tensor_and_pads_the_header():
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
     without_metadata = safetensors.torch.load(sorted_metadata(save(state)))
     assert all(torch.equal(without_metadata[k], state[k]) for k in state)
+
+
+def test_files_of_the_users_own_in_out_are_refused_and_kept(cnn_run, tmp_path):
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.json").write_text('{"model_type": "my-own-model"}')
+    (own / "notes.txt").write_text("mine")
+    with pytest.raises(CrossDistillError, match=r"config.json was not written by crossdistill export: export to"):
+        export_run(cnn_run, formats="safetensors", out=own, stream=io.StringIO())
+    assert (own / "config.json").read_text() == '{"model_type": "my-own-model"}'
+    assert sorted(p.name for p in own.iterdir()) == ["config.json", "notes.txt"]
+
+    weights_only = tmp_path / "weights"
+    weights_only.mkdir()
+    (weights_only / "model.pth").write_bytes(b"mine")
+    with pytest.raises(CrossDistillError, match=r"holds model.pth, which no earlier crossdistill export there lists"):
+        export_run(cnn_run, formats="safetensors,timm", out=weights_only, stream=io.StringIO())
+    assert (weights_only / "model.pth").read_bytes() == b"mine"
+
+
+def test_a_failed_re_export_leaves_the_previous_export_whole(cnn_run, tmp_path, monkeypatch):
+    # the sidecar was deleted first and the new files written in place: a full disk left model files without
+    # their config.json, which plain timm's local-dir: loader needs
+    out = tmp_path / "exp"
+    export_run(cnn_run, formats="safetensors,timm", weights="last", out=out, stream=io.StringIO())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise CrossDistillError("no space left on the device while writing config.json")
+
+    monkeypatch.setattr("crossdistill.export.write_sidecar", disk_full)
+    with pytest.raises(CrossDistillError, match="no space left"):
+        export_run(cnn_run, formats="safetensors,timm", weights="best", out=out, stream=io.StringIO())
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    export_run(cnn_run, formats="safetensors", weights="best", out=out, stream=io.StringIO())  # and it exports again
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # model.pth: not this one's
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(cnn_run, tmp_path):
+    # a damaged file: its NaN weights gave finite logits on CPU and passed the logits check, "checked"
+    run = tmp_path / "damaged"
+    shutil.copytree(cnn_run, run)
+    state = torch.load(run / "best.pt", weights_only=True)
+    key = next(k for k, v in state["student"].items() if v.is_floating_point() and v.dim() == 4)
+    state["student"][key][0, 0] = float("nan")
+    torch.save(state, run / "best.pt")
+    with pytest.raises(CrossDistillError, match=r"best.pt: 1 of the model's \d+ floating-point tensors hold NaN"):
+        export_run(run, formats="safetensors", weights="best", out=tmp_path / "out", stream=io.StringIO())
+    assert not (tmp_path / "out").exists()

@@ -21,8 +21,10 @@ Every exported file is checked before the command succeeds: the exported model's
 batch (eval images of the run's dataset, or a random batch when the data is not available)
 must equal the checkpoint's (safetensors and timm state dict: max abs difference <= 1e-6;
 ONNX through onnxruntime: <= 1e-4, at two batch sizes). The sidecar is written last, only when
-every check passed. Every file is written atomically (:mod:`crossdistill.files`): a failed or killed
-export leaves each file's previous version or the new one, never a half-written file.
+every check passed. The files are written and checked in ``.crossdistill-export-partial/`` inside the export
+directory and replace the previous export's only then, the sidecar last: a failed or killed export leaves the
+previous export whole. Files there that no earlier crossdistill export lists (a user's own ``config.json``) are
+never overwritten: the export is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import dataclasses
 import inspect
 import io
 import json
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -51,7 +54,7 @@ from .engine.setup import student_data_config
 from .errors import SHOWN_CHARS, CrossDistillError, one_line, shorten, suggest
 from .files import NoSpaceError, write_bytes_atomic, write_path_atomic
 from .models import create_model
-from .models.factory import sized_kwargs
+from .models.factory import check_weights, sized_kwargs
 from .version import __version__
 
 FORMATS = {"safetensors": "model.safetensors", "timm": "model.pth", "onnx": "model.onnx"}
@@ -424,27 +427,67 @@ def _onnx_logits(path: Path, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.
     return [(b, torch.from_numpy(session.run(None, {name: b.numpy()})[0])) for b in batches]
 
 
-def _remove_stale_export(out_dir: Path, names: Sequence[str]) -> list[str]:
-    """Remove the files of an earlier crossdistill export to ``out_dir`` that this export will not rewrite.
+STAGING = ".crossdistill-export-partial"
+"""The folder inside the export directory where an export's files are written and checked before they replace
+the previous export's."""
 
-    An export directory must be coherent: timm's ``local-dir:`` loader would otherwise pair the
-    new config.json with an older model.safetensors. Only files an earlier sidecar lists are removed.
-    """
+
+def _earlier_export(out_dir: Path) -> dict[str, Any] | None:
+    """The ``crossdistill`` section of ``out_dir``'s sidecar: {} without a sidecar; None for a config.json that
+    crossdistill did not write (a user's own, or unreadable)."""
     sidecar = out_dir / SIDECAR
-    if not sidecar.is_file():
-        return []
+    if not sidecar.exists():
+        return {}
     try:
-        previous = json.loads(sidecar.read_text()).get("crossdistill") or {}
-    except (json.JSONDecodeError, AttributeError):
-        return []
+        section = json.loads(sidecar.read_text()).get("crossdistill")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return section if isinstance(section, dict) else None
+
+
+def _refuse_foreign_files(out_dir: Path, names: Sequence[str]) -> dict[str, Any]:
+    """The earlier export in ``out_dir`` (see :func:`_earlier_export`), after checking that every file this export
+    would replace is one that export lists: a user's own config.json or model file is never overwritten."""
+    previous = _earlier_export(out_dir)
+    hint = "export to another --out, or move those files away"
+    if previous is None:
+        raise CrossDistillError(f"{out_dir / SIDECAR} was not written by crossdistill export: {hint}")
+    listed = {str(f) for f in (previous.get("files") or {}).values()}
+    foreign = [FORMATS[f] for f in names if (out_dir / FORMATS[f]).exists() and FORMATS[f] not in listed]
+    staging = out_dir / STAGING
+    if staging.exists() and any(p.name not in (*FORMATS.values(), SIDECAR) for p in staging.iterdir()):
+        foreign.append(f"{STAGING}/")
+    if foreign:
+        raise CrossDistillError(
+            f"{out_dir} holds {', '.join(foreign)}, which no earlier crossdistill export there lists: {hint}"
+        )
+    return previous
+
+
+def _install(out_dir: Path, names: Sequence[str], previous: dict[str, Any]) -> list[str]:
+    """Move the checked files from the staging folder into ``out_dir``, the sidecar last, and remove the files of
+    the earlier export that this one does not rewrite (an export directory must be coherent: timm's ``local-dir:``
+    loader would otherwise pair the new config.json with an older model file). Returns those removed."""
+    staging = out_dir / STAGING
+    for fmt in names:
+        os.replace(staging / FORMATS[fmt], out_dir / FORMATS[fmt])
     removed = []
     for fmt, filename in (previous.get("files") or {}).items():
         path = out_dir / str(filename)
         if fmt in FORMATS and fmt not in names and FORMATS[fmt] == filename and path.is_file():
             path.unlink()
             removed.append(filename)
-    sidecar.unlink()  # rewritten once every check has passed
+    os.replace(staging / SIDECAR, out_dir / SIDECAR)
+    _remove_staging(staging)
     return removed
+
+
+def _remove_staging(staging: Path) -> None:
+    """Remove the staging folder and the files an export writes there (nothing else is in it: checked first)."""
+    if staging.is_dir():
+        for name in (*FORMATS.values(), SIDECAR):
+            (staging / name).unlink(missing_ok=True)
+        staging.rmdir()
 
 
 # ---------------------------------------------------------------- main entry
@@ -479,10 +522,10 @@ def export_run(
     classes = list(state.get("classes") or [])
     name, kwargs = cfg.student.name, sized_kwargs(cfg.student, cfg.data.img_size)  # as the run built it
     out_dir = Path(out) if out is not None else run_dir / "export"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale_removed = _remove_stale_export(out_dir, names)
+    previous = _refuse_foreign_files(out_dir, names)
 
     model = create_model(ModelConfig(name=name, kwargs=kwargs), num_classes)
+    check_weights(model, student_state, ckpt_path)  # NaN/inf (a damaged file) would pass the logits check on CPU
     try:
         model.load_state_dict(student_state, strict=True)
     except RuntimeError as err:
@@ -533,8 +576,13 @@ def export_run(
                 "report the model name and kwargs."
             )
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / STAGING  # written and checked there; the previous export stays whole until they pass
+    _remove_staging(staging)
+    staging.mkdir()
+
     for fmt in names:
-        path = out_dir / FORMATS[fmt]
+        path = staging / FORMATS[fmt]
         result.files[fmt] = path
         if fmt == "safetensors":
             write_safetensors(exported, path, {"architecture": name, "num_classes": str(num_classes)})
@@ -560,27 +608,25 @@ def export_run(
                     check(fmt, _max_diff(logits, model(batch)), f"onnxruntime, batch {len(batch)}")
             how = f"onnxruntime CPU, batches of {len(x)} and 1 ({result.onnx_exporter} exporter, dynamic batch axis)"
         say(
-            f"  {fmt:<12} {path}  logits equal the checkpoint's: max abs diff {result.max_abs_diff[fmt]:.3g} "
-            f"<= {TOLERANCE[fmt]:g} via {how}"
+            f"  {fmt:<12} {out_dir / FORMATS[fmt]}  logits equal the checkpoint's: max abs diff "
+            f"{result.max_abs_diff[fmt]:.3g} <= {TOLERANCE[fmt]:g} via {how}"
         )
 
     model_config = build_sidecar(cfg, name, kwargs, num_classes, classes, preprocessing, model, result, state, run_dir)
-    result.sidecar = out_dir / SIDECAR
-    write_sidecar(result.sidecar, model, kwargs, model_config, preprocessing)
+    write_sidecar(staging / SIDECAR, model, kwargs, model_config, preprocessing)
     if "safetensors" in names:
         # the sidecar is timm's config.json: the directory itself loads with plain timm
-        try:
-            local = _local_dir_logits(out_dir, x)
-            if local is not None:
-                diff = _max_diff(local, reference)
-                check("safetensors", diff, f"timm.create_model('local-dir:{out_dir}', pretrained=True)")
-                say(
-                    f"  {'local-dir':<12} timm.create_model('local-dir:{out_dir}', pretrained=True) loads "
-                    f"{SIDECAR} + {FORMATS['safetensors']}: max abs diff {diff:.3g}"
-                )
-        except BaseException:
-            result.sidecar.unlink(missing_ok=True)
-            raise
+        local = _local_dir_logits(staging, x)
+        if local is not None:
+            diff = _max_diff(local, reference)
+            check("safetensors", diff, f"timm.create_model('local-dir:{out_dir}', pretrained=True)")
+            say(
+                f"  {'local-dir':<12} timm.create_model('local-dir:{out_dir}', pretrained=True) loads "
+                f"{SIDECAR} + {FORMATS['safetensors']}: max abs diff {diff:.3g}"
+            )
+    stale_removed = _install(out_dir, names, previous)
+    result.files = {fmt: out_dir / FORMATS[fmt] for fmt in names}
+    result.sidecar = out_dir / SIDECAR
     say(f"  sidecar      {result.sidecar}")
     if stale_removed:
         say(f"  removed {', '.join(stale_removed)} of an earlier export to this directory (not part of this one)")

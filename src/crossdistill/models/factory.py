@@ -218,7 +218,7 @@ def load_model_weights(
             f"but the run needs {num_classes}. Fine-tune the teacher on this dataset first "
             "(method: vanilla) or fix num_classes / the dataset."
         )
-    _check_weights(model, state, path)
+    check_weights(model, state, path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # size mismatches
@@ -235,7 +235,7 @@ def _listed(keys: list[str], shown: int = 3) -> str:
     return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
 
 
-def _check_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+def check_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Refuse weights that ``load_state_dict`` would not load, or would copy in without a word although they
     cannot be trained weights: integer or boolean values where the model has floating-point ones (a
     quantized or corrupted file; copying casts them), and parameters holding NaN or infinite values."""
