@@ -233,3 +233,21 @@ def test_no_trial_is_pruned_before_the_second_epoch_after_the_warm_up(tmp_path, 
         late.report(10.0, epoch)
         verdicts.append(late.should_prune())
     assert verdicts[:2] == [False, False] and verdicts[2]
+
+
+def test_after_too_many_failures_the_cause_fixed_the_same_study_goes_on(tmp_path, monkeypatch):
+    # the limit counted every failure the study ever had: once over it, the study refused every later invocation,
+    # and its message pointed at a trials.csv that was not written
+    def disk_full(*args, **kwargs):
+        raise CrossDistillError("no space left on the device")
+
+    config, space = tiny_config_file(tmp_path), _space(tmp_path, SPACE)
+    monkeypatch.setattr("crossdistill.search.tune.train_once", disk_full)
+    with pytest.raises(CrossDistillError, match=r"^3 trials of study run failed in this invocation \(.*trials.csv"):
+        tune(config, space, trials=2, sampler="random", pruner="none")
+    folder = tmp_path / "runs" / "run"
+    assert [r["state"] for r in csv.DictReader((folder / "trials.csv").open())] == ["FAIL"] * 3
+    monkeypatch.undo()  # the cause fixed
+    written = tune(config, space, trials=2, sampler="random", pruner="none")
+    assert written["best"] is not None
+    assert _states(f"sqlite:///{folder / 'study.db'}") == ["FAIL"] * 3 + ["COMPLETE"] * 2

@@ -302,14 +302,18 @@ def run_worker(spec: Study, worker: int, workers: int) -> None:
     """One worker: trials until the study holds --trials finished ones (complete or pruned)."""
     study = spec.load(worker)
     target = spec.target()
+    # failures of earlier invocations (a cause since fixed, a killed worker's trials) do not count against this one
+    failed_before = _counts(study).get("FAIL", 0)
     while True:
         counts = _counts(study)
         if counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) + counts.get("RUNNING", 0) >= target:
             return
-        if counts.get("FAIL", 0) > target:
+        failed = counts.get("FAIL", 0) - failed_before
+        if failed > target:
+            trials_csv = write_trials_csv(study, spec.base.folder / "trials.csv")
             raise CrossDistillError(
-                f"{counts['FAIL']} trials of study {spec.study} failed (see trials.csv and the trials' train.log); "
-                "fix the cause and run the command again"
+                f"{failed} trials of study {spec.study} failed in this invocation (each one's error is above; "
+                f"{trials_csv} lists every trial): fix the cause and run the command again"
             )
         study.optimize(
             lambda trial: objective(spec, trial),
