@@ -114,3 +114,19 @@ def test_dry_run_says_a_run_with_val_fraction_is_evaluated_on_the_val_split(tmp_
         "data: digits, 256 train / 142 eval images, 10 classes; evaluated on the val split (0.1 of train, "
         "val_seed 0), not test"
     ) in out.getvalue()
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path):
+    # timm's schedule is set once per epoch: a 2-epoch run with the own-data recipe's 5 warm-up epochs trained at
+    # lr <= 2e-4 throughout, and nothing said so
+    raw = tiny_run(tmp_path, optim={"warmup_epochs": 5, "warmup_lr": 1e-6})
+    out = io.StringIO()
+    dry_run(build_config(raw), out=out)
+    assert (
+        "warning: optim.warmup_epochs=5 covers all 2 epoch(s): the lr (set once per epoch) rises from 1e-06 and "
+        "never reaches 0.002; lower optim.warmup_epochs or train longer." in out.getvalue()
+    )
+    raw["train"]["epochs"] = 6
+    out = io.StringIO()
+    dry_run(build_config(raw), out=out)
+    assert "covers all" not in out.getvalue()

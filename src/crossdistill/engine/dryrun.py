@@ -32,6 +32,7 @@ from .setup import (
     optimizer_steps_per_epoch,
     training_targets,
     untrained_teacher_warning,
+    warmup_warning,
     weights_source,
 )
 from .step import build_train_step
@@ -149,9 +150,9 @@ def dry_run(
     plan = lr_plan(cfg, world)
     reference = cfg.train.reference_batch
     say(describe_batch(cfg.train, world) + (f" (recipe reference {reference})" if reference else ""))
-    warning = batch_warning(cfg, world)
-    if warning:
-        say(warning)
+    for warning in (batch_warning(cfg, world), warmup_warning(cfg, plan)):
+        if warning:
+            say(warning)
     steps_per_epoch = None
     if data is not None:
         loader = build_train_loader(

@@ -388,6 +388,18 @@ def reach_reference_batch(train: TrainConfig, world_size: int) -> str:
     return " or ".join(options)
 
 
+def warmup_warning(cfg: RunConfig, plan: LrPlan) -> str | None:
+    """The warning for a warm-up as long as the run: timm's schedule is stepped once per epoch, so such a run trains
+    every epoch below ``optim.lr`` (the first at ``warmup_lr``) and never decays."""
+    o, epochs = cfg.optim, cfg.train.epochs
+    if o.sched == "none" or o.warmup_epochs < epochs:
+        return None
+    return (
+        f"warning: optim.warmup_epochs={o.warmup_epochs} covers all {epochs} epoch(s): the lr (set once per epoch) "
+        f"rises from {plan.warmup_lr:g} and never reaches {plan.lr:g}; lower optim.warmup_epochs or train longer."
+    )
+
+
 def batch_warning(cfg: RunConfig, world_size: int) -> str | None:
     """The warning for an effective batch other than the recipe's reference with an lr that is not rescaled."""
     reference, batch = cfg.train.reference_batch, effective_batch(cfg.train, world_size)
@@ -433,7 +445,9 @@ def describe_lr(cfg: RunConfig, plan: LrPlan) -> str:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, plan: LrPlan, steps_per_epoch: int):
-    """timm's scheduler for ``optim.sched`` (None for ``none``), planned per optimiser update."""
+    """timm's scheduler for ``optim.sched`` (None for ``none``). As in timm's train.py (and the official RSD/OFA
+    code, which use it), the lr is set once per epoch: ``step(epoch)``; ``step_update`` changes nothing unless a
+    scheduler is per update. Epochs count optimiser steps through ``updates_per_epoch`` (gradient accumulation)."""
     from timm.scheduler import create_scheduler_v2
 
     o = cfg.optim

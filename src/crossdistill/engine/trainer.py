@@ -42,6 +42,7 @@ from .setup import (
     teacher_head_classes,
     teacher_size_source,
     untrained_teacher_warning,
+    warmup_warning,
 )
 from .snapshot import TensorSnapshot
 from .step import MicroBatch, build_train_step, collect_nonfinite_now
@@ -323,9 +324,9 @@ class Trainer:
             f"device {self.device} | {describe_batch(cfg.train, env.world_size)} | {describe_lr(cfg, self.lr_plan)} | "
             f"amp {amp} | {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
         )
-        warning = batch_warning(cfg, env.world_size)
-        if warning:
-            self.print(warning)
+        for warning in (batch_warning(cfg, env.world_size), warmup_warning(cfg, self.lr_plan)):
+            if warning:
+                self.print(warning)
 
     def _eval_split_described(self) -> str:
         data = self.cfg.data
