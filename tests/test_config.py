@@ -45,11 +45,20 @@ def test_unknown_key_names_the_key_and_suggests(tmp_path):
         ("method_args.kapa=0.1", r"unknown config key 'method_args.kapa'.*kappa"),
         ("method=rsdd", r"unknown method 'rsdd'.*rsd"),
         ("train.amp=fp8", r"'train.amp'"),
+        # --dry-run passed it, the run refused it: the check was where a dry run builds no weights
+        (
+            "student.checkpoint=w.pth",  # with student.pretrained: true, as the own-data fine-tune recipe sets it
+            r"'student.checkpoint': set either student.pretrained or student.checkpoint, not both \(local weights: "
+            r"student.pretrained=false student.checkpoint=FILE\)",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, match):
+    raw = tiny_run(tmp_path)
+    if override.startswith("student.checkpoint"):
+        raw["student"]["pretrained"] = True
     with pytest.raises(ConfigError if "method=" not in override else Exception, match=match):
-        check_run_config(build_config(apply_overrides(tiny_run(tmp_path), [override])))
+        check_run_config(build_config(apply_overrides(raw, [override])))
 
 
 def test_method_needing_a_teacher_without_one(tmp_path):

@@ -594,6 +594,13 @@ def validate(cfg: RunConfig) -> None:
     _check(bool(cfg.student.name), "student.name", "a student model name is required (e.g. resnet18)")
     if cfg.teacher is not None:
         _check(bool(cfg.teacher.name), "teacher.name", "a teacher model name is required (or set teacher: null)")
+    for role, model in (("student", cfg.student), ("teacher", cfg.teacher)):
+        _check(
+            model is None or not (model.pretrained and model.checkpoint),
+            f"{role}.checkpoint",
+            f"set either {role}.pretrained or {role}.checkpoint, not both (local weights: {role}.pretrained=false "
+            f"{role}.checkpoint=FILE)",
+        )
     t, o, d = cfg.train, cfg.optim, cfg.data
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")

@@ -97,7 +97,8 @@ def create_model(
         if cfg.pretrained:
             raise CrossDistillError(
                 f"could not load pretrained weights for {cfg.name} ({_reason(err)}). Without internet access, "
-                "point checkpoint: at a local weights file instead."
+                "load a local weights file instead: pretrained=false and checkpoint=FILE in the model's section "
+                "(student.pretrained=false student.checkpoint=FILE on the command line)."
             ) from None
         if size is None:
             raise
