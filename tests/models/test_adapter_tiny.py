@@ -202,9 +202,7 @@ def test_default_stages_of_isotropic_models_around_depth_seven():
     ],
 )
 def test_default_stages_need_four_feature_info_entries(attributes, depth):
-    with pytest.raises(
-        TypeError, match=rf"^Stub has only {depth} feature_info entries; pass stage indices explicitly$"
-    ):
+    with pytest.raises(TypeError, match=rf"^Stub has only {depth} feature_info entries, fewer than four stages$"):
         default_stages(Stub(**attributes))
 
 

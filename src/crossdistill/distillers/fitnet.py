@@ -83,7 +83,11 @@ def pick_stages(model, picks: list[int], role: str, method: str):
     try:
         stages = default_stages(model)
     except TypeError as err:
-        raise ConfigError(f"{method} cannot pick the {role}'s stages: {err}") from None
+        raise ConfigError(
+            f"{method} cannot pick the {role}'s stages: {err}. {method} pairs four stages of each model (method_args."
+            "stages picks among those four): use a teacher and student with four feature stages each, or a method "
+            "that reads no stages (kd, dist, rsd, ...)"
+        ) from None
     return [stages[i - 1] for i in picks]
 
 

@@ -70,7 +70,7 @@ def default_stages(model: nn.Module) -> list[StageIndex]:
     """
     depth = len(getattr(model, "feature_info", []) or [])
     if depth < 4:
-        raise TypeError(f"{type(model).__name__} has only {depth} feature_info entries; pass stage indices explicitly")
+        raise TypeError(f"{type(model).__name__} has only {depth} feature_info entries, fewer than four stages")
     if is_token_model(model):
         return [1, 3, depth - 3, depth - 1] if depth >= 7 else list(range(depth - 4, depth))
     if hasattr(model, "conv_head"):
