@@ -201,14 +201,15 @@ def test_the_teacher_accuracy_is_printed_before_the_student_trains_and_kept_on_r
     Trainer(build_config(raw), out=out).fit(stop_after=1)
     lines = out.getvalue().splitlines()
     measured = [line for line in lines if line.startswith("teacher: ")]
-    assert len(measured) == 1 and measured[0].endswith("% top-1 on test (32 images)")
+    assert len(measured) == 1 and measured[0].endswith("% top-1 on test (32 images, preprocessed as the student's)")
     assert lines.index(measured[0]) < next(i for i, line in enumerate(lines) if line.startswith("epoch 1 |"))
     assert sum(forwards) == 32  # one pass over the evaluation split
     top1 = float(measured[0].split()[1])
 
     out = io.StringIO()
     summary = Trainer(build_config(raw), resume=True, out=out).fit()
-    assert f"teacher: {top1:.1f} % top-1 on test (32 images); measured at the start of the run" in out.getvalue()
+    measured_line = f"teacher: {top1:.1f} % top-1 on test (32 images, preprocessed as the student's); measured at the"
+    assert measured_line + " start of the run" in out.getvalue()
     assert sum(forwards) == 32  # not measured again
     assert summary.teacher_top1 == pytest.approx(top1, abs=0.05)
     saved = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
@@ -276,7 +277,7 @@ def test_fine_tune_a_teacher_on_a_folder_then_distil(tmp_path, capsys):
     teacher = ["teacher.name=test_vit", "teacher.kwargs={patch_size: 8}"]
     code, out, err = run_cli(capsys, "train", *distill, *teacher, f"teacher.checkpoint={best}", *common)
     assert code == 0, err
-    assert "teacher: " in out and "% top-1 on test (16 images)" in out
+    assert "teacher: " in out and "% top-1 on test (16 images, preprocessed as the student's)" in out
     assert "teacher inputs resized" not in out  # the teacher was fine-tuned at the run's size
     summary = json.loads((tmp_path / "runs" / "rsd-resnet18" / "summary.json").read_text())
     assert summary["teacher_top1"] is not None

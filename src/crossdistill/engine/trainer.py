@@ -365,7 +365,8 @@ class Trainer:
         found = self.teacher_eval
         self.print(
             f"teacher: {found['top1']:.1f} % top-1 on {found.get('split', evaluated_split(cfg.data))} "
-            f"({found['samples']} images)" + ("; measured at the start of the run" if measured else "")
+            f"({found['samples']} images, preprocessed as the student's)"
+            + ("; measured at the start of the run" if measured else "")
         )
 
     def fit(self, stop_after: int | None = None) -> RunSummary:
