@@ -127,6 +127,9 @@ def test_a_preempted_worker_exits_as_a_preempted_run_does(monkeypatch, capsys):
 
     with pytest.raises(Preempted, match="run the same command again to continue"):
         runs.start_workers(_preempted_worker, (), 2)
+    # one worker runs in this process: the run's own advice (`crossdistill train --resume RUN`) was printed
+    with pytest.raises(Preempted, match=r"^stop signal received: saved last.pt; run the same command again"):
+        runs.start_workers(_preempted_worker, (), 1)
 
 
 WAITS_FOR_A_STOP = """

@@ -181,7 +181,14 @@ def start_workers(target: Callable[..., None], args: tuple, workers: int) -> Non
         raise CrossDistillError(f"--workers {workers}: must be >= 1")
     if workers == 1:
         _set_threads(1)
-        target(*args, 0, 1)
+        try:
+            target(*args, 0, 1)
+        except Preempted as stop:  # its run's advice (crossdistill train --resume RUN) would leave the search
+            raise Preempted(
+                f"stop signal received: saved {stop.checkpoint}; run the same command again to continue (the "
+                "stopped run resumes from there)",
+                stop.checkpoint,
+            ) from None
         return
     context = multiprocessing.get_context("spawn")
     gpus = visible_gpus()
