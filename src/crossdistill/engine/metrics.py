@@ -185,21 +185,13 @@ class MetricsLog:
         """Make the file hold the rows of ``history``, the epochs of the checkpoint a run resumes from: rows past
         it are dropped (the run repeats those epochs), and rows a kill kept from being written (after the epoch's
         checkpoint, before its row) are written again from the checkpoint."""
-        text = self._read_text()
-        rows = list(csv.DictReader(io.StringIO(text)))
+        rows = list(csv.DictReader(io.StringIO(self._read_text())))
         last = int(history[-1]["epoch"]) if history else 0
         kept = [r for r in rows if int(r["epoch"]) <= last]
-        if [int(r["epoch"]) for r in kept] == [int(h["epoch"]) for h in history]:
-            if rows and len(kept) < len(rows):
-                write_text_atomic(self.path, _csv_text(list(rows[0]), kept))
-            return
-        header = next(csv.reader(io.StringIO(text)), None) if text else None
-        fields = (
-            header
-            if header and all(set(h) <= set(header) for h in history)
-            else list(dict.fromkeys(k for h in history for k in h))
-        )
-        write_text_atomic(self.path, _csv_text(fields, history))
+        if [int(r["epoch"]) for r in kept] != [int(h["epoch"]) for h in history]:
+            write_text_atomic(self.path, _csv_text(list(dict.fromkeys(k for h in history for k in h)), history))
+        elif len(kept) < len(rows):
+            write_text_atomic(self.path, _csv_text(list(rows[0]), kept))
 
     def close(self) -> None:
         if self.writer is not None:
