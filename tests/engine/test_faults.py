@@ -223,6 +223,45 @@ def test_sigterm_checkpoints_exits_75_and_resume_matches(tmp_path, reference, wh
     assert_same(final_weights(resumed), reference[0])
 
 
+OPEN_LOADER_AT_EXIT = """
+import multiprocessing, os, subprocess, sys
+from torch.utils.data import Dataset
+from crossdistill.engine.loaders import build_eval_loader
+
+class Pids(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1])
+    batches = iter(build_eval_loader(Pids(), batch_size=4, num_workers=2))
+    pids = {int(p) for _ in range(4) for p in next(batches)}
+    assert len(pids) == 2, pids
+    subprocess.run(["kill", "-TERM", *map(str, pids)], check=True)  # not from the main process: dropped
+    for _ in range(8):
+        next(batches)  # the workers are alive
+    KEPT_OPEN = batches  # as a traceback in a reference cycle keeps a loader open until the interpreter exits
+    print("exiting", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+def test_loader_workers_drop_a_foreign_sigterm_and_still_end_with_the_interpreter(tmp_path, start_method):
+    # workers that ignored every SIGTERM hung the exit of a process with a loader still open: multiprocessing
+    # ends them with SIGTERM and waits (CI's pytest printed its summary, then hung until killed 70 min later)
+    script = tmp_path / "open_loader.py"
+    script.write_text(OPEN_LOADER_AT_EXIT)
+    try:
+        done = subprocess.run([sys.executable, str(script), start_method], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as hung:
+        raise AssertionError(f"the interpreter did not exit: {hung.stdout!r}") from None
+    assert done.returncode == 0 and "exiting" in done.stdout and "Error" not in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 0.35, 0.8])
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_exact_resume(tmp_path, reference, delay):

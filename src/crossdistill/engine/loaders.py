@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # registers its exit function before ours below: ours must run first
+import os
 import random
 import re
 import signal
+import weakref
+from multiprocessing.context import BaseContext
 
 import numpy as np
 import torch
@@ -42,9 +48,53 @@ def ignore_stop_signals(worker_id: int) -> None:
     """A loader worker's ``worker_init_fn``: SIGTERM/SIGUSR1 are for the main process, which saves a checkpoint
     and then ends its workers. A scheduler or ``kill -TERM -PGID`` signals the whole process group; a worker it
     killed made the main process fail ("DataLoader worker ... is killed by signal: Terminated") before it could
-    save."""
+    save. The workers' processes are :func:`worker_context`'s, killed at exit if still running."""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+_STARTED_WORKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # worker process -> pid of its starter
+
+
+class _KilledAtExit:
+    """A loader worker's process, killed if still running when the process that started it exits.
+
+    The workers of a loader still open at interpreter exit (one a traceback's reference cycle holds, say) are
+    ended by multiprocessing with SIGTERM, and it waits for them: ours ignore SIGTERM, so that exit hung for good."""
+
+    def start(self) -> None:
+        super().start()
+        _STARTED_WORKERS[self] = os.getpid()
+
+
+def _kill_workers_left_running() -> None:
+    running = [w for w, starter in list(_STARTED_WORKERS.items()) if starter == os.getpid() and w.exitcode is None]
+    if running and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the killed workers as failed
+    for worker in running:
+        worker.kill()
+
+
+atexit.register(_kill_workers_left_running)  # after multiprocessing.util's exit function (imported above): runs first
+
+
+def _context_of_workers_killed_on_terminate(method: str) -> BaseContext:
+    base = multiprocessing.get_context(method)
+    name = f"_{method.title()}LoaderWorker"
+    # module-level, so that spawn and forkserver, which pickle the process object, find the class by name
+    globals()[name] = worker = type(name, (_KilledAtExit, base.Process), {"__module__": __name__})
+    return type(f"_{method.title()}LoaderContext", (type(base),), {"Process": worker})()
+
+
+_WORKER_CONTEXTS = {
+    method: _context_of_workers_killed_on_terminate(method) for method in multiprocessing.get_all_start_methods()
+}
+
+
+def worker_context() -> BaseContext:
+    """The multiprocessing context of a loader's workers: the start method in effect (``multiprocessing``'s default
+    or the one the user set), with processes :class:`_KilledAtExit`."""
+    return _WORKER_CONTEXTS[multiprocessing.get_start_method()]
 
 
 def seed_everything(seed: int) -> None:
@@ -90,6 +140,7 @@ def build_train_loader(
         pin_memory=pin_memory,
         generator=generator,
         worker_init_fn=ignore_stop_signals,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
     )
     return train_set, sampler, generator, loader
 
@@ -105,6 +156,7 @@ def build_eval_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         worker_init_fn=ignore_stop_signals,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
     )
 
 
