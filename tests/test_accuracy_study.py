@@ -260,6 +260,27 @@ def test_a_student_whose_teacher_failed_is_reported_not_trained(tmp_path, monkey
     assert "the student: not trained, it needs teacher, which did not finish" in capsys.readouterr().out
 
 
+class _Writes(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_a_workers_line_is_one_write(tmp_path, monkeypatch):
+    # the workers share stdout; where it is unbuffered, print wrote the text and the newline apart, and two
+    # workers' lines ran together (the width sweep's test counted 13 lines for 14 runs)
+    study_run = _study_module("study_run")
+    _fake_training(study_run, monkeypatch, fails=("teacher",))
+    monkeypatch.setattr(sys, "stdout", out := _Writes())
+    jobs = [study_run.StudyJob("teacher", "teacher", 10.0), study_run.StudyJob("student", "x", 5.0, ("teacher",))]
+    study_run.train_jobs(str(tmp_path), jobs, {}, None, "test", 0.0, worker=0, workers=1)
+    assert out.calls == ["x: not trained, it needs teacher, which did not finish\n"]
+
+
 def test_the_estimate_is_grahams_bound_with_the_teacher_before_its_student(tmp_path):
     plan_module, protocols = _study_module("study_plan"), _study_module("study_protocols")
 

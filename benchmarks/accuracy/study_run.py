@@ -254,12 +254,19 @@ def train_jobs(
                 continue
             untried.discard(job.name)
             if missing:
-                print(f"{job.label}: not trained, it needs {', '.join(missing)}, which did not finish", flush=True)
+                say(f"{job.label}: not trained, it needs {', '.join(missing)}, which did not finish")
                 continue
             train_job(root, job, todo_est, invocation, started, workers)
         pending = waiting
         if pending:
             time.sleep(POLL_S)
+
+
+def say(line: str) -> None:
+    """``line`` on stdout in one write: the workers share it, and where it is unbuffered (PYTHONUNBUFFERED) print
+    writes a line's text and its newline apart, so two workers' lines ran together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def eta_seconds(log: Sequence[dict[str, Any]], invocation: str, left_est: dict[str, float], workers: int) -> float:
@@ -301,7 +308,7 @@ def train_job(
             status, summary = train_once(cfg, out=log)
         error = None
     except (KeyboardInterrupt, Preempted):  # Ctrl-C, or SIGTERM/SIGUSR1 (the run saved a checkpoint)
-        print(f"stopped during {job.name}; rerun the same command to resume it", flush=True)
+        say(f"stopped during {job.name}; rerun the same command to resume it")
         raise
     except Exception as err:  # one failed run must not stop the study
         status, summary, error = "failed", None, f"{type(err).__name__}: {err}"
@@ -331,10 +338,9 @@ def train_job(
     elapsed = time.time() - started
     eta = eta_seconds(read_log(root), invocation, {n: e for n, e in todo_est.items() if n not in done}, workers)
     top = f"top-1 last {summary.last_top1:.2f} best {summary.best_top1:.2f}" if error is None else f"FAILED: {error}"
-    print(
+    say(
         f"[{len(done)}/{len(todo_est)}] {job.label:42s} {top} | {fmt_min(seconds)} (est {fmt_min(job.est_s)}) | "
-        f"elapsed {fmt_min(elapsed)} | ETA {fmt_min(eta)}",
-        flush=True,
+        f"elapsed {fmt_min(elapsed)} | ETA {fmt_min(eta)}"
     )
 
 
