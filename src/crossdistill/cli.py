@@ -223,8 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as stop:
         print(f"crossdistill: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except KeyboardInterrupt:
-        print("crossdistill: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print(f"crossdistill: {str(stop) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

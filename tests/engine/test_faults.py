@@ -15,6 +15,7 @@ import yaml
 
 from conftest import tiny_run
 from crossdistill.checkpoint import load_weights_file, save_atomic
+from crossdistill.cli import main
 from crossdistill.config import build_config
 from crossdistill.engine import Trainer
 from crossdistill.engine.preemption import EXIT_PREEMPTED, Preempted, StopSignal
@@ -418,8 +419,6 @@ QUICK = dict(method="vanilla", data={"train_subset": 64, "eval_subset": 32})
 def test_a_second_run_into_the_same_directory_stops_at_once(tmp_path, capsys):
     import csv
 
-    from crossdistill.cli import main
-
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tiny_run(tmp_path, train={"epochs": 500}, **QUICK)))
     first = subprocess.Popen(
@@ -447,6 +446,30 @@ def test_a_second_run_into_the_same_directory_stops_at_once(tmp_path, capsys):
     assert not (run_dir / ".crossdistill.lock").exists()  # released: no stray lock file
 
 
+@pytest.mark.parametrize("interrupted_in_epoch", [1, 2])
+def test_ctrl_c_says_how_to_continue_or_that_nothing_was_kept(tmp_path, capsys, monkeypatch, interrupted_in_epoch):
+    RESUME = "crossdistill train --resume"
+    run_epoch = Trainer._run_epoch
+
+    def interrupted(self, epoch, *args):
+        if epoch + 1 == interrupted_in_epoch:
+            raise KeyboardInterrupt
+        return run_epoch(self, epoch, *args)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", interrupted)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_run(tmp_path, train={"epochs": 2}, **QUICK)))
+    assert main(["train", "--config", str(path)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    run_dir = tmp_path / "runs" / "run"
+    if interrupted_in_epoch == 1:
+        assert err.endswith("so nothing was kept: the same command starts it again") and not run_dir.exists()
+    else:
+        assert err == f"crossdistill: interrupted; continue from the last checkpoint with: {RESUME} {run_dir}"
+        monkeypatch.setattr(Trainer, "_run_epoch", run_epoch)
+        assert main(["train", "--resume", str(run_dir)]) == 0
+
+
 KILL_AT = """import os, signal, sys
 from crossdistill.engine import Trainer
 setattr(Trainer, sys.argv.pop(1), lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL))
@@ -461,8 +484,6 @@ sys.exit(main(sys.argv[1:]))
 def test_a_run_killed_before_its_first_checkpoint_is_started_again_by_the_same_command(
     tmp_path, capsys, killed_in, again
 ):
-    from crossdistill.cli import main
-
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tiny_run(tmp_path, train={"epochs": 1}, **QUICK)))
     killed = subprocess.run(
@@ -512,8 +533,6 @@ def test_the_wall_time_of_a_resumed_run_counts_every_session(tmp_path):
 
 
 def _train_cli(tmp_path, raw) -> int:
-    from crossdistill.cli import main
-
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     return main(["train", "--config", str(path)])

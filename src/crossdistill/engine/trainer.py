@@ -24,7 +24,7 @@ from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_eve
 from .logs import Progress, RunLogger
 from .metrics import EpochTotals, MetricsLog, TeacherClassifier, evaluate
 from .preemption import Preempted, StopSignal
-from .rundir import CHECKPOINT, SUMMARY
+from .rundir import CHECKPOINT, SUMMARY, inspect_run_dir
 from .setup import (
     autocast_dtype,
     batch_warning,
@@ -387,6 +387,10 @@ class Trainer:
             if unwrapped is err:
                 raise
             raise unwrapped from err
+        except KeyboardInterrupt as err:
+            self.logs.close(failure=err)
+            self.run_dir_claim.release(failed=True)
+            raise KeyboardInterrupt(self._interrupted()) from err
         except BaseException as err:
             self.logs.close(failure=err)
             self.run_dir_claim.release(failed=True)
@@ -395,6 +399,12 @@ class Trainer:
             self.run_dir_claim.release()
         self.logs.close(summary=summary.__dict__)
         return summary
+
+    def _interrupted(self) -> str:
+        """What a Ctrl-C leaves: the command that continues the run, or that nothing was kept."""
+        if inspect_run_dir(self.run_dir).has_checkpoint:
+            return f"interrupted; continue from the last checkpoint with: crossdistill train --resume {self.run_dir}"
+        return "interrupted before the run's first checkpoint, so nothing was kept: the same command starts it again"
 
     def _fit(self, stop_after: int | None) -> RunSummary:
         cfg = self.cfg
