@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import tiny_config_file
 from crossdistill.cli import main
 from crossdistill.config import load_config
 from crossdistill.errors import CrossDistillError
 from crossdistill.search.space import read_space
-from crossdistill.search.tune import Study, objective, open_storage, tune
+from crossdistill.search.tune import Study, check_outputs_are_ours, objective, open_storage, tune
 
 optuna = pytest.importorskip("optuna", reason="crossdistill tune needs optuna (pip install 'crossdistill[search]')")
 
@@ -50,6 +51,8 @@ def test_tune_writes_best_yaml_history_and_trials_and_a_rerun_continues_the_stud
     rows = list(csv.DictReader((folder / "trials.csv").open()))
     assert [(r["number"], r["state"]) for r in rows] == [("0", "COMPLETE"), ("1", "COMPLETE")]
     assert (folder / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(folder / "history.png") as history:
+        assert history.text["Software"] == "crossdistill tune"  # how a later invocation knows it may replace it
     best = written["best"]
     saved = yaml.safe_load((folder / "best.yaml").read_text())
     assert saved["method_args"]["temperature"] == best.params["method_args.temperature"]
@@ -65,6 +68,47 @@ def test_tune_writes_best_yaml_history_and_trials_and_a_rerun_continues_the_stud
     assert _states(f"sqlite:///{folder / 'study.db'}") == ["COMPLETE"] * 3
     trials = optuna.load_study(study_name="run", storage=open_storage(f"sqlite:///{folder / 'study.db'}")).trials
     assert trials[2].params not in (trials[0].params, trials[1].params)  # the continued study draws anew
+
+
+def _plot_without_tune_s_tag(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("name", ["best.yaml", "trials.csv", "history.png"])
+def test_a_study_folder_holding_a_user_s_own_output_name_is_refused_before_any_trial(tmp_path, capsys, name):
+    config = tiny_config_file(tmp_path)
+    folder = tmp_path / "runs" / "run"
+    folder.mkdir(parents=True)
+    path = folder / name
+    if name == "history.png":
+        _plot_without_tune_s_tag(path)
+    else:
+        path.write_text("number,state,value\n" if name == "trials.csv" else "# my own notes\n")
+    before = path.read_bytes()
+    argv = ["tune", "--config", config, "--space", _space(tmp_path, SPACE), "--trials", "1", "--sampler", "random"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{path} was not written by crossdistill tune" in err and err.count("\n") == 1 + err.count("note:")
+    assert path.read_bytes() == before and not any(folder.glob("trial-*"))
+
+
+def test_tune_s_own_outputs_are_recognised_an_untagged_history_by_tune_s_trials_csv_beside_it(tmp_path):
+    (tmp_path / "best.yaml").write_text("# The best trial (3) of study run: weight=0.1; validation top-1 50.00.\n")
+    _plot_without_tune_s_tag(tmp_path / "history.png")  # as tune drew it before the tag
+    with pytest.raises(CrossDistillError, match="history.png was not written by crossdistill tune"):
+        check_outputs_are_ours(tmp_path)
+    (tmp_path / "trials.csv").write_text("number,state,value,method_args.weight,run,duration_s\n")
+    check_outputs_are_ours(tmp_path)
+    (tmp_path / "best.yaml").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(CrossDistillError, match="best.yaml was not written by crossdistill tune"):
+        check_outputs_are_ours(tmp_path)
 
 
 class _AlwaysPrune(optuna.pruners.BasePruner):

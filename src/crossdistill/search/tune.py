@@ -36,6 +36,10 @@ from .sweep import add_common_arguments, common_options, summarise
 INSTALL = "pip install 'crossdistill[search]'"
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "none")
+OUTPUTS = ("best.yaml", "trials.csv", "history.png")
+BEST_HEADER = "# The best trial ("
+TRIALS_COLUMNS = (["number", "state", "value"], ["run", "duration_s"])  # the first and the last columns
+PNG_SOFTWARE = "crossdistill tune"  # history.png's Software tag
 HEARTBEAT_S, GRACE_S = 30, 120
 """RDB storages: a worker's trial beats every HEARTBEAT_S; one silent for GRACE_S (a killed machine) is failed and
 asked again (Optuna's heartbeat)."""
@@ -327,9 +331,42 @@ def run_worker(spec: Study, worker: int, workers: int) -> None:
 # ---------------------------------------------------------------- outputs
 
 
+def _written_by_tune(path: Path) -> bool:
+    """Whether an existing output of a study is one tune wrote: best.yaml and trials.csv by their first line,
+    history.png by its Software tag or, as versions before the tag wrote it, by tune's trials.csv beside it."""
+    try:
+        if path.name == "history.png":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                tagged = getattr(image, "text", {}).get("Software") == PNG_SOFTWARE
+            return tagged or _written_by_tune(path.with_name("trials.csv"))
+        with path.open(encoding="utf-8") as handle:
+            first = handle.readline()
+        if path.name == "best.yaml":
+            return first.startswith(BEST_HEADER)
+        row = next(csv.reader([first]), [])
+        head, tail = TRIALS_COLUMNS
+        return len(row) >= len(head) + len(tail) and row[: len(head)] == head and row[-len(tail) :] == tail
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
+def check_outputs_are_ours(folder: Path) -> None:
+    """Refuse a study folder whose best.yaml, trials.csv or history.png tune did not write: they are never replaced."""
+    for name in OUTPUTS:
+        path = folder / name
+        if (path.exists() or path.is_symlink()) and not _written_by_tune(path):
+            raise CrossDistillError(
+                f"{path} was not written by crossdistill tune, and the study's {name} would replace it: "
+                "move it, or give the study another name (--study)"
+            )
+
+
 def write_outputs(spec: Study, study) -> dict[str, Any]:
     """best.yaml, trials.csv and history.png in the study's folder; returns what was written and the best trial."""
     folder = spec.base.folder
+    check_outputs_are_ours(folder)
     written: dict[str, Any] = {"trials": write_trials_csv(study, folder / "trials.csv")}
     try:
         best = study.best_trial
@@ -444,7 +481,11 @@ def plot_history(study, path: Path) -> Path | None:
         )
         importance.set_axis_off()
     fig.tight_layout()
-    write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=110), hint=RERUN_HINT)
+    write_atomic(
+        path,
+        lambda handle: fig.savefig(handle, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE}),
+        hint=RERUN_HINT,
+    )
     plt.close(fig)
     return path
 
@@ -481,6 +522,7 @@ def tune(
     params = read_space(space, base.config)
     if sampler == "grid":
         grid_of(params)
+    check_outputs_are_ours(base.folder)
     url = storage or default_storage(base)
     if storage is None:
         base.folder.mkdir(parents=True, exist_ok=True)
