@@ -413,6 +413,32 @@ def test_mid_epoch_resume_with_another_process_count_is_a_clear_error(tmp_path):
         Trainer(build_config(raw), resume=True, out=io.StringIO())
 
 
+@pytest.mark.parametrize(
+    "change, reason, changed",
+    [
+        ("optim.opt=sgd", "(it holds the state of optimiser 'adamw')", "optim.opt: 'adamw' -> 'sgd'"),
+        (
+            "student.name=resnet10t",
+            "(Error(s) in loading state_dict for ResNet",
+            "student.name: 'test_resnet' -> 'resnet10t'",
+        ),
+    ],
+)
+def test_resuming_with_another_model_or_optimiser_is_a_one_line_error_naming_the_change(
+    tmp_path, capsys, change, reason, changed
+):
+    raw = tiny_run(tmp_path, method="vanilla", train={"epochs": 1}, data={"train_subset": 64, "eval_subset": 32})
+    assert _train_cli(tmp_path, raw) == 0
+    run_dir = tmp_path / "runs" / "run"
+    config_before = (run_dir / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), change, "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"crossdistill: error: {run_dir / 'last.pt'} does not fit this config {reason}")
+    assert f"changed since it was written: {changed}. A resumed run keeps" in err and err.count("\n") == 1
+    assert (run_dir / "config.yaml").read_bytes() == config_before
+
+
 QUICK = dict(method="vanilla", data={"train_subset": 64, "eval_subset": 32})
 
 

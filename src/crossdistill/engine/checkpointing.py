@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import RESUME_HINT, load_weights_file, save_atomic, write_text_atomic
 from ..config import RunConfig
-from ..errors import CrossDistillError
+from ..errors import CrossDistillError, one_line, shorten
 from ..version import __version__
 from .distributed import DistEnv, all_ranks_ok
 from .rundir import BEST, CHECKPOINT, CHECKPOINT_FORMAT, LATEST, STEP_DIR, step_checkpoints
@@ -28,6 +28,28 @@ __all__ = ["Checkpointer", "Resumed", "gathered_rng_states", "load_optimizer_sta
 
 BEST_KEYS = ("format", "epoch", "student", "student_ema", "config", "normalization", "classes", "num_classes")
 """What ``best.pt`` keeps of a full checkpoint: the weights and what is needed to use them."""
+
+SHAPING_SECTIONS = ("student", "teacher", "method", "method_args", "optim")
+"""The config sections that decide the tensors in a checkpoint and its optimiser's state."""
+SHOWN_ERROR_CHARS = 240
+
+
+def config_changes(
+    saved: dict[str, Any], now: dict[str, Any], sections: tuple[str, ...] = SHAPING_SECTIONS
+) -> list[str]:
+    """``key: old -> new`` for each key under ``sections`` whose value differs between two configs (``to_dict()``)."""
+
+    def flat(value: Any, key: str) -> dict[str, Any]:
+        if isinstance(value, dict) and value:
+            return {k: v for sub, item in value.items() for k, v in flat(item, f"{key}.{sub}").items()}
+        return {key: value}
+
+    def plain(cfg: dict[str, Any]) -> dict[str, Any]:  # tuples and lists alike, as config.yaml holds them
+        return {k: v for s in sections for k, v in flat(json.loads(json.dumps(cfg.get(s), default=str)), s).items()}
+
+    old, new = plain(saved), plain(now)
+    keys = dict.fromkeys([*old, *new])
+    return [f"{k}: {shorten(old.get(k), 60)} -> {shorten(new.get(k), 60)}" for k in keys if old.get(k) != new.get(k)]
 
 
 def rng_state() -> dict[str, Any]:
@@ -275,7 +297,13 @@ class Checkpointer:
         """Restore the newest checkpoint into the models, optimiser, schedule, scaler and RNG; where the run resumes."""
         path = self.latest()
         state = self._read(path)
-        self._load_weights(state, path)
+        saved_opt = ((state.get("config") or {}).get("optim") or {}).get("opt")
+        if saved_opt is not None and saved_opt != self.cfg.optim.opt:
+            raise self._does_not_fit(path, state, f"it holds the state of optimiser {saved_opt!r}")
+        try:
+            self._load_weights(state, path)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise self._does_not_fit(path, state, one_line(err)) from err
         epochs = self.cfg.train.epochs
         saved_epochs = int(((state.get("config") or {}).get("train") or {}).get("epochs", epochs))
         done = int(state["epoch"])
@@ -285,7 +313,10 @@ class Checkpointer:
                 f"{saved_epochs} epochs; resume it with its own train.epochs ({saved_epochs}), or a larger value to "
                 "train it longer"
             )
-        load_optimizer_state(self.optimizer, state["optimizer"])
+        try:
+            load_optimizer_state(self.optimizer, state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise self._does_not_fit(path, state, f"its optimiser state: {one_line(err)}") from err
         if self.scheduler is not None and state.get("scheduler") is not None and saved_epochs == epochs:
             self.scheduler.load_state_dict(state["scheduler"])  # else: re-planned below
         if self.scaler is not None and state.get("scaler") is not None:
@@ -309,6 +340,18 @@ class Checkpointer:
         if not resumed.step and int(resumed.best.get("epoch", -1)) == done:
             self.on_main_then_agree(lambda: self._restore_best(state, done))
         return resumed
+
+    def _does_not_fit(self, path: Path, state: dict[str, Any], reason: str) -> CrossDistillError:
+        """A checkpoint this run's model or optimiser cannot take: why, and what changed in the config since."""
+        if len(reason) > SHOWN_ERROR_CHARS:
+            reason = reason[: SHOWN_ERROR_CHARS - 3] + "..."
+        changes = config_changes(state.get("config") or {}, self.cfg.to_dict())
+        return CrossDistillError(
+            f"{path} does not fit this config ({reason}); changed since it was written: "
+            f"{'; '.join(changes) if changes else 'nothing in ' + ', '.join(SHAPING_SECTIONS)}. A resumed run keeps "
+            "the model and optimiser it started with: resume it without these changes, or train the new config as "
+            "a new run (another train.run_name)"
+        )
 
     def _restore_best(self, state: dict[str, Any], epoch: int) -> None:
         """Write best.pt from ``state`` (the end of ``epoch``, its best epoch) unless best.pt holds that epoch: a
