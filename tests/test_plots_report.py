@@ -168,6 +168,20 @@ def test_report_markdown_formatting(tmp_path, capsys):
     assert out.splitlines()[1].startswith("|---|")
 
 
+def test_report_warns_when_one_seed_is_counted_twice_in_a_row(tmp_path, capsys):
+    fake_run(tmp_path, "a", seed=1, last=70.0, best=71.0)
+    fake_run(tmp_path, "a-again", seed=1, last=70.0, best=71.0)  # a rerun of the same seed
+    fake_run(tmp_path, "b", seed=2, last=72.0, best=74.0)
+    fake_run(tmp_path, "scratch", seed=1, last=50.0, best=52.0, method="vanilla")
+    assert main(["report", str(tmp_path / "runs")]) == 0
+    captured = capsys.readouterr()
+    assert "| 1, 1, 2 |" in captured.out
+    assert captured.err.splitlines() == [
+        "crossdistill: warning: seed 1 appears in 2 runs of the rsd row (a, a-again): each counts in its mean ± std, "
+        "although a seed run again repeats an experiment instead of sampling another; report one run per seed"
+    ]
+
+
 def test_report_unfinished_run_is_a_clear_error(tmp_path, capsys):
     run = fake_run(tmp_path, "a", seed=1, last=70.0, best=71.0)
     (run / "summary.json").unlink()

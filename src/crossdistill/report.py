@@ -238,6 +238,7 @@ def report_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
                 "method_args": ", ".join(f"{k}={_value(v)}" for k, v in margs.items()) or "-",
                 "epochs": (config.get("train") or {}).get("epochs"),
                 "seeds": [r.seed for r in group.runs],
+                "repeated_seeds": repeated_seeds(group.runs),
                 "n": len(group.runs),
                 "last_top1_mean": last[0],
                 "last_top1_std": last[1],
@@ -252,6 +253,25 @@ def report_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def repeated_seeds(runs: Sequence[Run]) -> dict[str, list[str]]:
+    """The seeds that more than one run of a group trained with, each with those runs' names."""
+    names: dict[str, list[str]] = {}
+    for run in runs:
+        names.setdefault(str(run.seed), []).append(run.name)
+    return {seed: runs_of for seed, runs_of in names.items() if len(runs_of) > 1}
+
+
+def repeated_seed_warnings(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A line per repeated seed: the same experiment run again is not another sample, and it narrows the std."""
+    return [
+        f"warning: seed {seed} appears in {len(names)} runs of the {row['method']} row ({', '.join(names)}): each "
+        "counts in its mean ± std, although a seed run again repeats an experiment instead of sampling another; "
+        "report one run per seed"
+        for row in rows
+        for seed, names in row["repeated_seeds"].items()
+    ]
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -333,6 +353,8 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     rows = report_rows(args.run_dirs)
     print(markdown_table(rows))
+    for line in repeated_seed_warnings(rows):
+        print(f"crossdistill: {line}", file=sys.stderr)
     if args.csv:
         write_csv(rows, args.csv)
         print(f"\nwrote {args.csv}", file=sys.stderr)
