@@ -167,8 +167,9 @@ def test_without_optuna_tune_is_a_one_line_error_naming_the_extra(tmp_path, monk
     )
 
 
-def _stopped_in_its_first_trial(tmp_path, sig: int) -> tuple[list[str], dict[str, str], str]:
-    """A tune of two 3-epoch trials, sent ``sig`` in its first trial after one epoch; its command, env and storage."""
+def _stopped_in_its_first_trial(tmp_path, sig: int) -> tuple[list[str], dict[str, str], str, str]:
+    """A tune of two 3-epoch trials, sent ``sig`` in its first trial after one epoch; its command, env, storage and
+    the last line it printed."""
     config = tiny_config_file(tmp_path, train={"epochs": 3})
     command = [sys.executable, "-m", "crossdistill", "tune", "--config", config, "--space", _space(tmp_path, SPACE)]
     command += ["--trials", "2", "--sampler", "random", "--pruner", "none"]
@@ -178,13 +179,13 @@ def _stopped_in_its_first_trial(tmp_path, sig: int) -> tuple[list[str], dict[str
     while not checkpoint.exists() and first.poll() is None:
         time.sleep(0.2)
     os.kill(first.pid, sig)
-    first.communicate()
-    return command, env, f"sqlite:///{tmp_path / 'runs' / 'run' / 'study.db'}"
+    output = first.communicate()[0]
+    return command, env, f"sqlite:///{tmp_path / 'runs' / 'run' / 'study.db'}", output.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
 def test_a_killed_worker_s_trial_is_asked_again_and_the_study_reaches_n_trials(tmp_path):
-    command, env, storage = _stopped_in_its_first_trial(tmp_path, signal.SIGKILL)
+    command, env, storage, _ = _stopped_in_its_first_trial(tmp_path, signal.SIGKILL)
     assert _states(storage) == ["RUNNING"]
 
     again = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -198,9 +199,11 @@ def test_a_killed_worker_s_trial_is_asked_again_and_the_study_reaches_n_trials(t
 
 
 @pytest.mark.slow
-def test_a_trial_stopped_by_a_signal_resumes_in_the_next_invocation_instead_of_a_new_one(tmp_path):
-    command, env, storage = _stopped_in_its_first_trial(tmp_path, signal.SIGTERM)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_trial_stopped_by_a_signal_resumes_in_the_next_invocation_instead_of_a_new_one(tmp_path, sig):
+    command, env, storage, last_line = _stopped_in_its_first_trial(tmp_path, sig)
     assert _states(storage) == ["FAIL"]  # its checkpoint saved; the trial is the next invocation's to resume
+    assert "run the same command again to continue" in last_line and "--resume" not in last_line
 
     again = subprocess.run(command, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr

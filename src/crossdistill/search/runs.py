@@ -174,6 +174,12 @@ def folder_name(values: Sequence[tuple[str, str]]) -> str:
 # ---------------------------------------------------------------- workers
 
 
+INTERRUPTED = (
+    "interrupted; run the same command again to continue (finished runs are kept, and a run with a checkpoint "
+    "resumes from it)"
+)
+
+
 def start_workers(target: Callable[..., None], args: tuple, workers: int) -> None:
     """Run ``target(*args, worker, workers)`` in ``workers`` processes (spawn; in this process when 1), each with
     ``cores // workers`` torch threads; a worker that fails makes this one fail after all have ended."""
@@ -189,6 +195,8 @@ def start_workers(target: Callable[..., None], args: tuple, workers: int) -> Non
                 "stopped run resumes from there)",
                 stop.checkpoint,
             ) from None
+        except KeyboardInterrupt:  # as above: Ctrl-C's advice is the search's own command
+            raise KeyboardInterrupt(INTERRUPTED) from None
         return
     context = multiprocessing.get_context("spawn")
     gpus = visible_gpus()
@@ -218,7 +226,7 @@ def start_workers(target: Callable[..., None], args: tuple, workers: int) -> Non
         except KeyboardInterrupt:
             for process in processes:
                 process.join()
-            raise
+            raise KeyboardInterrupt(INTERRUPTED) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

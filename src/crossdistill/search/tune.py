@@ -277,7 +277,7 @@ def objective(spec: Study, trial) -> float:
             status, summary = train_once(cfg, out=quiet, on_epoch=on_epoch)
         except StoppedByHook:
             raise optuna.TrialPruned() from None
-        except Preempted:
+        except (Preempted, KeyboardInterrupt):
             trial.set_user_attr(STOPPED, True)  # the trial fails; the next invocation asks it again (its checkpoint)
             raise
     if summary is None:
