@@ -4,6 +4,9 @@ other classes, and a teacher's inputs resized to its own size."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -130,3 +133,24 @@ def test_teacher_prepare_leaves_inputs_of_its_size_alone():
     x = torch.randn(1, 3, 32, 32)
     assert teacher.prepare(x) is x
     assert teacher.prepare(torch.randn(1, 3, 64, 64)).shape[-2:] == (32, 32)  # downsampled (antialiased)
+
+
+def test_weights_made_at_another_size_that_cannot_be_resampled_are_refused_with_the_size_named(tmp_path):
+    # MLP-Mixer's token-mixing weights depend on the input size: 49 tokens at 224 px, 4 at 64 px
+    path = saved(tmp_path, timm.create_model("mixer_s32_224", num_classes=CLASSES))
+    other_size = ModelConfig(name="mixer_s32_224", checkpoint=path, kwargs={"img_size": 64})
+    with pytest.raises(CrossDistillError) as caught:
+        create_model(other_size, CLASSES)
+    assert "blocks.0.mlp_tokens.fc1.weight" in str(caught.value)
+    assert str(caught.value).endswith(
+        "mixer_s32_224 is built for one input size: weights made at another size fit only where timm resamples "
+        "them (position embeddings), not token-mixing weights or attention biases (Mixer, ResMLP, LeViT); "
+        "build it at the size of its weights (img_size in its kwargs)"
+    )
+    create_model(dataclasses.replace(other_size, kwargs={}), CLASSES)  # at the weights' own size they load
+    state = timm.create_model("test_resnet", num_classes=CLASSES).state_dict()
+    state["fc.bias"] = torch.zeros(CLASSES + 1)  # a shape that differs in a model that takes any size
+    torch.save(state, tmp_path / "r.pth")
+    resnet = ModelConfig(name="test_resnet", checkpoint=str(tmp_path / "r.pth"))
+    with pytest.raises(CrossDistillError, match=r"Is it a checkpoint of this model \(and these kwargs\)\?$"):
+        create_model(resnet, CLASSES)  # a model that takes any size: no word on sizes

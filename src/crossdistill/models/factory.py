@@ -244,10 +244,19 @@ def check_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: str
     common = [key for key in state if key in own]
     shapes = [key for key in common if state[key].shape != own[key].shape]
     if shapes:
+        name = cfg_name(model)
+        sized = fixed_input_size(name) if timm.models.is_model(name) else False
         raise CrossDistillError(
-            f"{path} does not fit {cfg_name(model)}: {len(shapes)} weight(s) have other shapes, e.g. {shapes[0]} "
+            f"{path} does not fit {name}: {len(shapes)} weight(s) have other shapes, e.g. {shapes[0]} "
             f"{list(state[shapes[0]].shape)} in the file, {list(own[shapes[0]].shape)} in the model "
             f"[{_listed(shapes)}]. Is it a checkpoint of this model (and these kwargs)?"
+            + (
+                f" {name} is built for one input size: weights made at another size fit only where timm resamples "
+                "them (position embeddings), not token-mixing weights or attention biases (Mixer, ResMLP, LeViT); "
+                "build it at the size of its weights (img_size in its kwargs)"
+                if sized
+                else ""
+            )
         )
     not_float = [key for key in common if own[key].is_floating_point() and not state[key].is_floating_point()]
     if not_float:
