@@ -177,3 +177,21 @@ def test_a_stop_signal_sent_to_the_main_process_alone_stops_every_worker(tmp_pat
     assert proc.returncode == 75, output
     assert "run the same command again to continue" in output
     assert all((tmp_path / f"stopped-{w}").exists() for w in (0, 1))
+
+
+@pytest.mark.parametrize(
+    "omp, affinity, workers, threads",
+    [(None, 8, 2, 4), (None, 3, 2, 1), ("6", 8, 2, 3), ("", 4, 1, 4), ("0", 4, 4, 1)],
+    ids=["affinity", "fewer-than-workers", "omp", "omp-empty", "omp-zero"],
+)
+def test_workers_share_the_cores_granted_to_the_command_not_the_machine_s(monkeypatch, omp, affinity, workers, threads):
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    monkeypatch.setattr(runs.os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setattr(runs.os, "cpu_count", lambda: 64)  # a big node, of which a SLURM job was granted a few
+    chosen = []
+    monkeypatch.setattr(runs.torch, "set_num_threads", chosen.append)
+    runs._set_threads(workers)
+    assert chosen == [threads]

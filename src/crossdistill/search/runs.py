@@ -245,8 +245,20 @@ def start_workers(target: Callable[..., None], args: tuple, workers: int) -> Non
         )
 
 
+def available_cores() -> int:
+    """The CPU threads this command may use: ``OMP_NUM_THREADS`` when set, else the cores this process may run on
+    (its affinity: what SLURM's --cpus-per-task or taskset grant, not the whole machine)."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 def _set_threads(workers: int) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(max(1, available_cores() // workers))
 
 
 def visible_gpus() -> list[str]:
