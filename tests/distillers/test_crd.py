@@ -9,6 +9,7 @@ import yaml
 
 from conftest import adamw_training, distill, run_teacher, tiny_batch, tiny_pair, tiny_resnet, tiny_run, tiny_vit
 from crossdistill import METHODS, build_distiller
+from crossdistill.checkpoint import save_atomic
 from crossdistill.cli import main
 from crossdistill.distillers import method_config
 from crossdistill.distillers.crd import CRD, CRDConfig, draw_negatives
@@ -249,8 +250,12 @@ def test_resuming_on_another_training_set_is_a_clear_error(tmp_path, capsys):
     config.write_text(yaml.safe_dump(tiny_run(tmp_path, method="crd", method_args={"num_negatives": 16})))
     assert main(["train", "--config", str(config), "train.epochs=1"]) == 0
     run_dir = tmp_path / "runs" / "run"
-    before = (run_dir / "last.pt").read_bytes()
+    original = (run_dir / "last.pt").read_bytes()
     capsys.readouterr()
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    state["config"]["data"]["train_subset"] = 128  # past the config check (which refuses data.train_subset=128)
+    save_atomic(state, run_dir / "last.pt")
+    before = (run_dir / "last.pt").read_bytes()
     assert main(["train", "--resume", str(run_dir), "data.train_subset=128"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "crossdistill: error: the checkpoint's CRD memory bank has 256 rows of 128, but this run's training set has "
@@ -258,4 +263,5 @@ def test_resuming_on_another_training_set_is_a_clear_error(tmp_path, capsys):
         "started with"
     ]
     assert (run_dir / "last.pt").read_bytes() == before
+    (run_dir / "last.pt").write_bytes(original)
     assert main(["train", "--resume", str(run_dir), "train.epochs=2"]) == 0

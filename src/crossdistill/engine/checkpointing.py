@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,27 +30,75 @@ __all__ = ["Checkpointer", "Resumed", "gathered_rng_states", "load_optimizer_sta
 BEST_KEYS = ("format", "epoch", "student", "student_ema", "config", "normalization", "classes", "num_classes")
 """What ``best.pt`` keeps of a full checkpoint: the weights and what is needed to use them."""
 
-SHAPING_SECTIONS = ("student", "teacher", "method", "method_args", "optim")
-"""The config sections that decide the tensors in a checkpoint and its optimiser's state."""
 SHOWN_ERROR_CHARS = 240
+MAY_CHANGE_ON_RESUME = frozenset(
+    {
+        # where and how the run executes, not what it learns
+        "data.root",
+        "data.download",
+        "data.num_workers",
+        "data.cache_dir",
+        "data.skip_corrupt",
+        "data.device_augment",
+        "student.checkpoint",
+        "student.checkpoint_ema",
+        "student.pretrained",
+        "teacher.checkpoint",
+        "train.device",
+        "train.amp",
+        "train.channels_last",
+        "train.compile",
+        "train.sync_bn",
+        "train.teacher_cache",
+        "train.teacher_cache_dtype",
+        "train.eval_batch_size",
+        "train.eval_every",
+        "train.checkpoint_every_steps",
+        "train.keep_step_checkpoints",
+        "train.check_finite",
+        "train.finite_check_every",
+        "train.max_nonfinite_steps",
+        "train.output_dir",
+        "train.run_name",
+        "train.tensorboard",
+        "train.progress",
+        "train.log_every",
+        "train.trackers",
+        "train.mlflow_uri",
+        "train.experiment",
+        # changed on purpose: a longer run (its schedule re-planned), another process count (checked mid-epoch),
+        # gradient clipping to recover a diverged run from its last good checkpoint (refuse_nonfinite_weights)
+        "optim.clip_grad",
+        "train.epochs",
+        "train.batch_size",
+        "train.grad_accum_steps",
+    }
+)
+"""Config keys a resumed run may change; any other change would train the rest of the run as another experiment
+than the one its config.yaml records (and optimiser settings would not even apply: the checkpoint's state wins)."""
 
 
-def config_changes(
-    saved: dict[str, Any], now: dict[str, Any], sections: tuple[str, ...] = SHAPING_SECTIONS
-) -> list[str]:
-    """``key: old -> new`` for each key under ``sections`` whose value differs between two configs (``to_dict()``)."""
+def config_differences(saved: dict[str, Any], now: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
+    """``key: old -> new`` for each ``section.key`` (a top-level key alone) in both configs (``to_dict()``) whose
+    values differ, but those in ``ignore``. Free-form dicts (kwargs, method_args) compare whole; a key one config
+    lacks (written by another version) is not compared."""
 
-    def flat(value: Any, key: str) -> dict[str, Any]:
-        if isinstance(value, dict) and value:
-            return {k: v for sub, item in value.items() for k, v in flat(item, f"{key}.{sub}").items()}
-        return {key: value}
+    def keys(cfg: dict[str, Any]) -> dict[str, Any]:
+        plain = json.loads(json.dumps(cfg, default=str))  # tuples and lists alike, as config.yaml holds them
+        out: dict[str, Any] = {}
+        for section, value in plain.items():
+            if isinstance(value, dict) and section != "method_args":
+                out.update({f"{section}.{key}": item for key, item in value.items()})
+            else:
+                out[section] = value
+        return out
 
-    def plain(cfg: dict[str, Any]) -> dict[str, Any]:  # tuples and lists alike, as config.yaml holds them
-        return {k: v for s in sections for k, v in flat(json.loads(json.dumps(cfg.get(s), default=str)), s).items()}
-
-    old, new = plain(saved), plain(now)
-    keys = dict.fromkeys([*old, *new])
-    return [f"{k}: {shorten(old.get(k), 60)} -> {shorten(new.get(k), 60)}" for k in keys if old.get(k) != new.get(k)]
+    old, new = keys(saved), keys(now)
+    return [
+        f"{key}: {shorten(old[key], 60)} -> {shorten(new[key], 60)}"
+        for key in new
+        if key in old and key not in ignore and old[key] != new[key]
+    ]
 
 
 def rng_state() -> dict[str, Any]:
@@ -267,7 +316,7 @@ class Checkpointer:
             raise CrossDistillError(f"stopping: another rank holds non-finite weights {when} (see its message)")
         if self.has_checkpoint():
             kept = f"the last good checkpoint is kept in {self.run_dir}"
-            example = f"crossdistill train --resume {self.run_dir} optim.clip_grad=1.0"
+            example = f"crossdistill train --resume {shlex.quote(str(self.run_dir))} optim.clip_grad=1.0"
         else:
             kept, example = "the run has no checkpoint yet", "the same command with optim.clip_grad=1.0"
         raise CrossDistillError(
@@ -297,9 +346,14 @@ class Checkpointer:
         """Restore the newest checkpoint into the models, optimiser, schedule, scaler and RNG; where the run resumes."""
         path = self.latest()
         state = self._read(path)
-        saved_opt = ((state.get("config") or {}).get("optim") or {}).get("opt")
-        if saved_opt is not None and saved_opt != self.cfg.optim.opt:
-            raise self._does_not_fit(path, state, f"it holds the state of optimiser {saved_opt!r}")
+        changes = config_differences(state.get("config") or {}, self.cfg.to_dict(), MAY_CHANGE_ON_RESUME)
+        if changes:
+            raise CrossDistillError(
+                f"the run in {self.run_dir} started with another config: {'; '.join(changes)}. A resumed run "
+                "continues the experiment its config.yaml records (the checkpoint's optimiser state would even "
+                "override optim.* values): resume it without these changes, or train them as a new run (another "
+                "train.run_name)"
+            )
         try:
             self._load_weights(state, path)
         except (RuntimeError, ValueError, KeyError) as err:
@@ -342,15 +396,16 @@ class Checkpointer:
         return resumed
 
     def _does_not_fit(self, path: Path, state: dict[str, Any], reason: str) -> CrossDistillError:
-        """A checkpoint this run's model or optimiser cannot take: why, and what changed in the config since."""
+        """A checkpoint this run's model or optimiser cannot take although the config that builds them is the one
+        it was written with (checked before): another version built them otherwise."""
         if len(reason) > SHOWN_ERROR_CHARS:
             reason = reason[: SHOWN_ERROR_CHARS - 3] + "..."
-        changes = config_changes(state.get("config") or {}, self.cfg.to_dict())
+        written_by = state.get("crossdistill_version", "an unknown version")
         return CrossDistillError(
-            f"{path} does not fit this config ({reason}); changed since it was written: "
-            f"{'; '.join(changes) if changes else 'nothing in ' + ', '.join(SHAPING_SECTIONS)}. A resumed run keeps "
-            "the model and optimiser it started with: resume it without these changes, or train the new config as "
-            "a new run (another train.run_name)"
+            f"{path} does not fit this run's model or optimiser ({reason}), although their config is the one it was "
+            f"written with: was it written by another version (crossdistill {written_by}, this is {__version__}; "
+            "or another timm)? Resume it with the versions it was written with, or train a new run (another "
+            "train.run_name)"
         )
 
     def _restore_best(self, state: dict[str, Any], epoch: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -403,7 +404,8 @@ class Trainer:
     def _interrupted(self) -> str:
         """What a Ctrl-C leaves: the command that continues the run, or that nothing was kept."""
         if inspect_run_dir(self.run_dir).has_checkpoint:
-            return f"interrupted; continue from the last checkpoint with: crossdistill train --resume {self.run_dir}"
+            resume = f"crossdistill train --resume {shlex.quote(str(self.run_dir))}"
+            return f"interrupted; continue from the last checkpoint with: {resume}"
         return "interrupted before the run's first checkpoint, so nothing was kept: the same command starts it again"
 
     def _fit(self, stop_after: int | None) -> RunSummary:
@@ -428,7 +430,7 @@ class Trainer:
                     if epoch + 1 < end and self._stop_requested(stop):
                         raise Preempted(
                             f"stop signal received: saved {self.run_dir / CHECKPOINT} after epoch {epoch + 1}; "
-                            f"continue with: crossdistill train --resume {self.run_dir}",
+                            f"continue with: crossdistill train --resume {shlex.quote(str(self.run_dir))}",
                             str(self.run_dir / CHECKPOINT),
                         )
         finally:
@@ -488,7 +490,7 @@ class Trainer:
         if stop and epoch < self.cfg.train.epochs:
             raise StoppedByHook(
                 f"stopped after epoch {epoch} at the request of its epoch hook: saved {self.run_dir / CHECKPOINT}; "
-                f"continue with: crossdistill train --resume {self.run_dir}",
+                f"continue with: crossdistill train --resume {shlex.quote(str(self.run_dir))}",
                 str(self.run_dir / CHECKPOINT),
             )
 
@@ -598,7 +600,7 @@ class Trainer:
             progress.close()
             raise Preempted(
                 f"stop signal received: saved {path} at epoch {epoch + 1}, step {step + 1}/{self.steps_per_epoch}; "
-                f"continue with: crossdistill train --resume {self.run_dir}",
+                f"continue with: crossdistill train --resume {shlex.quote(str(self.run_dir))}",
                 str(path),
             )
 
