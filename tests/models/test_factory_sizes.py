@@ -143,9 +143,10 @@ def test_weights_made_at_another_size_that_cannot_be_resampled_are_refused_with_
         create_model(other_size, CLASSES)
     assert "blocks.0.mlp_tokens.fc1.weight" in str(caught.value)
     assert str(caught.value).endswith(
-        "mixer_s32_224 is built for one input size: weights made at another size fit only where timm resamples "
-        "them (position embeddings), not token-mixing weights or attention biases (Mixer, ResMLP, LeViT); "
-        "build it at the size of its weights (img_size in its kwargs)"
+        "Is it a checkpoint of this model (and these kwargs)? blocks.0.mlp_tokens.fc1.weight depends on the input "
+        "size and cannot be resampled (token mixing of Mixer and ResMLP, attention biases of LeViT): the weights were "
+        "made at another size; build the model at theirs (a student: data.img_size; a teacher: "
+        "teacher.kwargs.img_size)"
     )
     create_model(dataclasses.replace(other_size, kwargs={}), CLASSES)  # at the weights' own size they load
     state = timm.create_model("test_resnet", num_classes=CLASSES).state_dict()
@@ -154,3 +155,7 @@ def test_weights_made_at_another_size_that_cannot_be_resampled_are_refused_with_
     resnet = ModelConfig(name="test_resnet", checkpoint=str(tmp_path / "r.pth"))
     with pytest.raises(CrossDistillError, match=r"Is it a checkpoint of this model \(and these kwargs\)\?$"):
         create_model(resnet, CLASSES)  # a model that takes any size: no word on sizes
+    vit = timm.create_model("test_vit", num_classes=CLASSES, img_size=32, patch_size=8, mlp_ratio=2.0)
+    wider = ModelConfig(name="test_vit", checkpoint=saved(tmp_path, vit, "v.pth"), kwargs={"patch_size": 8})
+    with pytest.raises(CrossDistillError, match=r"mlp\.fc1\.weight.*these kwargs\)\?$"):
+        create_model(wider, CLASSES, img_size=32)  # a fixed-size model at its weights' size: other widths, no hint

@@ -181,8 +181,17 @@ def test_a_stop_signal_sent_to_the_main_process_alone_stops_every_worker(tmp_pat
 
 @pytest.mark.parametrize(
     "omp, affinity, workers, threads",
-    [(None, 8, 2, 4), (None, 3, 2, 1), ("6", 8, 2, 3), ("", 4, 1, 4), ("0", 4, 4, 1)],
-    ids=["affinity", "fewer-than-workers", "omp", "omp-empty", "omp-zero"],
+    [
+        (None, 8, 2, 4),
+        (None, 3, 2, 1),
+        ("6", 8, 2, 3),
+        ("", 4, 1, 4),
+        ("0", 4, 4, 1),
+        ("64", 2, 1, 2),
+        ("\u00b2", 4, 2, 2),
+        ("4,2", 8, 1, 4),
+    ],
+    ids=["affinity", "fewer-than-workers", "omp", "omp-empty", "omp-zero", "omp-beyond-granted", "omp-odd", "nested"],
 )
 def test_workers_share_the_cores_granted_to_the_command_not_the_machine_s(monkeypatch, omp, affinity, workers, threads):
     if omp is None:

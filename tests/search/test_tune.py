@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,10 @@ def test_a_study_folder_holding_a_user_s_own_output_name_is_refused_before_any_t
     assert path.read_bytes() == before and not any(folder.glob("trial-*"))
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def test_tune_s_own_outputs_are_recognised_an_untagged_history_by_tune_s_trials_csv_beside_it(tmp_path):
     (tmp_path / "best.yaml").write_text("# The best trial (3) of study run: weight=0.1; validation top-1 50.00.\n")
     _plot_without_tune_s_tag(tmp_path / "history.png")  # as tune drew it before the tag
@@ -106,6 +112,17 @@ def test_tune_s_own_outputs_are_recognised_an_untagged_history_by_tune_s_trials_
         check_outputs_are_ours(tmp_path)
     (tmp_path / "trials.csv").write_text("number,state,value,method_args.weight,run,duration_s\n")
     check_outputs_are_ours(tmp_path)
+    bomb = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 6, 0, 0, 0)  # a PNG Pillow refuses: a decompression bomb
+    (tmp_path / "history.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", bomb)
+        + _png_chunk(b"IDAT", zlib.compress(b""))
+        + _png_chunk(b"IEND", b"")
+    )
+    (tmp_path / "trials.csv").unlink()
+    with pytest.raises(CrossDistillError, match="history.png was not written by crossdistill tune"):
+        check_outputs_are_ours(tmp_path)
+    (tmp_path / "history.png").unlink()
     (tmp_path / "best.yaml").write_bytes(b"\xff\xfe not text")
     with pytest.raises(CrossDistillError, match="best.yaml was not written by crossdistill tune"):
         check_outputs_are_ours(tmp_path)
@@ -169,7 +186,7 @@ def test_without_optuna_tune_is_a_one_line_error_naming_the_extra(tmp_path, monk
 
 def _stopped_in_its_first_trial(tmp_path, sig: int) -> tuple[list[str], dict[str, str], str, str]:
     """A tune of two 3-epoch trials, sent ``sig`` in its first trial after one epoch; its command, env, storage and
-    the last line it printed."""
+    what it printed."""
     config = tiny_config_file(tmp_path, train={"epochs": 3})
     command = [sys.executable, "-m", "crossdistill", "tune", "--config", config, "--space", _space(tmp_path, SPACE)]
     command += ["--trials", "2", "--sampler", "random", "--pruner", "none"]
@@ -180,7 +197,7 @@ def _stopped_in_its_first_trial(tmp_path, sig: int) -> tuple[list[str], dict[str
         time.sleep(0.2)
     os.kill(first.pid, sig)
     output = first.communicate()[0]
-    return command, env, f"sqlite:///{tmp_path / 'runs' / 'run' / 'study.db'}", output.strip().splitlines()[-1]
+    return command, env, f"sqlite:///{tmp_path / 'runs' / 'run' / 'study.db'}", output
 
 
 @pytest.mark.slow
@@ -201,9 +218,11 @@ def test_a_killed_worker_s_trial_is_asked_again_and_the_study_reaches_n_trials(t
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_trial_stopped_by_a_signal_resumes_in_the_next_invocation_instead_of_a_new_one(tmp_path, sig):
-    command, env, storage, last_line = _stopped_in_its_first_trial(tmp_path, sig)
+    command, env, storage, output = _stopped_in_its_first_trial(tmp_path, sig)
     assert _states(storage) == ["FAIL"]  # its checkpoint saved; the trial is the next invocation's to resume
-    assert "run the same command again to continue" in last_line and "--resume" not in last_line
+    assert "run the same command again to continue" in output.strip().splitlines()[-1]
+    assert "trial 0 " in output and "run the same tune command again to resume it" in output  # Optuna's log line
+    assert "--resume" not in output  # the run's own advice would leave the search
 
     again = subprocess.run(command, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -232,6 +233,10 @@ def load_model_weights(
         )
 
 
+SIZED_WEIGHTS = re.compile(r"(^|\.)(mlp_tokens|linear_tokens|attention_biases)(\.|$)")
+"""Weights whose shape follows the input size and that timm does not resample (position embeddings it does)."""
+
+
 def _listed(keys: list[str], shown: int = 3) -> str:
     return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
 
@@ -245,15 +250,15 @@ def check_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: str
     shapes = [key for key in common if state[key].shape != own[key].shape]
     if shapes:
         name = cfg_name(model)
-        sized = fixed_input_size(name) if timm.models.is_model(name) else False
+        sized = [key for key in shapes if SIZED_WEIGHTS.search(key)]
         raise CrossDistillError(
             f"{path} does not fit {name}: {len(shapes)} weight(s) have other shapes, e.g. {shapes[0]} "
             f"{list(state[shapes[0]].shape)} in the file, {list(own[shapes[0]].shape)} in the model "
             f"[{_listed(shapes)}]. Is it a checkpoint of this model (and these kwargs)?"
             + (
-                f" {name} is built for one input size: weights made at another size fit only where timm resamples "
-                "them (position embeddings), not token-mixing weights or attention biases (Mixer, ResMLP, LeViT); "
-                "build it at the size of its weights (img_size in its kwargs)"
+                f" {sized[0]} depends on the input size and cannot be resampled (token mixing of Mixer and ResMLP, "
+                "attention biases of LeViT): the weights were made at another size; build the model at theirs "
+                "(a student: data.img_size; a teacher: teacher.kwargs.img_size)"
                 if sized
                 else ""
             )

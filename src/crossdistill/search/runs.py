@@ -246,15 +246,17 @@ def start_workers(target: Callable[..., None], args: tuple, workers: int) -> Non
 
 
 def available_cores() -> int:
-    """The CPU threads this command may use: ``OMP_NUM_THREADS`` when set, else the cores this process may run on
-    (its affinity: what SLURM's --cpus-per-task or taskset grant, not the whole machine)."""
-    given = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if given.isdigit() and int(given) > 0:
-        return int(given)
+    """The CPU threads this command may use: the cores this process may run on (its affinity: what SLURM's
+    --cpus-per-task or taskset grant, not the whole machine), or fewer where ``OMP_NUM_THREADS`` says so."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        granted = len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # no affinity on this platform
-        return os.cpu_count() or 1
+        granted = os.cpu_count() or 1
+    try:
+        given = int(os.environ.get("OMP_NUM_THREADS", "").strip().split(",")[0])  # "4,2": OpenMP's nested form
+    except ValueError:
+        return granted
+    return min(given, granted) if given > 0 else granted
 
 
 def _set_threads(workers: int) -> None:

@@ -40,6 +40,7 @@ OUTPUTS = ("best.yaml", "trials.csv", "history.png")
 BEST_HEADER = "# The best trial ("
 TRIALS_COLUMNS = (["number", "state", "value"], ["run", "duration_s"])  # the first and the last columns
 PNG_SOFTWARE = "crossdistill tune"  # history.png's Software tag
+AGAIN = "run the same tune command again to resume it"
 HEARTBEAT_S, GRACE_S = 30, 120
 """RDB storages: a worker's trial beats every HEARTBEAT_S; one silent for GRACE_S (a killed machine) is failed and
 asked again (Optuna's heartbeat)."""
@@ -277,9 +278,14 @@ def objective(spec: Study, trial) -> float:
             status, summary = train_once(cfg, out=quiet, on_epoch=on_epoch)
         except StoppedByHook:
             raise optuna.TrialPruned() from None
-        except (Preempted, KeyboardInterrupt):
-            trial.set_user_attr(STOPPED, True)  # the trial fails; the next invocation asks it again (its checkpoint)
-            raise
+        # the trial fails and the next invocation asks it again (its run resumes); the run's own advice (crossdistill
+        # train --resume RUN) would leave the search, and Optuna logs the exception with the failed trial
+        except Preempted as stop:
+            trial.set_user_attr(STOPPED, True)
+            raise Preempted(f"trial {trial.number} stopped by a signal; {AGAIN}", stop.checkpoint) from None
+        except KeyboardInterrupt:
+            trial.set_user_attr(STOPPED, True)
+            raise KeyboardInterrupt(f"trial {trial.number} interrupted; {AGAIN}") from None
     if summary is None:
         raise CrossDistillError(f"the run {name} of trial {trial.number} is held by another process")
     trial.set_user_attr("eval_split", summary.eval_split)
@@ -338,8 +344,11 @@ def _written_by_tune(path: Path) -> bool:
         if path.name == "history.png":
             from PIL import Image
 
-            with Image.open(path) as image:
-                tagged = getattr(image, "text", {}).get("Software") == PNG_SOFTWARE
+            try:
+                with Image.open(path) as image:
+                    tagged = getattr(image, "text", {}).get("Software") == PNG_SOFTWARE
+            except Exception:  # noqa: BLE001 - not an image Pillow reads (a decompression bomb raises its own type)
+                tagged = False
             return tagged or _written_by_tune(path.with_name("trials.csv"))
         with path.open(encoding="utf-8") as handle:
             first = handle.readline()
