@@ -191,7 +191,16 @@ def _stopped_in_its_first_trial(tmp_path, sig: int) -> tuple[list[str], dict[str
     command = [sys.executable, "-m", "crossdistill", "tune", "--config", config, "--space", _space(tmp_path, SPACE)]
     command += ["--trials", "2", "--sampler", "random", "--pruner", "none"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # Python turns SIGINT into KeyboardInterrupt only when it is not ignored at start, and a test run in the
+        # background of a shell inherits it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     checkpoint = tmp_path / "runs" / "run" / "trial-0000" / "last.pt"
     while not checkpoint.exists() and first.poll() is None:
         time.sleep(0.2)
