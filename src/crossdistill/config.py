@@ -237,6 +237,26 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+RUNTIME_KEYS = frozenset(
+    {
+        "train.run_name",
+        "train.output_dir",
+        "train.device",
+        "train.progress",
+        "train.tensorboard",
+        "train.log_every",
+        "train.trackers",
+        "train.mlflow_uri",
+        "train.experiment",
+        "train.eval_batch_size",
+        "data.num_workers",
+        "data.cache_dir",
+    }
+)
+"""Config keys that say where a run goes and how it reports, not what it learns: runs differing only here (and in
+the seed) are seeds of one experiment in ``report``, and a resumed run may change them."""
+
+
 # ---------------------------------------------------------------- conversion
 
 

@@ -23,28 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import RunConfig, from_dict
+from .config import RUNTIME_KEYS, RunConfig, from_dict
 from .distillers import method_config
 from .errors import CrossDistillError, one_line
 from .files import RERUN_HINT, write_text_atomic
 
-IGNORED_KEYS = frozenset(
-    {
-        "train.seed",
-        "train.run_name",
-        "train.output_dir",
-        "train.device",
-        "train.progress",
-        "train.tensorboard",
-        "train.log_every",
-        "train.trackers",
-        "train.mlflow_uri",
-        "train.experiment",
-        "train.eval_batch_size",
-        "data.num_workers",
-        "data.cache_dir",
-    }
-)
+IGNORED_KEYS = RUNTIME_KEYS | {"train.seed"}
 """Config keys that do not define an experiment: runs differing only here are seeds of one group."""
 _SHOWN = ("teacher.name", "student.name", "method", "train.epochs")
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import RESUME_HINT, load_weights_file, save_atomic, write_text_atomic
-from ..config import RunConfig
+from ..config import RUNTIME_KEYS, RunConfig
 from ..errors import CrossDistillError, one_line, shorten
 from ..version import __version__
 from .distributed import DistEnv, all_ranks_ok
@@ -31,49 +31,35 @@ BEST_KEYS = ("format", "epoch", "student", "student_ema", "config", "normalizati
 """What ``best.pt`` keeps of a full checkpoint: the weights and what is needed to use them."""
 
 SHOWN_ERROR_CHARS = 240
-MAY_CHANGE_ON_RESUME = frozenset(
-    {
-        # where and how the run executes, not what it learns
-        "data.root",
-        "data.download",
-        "data.num_workers",
-        "data.cache_dir",
-        "data.skip_corrupt",
-        "data.device_augment",
-        "student.checkpoint",
-        "student.checkpoint_ema",
-        "student.pretrained",
-        "teacher.checkpoint",
-        "train.device",
-        "train.amp",
-        "train.channels_last",
-        "train.compile",
-        "train.sync_bn",
-        "train.teacher_cache",
-        "train.teacher_cache_dtype",
-        "train.eval_batch_size",
-        "train.eval_every",
-        "train.checkpoint_every_steps",
-        "train.keep_step_checkpoints",
-        "train.check_finite",
-        "train.finite_check_every",
-        "train.max_nonfinite_steps",
-        "train.output_dir",
-        "train.run_name",
-        "train.tensorboard",
-        "train.progress",
-        "train.log_every",
-        "train.trackers",
-        "train.mlflow_uri",
-        "train.experiment",
-        # changed on purpose: a longer run (its schedule re-planned), another process count (checked mid-epoch),
-        # gradient clipping to recover a diverged run from its last good checkpoint (refuse_nonfinite_weights)
-        "optim.clip_grad",
-        "train.epochs",
-        "train.batch_size",
-        "train.grad_accum_steps",
-    }
-)
+MAY_CHANGE_ON_RESUME = RUNTIME_KEYS | {
+    # where and how the run executes, not what it learns
+    "data.root",
+    "data.download",
+    "data.skip_corrupt",
+    "data.device_augment",
+    "student.checkpoint",
+    "student.checkpoint_ema",
+    "student.pretrained",
+    "teacher.checkpoint",
+    "train.amp",
+    "train.channels_last",
+    "train.compile",
+    "train.sync_bn",
+    "train.teacher_cache",
+    "train.teacher_cache_dtype",
+    "train.eval_every",
+    "train.checkpoint_every_steps",
+    "train.keep_step_checkpoints",
+    "train.check_finite",
+    "train.finite_check_every",
+    "train.max_nonfinite_steps",
+    # changed on purpose: a longer run (its schedule re-planned), another process count (checked mid-epoch),
+    # gradient clipping to recover a diverged run from its last good checkpoint (refuse_nonfinite_weights)
+    "optim.clip_grad",
+    "train.epochs",
+    "train.batch_size",
+    "train.grad_accum_steps",
+}
 """Config keys a resumed run may change; any other change would train the rest of the run as another experiment
 than the one its config.yaml records (and optimiser settings would not even apply: the checkpoint's state wins)."""
 

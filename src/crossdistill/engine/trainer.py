@@ -388,13 +388,11 @@ class Trainer:
             if unwrapped is err:
                 raise
             raise unwrapped from err
-        except KeyboardInterrupt as err:
-            self.logs.close(failure=err)
-            self.run_dir_claim.release(failed=True)
-            raise KeyboardInterrupt(self._interrupted()) from err
         except BaseException as err:
             self.logs.close(failure=err)
             self.run_dir_claim.release(failed=True)
+            if isinstance(err, KeyboardInterrupt):
+                raise KeyboardInterrupt(self._interrupted()) from err
             raise
         finally:
             self.run_dir_claim.release()
