@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -219,7 +220,8 @@ def test_a_killed_worker_s_trial_is_asked_again_and_the_study_reaches_n_trials(t
     assert "trial(s) 0 of a killed worker: failed and asked again" in again.stdout
     assert _states(storage) == ["FAIL", "COMPLETE", "COMPLETE"]
     log = (tmp_path / "runs" / "run" / "trial-0000" / "train.log").read_text()
-    assert "---- resumed at epoch 2" in log  # the retry took over the killed trial's run directory
+    # the retry took over the killed trial's run directory (after epoch 1 or 2: the kill lands within a poll of 0.2 s)
+    assert re.search(r"---- resumed at epoch [23] ", log)
     assert not (tmp_path / "runs" / "run" / "trial-0001").exists()  # trial 1 was the retry
     assert (tmp_path / "runs" / "run" / "trial-0002" / "summary.json").exists()
 
