@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import RESUME_HINT, load_weights_file, save_atomic, write_text_atomic
+from ..collectives import all_gather_objects
 from ..config import RUNTIME_KEYS, RunConfig
 from ..errors import CrossDistillError, one_line, shorten
 from ..version import __version__
@@ -108,9 +109,7 @@ def gathered_rng_states(env: DistEnv) -> list[dict[str, Any]] | None:
     """Every rank's RNG state, in rank order (all ranks must call it); None in one process."""
     if not env.distributed:
         return None
-    states: list[Any] = [None] * env.world_size
-    torch.distributed.all_gather_object(states, rng_state())
-    return states
+    return all_gather_objects(rng_state(), env.device)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..collectives import all_reduce, broadcast_object
+from ..collectives import barrier as barrier_of_all
 from ..errors import CrossDistillError
 
 
@@ -54,9 +56,7 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return all_reduce(tensor) if env.distributed else tensor
 
 
 def all_ranks_ok(env: DistEnv, ok: bool) -> bool:
@@ -64,13 +64,12 @@ def all_ranks_ok(env: DistEnv, ok: bool) -> bool:
     if not env.distributed:
         return ok
     flag = torch.tensor([1.0 if ok else 0.0], device=env.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return bool(all_reduce(flag, op=dist.ReduceOp.MIN).item())
 
 
 def barrier(env: DistEnv) -> None:
     if env.distributed:
-        dist.barrier()
+        barrier_of_all()
 
 
 def shutdown(env: DistEnv) -> None:
@@ -82,6 +81,4 @@ def broadcast_from_main(env: DistEnv, obj):
     """Rank 0's ``obj`` on every rank (a picklable object; all ranks must call it)."""
     if not env.distributed:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object(obj, env.device, src=0)

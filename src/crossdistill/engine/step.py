@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..collectives import all_reduce
 from ..config import OptimConfig, TrainConfig
 from ..data.device_augment import DeviceAugment
 from ..errors import CrossDistillError
@@ -320,8 +321,7 @@ class TrainStep:
         if grad_norm is not None:
             flag = flag * torch.isfinite(grad_norm).float()
         if self.distributed:  # all ranks must agree to skip
-            flag = flag.clone()
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            flag = all_reduce(flag.clone(), op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
     def nonfinite_flag(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
@@ -331,9 +331,7 @@ class TrainStep:
             ok = ok & torch.isfinite(grad_norm)
         bad = ~ok
         if self.distributed:
-            flag = bad.float()
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad = flag > 0
+            bad = all_reduce(bad.float(), op=torch.distributed.ReduceOp.MAX) > 0
         return bad
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint import RESUME_HINT, write_text_atomic
+from ..collectives import all_reduce
 from ..config import RunConfig, with_absolute_paths
 from ..data import evaluated_split
 from ..data.device_augment import DeviceAugment
@@ -652,8 +653,7 @@ class Trainer:
         if not self.env.distributed:
             return stop.requested
         flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item())
 
     def _progress(self, epoch: int, first_step: int = 0) -> Progress:
         return self.logs.begin_epoch(epoch, first_step, self.steps_per_epoch)
