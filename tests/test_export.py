@@ -354,9 +354,19 @@ def test_a_failed_re_export_leaves_the_previous_export_whole(cnn_run, tmp_path, 
     with pytest.raises(CrossDistillError, match="no space left"):
         export_run(cnn_run, formats="safetensors,timm", weights="best", out=out, stream=io.StringIO())
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # its staging folder removed too
     export_run(cnn_run, formats="safetensors", weights="best", out=out, stream=io.StringIO())  # and it exports again
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # model.pth: not this one's
+
+
+def test_a_failed_export_to_a_new_directory_leaves_no_directory(cnn_run, tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise CrossDistillError("no space left on the device while writing config.json")
+
+    monkeypatch.setattr("crossdistill.export.write_sidecar", disk_full)
+    with pytest.raises(CrossDistillError, match="no space left"):
+        export_run(cnn_run, formats="safetensors", out=tmp_path / "new", stream=io.StringIO())
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_checkpoint_with_nan_weights_is_refused(cnn_run, tmp_path):

@@ -5,6 +5,8 @@ import ast
 import errno
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,28 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path):
     assert isinstance(raised.value, CrossDistillError)
     assert str(raised.value) == (
         f"no space left on the device while writing {tmp_path / 'new.bin'}; the file was not written. {HINT}"
+    )
+    assert not os.listdir(tmp_path)
+
+
+def test_a_file_past_the_size_limit_is_one_line_that_says_so(tmp_path):
+    """``ulimit -f`` (or FAT32's 4 GiB) fails a write with EFBIG: it was a traceback."""
+    path = tmp_path / "big.bin"
+    script = (
+        "import resource, signal\n"
+        "from crossdistill.files import NoSpaceError, write_bytes_atomic\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        f"    write_bytes_atomic({str(path)!r}, bytes(10000), hint={HINT!r})\n"
+        "except NoSpaceError as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        "the file grew past the largest this file system or the process's file-size limit (ulimit -f) allows while "
+        f"writing {path}; the file was not written. {HINT}\n"
     )
     assert not os.listdir(tmp_path)
 
@@ -192,7 +216,7 @@ def _raised_while_handling(inner: BaseException, outer: BaseException, *, cause:
         return err
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
 def test_a_full_disk_or_quota_is_found_however_deep_it_was_raised(code):
     full = OSError(code, os.strerror(code))
     assert files.is_disk_full(full)

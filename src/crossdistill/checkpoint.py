@@ -98,9 +98,9 @@ def remove_torn_files(folder: str | Path) -> list[Path]:
 RESUME_HINT = "Free some space (or move train.output_dir) and resume with --resume."
 
 
-def no_space_error(path: str | Path, hint: str = RESUME_HINT) -> CrossDistillError:
-    """The one-line error for a write to ``path`` that found the disk full (see ``files.no_space_error``)."""
-    return files.no_space_error(path, hint)
+def no_space_error(path: str | Path, hint: str = RESUME_HINT, err: BaseException | None = None) -> CrossDistillError:
+    """The one-line error for a write to ``path`` that found no room (see ``files.no_space_error``)."""
+    return files.no_space_error(path, hint, err)
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], *, hint: str = RESUME_HINT) -> None:

@@ -23,8 +23,9 @@ must equal the checkpoint's (safetensors and timm state dict: max abs difference
 ONNX through onnxruntime: <= 1e-4, at two batch sizes). The sidecar is written last, only when
 every check passed. The files are written and checked in ``.crossdistill-export-partial/`` inside the export
 directory and replace the previous export's only then, the sidecar last: a failed or killed export leaves the
-previous export whole. Files there that no earlier crossdistill export lists (a user's own ``config.json``) are
-never overwritten: the export is refused.
+previous export whole (a failed one removes that folder, and the export directory if it made it; a killed one
+leaves the folder to the next export). Files there that no earlier crossdistill export lists (a user's own
+``config.json``) are never overwritten: the export is refused.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import torch
 from torch import nn
@@ -482,6 +483,27 @@ def _install(out_dir: Path, names: Sequence[str], previous: dict[str, Any]) -> l
     return removed
 
 
+@contextlib.contextmanager
+def _staging(out_dir: Path) -> Iterator[Path]:
+    """The staging folder of an export to ``out_dir``, made empty. A failed export (a full disk, a check, Ctrl-C)
+    removes it again, and ``out_dir`` too when the export made it: it leaves the directory as it found it."""
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / STAGING
+    _remove_staging(staging)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        try:
+            _remove_staging(staging)
+            if made:
+                out_dir.rmdir()
+        except OSError:
+            pass  # the failure being raised is the one to report
+        raise
+
+
 def _remove_staging(staging: Path) -> None:
     """Remove the staging folder and the files an export writes there (nothing else is in it: checked first)."""
     if staging.is_dir():
@@ -576,55 +598,55 @@ def export_run(
                 "report the model name and kwargs."
             )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / STAGING  # written and checked there; the previous export stays whole until they pass
-    _remove_staging(staging)
-    staging.mkdir()
-
-    for fmt in names:
-        path = staging / FORMATS[fmt]
-        result.files[fmt] = path
-        if fmt == "safetensors":
-            write_safetensors(exported, path, {"architecture": name, "num_classes": str(num_classes)})
-            check(
-                fmt,
-                _max_diff(_timm_logits_from_safetensors(name, kwargs, path, num_classes, x), reference),
-                "timm.create_model(pretrained_cfg_overlay=dict(file=...))",
-            )
-            how = "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=N))"
-        elif fmt == "timm":
-            save_atomic(exported, path, hint=EXPORT_DISK_HINT)
-            fresh = create_model(ModelConfig(name=name, kwargs=kwargs), num_classes)
-            fresh.load_state_dict(load_weights_file(path), strict=True)
-            with torch.no_grad():
-                check(fmt, _max_diff(fresh.eval()(x), reference), "timm.create_model + load_state_dict")
-            how = "timm.create_model + load_state_dict(strict=True)"
-        else:
-            # an example batch of 2: torch.export would specialise a batch of 1 into the graph
-            example = x[:2] if len(x) >= 2 else torch.cat([x, x])
-            result.onnx_exporter = export_onnx(model, example, path, onnx_exporter, opset, say)
-            for batch, logits in _onnx_logits(path, x):
+    with _staging(out_dir) as staging:  # written and checked there; the previous export stays whole until they pass
+        for fmt in names:
+            path = staging / FORMATS[fmt]
+            result.files[fmt] = path
+            if fmt == "safetensors":
+                write_safetensors(exported, path, {"architecture": name, "num_classes": str(num_classes)})
+                check(
+                    fmt,
+                    _max_diff(_timm_logits_from_safetensors(name, kwargs, path, num_classes, x), reference),
+                    "timm.create_model(pretrained_cfg_overlay=dict(file=...))",
+                )
+                how = "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=N))"
+            elif fmt == "timm":
+                save_atomic(exported, path, hint=EXPORT_DISK_HINT)
+                fresh = create_model(ModelConfig(name=name, kwargs=kwargs), num_classes)
+                fresh.load_state_dict(load_weights_file(path), strict=True)
                 with torch.no_grad():
-                    check(fmt, _max_diff(logits, model(batch)), f"onnxruntime, batch {len(batch)}")
-            how = f"onnxruntime CPU, batches of {len(x)} and 1 ({result.onnx_exporter} exporter, dynamic batch axis)"
-        say(
-            f"  {fmt:<12} {out_dir / FORMATS[fmt]}  logits equal the checkpoint's: max abs diff "
-            f"{result.max_abs_diff[fmt]:.3g} <= {TOLERANCE[fmt]:g} via {how}"
-        )
-
-    model_config = build_sidecar(cfg, name, kwargs, num_classes, classes, preprocessing, model, result, state, run_dir)
-    write_sidecar(staging / SIDECAR, model, kwargs, model_config, preprocessing)
-    if "safetensors" in names:
-        # the sidecar is timm's config.json: the directory itself loads with plain timm
-        local = _local_dir_logits(staging, x)
-        if local is not None:
-            diff = _max_diff(local, reference)
-            check("safetensors", diff, f"timm.create_model('local-dir:{out_dir}', pretrained=True)")
+                    check(fmt, _max_diff(fresh.eval()(x), reference), "timm.create_model + load_state_dict")
+                how = "timm.create_model + load_state_dict(strict=True)"
+            else:
+                # an example batch of 2: torch.export would specialise a batch of 1 into the graph
+                example = x[:2] if len(x) >= 2 else torch.cat([x, x])
+                result.onnx_exporter = export_onnx(model, example, path, onnx_exporter, opset, say)
+                for batch, logits in _onnx_logits(path, x):
+                    with torch.no_grad():
+                        check(fmt, _max_diff(logits, model(batch)), f"onnxruntime, batch {len(batch)}")
+                how = (
+                    f"onnxruntime CPU, batches of {len(x)} and 1 ({result.onnx_exporter} exporter, dynamic batch axis)"
+                )
             say(
-                f"  {'local-dir':<12} timm.create_model('local-dir:{out_dir}', pretrained=True) loads "
-                f"{SIDECAR} + {FORMATS['safetensors']}: max abs diff {diff:.3g}"
+                f"  {fmt:<12} {out_dir / FORMATS[fmt]}  logits equal the checkpoint's: max abs diff "
+                f"{result.max_abs_diff[fmt]:.3g} <= {TOLERANCE[fmt]:g} via {how}"
             )
-    stale_removed = _install(out_dir, names, previous)
+
+        model_config = build_sidecar(
+            cfg, name, kwargs, num_classes, classes, preprocessing, model, result, state, run_dir
+        )
+        write_sidecar(staging / SIDECAR, model, kwargs, model_config, preprocessing)
+        if "safetensors" in names:
+            # the sidecar is timm's config.json: the directory itself loads with plain timm
+            local = _local_dir_logits(staging, x)
+            if local is not None:
+                diff = _max_diff(local, reference)
+                check("safetensors", diff, f"timm.create_model('local-dir:{out_dir}', pretrained=True)")
+                say(
+                    f"  {'local-dir':<12} timm.create_model('local-dir:{out_dir}', pretrained=True) loads "
+                    f"{SIDECAR} + {FORMATS['safetensors']}: max abs diff {diff:.3g}"
+                )
+        stale_removed = _install(out_dir, names, previous)
     result.files = {fmt: out_dir / FORMATS[fmt] for fmt in names}
     result.sidecar = out_dir / SIDECAR
     say(f"  sidecar      {result.sidecar}")

@@ -3,9 +3,9 @@
 A write goes to a temporary file (or folder) beside the target, is flushed and fsynced, then renamed
 over the target with ``os.replace``: a crash, a ``kill -9`` or a full disk leaves the old file or the
 new one under the target's name, never a torn one. The temporary is removed when the write fails;
-only a kill can leave one behind (``.<name>.<random>.tmp``, never read). A full disk or quota, however
-a library reports it, becomes one line (:func:`no_space_error`) that names the file and says whether
-its previous version is intact.
+only a kill can leave one behind (``.<name>.<random>.tmp``, never read). A full disk or quota, or a file
+larger than the file system or ``ulimit -f`` allows, however a library reports it, becomes one line
+(:func:`no_space_error`) that names the file and says whether its previous version is intact.
 
 * :func:`write_atomic`: the caller writes through a binary handle (``torch.save``, ``np.savez``);
 * :func:`write_bytes_atomic`, :func:`write_text_atomic`: bytes or UTF-8 text already in memory;
@@ -25,33 +25,44 @@ from typing import BinaryIO, Callable
 
 from .errors import CrossDistillError
 
-NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""What a write that found no room raises: a full disk, a full quota, a file past the largest the file system
+(FAT32: 4 GiB) or the process's limit (``ulimit -f``, with SIGXFSZ ignored) allows."""
 RERUN_HINT = "Free some space (or write to another disk) and run the command again."
 """The full-disk advice of a command that only writes its output (a report, a plot): nothing to resume."""
 
 
 class NoSpaceError(CrossDistillError):
-    """A write found the disk full (or the quota exceeded); the message is one line, see :func:`no_space_error`."""
+    """A write found no room (see :data:`NO_SPACE_ERRNOS`); the message is one line, see :func:`no_space_error`."""
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """Whether ``err``, or an exception it was raised from or while handling, is a full disk or quota.
-
-    torch's writer turns the OSError of a full disk into ``RuntimeError: [enforce fail at
-    inline_container.cc] unexpected pos``, raised while the OSError is handled: it is found there."""
+def _no_space_errno(err: BaseException) -> int | None:
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
-            return True
+            return current.errno
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return False
+    return None
 
 
-def no_space_error(path: str | Path, hint: str) -> NoSpaceError:
-    """The one-line error for a write to ``path`` that found the disk full (call it before anything is removed)."""
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err``, or an exception it was raised from or while handling, found no room (a full disk or quota,
+    a file too large: :data:`NO_SPACE_ERRNOS`).
+
+    torch's writer turns the OSError of a full disk into ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos``, raised while the OSError is handled: it is found there."""
+    return _no_space_errno(err) is not None
+
+
+def no_space_error(path: str | Path, hint: str, err: BaseException | None = None) -> NoSpaceError:
+    """The one-line error for a write to ``path`` that found no room, ``err`` what it raised (call it before
+    anything is removed)."""
     kept = "the previous version of this file is intact" if Path(path).exists() else "the file was not written"
+    if err is not None and _no_space_errno(err) == errno.EFBIG:
+        why = "the file grew past the largest this file system or the process's file-size limit (ulimit -f) allows"
+        return NoSpaceError(f"{why} while writing {path}; {kept}. {hint}")
     return NoSpaceError(f"no space left on the device while writing {path}; {kept}. {hint}")
 
 
@@ -102,7 +113,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], *, hint:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(err, Exception) and is_disk_full(err):
-            raise no_space_error(path, hint) from None
+            raise no_space_error(path, hint, err) from None
         raise
     _fsync_directory(path.parent)
 
@@ -155,7 +166,7 @@ def write_path_atomic(path: str | Path, write: Callable[[Path], object], *, hint
                 os.replace(file, path.parent / file.name)
     except BaseException as err:
         if isinstance(err, Exception) and is_disk_full(err):
-            raise no_space_error(path, hint) from None
+            raise no_space_error(path, hint, err) from None
         raise
     finally:
         if folder is not None:
