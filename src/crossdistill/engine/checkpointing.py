@@ -63,6 +63,8 @@ MAY_CHANGE_ON_RESUME = RUNTIME_KEYS | {
 }
 """Config keys a resumed run may change; any other change would train the rest of the run as another experiment
 than the one its config.yaml records (and optimiser settings would not even apply: the checkpoint's state wins)."""
+ANY_CASE = frozenset({"optim.opt"})
+"""Keys whose values name the same thing in any case (timm lowercases optimiser names: AdamW is adamw)."""
 
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
@@ -78,7 +80,7 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any], ignore: froze
                 out.update({f"{section}.{key}": item for key, item in value.items()})
             else:
                 out[section] = value
-        return out
+        return {key: item.lower() if key in ANY_CASE and isinstance(item, str) else item for key, item in out.items()}
 
     old, new = keys(saved), keys(now)
     return [
