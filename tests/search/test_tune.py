@@ -6,6 +6,7 @@ import csv
 import os
 import re
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from conftest import tiny_config_file
 from crossdistill.cli import main
 from crossdistill.config import load_config
 from crossdistill.errors import CrossDistillError
+from crossdistill.search import tune as tune_module
 from crossdistill.search.space import read_space
 from crossdistill.search.tune import Study, check_outputs_are_ours, objective, open_storage, tune
 
@@ -328,3 +330,29 @@ def test_after_too_many_failures_the_cause_fixed_the_same_study_goes_on(tmp_path
     written = tune(config, space, trials=2, sampler="random", pruner="none")
     assert written["best"] is not None
     assert _states(f"sqlite:///{folder / 'study.db'}") == ["FAIL"] * 3 + ["COMPLETE"] * 2
+
+
+def test_a_study_database_another_program_keeps_locked_is_one_line_that_says_so(tmp_path, monkeypatch, capsys):
+    """A sqlite3 shell left in a transaction on study.db while tune runs: SQLAlchemy's traceback before."""
+    monkeypatch.setattr(tune_module, "SQLITE_LOCK_WAIT_S", 0.2)
+    database = tmp_path / "runs" / "run" / "study.db"
+    shells = []
+
+    def trial_while_a_shell_locks_the_database(spec, trial):
+        shell = sqlite3.connect(database, isolation_level=None)
+        shell.execute("BEGIN EXCLUSIVE")
+        shells.append(shell)
+        return 50.0
+
+    monkeypatch.setattr(tune_module, "objective", trial_while_a_shell_locks_the_database)
+    try:
+        with pytest.raises(CrossDistillError) as raised:
+            tune(tiny_config_file(tmp_path), _space(tmp_path, SPACE), trials=1, sampler="random", pruner="none")
+    finally:
+        for shell in shells:
+            shell.close()
+    assert str(raised.value) == (
+        f"sqlite:///{database} stayed locked by another process for more than 0.2 s (a sqlite3 shell or a program "
+        "holding a transaction open?); the finished trials are kept: run the same tune command again"
+    )
+    assert len(shells) == 1

@@ -12,6 +12,7 @@ training set, ready for ``crossdistill train``), ``history.png`` and ``trials.cs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import itertools
@@ -41,6 +42,8 @@ BEST_HEADER = "# The best trial ("
 TRIALS_COLUMNS = (["number", "state", "value"], ["run", "duration_s"])  # the first and the last columns
 PNG_SOFTWARE = "crossdistill tune"  # history.png's Software tag
 AGAIN = "run the same tune command again to resume it"
+SQLITE_LOCK_WAIT_S = 60
+"""How long an SQLite study waits for the write lock that another process (a worker, a sqlite3 shell) holds."""
 HEARTBEAT_S, GRACE_S = 30, 120
 """RDB storages: a worker's trial beats every HEARTBEAT_S; one silent for GRACE_S (a killed machine) is failed and
 asked again (Optuna's heartbeat)."""
@@ -76,7 +79,7 @@ def open_storage(url: str):
         )
     sqlite = url.startswith("sqlite")
     # pysqlite's own BEGIN is off: every transaction is an immediate one (below)
-    engine_kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite else {}
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_WAIT_S, "isolation_level": None}} if sqlite else {}
     if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9
         retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)}
     else:
@@ -92,6 +95,41 @@ def open_storage(url: str):
     if sqlite:
         _begin_immediate(storage.engine)
     return storage
+
+
+def _storage_errors(err: BaseException) -> list[BaseException]:
+    """The errors of the study's database behind ``err``: Optuna's wrapping first, then SQLAlchemy's."""
+    found, seen = [], set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        kind = type(current)
+        if kind.__module__.startswith("sqlalchemy") or kind.__name__ == "StorageInternalError":
+            found.append(current)
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return found
+
+
+@contextlib.contextmanager
+def storage_failures(url: str):
+    """A failure of the study's database while the study runs (locked past SQLITE_LOCK_WAIT_S, a server gone) as
+    one line: finished trials are in the database, and the same command continues the study."""
+    try:
+        yield
+    except CrossDistillError:
+        raise
+    except Exception as err:
+        causes = _storage_errors(err)
+        if not causes:
+            raise
+        if any("database is locked" in str(cause) for cause in causes):
+            why = (
+                f"{url} stayed locked by another process for more than {SQLITE_LOCK_WAIT_S} s (a sqlite3 shell or "
+                "a program holding a transaction open?)"
+            )
+        else:  # the innermost: the database's own words, not Optuna's guess about them
+            why = f"the study storage {url} failed: {one_line(causes[-1])[:300]}"
+        raise CrossDistillError(f"{why}; the finished trials are kept: run the same tune command again") from None
 
 
 def _begin_immediate(engine) -> None:
@@ -310,28 +348,29 @@ def _short(value: Any) -> str:
 
 def run_worker(spec: Study, worker: int, workers: int) -> None:
     """One worker: trials until the study holds --trials finished ones (complete or pruned)."""
-    study = spec.load(worker)
-    target = spec.target()
-    # failures of earlier invocations (a cause since fixed, a killed worker's trials) do not count against this one
-    failed_before = _counts(study).get("FAIL", 0)
-    while True:
-        counts = _counts(study)
-        if counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) + counts.get("RUNNING", 0) >= target:
-            return
-        failed = counts.get("FAIL", 0) - failed_before
-        if failed > target:
-            trials_csv = write_trials_csv(study, spec.base.folder / "trials.csv")
-            raise CrossDistillError(
-                f"{failed} trials of study {spec.study} failed in this invocation (each one's error is above; "
-                f"{trials_csv} lists every trial): fix the cause and run the command again"
+    with storage_failures(spec.storage):
+        study = spec.load(worker)
+        target = spec.target()
+        # failures of earlier invocations (a cause since fixed, a killed worker's trials) do not count against this one
+        failed_before = _counts(study).get("FAIL", 0)
+        while True:
+            counts = _counts(study)
+            if counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) + counts.get("RUNNING", 0) >= target:
+                return
+            failed = counts.get("FAIL", 0) - failed_before
+            if failed > target:
+                trials_csv = write_trials_csv(study, spec.base.folder / "trials.csv")
+                raise CrossDistillError(
+                    f"{failed} trials of study {spec.study} failed in this invocation (each one's error is above; "
+                    f"{trials_csv} lists every trial): fix the cause and run the command again"
+                )
+            study.optimize(
+                lambda trial: objective(spec, trial),
+                n_trials=1,
+                catch=(CrossDistillError,),
+                callbacks=[_progress],
+                gc_after_trial=True,
             )
-        study.optimize(
-            lambda trial: objective(spec, trial),
-            n_trials=1,
-            catch=(CrossDistillError,),
-            callbacks=[_progress],
-            gc_after_trial=True,
-        )
 
 
 # ---------------------------------------------------------------- outputs
@@ -536,30 +575,32 @@ def tune(
     if storage is None:
         base.folder.mkdir(parents=True, exist_ok=True)
     spec = Study(base, params, url, base.name, trials, sampler, seed, pruner)
-    study = optuna.create_study(
-        study_name=spec.study, storage=open_storage(url), direction="maximize", load_if_exists=True
-    )
-    retried = retry_dead_trials(study)
-    if retried:
-        print(f"trial(s) {', '.join(map(str, retried))} of a killed worker: failed and asked again", flush=True)
-    resumed = retry_stopped_trials(study)
-    if resumed:
-        print(f"trial(s) {', '.join(map(str, resumed))} stopped by a signal: asked again to resume", flush=True)
-    if sampler == "grid":  # the grid as waiting trials: workers take each once (Optuna pops a waiting trial atomically)
-        grid = grid_of(params)
-        keys = list(grid)
-        for values in itertools.product(*grid.values()):
-            study.enqueue_trial(dict(zip(keys, values)), skip_if_exists=True)
-    counts = _counts(study)
-    done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
-    print(
-        f"study {spec.study}: {done}/{spec.target()} trials finished; storage {url}; {sampler} sampler, "
-        f"{pruner} pruner; {workers} worker(s); runs in {base.folder}",
-        flush=True,
-    )
-    start_workers(run_worker, (spec,), workers)
-    study = spec.load()
-    written = write_outputs(spec, study)
+    with storage_failures(url):
+        study = optuna.create_study(
+            study_name=spec.study, storage=open_storage(url), direction="maximize", load_if_exists=True
+        )
+        retried = retry_dead_trials(study)
+        if retried:
+            print(f"trial(s) {', '.join(map(str, retried))} of a killed worker: failed and asked again", flush=True)
+        resumed = retry_stopped_trials(study)
+        if resumed:
+            print(f"trial(s) {', '.join(map(str, resumed))} stopped by a signal: asked again to resume", flush=True)
+        # the grid as waiting trials: workers take each once (Optuna pops a waiting trial atomically)
+        if sampler == "grid":
+            grid = grid_of(params)
+            keys = list(grid)
+            for values in itertools.product(*grid.values()):
+                study.enqueue_trial(dict(zip(keys, values)), skip_if_exists=True)
+        counts = _counts(study)
+        done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+        print(
+            f"study {spec.study}: {done}/{spec.target()} trials finished; storage {url}; {sampler} sampler, "
+            f"{pruner} pruner; {workers} worker(s); runs in {base.folder}",
+            flush=True,
+        )
+        start_workers(run_worker, (spec,), workers)
+        study = spec.load()
+        written = write_outputs(spec, study)
     best = written.get("best")
     if best is None:
         print("no trial finished: nothing to report")
