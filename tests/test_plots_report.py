@@ -182,6 +182,17 @@ def test_report_warns_when_one_seed_is_counted_twice_in_a_row(tmp_path, capsys):
     ]
 
 
+def test_a_run_named_twice_is_counted_once(tmp_path, capsys):
+    """``report runs runs/a`` (or a link to a run) counted run a twice: an extra sample, a narrower std."""
+    fake_run(tmp_path, "a", seed=1, last=70.0, best=71.0)
+    fake_run(tmp_path, "b", seed=2, last=72.0, best=74.0)
+    (tmp_path / "link-to-a").symlink_to(tmp_path / "runs" / "a")
+    runs = tmp_path / "runs"
+    assert main(["report", str(runs), str(runs / "a"), str(tmp_path / "link-to-a"), str(runs / ".." / "runs")]) == 0
+    captured = capsys.readouterr()
+    assert "| 1, 2 |" in captured.out and "| 71.00 ± 1.41 |" in captured.out and captured.err == ""
+
+
 def test_report_unfinished_run_is_a_clear_error(tmp_path, capsys):
     run = fake_run(tmp_path, "a", seed=1, last=70.0, best=71.0)
     (run / "summary.json").unlink()

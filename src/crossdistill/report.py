@@ -58,7 +58,8 @@ class Group:
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories from the arguments; a directory holding runs (not one itself) stands for its runs."""
+    """Run directories from the arguments, each once; a directory holding runs (not one itself) stands for its
+    runs."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -71,7 +72,10 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
         if not children:
             raise CrossDistillError(f"{path} is not a crossdistill run directory (no config.yaml) and holds none")
         found.extend(children)
-    return found
+    unique: dict[Path, Path] = {}  # a run named twice (``runs runs/a``, a link to it) is one run, counted once
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def read_run(path: str | Path) -> Run:
