@@ -1,8 +1,10 @@
 """crossdistill export: the student alone, loadable by plain timm / onnxruntime, with the checkpoint's logits."""
 
 import builtins
+import errno
 import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -18,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import TINY_STUDENT, TINY_TEACHER, tiny_run
+from crossdistill import files
 from crossdistill.checkpoint import load_weights_file
 from crossdistill.cli import main
 from crossdistill.config import build_config
@@ -357,6 +360,33 @@ def test_a_failed_re_export_leaves_the_previous_export_whole(cnn_run, tmp_path, 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # its staging folder removed too
     export_run(cnn_run, formats="safetensors", weights="best", out=out, stream=io.StringIO())  # and it exports again
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # model.pth: not this one's
+
+
+def _disk_full_when_writing(monkeypatch, name: str) -> None:
+    real_open = files._open_temporary
+
+    def open_temporary(fd, tmp):
+        if os.path.basename(tmp).startswith(f".{name}."):
+            os.close(fd)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(fd, tmp)
+
+    monkeypatch.setattr(files, "_open_temporary", open_temporary)
+
+
+def test_a_full_disk_names_the_export_s_file_not_its_staging_copy(cnn_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "exp"
+    export_run(cnn_run, formats="safetensors", out=out, stream=io.StringIO())
+    _disk_full_when_writing(monkeypatch, "model.safetensors")
+    cases = [(out, "the previous version of this file is intact"), (tmp_path / "new", "the file was not written")]
+    for target, kept in cases:
+        assert main(["export", str(cnn_run), "--format", "safetensors", "--out", str(target)]) == 2
+        assert capsys.readouterr().err == (
+            f"crossdistill: error: no space left on the device while writing {target / 'model.safetensors'}; {kept}. "
+            "Free some space (or pass --out on another disk) and run the export again.\n"
+        )
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_failed_export_to_a_new_directory_leaves_no_directory(cnn_run, tmp_path, monkeypatch):

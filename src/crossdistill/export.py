@@ -53,7 +53,7 @@ from .data import build_data
 from .data.transforms import DEFAULT_EVAL_INTERPOLATION
 from .engine.setup import student_data_config
 from .errors import SHOWN_CHARS, CrossDistillError, one_line, shorten, suggest
-from .files import NoSpaceError, write_bytes_atomic, write_path_atomic
+from .files import NoSpaceError, no_space_error, write_bytes_atomic, write_path_atomic
 from .models import create_model
 from .models.factory import check_weights, sized_kwargs
 from .version import __version__
@@ -494,13 +494,15 @@ def _staging(out_dir: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-    except BaseException:
+    except BaseException as err:
         try:
             _remove_staging(staging)
             if made:
                 out_dir.rmdir()
         except OSError:
             pass  # the failure being raised is the one to report
+        if isinstance(err, NoSpaceError) and err.path is not None and err.path.parent == staging:
+            raise no_space_error(out_dir / err.path.name, EXPORT_DISK_HINT, err) from None  # the file the user knows
         raise
 
 

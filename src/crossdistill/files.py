@@ -35,6 +35,9 @@ RERUN_HINT = "Free some space (or write to another disk) and run the command aga
 class NoSpaceError(CrossDistillError):
     """A write found no room (see :data:`NO_SPACE_ERRNOS`); the message is one line, see :func:`no_space_error`."""
 
+    path: Path | None = None
+    """The file it was writing."""
+
 
 def _no_space_errno(err: BaseException) -> int | None:
     seen: set[int] = set()
@@ -60,10 +63,12 @@ def no_space_error(path: str | Path, hint: str, err: BaseException | None = None
     """The one-line error for a write to ``path`` that found no room, ``err`` what it raised (call it before
     anything is removed)."""
     kept = "the previous version of this file is intact" if Path(path).exists() else "the file was not written"
+    why = "no space left on the device"
     if err is not None and _no_space_errno(err) == errno.EFBIG:
         why = "the file grew past the largest this file system or the process's file-size limit (ulimit -f) allows"
-        return NoSpaceError(f"{why} while writing {path}; {kept}. {hint}")
-    return NoSpaceError(f"no space left on the device while writing {path}; {kept}. {hint}")
+    error = NoSpaceError(f"{why} while writing {path}; {kept}. {hint}")
+    error.path = Path(path)
+    return error
 
 
 def _umask() -> int:
