@@ -263,6 +263,57 @@ def test_loader_workers_drop_a_foreign_sigterm_and_still_end_with_the_interprete
     assert done.returncode == 0 and "exiting" in done.stdout and "Error" not in done.stderr, done.stderr[-2000:]
 
 
+KILLED_WITH_LOADER_OPEN = """
+import multiprocessing, os, signal, sys
+from torch.utils.data import Dataset
+from crossdistill.engine.loaders import build_eval_loader
+
+class Pids(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1])
+    batches = iter(build_eval_loader(Pids(), batch_size=4, num_workers=2))
+    pids = {int(p) for _ in range(4) for p in next(batches)}
+    print(*sorted(pids), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie an init that does not reap leaves behind has ended)."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+def test_loader_workers_end_when_the_main_process_is_killed(tmp_path, start_method):
+    """A forkserver's workers (Python 3.14's default start method) are the forkserver's children: torch's watch of
+    a worker's parent saw the forkserver, alive, and the workers of a main process killed with SIGKILL ran on."""
+    script = tmp_path / "killed_with_loader_open.py"
+    script.write_text(KILLED_WITH_LOADER_OPEN)
+    done = subprocess.run([sys.executable, str(script), start_method], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    workers = [int(pid) for pid in done.stdout.split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 60  # torch's own watch looks every 5 s
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if _running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 0.35, 0.8])
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_exact_resume(tmp_path, reference, delay):

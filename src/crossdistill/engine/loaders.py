@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import multiprocessing.util  # registers its exit function before ours below: ours must run first
 import os
 import random
 import re
+import select
 import signal
+import threading
+import time
 import weakref
 from multiprocessing.context import BaseContext
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,6 +56,46 @@ def ignore_stop_signals(worker_id: int) -> None:
     save. The workers' processes are :func:`worker_context`'s, killed at exit if still running."""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _end_with(main_pid: int) -> None:
+    """End this process when process ``main_pid`` ends (a daemon thread that waits on it)."""
+    try:
+        handle = os.pidfd_open(main_pid)  # Linux >= 5.3: readable once the process has ended
+    except ProcessLookupError:  # it ended while this worker was starting
+        os._exit(0)
+    except (AttributeError, OSError):
+        handle = None
+
+    def wait() -> None:
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while True:
+                time.sleep(2.0)
+                try:
+                    os.kill(main_pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:  # alive, and another user's (its pid reused): keep waiting
+                    pass
+        os._exit(0)
+
+    threading.Thread(target=wait, name="crossdistill-main-process-watch", daemon=True).start()
+
+
+def _init_worker(worker_id: int, main_pid: int) -> None:
+    ignore_stop_signals(worker_id)
+    if os.getppid() != main_pid:
+        _end_with(main_pid)
+
+
+def worker_init() -> Callable[[int], None]:
+    """The ``worker_init_fn`` of the engine's loaders: :func:`ignore_stop_signals`, and a worker that is not the
+    main process's child ends with the main process. A forkserver's workers (Python 3.14's default start method
+    on Linux) are the forkserver's children: torch's check that a worker's parent lives watches the forkserver,
+    which outlived a main process killed with SIGKILL, and its workers ran on for good."""
+    return functools.partial(_init_worker, main_pid=os.getpid())
 
 
 _STARTED_WORKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # worker process -> pid of its starter
@@ -139,7 +184,7 @@ def build_train_loader(
         drop_last=True,
         pin_memory=pin_memory,
         generator=generator,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=worker_init(),
         multiprocessing_context=worker_context() if num_workers > 0 else None,
     )
     return train_set, sampler, generator, loader
@@ -155,7 +200,7 @@ def build_eval_loader(
         sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=num_workers,
         pin_memory=pin_memory,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=worker_init(),
         multiprocessing_context=worker_context() if num_workers > 0 else None,
     )
 
