@@ -224,8 +224,8 @@ def test_sigterm_checkpoints_exits_75_and_resume_matches(tmp_path, reference, wh
     assert_same(final_weights(resumed), reference[0])
 
 
-OPEN_LOADER_AT_EXIT = """
-import multiprocessing, os, subprocess, sys
+LOADER_OF_TWO_WORKERS = """
+import multiprocessing, os, signal, subprocess, sys
 from torch.utils.data import Dataset
 from crossdistill.engine.loaders import build_eval_loader
 
@@ -240,6 +240,10 @@ if __name__ == "__main__":
     multiprocessing.set_start_method(sys.argv[1])
     batches = iter(build_eval_loader(Pids(), batch_size=4, num_workers=2))
     pids = {int(p) for _ in range(4) for p in next(batches)}
+"""
+OPEN_LOADER_AT_EXIT = (
+    LOADER_OF_TWO_WORKERS
+    + """
     assert len(pids) == 2, pids
     subprocess.run(["kill", "-TERM", *map(str, pids)], check=True)  # not from the main process: dropped
     for _ in range(8):
@@ -247,6 +251,7 @@ if __name__ == "__main__":
     KEPT_OPEN = batches  # as a traceback in a reference cycle keeps a loader open until the interpreter exits
     print("exiting", flush=True)
 """
+)
 
 
 @pytest.mark.slow
@@ -263,25 +268,13 @@ def test_loader_workers_drop_a_foreign_sigterm_and_still_end_with_the_interprete
     assert done.returncode == 0 and "exiting" in done.stdout and "Error" not in done.stderr, done.stderr[-2000:]
 
 
-KILLED_WITH_LOADER_OPEN = """
-import multiprocessing, os, signal, sys
-from torch.utils.data import Dataset
-from crossdistill.engine.loaders import build_eval_loader
-
-class Pids(Dataset):
-    def __len__(self):
-        return 64
-
-    def __getitem__(self, index):
-        return os.getpid()
-
-if __name__ == "__main__":
-    multiprocessing.set_start_method(sys.argv[1])
-    batches = iter(build_eval_loader(Pids(), batch_size=4, num_workers=2))
-    pids = {int(p) for _ in range(4) for p in next(batches)}
+KILLED_WITH_LOADER_OPEN = (
+    LOADER_OF_TWO_WORKERS
+    + """
     print(*sorted(pids), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """
+)
 
 
 def _running(pid: int) -> bool:
