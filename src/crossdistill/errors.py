@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import reprlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 SHOWN_CHARS = 200
 """The most characters of a user's value that a message repeats."""
@@ -49,3 +49,16 @@ def shorten(value: Any, limit: int = SHOWN_CHARS) -> str:
 def one_line(text: object) -> str:
     """``text`` with its line breaks (and the indentation after them) collapsed to single spaces."""
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def exception_chain(err: BaseException) -> Iterator[BaseException]:
+    """``err``, then the exception it was raised from or while handling, and so on (a cycle ends it).
+
+    Libraries wrap the error that matters: torch's writer raises ``RuntimeError: ... unexpected pos`` while the
+    OSError of a full disk is handled, Optuna's StorageInternalError is raised from SQLAlchemy's."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        yield current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .errors import CrossDistillError
+from .errors import CrossDistillError, exception_chain
 
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 """What a write that found no room raises: a full disk, a full quota, a file past the largest the file system
@@ -40,13 +40,9 @@ class NoSpaceError(CrossDistillError):
 
 
 def _no_space_errno(err: BaseException) -> int | None:
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
-            return current.errno
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
+    for raised in exception_chain(err):
+        if isinstance(raised, OSError) and raised.errno in NO_SPACE_ERRNOS:
+            return raised.errno
     return None
 
 

@@ -28,7 +28,7 @@ import yaml
 
 from ..engine import StoppedByHook
 from ..engine.preemption import Preempted
-from ..errors import CrossDistillError, one_line
+from ..errors import CrossDistillError, exception_chain, one_line
 from ..files import RERUN_HINT, write_atomic, write_text_atomic
 from .runs import Base, RunSpec, parse_seeds, read_base, read_summary, run_specs, start_workers, train_once
 from .space import Param, override, read_space
@@ -99,15 +99,11 @@ def open_storage(url: str):
 
 def _storage_errors(err: BaseException) -> list[BaseException]:
     """The errors of the study's database behind ``err``: Optuna's wrapping first, then SQLAlchemy's."""
-    found, seen = [], set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        kind = type(current)
-        if kind.__module__.startswith("sqlalchemy") or kind.__name__ == "StorageInternalError":
-            found.append(current)
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return found
+    return [
+        raised
+        for raised in exception_chain(err)
+        if type(raised).__module__.startswith("sqlalchemy") or type(raised).__name__ == "StorageInternalError"
+    ]
 
 
 @contextlib.contextmanager
