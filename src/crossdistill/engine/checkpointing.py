@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +23,7 @@ from ..config import RUNTIME_KEYS, RunConfig
 from ..errors import CrossDistillError, one_line, shorten
 from ..version import __version__
 from .distributed import DistEnv, all_ranks_ok
-from .rundir import BEST, CHECKPOINT, CHECKPOINT_FORMAT, LATEST, STEP_DIR, step_checkpoints
+from .rundir import BEST, CHECKPOINT, CHECKPOINT_FORMAT, LATEST, STEP_DIR, resume_command, step_checkpoints
 
 __all__ = ["Checkpointer", "Resumed", "gathered_rng_states", "load_optimizer_state", "rng_state", "set_rng_state"]
 
@@ -303,7 +302,7 @@ class Checkpointer:
             raise CrossDistillError(f"stopping: another rank holds non-finite weights {when} (see its message)")
         if self.has_checkpoint():
             kept = f"the last good checkpoint is kept in {self.run_dir}"
-            example = f"crossdistill train --resume {shlex.quote(str(self.run_dir))} optim.clip_grad=1.0"
+            example = f"{resume_command(self.run_dir)} optim.clip_grad=1.0"
         else:
             kept, example = "the run has no checkpoint yet", "the same command with optim.clip_grad=1.0"
         raise CrossDistillError(

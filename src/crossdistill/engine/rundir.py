@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,11 @@ RUN_FILES = (CONFIG, CHECKPOINT, BEST, LATEST, SUMMARY, *METRICS, LOG, LOCK)
 CHECKPOINT_FORMAT = "crossdistill-run/1"
 """The ``format`` entry of every checkpoint a run writes (last.pt, best.pt, checkpoints/step-*.pt)."""
 STEP_FILE = re.compile(r"step-\d{9}\.pt")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``, quoted for a shell (spaces, quotes in the path)."""
+    return f"crossdistill train --resume {shlex.quote(str(run_dir))}"
 
 
 def step_checkpoints(folder: Path) -> list[Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from .loaders import build_eval_loader, build_train_loader, epoch_seed, seed_eve
 from .logs import Progress, RunLogger
 from .metrics import EpochTotals, MetricsLog, TeacherClassifier, evaluate
 from .preemption import Preempted, StopSignal
-from .rundir import CHECKPOINT, SUMMARY, inspect_run_dir
+from .rundir import CHECKPOINT, SUMMARY, inspect_run_dir, resume_command
 from .setup import (
     autocast_dtype,
     batch_warning,
@@ -403,8 +402,7 @@ class Trainer:
     def _interrupted(self) -> str:
         """What a Ctrl-C leaves: the command that continues the run, or that nothing was kept."""
         if inspect_run_dir(self.run_dir).has_checkpoint:
-            resume = f"crossdistill train --resume {shlex.quote(str(self.run_dir))}"
-            return f"interrupted; continue from the last checkpoint with: {resume}"
+            return f"interrupted; continue from the last checkpoint with: {resume_command(self.run_dir)}"
         return "interrupted before the run's first checkpoint, so nothing was kept: the same command starts it again"
 
     def _fit(self, stop_after: int | None) -> RunSummary:
@@ -429,7 +427,7 @@ class Trainer:
                     if epoch + 1 < end and self._stop_requested(stop):
                         raise Preempted(
                             f"stop signal received: saved {self.run_dir / CHECKPOINT} after epoch {epoch + 1}; "
-                            f"continue with: crossdistill train --resume {shlex.quote(str(self.run_dir))}",
+                            f"continue with: {resume_command(self.run_dir)}",
                             str(self.run_dir / CHECKPOINT),
                         )
         finally:
@@ -489,7 +487,7 @@ class Trainer:
         if stop and epoch < self.cfg.train.epochs:
             raise StoppedByHook(
                 f"stopped after epoch {epoch} at the request of its epoch hook: saved {self.run_dir / CHECKPOINT}; "
-                f"continue with: crossdistill train --resume {shlex.quote(str(self.run_dir))}",
+                f"continue with: {resume_command(self.run_dir)}",
                 str(self.run_dir / CHECKPOINT),
             )
 
@@ -599,7 +597,7 @@ class Trainer:
             progress.close()
             raise Preempted(
                 f"stop signal received: saved {path} at epoch {epoch + 1}, step {step + 1}/{self.steps_per_epoch}; "
-                f"continue with: crossdistill train --resume {shlex.quote(str(self.run_dir))}",
+                f"continue with: {resume_command(self.run_dir)}",
                 str(path),
             )
 
